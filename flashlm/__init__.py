@@ -1,0 +1,30 @@
+"""flashlm: run quantized LLMs on a laptop CPU.
+
+    import flashlm
+    with flashlm.load("smollm2-135m") as m:
+        print(m.generate("The capital of France is", max_tokens=16, temperature=0))
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import (ContextLengthError, FlashLMError, InvalidArgumentError, ModelFetchError,  # noqa: F401
+                     ModelFormatError, ModelNotFoundError, UnsupportedModelError)
+from .runtime.model import Chunk, Model  # noqa: F401
+from .runtime.registry import DEFAULT_MODEL, MODELS  # noqa: F401
+
+__version__ = "0.1.0"
+
+
+def load(model: str | os.PathLike | None = None, *, n_ctx: int | None = None, n_threads: int | None = None,
+         memory_budget: str | int | None = None) -> Model:
+    """Load a model: a .gguf path, an HF folder, or a registry name ("smollm2-135m",
+    "gemma3-270m"; fetched into the cache on first use). None loads the default model.
+
+    n_ctx: context length (default min(4096, the model's)); n_threads: kernel threads
+    (default: physical cores); memory_budget: bytes or a size like "800MB".
+    """
+    from .runtime.registry import resolve
+
+    return Model(resolve(model), n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget)

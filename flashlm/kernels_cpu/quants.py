@@ -1,0 +1,285 @@
+"""Numba kernels that decode GGML's block formats, and the matrix ops built on them.
+
+A quantized matrix is a 2-D uint8 array `(rows, row_bytes)` straight from the mmapped
+file: each row is `cols / block_size` blocks laid end to end. The kernels decode one
+row at a time into a float32 scratch row, so every format needs only one small
+`_dequant_row_*` function; `dequant_rows` and `matvec` are shared by all of them.
+
+Block layouts follow ggml-quants.c (and gguf-py's quants.py, our test oracle):
+
+    Q4_0  (18 B / 32):  d f16 | qs[16]            x = (nibble - 8) * d
+    Q4_1  (20 B / 32):  d f16 | m f16 | qs[16]    x = nibble * d + m
+    Q5_0  (22 B / 32):  d f16 | qh u32 | qs[16]   x = (nibble | hbit << 4) - 16) * d
+    Q5_1  (24 B / 32):  d f16 | m f16 | qh u32 | qs[16]
+    Q8_0  (34 B / 32):  d f16 | qs i8[32]         x = q * d
+    Q4_K (144 B / 256): d f16 | dmin f16 | scales[12] (6-bit sc, m) | qs[128]
+    Q5_K (176 B / 256): d f16 | dmin f16 | scales[12] | qh[32] | qs[128]
+    Q6_K (210 B / 256): ql[128] | qh[64] | scales i8[16] | d f16
+
+In nibble formats, element j of a 32-group is the low nibble of qs[j] and element
+j + 16 (j + 32 in K-quants' 64-groups) is its high nibble.
+"""
+
+import numpy as np
+from numba import njit, prange
+from gguf import GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+
+# Every f16 bit pattern decoded once: the kernels look scales up instead of converting.
+F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K)
+
+# Integer codes the kernels branch on (GGML's own type ids).
+_F32, _F16, _BF16 = int(T.F32), int(T.F16), int(T.BF16)
+_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = int(T.Q4_0), int(T.Q4_1), int(T.Q5_0), int(T.Q5_1), int(T.Q8_0)
+_Q4_K, _Q5_K, _Q6_K = int(T.Q4_K), int(T.Q5_K), int(T.Q6_K)
+
+
+def block_size(qtype) -> int:
+    """Elements per block of `qtype`."""
+    return GGML_QUANT_SIZES[T(qtype)][0]
+
+
+def row_bytes(qtype, cols: int) -> int:
+    """Bytes of one row of `cols` elements in `qtype`."""
+    bs, ts = GGML_QUANT_SIZES[T(qtype)]
+    return cols // bs * ts
+
+
+@njit(inline="always")
+def _f16(lut, b, i):
+    return lut[np.int64(b[i]) | (np.int64(b[i + 1]) << 8)]
+
+
+@njit(inline="always")
+def _bits_to_f32(bits):
+    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+
+@njit(inline="always")
+def _scale_min_k4(j, sc, o):
+    # 6-bit scale and min of sub-block j, packed in the 12 scale bytes at sc[o:o+12].
+    if j < 4:
+        return np.float32(sc[o + j] & 63), np.float32(sc[o + j + 4] & 63)
+    d = (sc[o + j + 4] & 0xF) | ((sc[o + j - 4] >> 6) << 4)
+    m = (sc[o + j + 4] >> 4) | ((sc[o + j] >> 6) << 4)
+    return np.float32(d), np.float32(m)
+
+
+@njit(nogil=True, cache=True)
+def _dequant_row_legacy(qtype, row, out, lut):
+    # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: 32-element blocks.
+    n_blocks = out.shape[0] // 32
+    for b in range(n_blocks):
+        y = b * 32
+        if qtype == _Q8_0:
+            o = b * 34
+            d = _f16(lut, row, o)
+            for j in range(32):
+                v = np.int32(row[o + 2 + j])
+                if v > 127:
+                    v -= 256
+                out[y + j] = d * np.float32(v)
+        elif qtype == _Q4_0:
+            o = b * 18
+            d = _f16(lut, row, o)
+            for j in range(16):
+                q = row[o + 2 + j]
+                out[y + j] = d * np.float32(np.int32(q & 0xF) - 8)
+                out[y + j + 16] = d * np.float32(np.int32(q >> 4) - 8)
+        elif qtype == _Q4_1:
+            o = b * 20
+            d = _f16(lut, row, o)
+            m = _f16(lut, row, o + 2)
+            for j in range(16):
+                q = row[o + 4 + j]
+                out[y + j] = d * np.float32(q & 0xF) + m
+                out[y + j + 16] = d * np.float32(q >> 4) + m
+        else:  # Q5_0, Q5_1
+            has_min = qtype == _Q5_1
+            o = b * (24 if has_min else 22)
+            d = _f16(lut, row, o)
+            m = _f16(lut, row, o + 2) if has_min else np.float32(0.0)
+            p = o + (4 if has_min else 2)
+            qh = (np.uint32(row[p]) | (np.uint32(row[p + 1]) << 8)
+                  | (np.uint32(row[p + 2]) << 16) | (np.uint32(row[p + 3]) << 24))
+            off = 0 if has_min else 16
+            for j in range(16):
+                q = row[p + 4 + j]
+                h0 = ((qh >> j) & 1) << 4
+                h1 = ((qh >> (j + 16)) & 1) << 4
+                out[y + j] = d * np.float32(np.int32((q & 0xF) | h0) - off) + m
+                out[y + j + 16] = d * np.float32(np.int32((q >> 4) | h1) - off) + m
+
+
+@njit(nogil=True, cache=True)
+def _dequant_row_k(qtype, row, out, lut):
+    # Q4_K, Q5_K, Q6_K: 256-element super-blocks.
+    n_blocks = out.shape[0] // 256
+    for b in range(n_blocks):
+        y0 = b * 256
+        if qtype == _Q6_K:
+            o = b * 210
+            d = _f16(lut, row, o + 208)
+            for half in range(2):
+                ql = o + half * 64
+                qh = o + 128 + half * 32
+                sc = o + 192 + half * 8
+                y = y0 + half * 128
+                for l in range(32):
+                    s = l // 16
+                    h = row[qh + l]
+                    q1 = np.int32((row[ql + l] & 0xF) | ((h & 3) << 4)) - 32
+                    q2 = np.int32((row[ql + l + 32] & 0xF) | (((h >> 2) & 3) << 4)) - 32
+                    q3 = np.int32((row[ql + l] >> 4) | (((h >> 4) & 3) << 4)) - 32
+                    q4 = np.int32((row[ql + l + 32] >> 4) | (((h >> 6) & 3) << 4)) - 32
+                    s0 = np.int32(row[sc + s]); s2 = np.int32(row[sc + s + 2])
+                    s4 = np.int32(row[sc + s + 4]); s6 = np.int32(row[sc + s + 6])
+                    s0 = s0 - 256 if s0 > 127 else s0
+                    s2 = s2 - 256 if s2 > 127 else s2
+                    s4 = s4 - 256 if s4 > 127 else s4
+                    s6 = s6 - 256 if s6 > 127 else s6
+                    out[y + l] = d * np.float32(s0 * q1)
+                    out[y + l + 32] = d * np.float32(s2 * q2)
+                    out[y + l + 64] = d * np.float32(s4 * q3)
+                    out[y + l + 96] = d * np.float32(s6 * q4)
+        else:
+            five = qtype == _Q5_K
+            o = b * (176 if five else 144)
+            d = _f16(lut, row, o)
+            dmin = _f16(lut, row, o + 2)
+            sc = o + 4
+            qh = o + 16
+            qs = o + (48 if five else 16)
+            for j in range(4):
+                sc1, m1 = _scale_min_k4(2 * j, row, sc)
+                sc2, m2 = _scale_min_k4(2 * j + 1, row, sc)
+                d1 = d * sc1; dm1 = dmin * m1
+                d2 = d * sc2; dm2 = dmin * m2
+                y = y0 + j * 64
+                for l in range(32):
+                    q = row[qs + j * 32 + l]
+                    lo = np.int32(q & 0xF)
+                    hi = np.int32(q >> 4)
+                    if five:
+                        h = row[qh + l]
+                        lo += ((h >> (2 * j)) & 1) << 4
+                        hi += ((h >> (2 * j + 1)) & 1) << 4
+                    out[y + l] = d1 * np.float32(lo) - dm1
+                    out[y + l + 32] = d2 * np.float32(hi) - dm2
+
+
+@njit(nogil=True, cache=True)
+def _dequant_row_float(qtype, row, out, lut):
+    # F32, F16, BF16 stored as little-endian bytes.
+    for i in range(out.shape[0]):
+        if qtype == _F32:
+            bits = (np.uint32(row[4 * i]) | (np.uint32(row[4 * i + 1]) << 8)
+                    | (np.uint32(row[4 * i + 2]) << 16) | (np.uint32(row[4 * i + 3]) << 24))
+            out[i] = _bits_to_f32(bits)
+        elif qtype == _F16:
+            out[i] = _f16(lut, row, 2 * i)
+        else:
+            out[i] = _bits_to_f32((np.uint32(row[2 * i]) << 16) | (np.uint32(row[2 * i + 1]) << 24))
+
+
+@njit(nogil=True, cache=True)
+def dequant_row(qtype, row, out, lut):
+    """Decode one row of bytes `row` into `out` (float32, the row's length)."""
+    if qtype == _Q4_K or qtype == _Q5_K or qtype == _Q6_K:
+        _dequant_row_k(qtype, row, out, lut)
+    elif qtype == _F32 or qtype == _F16 or qtype == _BF16:
+        _dequant_row_float(qtype, row, out, lut)
+    else:
+        _dequant_row_legacy(qtype, row, out, lut)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def dequant_rows(qtype, w, r0, out, lut):
+    """out[i] = decoded row r0 + i of w. w: (rows, row_bytes) uint8; out: (n, cols) float32."""
+    for i in prange(out.shape[0]):
+        dequant_row(qtype, w[r0 + i], out[i], lut)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def matvec(qtype, w, x, out, lut, n_chunks):
+    """out = W @ x for one token: the decode hot loop, where the time goes.
+
+    w: (rows, row_bytes) uint8, x: (cols,) float32, out: (rows,) float32. Rows are
+    split into `n_chunks` so each thread reuses one scratch row.
+    """
+    rows = w.shape[0]
+    cols = x.shape[0]
+    step = (rows + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        scratch = np.empty(cols, dtype=np.float32)
+        for r in range(c * step, min(rows, (c + 1) * step)):
+            dequant_row(qtype, w[r], scratch, lut)
+            acc = np.float32(0.0)
+            for k in range(cols):
+                acc += scratch[k] * x[k]
+            out[r] = acc
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def gather_rows(qtype, w, ids, out, lut):
+    """out[i] = decoded row ids[i] of w (embedding lookup)."""
+    for i in prange(ids.shape[0]):
+        dequant_row(qtype, w[ids[i]], out[i], lut)
+
+
+@njit(nogil=True, cache=True)
+def _round_half_away(v):
+    return np.float32(np.floor(v + 0.5)) if v >= 0 else np.float32(-np.floor(-v + 0.5))
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def q8_roundtrip(x, out, block, lut):
+    """out = x quantized to 8 bits per `block` elements, as llama.cpp does to activations.
+
+    llama.cpp multiplies quantized weights with activations converted to Q8_0/Q8_1
+    (block 32, f16 scale) or Q8_K (block 256, f32 scale). Doing the same keeps our
+    logits within rounding of its logits. x, out: (T, n) float32.
+    """
+    T, n = x.shape
+    nb = n // block
+    for t in prange(T):
+        for b in range(nb):
+            o = b * block
+            amax = np.float32(0.0)
+            vmax = np.float32(0.0)
+            for j in range(block):
+                a = abs(x[t, o + j])
+                if a > amax:
+                    amax = a
+                    vmax = x[t, o + j]
+            if amax == 0.0:
+                for j in range(block):
+                    out[t, o + j] = 0.0
+                continue
+            if block == 256:  # Q8_K: d = 1 / (-127 / max), f32
+                iscale = np.float32(-127.0) / vmax
+                d = np.float32(1.0) / iscale
+                for j in range(block):
+                    q = min(np.float32(127.0), _round_half_away(iscale * x[t, o + j]))
+                    out[t, o + j] = d * q
+            else:  # Q8_0 / Q8_1: d = amax / 127, stored as f16
+                d = amax / np.float32(127.0)
+                idv = np.float32(1.0) / d
+                dh = _to_f16(d, lut)
+                for j in range(block):
+                    out[t, o + j] = dh * _round_half_away(x[t, o + j] * idv)
+
+
+@njit(nogil=True, cache=True)
+def _to_f16(v, lut):
+    # Nearest f16 value to v (v > 0), by binary search in the positive half of the table.
+    lo, hi = 0, 0x7C00
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if lut[mid] <= v:
+            lo = mid
+        else:
+            hi = mid
+    return lut[lo] if v - lut[lo] <= lut[hi] - v else lut[hi]

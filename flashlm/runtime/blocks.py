@@ -1,0 +1,147 @@
+"""Shared blocks of decoder-only transformers; each architecture file picks its options.
+
+Tensor names are GGUF's (`blk.{i}.attn_q.weight`), and the weights come from a
+WeightStore, so a model never knows whether they are resident or streamed.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from .. import kernels_cpu as K
+from .config import ModelConfig
+
+
+class Cancelled(Exception):
+    """Raised inside a forward pass when the caller asked to stop."""
+
+
+class KVCache:
+    """Keys and values of every position so far, preallocated to n_ctx.
+
+    k: (n_layer, n_head_kv, n_ctx, head_dim) float16, v likewise with v_head_dim.
+    float16 as in llama.cpp's default cache: half the memory, and the same rounding.
+    np.zeros maps untouched pages lazily, so memory grows with the positions used.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int):
+        self.n_ctx = n_ctx
+        self.k = np.zeros((cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim), dtype=np.float16)
+        self.v = np.zeros((cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.v_head_dim), dtype=np.float16)
+        self.pos = 0  # positions filled
+
+    def store(self, layer: int, pos0: int, k: np.ndarray, v: np.ndarray):
+        """Write k (T, n_kv, hd), v (T, n_kv, hd_v) at positions pos0 .. pos0+T-1."""
+        T = k.shape[0]
+        self.k[layer, :, pos0:pos0 + T] = k.transpose(1, 0, 2)
+        self.v[layer, :, pos0:pos0 + T] = v.transpose(1, 0, 2)
+
+    @property
+    def nbytes_used(self) -> int:
+        return int((self.k[:, :, : self.pos].nbytes + self.v[:, :, : self.pos].nbytes))
+
+
+class DecoderLM:
+    """A decoder-only LM built from the options below; architecture files set them.
+
+    qk_norm:    RMSNorm on each q and k head before RoPE (qwen3, gemma3)
+    post_norms: RMSNorm on the attention and FFN outputs before the residual (gemma3)
+    activation: gate activation of the gated FFN, "silu" (SwiGLU) or "gelu" (GeGLU)
+    scale_q:    multiply q by the attention scale before q.k (gemma3) rather than after
+    Biases on q/k/v/o (qwen2) are used wherever the file has them.
+    """
+
+    qk_norm = False
+    post_norms = False
+    activation = "silu"
+    scale_q = False
+
+    def __init__(self, cfg: ModelConfig, store):
+        self.cfg = cfg
+        self.store = store
+        self.cancel_event = threading.Event()
+        self._act = K.silu if self.activation == "silu" else K.gelu
+        self.tok_embd = store.get("token_embd.weight")
+        self.output = store.get("output.weight") if store.has("output.weight") else self.tok_embd
+        self.output_norm = store.vector("output_norm.weight")
+        self.layers = [self._layer_vectors(i) for i in range(cfg.n_layer)]
+
+    def _layer_vectors(self, i: int) -> dict:
+        s = self.store
+        names = ["attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm",
+                 "post_ffw_norm"]
+        vec = {n: s.vector(f"blk.{i}.{n}.weight") for n in names}
+        for n in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            vec[n + ".bias"] = s.vector(f"blk.{i}.{n}.bias")
+        return vec
+
+    # -- one layer ---------------------------------------------------------------
+
+    def _attention(self, i: int, h: np.ndarray, pos0: int, kv: KVCache) -> np.ndarray:
+        cfg, s, vec = self.cfg, self.store, self.layers[i]
+        T = h.shape[0]
+        q = self._proj(h, i, "attn_q").reshape(T, cfg.n_head, cfg.head_dim)
+        k = self._proj(h, i, "attn_k").reshape(T, cfg.n_head_kv, cfg.head_dim)
+        v = self._proj(h, i, "attn_v").reshape(T, cfg.n_head_kv, cfg.v_head_dim)
+        if self.qk_norm:
+            q = K.rmsnorm(q, vec["attn_q_norm"], cfg.rms_eps)
+            k = K.rmsnorm(k, vec["attn_k_norm"], cfg.rms_eps)
+        swa = cfg.swa_layers[i]
+        base = cfg.rope_base_swa if swa else cfg.rope_base
+        scale = 1.0 if swa else cfg.rope_scale
+        pos = np.arange(pos0, pos0 + T)
+        K.rope(q, pos, cfg.rope_dim, base, scale, cfg.rope_type)
+        K.rope(k, pos, cfg.rope_dim, base, scale, cfg.rope_type)
+        kv.store(i, pos0, k, v)
+        L = pos0 + T
+        scale = cfg.attn_scale
+        if self.scale_q:
+            q *= np.float32(scale)
+            scale = 1.0
+        o = K.attention(q, kv.k[i, :, :L], kv.v[i, :, :L], pos0, scale, cfg.sliding_window if swa else 0)
+        o = self._proj(o.reshape(T, -1), i, "attn_output")
+        if self.post_norms:
+            o = K.rmsnorm(o, vec["post_attention_norm"], cfg.rms_eps)
+        return o
+
+    def _ffn(self, i: int, h: np.ndarray) -> np.ndarray:
+        s = self.store
+        g = K.linear(h, s.get(f"blk.{i}.ffn_gate.weight"))
+        u = K.linear(h, s.get(f"blk.{i}.ffn_up.weight"))
+        d = K.linear(self._act(g) * u, s.get(f"blk.{i}.ffn_down.weight"))
+        if self.post_norms:
+            d = K.rmsnorm(d, self.layers[i]["post_ffw_norm"], self.cfg.rms_eps)
+        return d
+
+    def _proj(self, x: np.ndarray, i: int, name: str) -> np.ndarray:
+        y = K.linear(x, self.store.get(f"blk.{i}.{name}.weight"))
+        b = self.layers[i][name + ".bias"]
+        return y + b if b is not None else y
+
+    # -- the whole model -----------------------------------------------------------
+
+    def forward(self, tokens: np.ndarray, pos0: int, kv: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run tokens (T,) at positions pos0.. through the model, filling the KV cache.
+
+        Returns logits (T, n_vocab) if all_logits else (1, n_vocab) for the last token.
+        Raises Cancelled between layers once cancel_event is set.
+        """
+        cfg = self.cfg
+        x = K.embed(self.tok_embd, tokens)  # (T, n_embd)
+        if cfg.embed_scale != 1.0:
+            x *= np.float32(cfg.embed_scale)
+        for i in range(cfg.n_layer):
+            if self.cancel_event.is_set():
+                raise Cancelled()
+            vec = self.layers[i]
+            x = x + self._attention(i, K.rmsnorm(x, vec["attn_norm"], cfg.rms_eps), pos0, kv)
+            x = x + self._ffn(i, K.rmsnorm(x, vec["ffn_norm"], cfg.rms_eps))
+        kv.pos = pos0 + len(tokens)
+        if not all_logits:
+            x = x[-1:]
+        logits = K.linear(K.rmsnorm(x, self.output_norm, cfg.rms_eps), self.output)
+        if cfg.final_softcap:
+            logits = np.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        return logits

@@ -1,0 +1,69 @@
+"""Sampling the next token from logits: greedy, temperature, top-k, top-p, min-p,
+repeat penalty, seeded. The order is llama.cpp's: penalties, top-k, top-p, min-p,
+temperature, then a draw."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 40  # 0 = off
+    top_p: float = 0.95  # 1 = off
+    min_p: float = 0.05  # 0 = off
+    repeat_penalty: float = 1.0  # 1 = off
+    repeat_last_n: int = 64  # tokens the penalty looks back over
+    seed: int | None = None  # None = a fresh random seed
+
+    def __post_init__(self):
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
+            (self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise InvalidArgumentError(f"invalid sampling setting: {msg}")
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.p = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+        """Pick a token from logits (n_vocab,) float32, given the tokens so far."""
+        p = self.p
+        logits = logits.astype(np.float64)
+        if p.repeat_penalty != 1.0 and p.repeat_last_n and history:
+            recent = np.unique(np.asarray(history[-p.repeat_last_n:]))
+            vals = logits[recent]
+            logits[recent] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
+        if p.temperature == 0:
+            return int(np.argmax(logits))
+        # Candidates sorted by logit, best first.
+        k = p.top_k if 0 < p.top_k < logits.size else logits.size
+        idx = np.argpartition(-logits, k - 1)[:k] if k < logits.size else np.arange(logits.size)
+        idx = idx[np.argsort(-logits[idx], kind="stable")]
+        cand = logits[idx]
+        probs = np.exp(cand - cand[0])
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+            idx, cand, probs = idx[:keep], cand[:keep], probs[:keep]
+        if p.min_p > 0:
+            keep = probs >= p.min_p * probs[0]
+            idx, cand = idx[keep], cand[keep]
+        z = cand / p.temperature
+        probs = np.exp(z - z.max())
+        probs /= probs.sum()
+        return int(idx[self.rng.choice(len(idx), p=probs)])

@@ -1,0 +1,197 @@
+"""Tokenizers and chat templates.
+
+GGUF models tokenize with llama.cpp itself (a vocab-only llama_cpp model), so token ids
+are exactly llama.cpp's. HF folders tokenize with `tokenizers` (tokenizer.json).
+Chat messages render through the model's own jinja2 `chat_template`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import json
+import logging
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ..errors import FlashLMError, ModelFormatError
+
+# Templates for models whose file carries none. Gemma's is Google's published one;
+# anything else falls back to ChatML.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+FALLBACK_TEMPLATES = {"gemma3": GEMMA_TEMPLATE}
+
+
+class ChatTemplate:
+    """A jinja2 chat template rendered as transformers and llama-cpp-python render it."""
+
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
+        self.source = source
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self._template = env.from_string(source)
+        except jinja2.TemplateError as e:
+            raise ModelFormatError(f"the model's chat template does not parse ({e})") from e
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise FlashLMError(f"chat message {m!r} needs 'role' and 'content' keys")
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token, eos_token=self.eos_token)
+        except jinja2.TemplateError as e:
+            raise FlashLMError(f"chat template rejected the messages: {e}") from e
+
+
+def _raise_exception(message):
+    raise jinja2.TemplateError(message)
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence C-level writes to stderr (llama.cpp logs some lines whatever its settings)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+class LlamaCppTokenizer:
+    """llama.cpp's tokenizer for a GGUF file (loads the vocabulary only, no weights)."""
+
+    def __init__(self, path: str | Path, metadata: dict, arch: str):
+        import llama_cpp
+        import llama_cpp._logger
+
+        llama_cpp._logger.logger.setLevel(logging.CRITICAL)  # llama.cpp's log noise
+        self._lib = llama_cpp
+        try:
+            with quiet_stderr():
+                self._llama = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        except Exception as e:  # llama_cpp raises ValueError/RuntimeError with C messages
+            raise ModelFormatError(f"{path}: llama.cpp could not read the vocabulary ({e})") from e
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self.bos_id = int(llama_cpp.llama_vocab_bos(self._vocab))
+        self.eos_id = int(llama_cpp.llama_vocab_eos(self._vocab))
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self.eog_ids = frozenset(i for i in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, i))
+        src = metadata.get("tokenizer.chat_template") or FALLBACK_TEMPLATES.get(arch, CHATML_TEMPLATE)
+        self.template = ChatTemplate(src, self.piece(self.bos_id, special=True).decode("utf-8", "replace"),
+                                     self.piece(self.eos_id, special=True).decode("utf-8", "replace"))
+
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`; add_special adds BOS if the model wants it."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (self._lib.llama_token * n_max)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            raise RuntimeError(f"llama_tokenize needed {-n} slots")
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, 256, 0, special)
+        return buf.raw[:max(n, 0)]
+
+    def decode(self, tokens: list[int], skip_special: bool = True) -> str:
+        """Text of `tokens`, as llama.cpp's llama_detokenize gives it."""
+        if not tokens:
+            return ""
+        arr = (self._lib.llama_token * len(tokens))(*tokens)
+        size = 16 * len(tokens) + 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = self._lib.llama_detokenize(self._vocab, arr, len(tokens), buf, size, skip_special, not skip_special)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n + 16
+
+    def close(self):
+        if self._llama is not None:
+            self._llama.close()
+            self._llama = None
+
+
+class HFTokenizer:
+    """An HF folder's tokenizer.json (via `tokenizers`) and tokenizer_config.json."""
+
+    def __init__(self, folder: Path, hf_config: dict):
+        from tokenizers import Tokenizer
+
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise ModelFormatError(f"{folder}: no tokenizer.json in the model folder")
+        self._tok = Tokenizer.from_file(str(path))
+        cfg_path = folder / "tokenizer_config.json"
+        tcfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+
+        def token_id(key):
+            tok = tcfg.get(key)
+            if isinstance(tok, dict):
+                tok = tok.get("content")
+            if tok is not None:
+                return self._tok.token_to_id(tok), tok
+            i = hf_config.get(key + "_id")
+            return (i, self._tok.id_to_token(i)) if i is not None else (-1, "")
+
+        self.bos_id, bos = token_id("bos_token")
+        self.eos_id, eos = token_id("eos_token")
+        self.add_bos = bool(tcfg.get("add_bos_token", False)) and self.bos_id >= 0
+        self.n_vocab = self._tok.get_vocab_size()
+        eog = {self.eos_id} | {t for t in _as_list(hf_config.get("eos_token_id"))}
+        self.eog_ids = frozenset(i for i in eog if i is not None and i >= 0)
+        src = tcfg.get("chat_template") or CHATML_TEMPLATE
+        self.template = ChatTemplate(src, bos or "", eos or "")
+
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if add_special and self.add_bos else []) + ids
+
+    def decode(self, tokens: list[int], skip_special: bool = True) -> str:
+        return self._tok.decode(list(tokens), skip_special_tokens=skip_special)
+
+    def close(self):
+        pass
+
+
+def _as_list(v):
+    return v if isinstance(v, list) else [v]
