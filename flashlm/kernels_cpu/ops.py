@@ -43,10 +43,14 @@ def rope(x: np.ndarray, pos: np.ndarray, n_rot: int, base: float, scale: float, 
     each head rotate; NORM pairs (2i, 2i+1), NEOX pairs (i, i + n_rot/2).
     """
     half = n_rot // 2
-    inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2.0 / n_rot)  # (half,)
-    theta = (pos.astype(np.float64) * scale)[:, None] * inv_freq[None, :]  # (T, half)
-    cos = np.cos(theta).astype(np.float32)[:, None, :]
-    sin = np.sin(theta).astype(np.float32)[:, None, :]
+    # As ggml computes it: theta_i = pos * scale * base^(-2i/n_rot), built by repeated
+    # float32 multiplication, then float32 cos/sin.
+    theta_scale = np.float32(base) ** np.float32(-2.0 / n_rot)
+    steps = np.full((len(pos), half), theta_scale, dtype=np.float32)
+    steps[:, 0] = pos.astype(np.float32)
+    theta = np.cumprod(steps, axis=1, dtype=np.float32) * np.float32(scale)  # (T, half)
+    cos = np.cos(theta)[:, None, :]
+    sin = np.sin(theta)[:, None, :]
     if style == ROPE_NEOX:
         a = x[..., :half].copy()
         b = x[..., half:n_rot].copy()

@@ -32,6 +32,7 @@ class TensorRef:
     shape: tuple[int, ...]
     data: np.ndarray
     offset: int
+    source: Path | None = None  # the file holding it, where a model has several
 
     @property
     def nbytes(self) -> int:
@@ -89,7 +90,7 @@ class GGUFModelFile:
         try:
             self.reader = _LazyArrayReader(self.path)
         except (ValueError, IndexError, struct.error, KeyError, UnicodeDecodeError) as e:
-            raise ModelFormatError(f"{self.path}: corrupt or truncated GGUF header ({e}); download the file again") from e
+            raise ModelFormatError(f"{self.path}: corrupt or truncated GGUF file ({e}); download the file again") from e
         self.metadata = {}
         for name, field in self.reader.fields.items():
             if field.types and field.types[0] == GGUFValueType.ARRAY:
@@ -194,7 +195,7 @@ class HFModelFile:
             data = mm[base + start: base + end].reshape(rows, -1)
             gguf_name = name_map(key)
             if gguf_name is not None:
-                self.tensors[gguf_name] = TensorRef(gguf_name, qtype, shape, data, base + start)
+                self.tensors[gguf_name] = TensorRef(gguf_name, qtype, shape, data, base + start, path)
 
     def close(self):
         self.tensors = {}

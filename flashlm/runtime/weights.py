@@ -6,6 +6,10 @@ store (flashload, experts) implements the same `get` / `vector` / `has` interfac
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 
 from .. import kernels_cpu
@@ -35,15 +39,43 @@ class WeightStore:
             return None
         v = self._vectors.get(name)
         if v is None:
-            v = kernels_cpu.dequantize(self.file.tensors[name]).reshape(-1)
+            v = kernels_cpu.dequantize(self._read_copy(self.file.tensors[name])).reshape(-1)
             self._vectors[name] = v
         return v
+
+    def _read_copy(self, t):
+        # A private copy read with pread: touching the mapping instead would fault in
+        # whole large folios (~1 MiB each) around every small norm vector.
+        with open(self.file.path if self.file.kind == "gguf" else t.source, "rb") as f:
+            raw = os.pread(f.fileno(), t.nbytes, t.offset)
+        return replace(t, data=np.frombuffer(raw, dtype=np.uint8).reshape(t.data.shape))
 
     @property
     def resident_bytes(self) -> int:
         """Bytes of weights this store keeps addressable in memory (mapped file)."""
         return sum(t.nbytes for t in self.file.tensors.values())
 
+    def file_resident_bytes(self) -> int:
+        """Bytes of the model file's mappings that are resident in this process now
+        (from /proc/self/smaps; 0 where that file does not exist)."""
+        return mapped_resident_bytes(self.file.path)
+
     def close(self):
         self._vectors.clear()
         self.file.close()
+
+
+def mapped_resident_bytes(path) -> int:
+    """Resident bytes of this process's mappings of file `path` (Linux smaps)."""
+    target = str(Path(path).resolve())
+    total, inside = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                    inside = line.rstrip("\n").endswith(target)
+                elif inside and line.startswith("Rss:"):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return total

@@ -1,0 +1,143 @@
+"""The `flashlm` command line: run, pull, info.
+
+Errors a user can cause print one line and exit 2; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..errors import FlashLMError
+
+EPILOG_RUN = """examples:
+  flashlm run -p "The capital of France is"
+  flashlm run -m gemma3-270m -p "Write a haiku about the sea" -n 64 --temp 0.7
+  flashlm run -m ./model.gguf -p "Hello" --temp 0 --stats
+"""
+
+
+def _add_sampling(p: argparse.ArgumentParser):
+    p.add_argument("-n", "--n-predict", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="top-k sampling; 0 = off (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling; 1 = off (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="min-p sampling; 0 = off (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repeat penalty; 1 = off (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+
+
+def _add_model(p: argparse.ArgumentParser):
+    p.add_argument("-m", "--model", default=None,
+                   help="a .gguf path, an HF folder, or a registry name (default: smollm2-135m)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default min(4096, model's))")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("--memory-budget", default=None, help="memory the model may use, e.g. 800MB or 2GiB")
+
+
+def cmd_run(args) -> int:
+    import flashlm
+
+    model = flashlm.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget)
+    with model:
+        last = None
+        for c in model.stream(args.prompt, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
+                              top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                              seed=args.seed):
+            sys.stdout.write(c.text)
+            sys.stdout.flush()
+            last = c
+        sys.stdout.write("\n")
+        if args.stats and last is not None:
+            import psutil
+
+            rss = psutil.Process().memory_info().rss
+            print(f"prompt: {last.n_prompt} tokens, {last.prompt_tokens_per_second:.1f} tok/s | "
+                  f"generation: {last.n_generated} tokens, {last.tokens_per_second:.1f} tok/s | "
+                  f"finish: {last.finish_reason} | RSS {rss / 2**20:.0f} MiB | load {model.load_seconds:.2f} s",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from ..runtime import registry
+
+    names = args.names or [registry.DEFAULT_MODEL]
+    for name in names:
+        already = name in registry.MODELS and registry.is_pulled(name)
+        path = registry.pull(name)
+        print(f"{name}: {'already in the cache' if already else 'pulled to'} {path}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from ..runtime import registry
+
+    for name, entry in registry.MODELS.items():
+        mark = "pulled" if registry.is_pulled(name) else "not pulled"
+        default = " (default)" if name == registry.DEFAULT_MODEL else ""
+        print(f"{name}{default}: {entry.about} [{mark}]")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import flashlm
+    from collections import Counter
+
+    from ..units import format_size
+
+    t0 = time.perf_counter()
+    with flashlm.load(args.model, n_ctx=args.ctx_size, memory_budget=args.memory_budget) as m:
+        cfg = m.config
+        types = Counter(t.qtype.name for t in m.file.tensors.values())
+        print(f"model:        {m.name} ({m.path})")
+        print(f"architecture: {cfg.arch}, {cfg.n_layer} layers, d={cfg.n_embd}, ff={cfg.n_ff}, "
+              f"heads={cfg.n_head}/{cfg.n_head_kv} kv, head_dim={cfg.head_dim}, vocab={cfg.n_vocab}")
+        print(f"weights:      {format_size(m.store.resident_bytes)} "
+              f"({', '.join(f'{k} x{v}' for k, v in types.most_common())})")
+        print(f"context:      {m.n_ctx} (trained {cfg.n_ctx_train}); KV cache {format_size(m.n_ctx * cfg.kv_bytes_per_token // 2)} at f16")
+        print(f"loaded in:    {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="flashlm", description="Run quantized LLMs on a laptop CPU.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="stream a completion to stdout", epilog=EPILOG_RUN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model(p)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt")
+    _add_sampling(p)
+    p.add_argument("--stats", action="store_true", help="print speed and memory figures to stderr")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("pull", help="fetch registry models into the cache",
+                       epilog="examples:\n  flashlm pull\n  flashlm pull gemma3-270m",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", help="registry names (default: the default model)")
+    p.set_defaults(func=cmd_pull)
+    p = sub.add_parser("list", help="list registry models")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("info", help="describe a model", epilog="examples:\n  flashlm info -m gemma3-270m",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model(p)
+    p.set_defaults(func=cmd_info)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FlashLMError as e:
+        print(f"flashlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nflashlm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

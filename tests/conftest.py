@@ -1,0 +1,70 @@
+"""Shared fixtures: the real models (pulled into the same cache users get), llama.cpp as
+the oracle, and random-weight GGUFs for architectures with no small real model."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+import flashlm
+from flashlm.runtime import registry
+from flashlm.runtime.tokenizer import quiet_stderr
+
+
+def pytest_configure(config):
+    import llama_cpp._logger
+
+    llama_cpp._logger.logger.setLevel(logging.CRITICAL)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    return registry.pull("smollm2-135m", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def gemma3_path():
+    return registry.pull("gemma3-270m", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    m = flashlm.load(smollm2_path, n_ctx=512, n_threads=2)
+    yield m
+    m.close()
+
+
+def llama_cpp_model(path, n_ctx=512, **kw):
+    """llama.cpp (llama-cpp-python) on the same file, all logits kept."""
+    import llama_cpp
+
+    with quiet_stderr():
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2, **kw)
+
+
+def llama_cpp_logits(llm, tokens) -> np.ndarray:
+    llm.reset()
+    llm.eval(list(tokens))
+    return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="session")
+def random_gguf(tmp_path_factory, smollm2_path):
+    """random_gguf(arch) -> path of a small random-weight GGUF of that architecture."""
+    from gguf_fixtures import write_random_gguf
+
+    folder = tmp_path_factory.mktemp("random-gguf")
+    made = {}
+
+    def make(arch):
+        if arch not in made:
+            made[arch] = write_random_gguf(folder / f"{arch}.gguf", arch, smollm2_path)
+        return made[arch]
+
+    return make

@@ -1,0 +1,102 @@
+"""kernels_cpu against gguf's numpy `dequantize`, the reference of every block format."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import GGML_QUANT_SIZES, quants
+
+from flashlm import kernels_cpu
+from flashlm.kernels_cpu import quants as K
+from flashlm.runtime.modelfile import GGUFModelFile, TensorRef
+
+ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+def random_blocks(qtype, rows, cols, rng):
+    """Random rows of `qtype`: real quantization where gguf has it, else random bytes
+    with sane f16 scales (K-quants have no numpy quantizer)."""
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        bs, ts = GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, size=(rows, cols // bs, ts), dtype=np.uint8)
+        scales = rng.uniform(0.001, 0.1, size=(rows, cols // bs, 2)).astype(np.float16).view(np.uint8)
+        if qtype == Q.Q6_K:
+            raw[:, :, 208:210] = scales[:, :, :2]
+        else:
+            raw[:, :, 0:4] = scales
+        return raw.reshape(rows, -1)
+    x = rng.standard_normal((rows, cols)).astype(np.float32)
+    if qtype == Q.F32:
+        return x.view(np.uint8)
+    return np.ascontiguousarray(quants.quantize(x, qtype)).view(np.uint8).reshape(rows, -1)
+
+
+def ref_dequant(raw, qtype, cols):
+    if qtype == Q.F32:
+        return raw.view(np.float32).reshape(raw.shape[0], cols)
+    if qtype == Q.F16:
+        return raw.view(np.float16).astype(np.float32).reshape(raw.shape[0], cols)
+    return quants.dequantize(raw, qtype).reshape(raw.shape[0], cols)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_dequant_random_blocks_exact(qtype):
+    rng = np.random.default_rng(int(qtype))
+    raw = random_blocks(qtype, 16, 512, rng)
+    out = np.empty((16, 512), np.float32)
+    K.dequant_rows(int(qtype), raw, 0, out, K.F16_TABLE)
+    np.testing.assert_array_equal(out, ref_dequant(raw, qtype, 512))
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_matvec_and_matmul_random(qtype):
+    rng = np.random.default_rng(100 + int(qtype))
+    raw = random_blocks(qtype, 96, 512, rng)
+    w = TensorRef("w", qtype, (96, 512), raw, 0)
+    dense = ref_dequant(raw, qtype, 512)
+    x = rng.standard_normal((5, 512)).astype(np.float32)
+    xq = kernels_cpu.quantize_activations(x, int(qtype))
+    want = xq.astype(np.float64) @ dense.T.astype(np.float64)
+    tol = 1e-4 * np.abs(want).max()
+    np.testing.assert_allclose(kernels_cpu.linear(x[:1], w), want[:1], atol=tol)  # matvec (decode)
+    np.testing.assert_allclose(kernels_cpu.linear(x, w), want, atol=tol)  # matmul (prefill)
+
+
+def test_activation_quantization_error_is_bounded():
+    # Q8 round trip: each element moves by at most half a step of its block's scale d =
+    # amax/127, plus, for Q8_0, 127 times d's own f16 rounding (relative 2^-11).
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    for qtype, block in ((Q.Q4_0, 32), (Q.Q4_K, 256)):
+        y = kernels_cpu.quantize_activations(x, int(qtype))
+        amax = np.abs(x.reshape(3, -1, block)).max(-1, keepdims=True)
+        err = np.abs((y - x).reshape(3, -1, block))
+        d = amax / 127
+        slack = 127 * 2.0**-11 if block == 32 else 0.0
+        assert (err <= d * (0.5 + slack) * 1.001 + 1e-7).all()
+
+
+@pytest.mark.parametrize("model", ["smollm2_path", "gemma3_path"])
+def test_real_tensors_match_reference(model, request):
+    mf = GGUFModelFile(request.getfixturevalue(model))
+    seen = set()
+    rng = np.random.default_rng(0)
+    for t in mf.tensors.values():
+        if t.qtype in seen or len(t.shape) != 2:
+            continue
+        seen.add(t.qtype)
+        rows = min(64, t.shape[0])
+        sub = TensorRef(t.name, t.qtype, (rows, t.shape[1]), t.data[:rows], t.offset)
+        ref = ref_dequant(np.ascontiguousarray(sub.data), t.qtype, t.shape[1])
+        np.testing.assert_array_equal(kernels_cpu.dequantize(sub), ref)
+        x = rng.standard_normal((1, t.shape[1])).astype(np.float32)
+        want = kernels_cpu.quantize_activations(x, int(t.qtype)) @ ref.T
+        np.testing.assert_allclose(kernels_cpu.linear(x, sub), want, atol=1e-4 * np.abs(want).max())
+    assert len(seen) >= 2
+
+
+def test_embed_gathers_rows(smollm2_path):
+    mf = GGUFModelFile(smollm2_path)
+    emb = mf.tensors["token_embd.weight"]
+    ids = np.array([0, 5, 49151, 5])
+    ref = ref_dequant(np.ascontiguousarray(emb.data[ids]), emb.qtype, emb.shape[1])
+    np.testing.assert_array_equal(kernels_cpu.embed(emb, ids), ref)
