@@ -16,7 +16,7 @@ from flashlm.runtime.tokenizer import quiet_stderr
 def pytest_configure(config):
     import llama_cpp._logger
 
-    llama_cpp._logger.logger.setLevel(logging.CRITICAL)
+    llama_cpp._logger.logger.setLevel(logging.CRITICAL + 1)
 
 
 @pytest.fixture(scope="session")

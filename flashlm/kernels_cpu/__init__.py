@@ -7,6 +7,8 @@ tiles fed to BLAS).
 
 from __future__ import annotations
 
+import contextlib
+
 import numba
 import numpy as np
 
@@ -45,6 +47,23 @@ _K_QUANTS = {int(t) for t in (quants.T.Q4_K, quants.T.Q5_K, quants.T.Q6_K)}
 _LEGACY_QUANTS = {int(t) for t in (quants.T.Q4_0, quants.T.Q4_1, quants.T.Q5_0, quants.T.Q5_1, quants.T.Q8_0)}
 
 
+# llama.cpp-style 8-bit activations for quantized weights (on by default; see below).
+_QUANTIZE_ACTIVATIONS = True
+
+
+@contextlib.contextmanager
+def float_activations():
+    """Within this block, products use float32 activations instead of llama.cpp's
+    8-bit ones: the exact math of the dequantized model (slower later, and further
+    from llama.cpp's numbers; for checks that two loaders give the same model)."""
+    global _QUANTIZE_ACTIVATIONS
+    saved, _QUANTIZE_ACTIVATIONS = _QUANTIZE_ACTIVATIONS, False
+    try:
+        yield
+    finally:
+        _QUANTIZE_ACTIVATIONS = saved
+
+
 def quantize_activations(x: np.ndarray, qtype: int) -> np.ndarray:
     """x as llama.cpp feeds it to a product with a `qtype` weight (its vec_dot_type).
 
@@ -70,7 +89,9 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     """
     n_out, n_in = w.data.shape[0], w.shape[-1]
     qtype = int(w.qtype)
-    x = quantize_activations(np.ascontiguousarray(x, dtype=np.float32), qtype)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if _QUANTIZE_ACTIVATIONS:
+        x = quantize_activations(x, qtype)
     if x.shape[0] == 1:
         out = np.empty((1, n_out), dtype=np.float32)
         n_chunks = max(1, min(n_out // 16, 4 * numba.get_num_threads()))

@@ -76,19 +76,29 @@ def _raise_exception(message):
 
 @contextlib.contextmanager
 def quiet_stderr():
-    """Silence C-level writes to stderr (llama.cpp logs some lines whatever its settings)."""
+    """Silence writes to stderr, C-level and Python-level (llama.cpp logs some lines
+    whatever its settings)."""
     try:
         fd = sys.stderr.fileno()
-    except (AttributeError, ValueError, io.UnsupportedOperation):
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(fd)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), fd)
+    except (AttributeError, ValueError, io.UnsupportedOperation):  # not a real file (captured)
+        fd = None
+    if fd is None:
+        py_stderr, sys.stderr = sys.stderr, io.StringIO()
         try:
             yield
         finally:
+            sys.stderr = py_stderr
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    py_stderr = sys.stderr
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), fd)
+        sys.stderr = devnull  # llama-cpp-python's log callback prints to sys.stderr
+        try:
+            yield
+        finally:
+            sys.stderr = py_stderr
             os.dup2(saved, fd)
             os.close(saved)
 
@@ -100,7 +110,7 @@ class LlamaCppTokenizer:
         import llama_cpp
         import llama_cpp._logger
 
-        llama_cpp._logger.logger.setLevel(logging.CRITICAL)  # llama.cpp's log noise
+        llama_cpp._logger.logger.setLevel(logging.CRITICAL + 1)  # silence all of llama.cpp's log lines
         self._lib = llama_cpp
         try:
             with quiet_stderr():

@@ -56,17 +56,22 @@ class WeightStore:
         return sum(t.nbytes for t in self.file.tensors.values())
 
     def file_resident_bytes(self) -> int:
-        """Bytes of the model file's mappings that are resident in this process now
+        """Bytes of this store's mappings of the model file that are resident now
         (from /proc/self/smaps; 0 where that file does not exist)."""
-        return mapped_resident_bytes(self.file.path)
+        ranges = [(t.data.ctypes.data, t.data.ctypes.data + t.nbytes) for t in self.file.tensors.values()]
+        if self.file.kind == "gguf":
+            return mapped_resident_bytes(self.file.path, ranges)
+        return sum(mapped_resident_bytes(p, ranges) for p in {t.source for t in self.file.tensors.values()})
 
     def close(self):
         self._vectors.clear()
         self.file.close()
 
 
-def mapped_resident_bytes(path) -> int:
-    """Resident bytes of this process's mappings of file `path` (Linux smaps)."""
+def mapped_resident_bytes(path, within: list[tuple[int, int]] | None = None) -> int:
+    """Resident bytes of this process's mappings of file `path` (Linux smaps); only the
+    mappings that overlap an address range in `within`, if given (another mapping of
+    the same file, llama.cpp's say, is not ours)."""
     target = str(Path(path).resolve())
     total, inside = 0, False
     try:
@@ -74,6 +79,9 @@ def mapped_resident_bytes(path) -> int:
             for line in f:
                 if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
                     inside = line.rstrip("\n").endswith(target)
+                    if inside and within is not None:
+                        lo, hi = (int(a, 16) for a in line.split(" ", 1)[0].split("-"))
+                        inside = any(a < hi and b > lo for a, b in within)
                 elif inside and line.startswith("Rss:"):
                     total += int(line.split()[1]) * 1024
     except OSError:

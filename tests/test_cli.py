@@ -1,0 +1,59 @@
+"""The command line: `flashlm run` streams a completion; bad input is one line, exit 2."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from flashlm.apps.cli import main
+
+
+def _flashlm_cmd():
+    exe = shutil.which("flashlm")
+    return [exe] if exe else [sys.executable, "-m", "flashlm.apps.cli"]
+
+
+def test_run_streams_a_completion_from_the_default_model(smollm2_path):
+    # No -m: the default model, from the same cache the tests pulled it into.
+    r = subprocess.run(_flashlm_cmd() + ["run", "-p", "Hello", "-n", "12", "--temp", "0", "--stats"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip()) > 0
+    assert "generation:" in r.stderr and "Traceback" not in r.stderr
+
+
+def _error_line(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("flashlm: error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_missing_model_file(capsys):
+    err = _error_line(capsys, ["run", "-m", "/tmp/no/such/model.gguf", "-p", "Hi"])
+    assert "/tmp/no/such/model.gguf" in err
+
+
+def test_unknown_registry_name(capsys):
+    err = _error_line(capsys, ["run", "-m", "not-a-model", "-p", "Hi"])
+    assert "not-a-model" in err
+
+
+def test_file_that_is_not_gguf(capsys, tmp_path):
+    p = tmp_path / "notes.gguf"
+    p.write_bytes(b"just some text, not a model\n" * 10)
+    err = _error_line(capsys, ["info", "-m", str(p)])
+    assert "notes.gguf" in err
+
+
+@pytest.mark.parametrize("budget, needle", [("lots", "bad size"), ("1MB", "below")])
+def test_bad_memory_budget(capsys, smollm2_path, budget, needle):
+    err = _error_line(capsys, ["run", "-m", str(smollm2_path), "-p", "Hi", "--memory-budget", budget])
+    assert needle in err
+
+
+def test_prompt_longer_than_the_context(capsys, smollm2_path):
+    err = _error_line(capsys, ["run", "-m", str(smollm2_path), "-c", "16", "-p", "word " * 40])
+    assert "context" in err
