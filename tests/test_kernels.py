@@ -57,8 +57,36 @@ def test_matvec_and_matmul_random(qtype):
     xq = kernels_cpu.quantize_activations(x, int(qtype))
     want = xq.astype(np.float64) @ dense.T.astype(np.float64)
     tol = 1e-4 * np.abs(want).max()
-    np.testing.assert_allclose(kernels_cpu.linear(x[:1], w), want[:1], atol=tol)  # matvec (decode)
+    np.testing.assert_allclose(kernels_cpu.linear(x[:1], w), want[:1] + q8_1_sum_correction(raw, qtype, x[:1]),
+                               atol=tol)  # matvec (decode): integer dot products
     np.testing.assert_allclose(kernels_cpu.linear(x, w), want, atol=tol)  # matmul (prefill)
+
+
+def q8_1_sum_correction(raw, qtype, x):
+    """What llama.cpp's Q8_1 activations change for Q4_1/Q5_1 weights: the block sum s
+    is stored as f16, so the min term m * s differs from m * d * sum(q) (else 0)."""
+    if qtype not in (Q.Q4_1, Q.Q5_1):
+        return 0.0
+    xq, xd, xs, isum = kernels_cpu.quantize_q8(x, 32)
+    bs = GGML_QUANT_SIZES[qtype][1]
+    m = raw.reshape(raw.shape[0], -1, bs)[:, :, 2:4].copy().view(np.float16).astype(np.float64)[:, :, 0]
+    return (m * (xs[0] - xd[0] * isum[0])[None, :]).sum(1)[None, :]
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_row_subsets_and_transposed_product(qtype):
+    rng = np.random.default_rng(200 + int(qtype))
+    raw = random_blocks(qtype, 70, 256, rng)
+    w = TensorRef("w", qtype, (70, 256), raw, 0)
+    x = rng.standard_normal(256).astype(np.float32)
+    rows = rng.permutation(70)[:23]
+    np.testing.assert_array_equal(kernels_cpu.matvec(x, w, rows), kernels_cpu.matvec(x, w)[rows])
+    # transposed: out += sum_i coef_i * W[rows_i] (down-projection columns stored as rows)
+    coef = rng.standard_normal(23).astype(np.float32)
+    out = np.ones(256, np.float32)
+    kernels_cpu.matvec_t(coef, w, rows, out)
+    want = 1.0 + coef.astype(np.float64) @ ref_dequant(raw, qtype, 256)[rows].astype(np.float64)
+    np.testing.assert_allclose(out, want, atol=1e-4 * np.abs(want).max())
 
 
 def test_activation_quantization_error_is_bounded():
@@ -90,6 +118,7 @@ def test_real_tensors_match_reference(model, request):
         np.testing.assert_array_equal(kernels_cpu.dequantize(sub), ref)
         x = rng.standard_normal((1, t.shape[1])).astype(np.float32)
         want = kernels_cpu.quantize_activations(x, int(t.qtype)) @ ref.T
+        want = want + q8_1_sum_correction(np.ascontiguousarray(sub.data), t.qtype, x)
         np.testing.assert_allclose(kernels_cpu.linear(x, sub), want, atol=1e-4 * np.abs(want).max())
     assert len(seen) >= 2
 

@@ -1,4 +1,4 @@
-"""The `flashlm` command line: run, pull, info.
+"""The `flashlm` command line: run, pull, list, info, bench.
 
 Errors a user can cause print one line and exit 2; bugs keep their traceback.
 """
@@ -101,6 +101,18 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import format_table, run_bench
+
+    models = args.model or [None]
+    rows = []
+    for model in models:
+        rows += run_bench(model, threads=args.threads, pp=args.n_prompt, tg=args.n_gen, reps=args.reps,
+                          progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    print(format_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flashlm", description="Run quantized LLMs on a laptop CPU.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -122,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model(p)
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("bench", help="tok/s of flashlm beside llama.cpp on the same GGUF",
+                       epilog="examples:\n  flashlm bench\n  flashlm bench -m smollm2-135m -m gemma3-270m -t 2 -r 5",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", action="append", help="a GGUF path or registry name (repeatable; default model)")
+    p.add_argument("-t", "--threads", type=int, default=2, help="threads for both engines (default 2)")
+    p.add_argument("-p", "--n-prompt", type=int, default=128, help="prefill test length (default 128; 0 = skip)")
+    p.add_argument("-n", "--n-gen", type=int, default=128, help="decode test length (default 128; 0 = skip)")
+    p.add_argument("-r", "--reps", type=int, default=3, help="repetitions; the table shows medians (default 3)")
+    p.set_defaults(func=cmd_bench)
     return ap
 
 

@@ -8,11 +8,35 @@ tiles fed to BLAS).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+from pathlib import Path
 
 import numba
 import numpy as np
 
-from . import quants
+
+def _drop_stale_numba_cache():
+    """Numba's on-disk cache checks only the changed function's own file, so a kernel
+    that inlines code from a sibling file would keep stale machine code after an
+    upgrade. Key the whole folder's cache on all kernel sources instead."""
+    here = Path(__file__).parent
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(here.glob("*.py")))).hexdigest()
+    cache = here / "__pycache__"
+    stamp = cache / "numba-sources.sha256"
+    try:
+        if stamp.exists() and stamp.read_text() == digest:
+            return
+        for f in list(cache.glob("*.nbi")) + list(cache.glob("*.nbc")):
+            f.unlink()
+        cache.mkdir(exist_ok=True)
+        stamp.write_text(digest)
+    except OSError:  # a read-only install: numba falls back to compiling in memory
+        pass
+
+
+_drop_stale_numba_cache()
+
+from . import qdot, quants  # noqa: E402
 from .ops import attention, gelu, rmsnorm, rope, silu, softmax  # noqa: F401
 from .quants import F16_TABLE, SUPPORTED_TYPES  # noqa: F401
 
@@ -64,16 +88,34 @@ def float_activations():
         _QUANTIZE_ACTIVATIONS = saved
 
 
+def _act_block(qtype: int) -> int:
+    """Block of the 8-bit activations llama.cpp pairs with a weight type (0: float)."""
+    return 256 if qtype in _K_QUANTS else 32 if qtype in _LEGACY_QUANTS else 0
+
+
+def quantize_q8(x: np.ndarray, block: int):
+    """x (T, n) float32 -> (xq int8 (T, n), xd, xs, isum): see qdot.quantize_q8."""
+    T, n = x.shape
+    nb = n // block
+    xq = np.empty((T, n), dtype=np.int8)
+    xd = np.empty((T, nb), dtype=np.float32)
+    xs = np.empty((T, nb), dtype=np.float32)
+    isum = np.empty((T, n // 16 if block == 256 else nb), dtype=np.int32)
+    qdot.quantize_q8(x, block, xq, xd, xs, isum)
+    return xq, xd, xs, isum
+
+
 def quantize_activations(x: np.ndarray, qtype: int) -> np.ndarray:
     """x as llama.cpp feeds it to a product with a `qtype` weight (its vec_dot_type).
 
     Q8_K (256-blocks) for K-quants, Q8_0 (32-blocks) for legacy quants, f16 for F16
     weights, unchanged for F32.
     """
-    if qtype in _K_QUANTS or qtype in _LEGACY_QUANTS:
-        out = np.empty_like(x)
-        quants.q8_roundtrip(x, out, 256 if qtype in _K_QUANTS else 32, F16_TABLE)
-        return out
+    block = _act_block(qtype)
+    if block:
+        xq, xd, _, _ = quantize_q8(np.ascontiguousarray(x, dtype=np.float32), block)
+        T, n = x.shape
+        return (xq.reshape(T, n // block, block) * xd[:, :, None]).reshape(T, n)
     if qtype == int(quants.T.F16):
         return x.astype(np.float16).astype(np.float32)
     if qtype == int(quants.T.BF16):
@@ -82,21 +124,70 @@ def quantize_activations(x: np.ndarray, qtype: int) -> np.ndarray:
     return x
 
 
+_ALL_ROWS: dict[int, np.ndarray] = {}
+
+
+def _all_rows(n: int) -> np.ndarray:
+    r = _ALL_ROWS.get(n)
+    if r is None:
+        r = _ALL_ROWS[n] = np.arange(n, dtype=np.int64)
+    return r
+
+
+def _n_chunks(n_rows: int) -> int:
+    return max(1, min((n_rows + 3) // 4, 4 * numba.get_num_threads()))
+
+
+def matvec(x: np.ndarray, w, rows: np.ndarray | None = None) -> np.ndarray:
+    """W[rows] @ x for one activation vector x (n_in,) float32 -> (len(rows),) float32.
+
+    Quantized weights multiply 8-bit activations with integer dot products (llama.cpp's
+    scheme); float weights use float32 activations. rows: a subset of output rows
+    (int64 ids), all of them if None.
+    """
+    qtype = int(w.qtype)
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(1, -1)
+    rows = _all_rows(w.data.shape[0]) if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
+    out = np.empty(rows.shape[0], dtype=np.float32)
+    block = _act_block(qtype) if _QUANTIZE_ACTIVATIONS else 0
+    if block:
+        xq, xd, xs, isum = quantize_q8(x, block)
+        qdot.matvec_rows(qtype, w.data, rows, x[0], xq[0], xd[0], xs[0], isum[0], out, F16_TABLE,
+                         _n_chunks(rows.shape[0]), False)
+    else:
+        if _QUANTIZE_ACTIVATIONS:
+            x = quantize_activations(x, qtype)
+        xq, xd, xs, isum = _EMPTY_Q8
+        qdot.matvec_rows(qtype, w.data, rows, x[0], xq, xd, xs, isum, out, F16_TABLE, _n_chunks(rows.shape[0]), True)
+    return out
+
+
+_EMPTY_Q8 = (np.empty(0, np.int8), np.empty(0, np.float32), np.empty(0, np.float32), np.empty(0, np.int32))
+
+
+def matvec_t(coef: np.ndarray, w, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out += sum_i coef[i] * W[rows[i]] (in place, returned): the transposed product,
+    for a down projection stored one row per FFN neuron. out: (n_cols,) float32."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    coef = np.ascontiguousarray(coef, dtype=np.float32)
+    qdot.matvec_t_rows(int(w.qtype), w.data, rows, coef, out, F16_TABLE, max(1, min(len(rows), numba.get_num_threads())))
+    return out
+
+
 def linear(x: np.ndarray, w) -> np.ndarray:
     """x @ W.T for a GGML-typed weight W of shape (n_out, n_in).
 
-    x: (T, n_in) float32 -> (T, n_out) float32.
+    x: (T, n_in) float32 -> (T, n_out) float32. One token: integer dot products
+    (`matvec`); several: dequantized tiles of W through BLAS (faster here than
+    integer products per token, measured).
     """
     n_out, n_in = w.data.shape[0], w.shape[-1]
     qtype = int(w.qtype)
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[0] == 1:
+        return matvec(x[0], w).reshape(1, n_out)
     if _QUANTIZE_ACTIVATIONS:
         x = quantize_activations(x, qtype)
-    if x.shape[0] == 1:
-        out = np.empty((1, n_out), dtype=np.float32)
-        n_chunks = max(1, min(n_out // 16, 4 * numba.get_num_threads()))
-        quants.matvec(qtype, w.data, np.ascontiguousarray(x[0]), out[0], F16_TABLE, n_chunks)
-        return out
     out = np.empty((x.shape[0], n_out), dtype=np.float32)
     step = max(1, _TILE_ELEMS // n_in)
     tile = np.empty((min(step, n_out), n_in), dtype=np.float32)

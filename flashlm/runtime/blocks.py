@@ -21,22 +21,23 @@ class Cancelled(Exception):
 class KVCache:
     """Keys and values of every position so far, preallocated to n_ctx.
 
-    k: (n_layer, n_head_kv, n_ctx, head_dim) float16, v likewise with v_head_dim.
-    float16 as in llama.cpp's default cache: half the memory, and the same rounding.
+    k: (n_layer, n_head_kv, n_ctx, head_dim), v likewise with v_head_dim. Values are
+    rounded to float16 as in llama.cpp's default cache (the same rounding), and held
+    as float32 so the compiled decode step reads them without conversion.
     np.zeros maps untouched pages lazily, so memory grows with the positions used.
     """
 
     def __init__(self, cfg: ModelConfig, n_ctx: int):
         self.n_ctx = n_ctx
-        self.k = np.zeros((cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim), dtype=np.float16)
-        self.v = np.zeros((cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.v_head_dim), dtype=np.float16)
+        self.k = np.zeros((cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim), dtype=np.float32)
+        self.v = np.zeros((cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.v_head_dim), dtype=np.float32)
         self.pos = 0  # positions filled
 
     def store(self, layer: int, pos0: int, k: np.ndarray, v: np.ndarray):
         """Write k (T, n_kv, hd), v (T, n_kv, hd_v) at positions pos0 .. pos0+T-1."""
         T = k.shape[0]
-        self.k[layer, :, pos0:pos0 + T] = k.transpose(1, 0, 2)
-        self.v[layer, :, pos0:pos0 + T] = v.transpose(1, 0, 2)
+        self.k[layer, :, pos0:pos0 + T] = k.transpose(1, 0, 2).astype(np.float16)
+        self.v[layer, :, pos0:pos0 + T] = v.transpose(1, 0, 2).astype(np.float16)
 
     @property
     def nbytes_used(self) -> int:
@@ -67,6 +68,11 @@ class DecoderLM:
         self.output = store.get("output.weight") if store.has("output.weight") else self.tok_embd
         self.output_norm = store.vector("output_norm.weight")
         self.layers = [self._layer_vectors(i) for i in range(cfg.n_layer)]
+        self.fused = None
+        if getattr(store, "fusable", False):
+            from .fused import FusedDecoder
+
+            self.fused = FusedDecoder(self)
 
     def _layer_vectors(self, i: int) -> dict:
         s = self.store
@@ -126,9 +132,16 @@ class DecoderLM:
         """Run tokens (T,) at positions pos0.. through the model, filling the KV cache.
 
         Returns logits (T, n_vocab) if all_logits else (1, n_vocab) for the last token.
-        Raises Cancelled between layers once cancel_event is set.
+        Raises Cancelled between layers once cancel_event is set. One token goes
+        through the compiled decode step (kernels_cpu.decode) when the weights allow.
         """
         cfg = self.cfg
+        if len(tokens) == 1 and self.fused is not None:
+            if self.cancel_event.is_set():
+                raise Cancelled()
+            logits = self.fused.step(int(tokens[0]), pos0, kv)
+            kv.pos = pos0 + 1
+            return logits.reshape(1, -1)
         x = K.embed(self.tok_embd, tokens)  # (T, n_embd)
         if cfg.embed_scale != 1.0:
             x *= np.float32(cfg.embed_scale)

@@ -19,6 +19,8 @@ from ..errors import ModelFormatError
 class WeightStore:
     """Every tensor resident: views into the mmapped file (the page cache holds them)."""
 
+    fusable = True  # every weight is addressable: the compiled decode step may run
+
     def __init__(self, model_file):
         self.file = model_file
         self._vectors: dict[str, np.ndarray] = {}

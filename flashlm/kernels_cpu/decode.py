@@ -1,0 +1,238 @@
+"""One whole decode step (one token through every layer) in one compiled call.
+
+At 100+ tokens/s a token has under 10 ms; hundreds of small Python calls per token
+would eat that. `decode_step` runs embedding, every layer and the output projection
+without returning to Python. Its math is the layer-by-layer path's (runtime/blocks.py,
+ops.py), op for op, and the tests hold the two to the same logits.
+
+Inputs are packed by runtime/fused.py:
+    mats: typed List of weight matrices (rows, row_bytes) uint8, per layer in the
+          order of SLOTS, then token embedding and output.
+    qt:   int64 GGML type of each matrix.
+    vecs: float32 (n_layer, N_VEC, vmax) norm weights and biases (unused ones zero).
+    ip / fp: int and float settings (see the I_* and F_* indices).
+"""
+
+import numpy as np
+from numba import njit
+
+from .qdot import matvec_rows, quantize_q8, round_f16
+from .quants import _BF16, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q4_K, _Q5_K, _Q6_K, dequant_row
+
+SLOTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+VECS = ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm",
+        "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias")
+(V_ATTN_NORM, V_FFN_NORM, V_Q_NORM, V_K_NORM, V_POST_ATTN, V_POST_FFN, V_BQ, V_BK, V_BV, V_BO) = range(len(VECS))
+
+(I_LAYERS, I_EMBD, I_HEAD, I_HEAD_KV, I_HD, I_HD_V, I_ROPE_DIM, I_NEOX, I_WINDOW, I_QK_NORM, I_POST_NORMS,
+ I_GELU, I_SCALE_Q, I_BIAS, I_THREADS) = range(15)
+(F_EPS, F_BASE, F_BASE_SWA, F_ROPE_SCALE, F_ATTN_SCALE, F_EMBED_SCALE, F_SOFTCAP) = range(7)
+
+
+@njit(nogil=True, cache=True)
+def _act_block(qtype):
+    if qtype == _Q4_K or qtype == _Q5_K or qtype == _Q6_K:
+        return 256
+    if qtype == _Q4_0 or qtype == _Q4_1 or qtype == _Q5_0 or qtype == _Q5_1 or qtype == _Q8_0:
+        return 32
+    return 0
+
+
+@njit(nogil=True, cache=True)
+def _mv(qtype, w, x, out, lut, n_threads):
+    """out = W @ x with llama.cpp's activation handling for W's type."""
+    n = w.shape[0]
+    rows = np.arange(n)
+    n_chunks = max(1, min((n + 3) // 4, 4 * n_threads))
+    block = _act_block(qtype)
+    x2 = x.reshape(1, x.shape[0])
+    if block:
+        nb = x.shape[0] // block
+        xq = np.empty((1, x.shape[0]), dtype=np.int8)
+        xd = np.empty((1, nb), dtype=np.float32)
+        xs = np.empty((1, nb), dtype=np.float32)
+        isum = np.empty((1, x.shape[0] // 16 if block == 256 else nb), dtype=np.int32)
+        quantize_q8(x2, block, xq, xd, xs, isum)
+        matvec_rows(qtype, w, rows, x, xq[0], xd[0], xs[0], isum[0], out, lut, n_chunks, False)
+    else:
+        xr = np.empty_like(x)
+        for i in range(x.shape[0]):
+            if qtype == _F16:
+                xr[i] = round_f16(x[i])
+            elif qtype == _BF16:
+                b = np.array([x[i]]).view(np.uint32)
+                b[0] = (b[0] + np.uint32(0x7FFF) + ((b[0] >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+                xr[i] = b.view(np.float32)[0]
+            else:
+                xr[i] = x[i]
+        e8 = np.empty(0, dtype=np.int8)
+        ef = np.empty(0, dtype=np.float32)
+        matvec_rows(qtype, w, rows, xr, e8, ef, ef, np.empty(0, dtype=np.int32), out, lut, n_chunks, True)
+
+
+@njit(nogil=True, cache=True)
+def _rmsnorm(x, w, eps, out):
+    s = 0.0
+    for i in range(x.shape[0]):
+        s += np.float64(x[i]) * np.float64(x[i])
+    scale = np.float32(1.0) / np.sqrt(np.float32(s / x.shape[0]) + np.float32(eps))
+    for i in range(x.shape[0]):
+        out[i] = x[i] * scale * w[i]
+
+
+@njit(nogil=True, cache=True)
+def _rope(x, n_heads, hd, pos, n_rot, base, scale, neox):
+    half = n_rot // 2
+    ts = np.float32(base) ** np.float32(-2.0 / n_rot)
+    theta = np.float32(pos)
+    for i in range(half):
+        t = theta * np.float32(scale)
+        c = np.float32(np.cos(t))
+        s = np.float32(np.sin(t))
+        for h in range(n_heads):
+            o = h * hd
+            if neox:
+                a = x[o + i]; b = x[o + i + half]
+                x[o + i] = a * c - b * s
+                x[o + i + half] = a * s + b * c
+            else:
+                a = x[o + 2 * i]; b = x[o + 2 * i + 1]
+                x[o + 2 * i] = a * c - b * s
+                x[o + 2 * i + 1] = a * s + b * c
+        theta = theta * ts
+
+
+@njit(nogil=True, cache=True)
+def _gelu(x):
+    if x <= -10.0:
+        return np.float32(0.0)
+    if x >= 10.0:
+        return x
+    xh = round_f16(x)
+    c = np.float32(0.7978845608028654)
+    y = np.float32(0.5) * xh * (np.float32(1.0) + np.tanh(c * xh * (np.float32(1.0) + np.float32(0.044715) * xh * xh)))
+    return round_f16(np.float32(y))
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def _attend(q, kc, vc, layer, pos, n_head, n_kv, hd, hd_v, scale, window, out):
+    """Decode attention of one query (all heads) over cached positions 0..pos."""
+    g = n_head // n_kv
+    start = 0
+    if window > 0 and pos - window + 1 > 0:
+        start = pos - window + 1
+    L = pos + 1
+    s = np.empty(L, dtype=np.float32)
+    qh = np.empty(hd, dtype=np.float32)
+    for h in range(n_head):
+        kvh = h // g
+        for i in range(hd):
+            qh[i] = round_f16(q[h * hd + i])
+        m = np.float32(-np.inf)
+        for t in range(start, L):
+            acc = np.float32(0.0)
+            for i in range(hd):
+                acc += qh[i] * kc[layer, kvh, t, i]
+            acc *= np.float32(scale)
+            s[t] = acc
+            if acc > m:
+                m = acc
+        tot = np.float32(0.0)
+        for t in range(start, L):
+            e = np.float32(np.exp(s[t] - m))
+            s[t] = e
+            tot += e
+        for i in range(hd_v):
+            out[h * hd_v + i] = 0.0
+        for t in range(start, L):
+            p = round_f16(s[t] / tot)
+            for i in range(hd_v):
+                out[h * hd_v + i] += p * vc[layer, kvh, t, i]
+
+
+@njit(nogil=True, cache=True)
+def decode_step(tok, pos, mats, qt, vecs, swa, kc, vc, ip, fp, lut, logits):
+    """Run token `tok` at position `pos`: fill the KV caches kc/vc (float32 holding
+    f16-rounded values, (n_layer, n_kv, n_ctx, hd)) and write the logits."""
+    n_layer = ip[I_LAYERS]; d = ip[I_EMBD]; n_head = ip[I_HEAD]; n_kv = ip[I_HEAD_KV]
+    hd = ip[I_HD]; hd_v = ip[I_HD_V]; n_rot = ip[I_ROPE_DIM]; neox = ip[I_NEOX] != 0
+    window = ip[I_WINDOW]; qk_norm = ip[I_QK_NORM] != 0; post_norms = ip[I_POST_NORMS] != 0
+    gelu = ip[I_GELU] != 0; scale_q = ip[I_SCALE_Q] != 0; bias = ip[I_BIAS] != 0; nt = ip[I_THREADS]
+    eps = fp[F_EPS]
+    n_slots = 7
+    emb = mats[n_layer * n_slots]
+    x = np.empty(d, dtype=np.float32)
+    dequant_row(qt[n_layer * n_slots], emb[tok], x, lut)
+    if fp[F_EMBED_SCALE] != 1.0:
+        for i in range(d):
+            x[i] *= np.float32(fp[F_EMBED_SCALE])
+    h = np.empty(d, dtype=np.float32)
+    q = np.empty(n_head * hd, dtype=np.float32)
+    k = np.empty(n_kv * hd, dtype=np.float32)
+    v = np.empty(n_kv * hd_v, dtype=np.float32)
+    att = np.empty(n_head * hd_v, dtype=np.float32)
+    o = np.empty(d, dtype=np.float32)
+    for l in range(n_layer):
+        base = l * n_slots
+        vl = vecs[l]
+        _rmsnorm(x, vl[V_ATTN_NORM], eps, h)
+        _mv(qt[base], mats[base], h, q, lut, nt)
+        _mv(qt[base + 1], mats[base + 1], h, k, lut, nt)
+        _mv(qt[base + 2], mats[base + 2], h, v, lut, nt)
+        if bias:
+            for i in range(q.shape[0]):
+                q[i] += vl[V_BQ, i]
+            for i in range(k.shape[0]):
+                k[i] += vl[V_BK, i]
+            for i in range(v.shape[0]):
+                v[i] += vl[V_BV, i]
+        if qk_norm:
+            for hh in range(n_head):
+                _rmsnorm(q[hh * hd:(hh + 1) * hd], vl[V_Q_NORM, :hd], eps, q[hh * hd:(hh + 1) * hd])
+            for hh in range(n_kv):
+                _rmsnorm(k[hh * hd:(hh + 1) * hd], vl[V_K_NORM, :hd], eps, k[hh * hd:(hh + 1) * hd])
+        is_swa = swa[l]
+        rb = fp[F_BASE_SWA] if is_swa else fp[F_BASE]
+        rs = 1.0 if is_swa else fp[F_ROPE_SCALE]
+        _rope(q, n_head, hd, pos, n_rot, rb, rs, neox)
+        _rope(k, n_kv, hd, pos, n_rot, rb, rs, neox)
+        for hh in range(n_kv):
+            for i in range(hd):
+                kc[l, hh, pos, i] = round_f16(k[hh * hd + i])
+            for i in range(hd_v):
+                vc[l, hh, pos, i] = round_f16(v[hh * hd_v + i])
+        sc = fp[F_ATTN_SCALE]
+        if scale_q:
+            for i in range(q.shape[0]):
+                q[i] *= np.float32(sc)
+            sc = 1.0
+        _attend(q, kc, vc, l, pos, n_head, n_kv, hd, hd_v, sc, window if is_swa else 0, att)
+        _mv(qt[base + 3], mats[base + 3], att, o, lut, nt)
+        if bias:
+            for i in range(d):
+                o[i] += vl[V_BO, i]
+        if post_norms:
+            _rmsnorm(o, vl[V_POST_ATTN], eps, o)
+        for i in range(d):
+            x[i] += o[i]
+        _rmsnorm(x, vl[V_FFN_NORM], eps, h)
+        n_ff = mats[base + 5].shape[0]
+        g = np.empty(n_ff, dtype=np.float32)
+        u = np.empty(n_ff, dtype=np.float32)
+        _mv(qt[base + 4], mats[base + 4], h, g, lut, nt)
+        _mv(qt[base + 5], mats[base + 5], h, u, lut, nt)
+        for i in range(n_ff):
+            gi = g[i]
+            a = _gelu(gi) if gelu else gi / (np.float32(1.0) + np.float32(np.exp(-gi)))
+            g[i] = a * u[i]
+        _mv(qt[base + 6], mats[base + 6], g, o, lut, nt)
+        if post_norms:
+            _rmsnorm(o, vl[V_POST_FFN], eps, o)
+        for i in range(d):
+            x[i] += o[i]
+    _rmsnorm(x, vecs[n_layer, V_ATTN_NORM], eps, h)
+    _mv(qt[n_layer * n_slots + 1], mats[n_layer * n_slots + 1], h, logits, lut, nt)
+    if fp[F_SOFTCAP] != 0.0:
+        c = np.float32(fp[F_SOFTCAP])
+        for i in range(logits.shape[0]):
+            logits[i] = np.float32(np.tanh(logits[i] / c)) * c
