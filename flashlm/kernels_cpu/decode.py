@@ -39,10 +39,11 @@ def _act_block(qtype):
 
 
 @njit(nogil=True, cache=True)
-def _mv(qtype, w, x, out, lut, n_threads):
-    """out = W @ x with llama.cpp's activation handling for W's type."""
+def _mv(qtype, w, x, out, lut, n_threads, all_rows):
+    """out = W @ x with llama.cpp's activation handling for W's type.
+    all_rows: 0, 1, 2, ... (at least W's row count), made once by the caller."""
     n = w.shape[0]
-    rows = np.arange(n)
+    rows = all_rows[:n]
     n_chunks = max(1, min((n + 3) // 4, 4 * n_threads))
     block = _act_block(qtype)
     x2 = x.reshape(1, x.shape[0])
@@ -151,7 +152,7 @@ def _attend(q, kc, vc, layer, pos, n_head, n_kv, hd, hd_v, scale, window, out):
 
 
 @njit(nogil=True, cache=True)
-def decode_step(tok, pos, mats, qt, vecs, swa, kc, vc, ip, fp, lut, logits):
+def decode_step(tok, pos, mats, qt, vecs, swa, kc, vc, ip, fp, lut, all_rows, logits):
     """Run token `tok` at position `pos`: fill the KV caches kc/vc (float32 holding
     f16-rounded values, (n_layer, n_kv, n_ctx, hd)) and write the logits."""
     n_layer = ip[I_LAYERS]; d = ip[I_EMBD]; n_head = ip[I_HEAD]; n_kv = ip[I_HEAD_KV]
@@ -176,9 +177,9 @@ def decode_step(tok, pos, mats, qt, vecs, swa, kc, vc, ip, fp, lut, logits):
         base = l * n_slots
         vl = vecs[l]
         _rmsnorm(x, vl[V_ATTN_NORM], eps, h)
-        _mv(qt[base], mats[base], h, q, lut, nt)
-        _mv(qt[base + 1], mats[base + 1], h, k, lut, nt)
-        _mv(qt[base + 2], mats[base + 2], h, v, lut, nt)
+        _mv(qt[base], mats[base], h, q, lut, nt, all_rows)
+        _mv(qt[base + 1], mats[base + 1], h, k, lut, nt, all_rows)
+        _mv(qt[base + 2], mats[base + 2], h, v, lut, nt, all_rows)
         if bias:
             for i in range(q.shape[0]):
                 q[i] += vl[V_BQ, i]
@@ -207,7 +208,7 @@ def decode_step(tok, pos, mats, qt, vecs, swa, kc, vc, ip, fp, lut, logits):
                 q[i] *= np.float32(sc)
             sc = 1.0
         _attend(q, kc, vc, l, pos, n_head, n_kv, hd, hd_v, sc, window if is_swa else 0, att)
-        _mv(qt[base + 3], mats[base + 3], att, o, lut, nt)
+        _mv(qt[base + 3], mats[base + 3], att, o, lut, nt, all_rows)
         if bias:
             for i in range(d):
                 o[i] += vl[V_BO, i]
@@ -219,19 +220,19 @@ def decode_step(tok, pos, mats, qt, vecs, swa, kc, vc, ip, fp, lut, logits):
         n_ff = mats[base + 5].shape[0]
         g = np.empty(n_ff, dtype=np.float32)
         u = np.empty(n_ff, dtype=np.float32)
-        _mv(qt[base + 4], mats[base + 4], h, g, lut, nt)
-        _mv(qt[base + 5], mats[base + 5], h, u, lut, nt)
+        _mv(qt[base + 4], mats[base + 4], h, g, lut, nt, all_rows)
+        _mv(qt[base + 5], mats[base + 5], h, u, lut, nt, all_rows)
         for i in range(n_ff):
             gi = g[i]
             a = _gelu(gi) if gelu else gi / (np.float32(1.0) + np.float32(np.exp(-gi)))
             g[i] = a * u[i]
-        _mv(qt[base + 6], mats[base + 6], g, o, lut, nt)
+        _mv(qt[base + 6], mats[base + 6], g, o, lut, nt, all_rows)
         if post_norms:
             _rmsnorm(o, vl[V_POST_FFN], eps, o)
         for i in range(d):
             x[i] += o[i]
     _rmsnorm(x, vecs[n_layer, V_ATTN_NORM], eps, h)
-    _mv(qt[n_layer * n_slots + 1], mats[n_layer * n_slots + 1], h, logits, lut, nt)
+    _mv(qt[n_layer * n_slots + 1], mats[n_layer * n_slots + 1], h, logits, lut, nt, all_rows)
     if fp[F_SOFTCAP] != 0.0:
         c = np.float32(fp[F_SOFTCAP])
         for i in range(logits.shape[0]):

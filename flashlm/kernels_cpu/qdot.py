@@ -138,6 +138,15 @@ def _prefetch(typingctx, arr, idx):
 # -- legacy formats: blocks of 32 ----------------------------------------------------
 
 
+@njit(inline="always")
+def _legacy_scale(row, o, isum, xd_b, xs_b, zero_sum, has_min, lut):
+    # One 32-block's contribution: d * xd * isum, plus the min term (Q4_1/Q5_1: m * s)
+    # or minus the code offset (Q4_0/Q5_0: zero_sum = offset * sum of the x codes).
+    if has_min:
+        return _f16(lut, row, o) * xd_b * np.float32(isum) + _f16(lut, row, o + 2) * xs_b
+    return _f16(lut, row, o) * xd_b * np.float32(isum - zero_sum)
+
+
 @njit(nogil=True, cache=True)
 def _rows_q4(qtype, w, r, p, xq, xd, xs, xsum, lut, out, o_out):
     # Q4_0 (18 B: d, qs[16]) and Q4_1 (20 B: d, m, qs[16]).
@@ -159,17 +168,11 @@ def _rows_q4(qtype, w, r, p, xq, xd, xs, xsum, lut, out, o_out):
             q = w2[o + j]; i2 = _acc(i2, np.add(_p(np.bitwise_and(q, _U15), xl), _p(np.right_shift(q, _U4), xh)))
             q = w3[o + j]; i3 = _acc(i3, np.add(_p(np.bitwise_and(q, _U15), xl), _p(np.right_shift(q, _U4), xh)))
         o -= qo
-        if has_min:
-            a0 += _f16(lut, w0, o) * xd[b] * np.float32(i0) + _f16(lut, w0, o + 2) * xs[b]
-            a1 += _f16(lut, w1, o) * xd[b] * np.float32(i1) + _f16(lut, w1, o + 2) * xs[b]
-            a2 += _f16(lut, w2, o) * xd[b] * np.float32(i2) + _f16(lut, w2, o + 2) * xs[b]
-            a3 += _f16(lut, w3, o) * xd[b] * np.float32(i3) + _f16(lut, w3, o + 2) * xs[b]
-        else:
-            s8 = 8 * xsum[b]
-            a0 += _f16(lut, w0, o) * xd[b] * np.float32(i0 - s8)
-            a1 += _f16(lut, w1, o) * xd[b] * np.float32(i1 - s8)
-            a2 += _f16(lut, w2, o) * xd[b] * np.float32(i2 - s8)
-            a3 += _f16(lut, w3, o) * xd[b] * np.float32(i3 - s8)
+        z = 8 * xsum[b]
+        a0 += _legacy_scale(w0, o, i0, xd[b], xs[b], z, has_min, lut)
+        a1 += _legacy_scale(w1, o, i1, xd[b], xs[b], z, has_min, lut)
+        a2 += _legacy_scale(w2, o, i2, xd[b], xs[b], z, has_min, lut)
+        a3 += _legacy_scale(w3, o, i3, xd[b], xs[b], z, has_min, lut)
     out[o_out] = a0; out[o_out + 1] = a1; out[o_out + 2] = a2; out[o_out + 3] = a3
 
 
@@ -208,17 +211,11 @@ def _rows_q5(qtype, w, r, p, xq, xd, xs, xsum, lut, out, o_out):
             q = w1[qo + j]; i1 = _acc(i1, np.add(_p(_q5(q, h1, j, 0), xl), _p(_q5(q, h1, j, 16), xh)))
             q = w2[qo + j]; i2 = _acc(i2, np.add(_p(_q5(q, h2, j, 0), xl), _p(_q5(q, h2, j, 16), xh)))
             q = w3[qo + j]; i3 = _acc(i3, np.add(_p(_q5(q, h3, j, 0), xl), _p(_q5(q, h3, j, 16), xh)))
-        if has_min:
-            a0 += _f16(lut, w0, o) * xd[b] * np.float32(i0) + _f16(lut, w0, o + 2) * xs[b]
-            a1 += _f16(lut, w1, o) * xd[b] * np.float32(i1) + _f16(lut, w1, o + 2) * xs[b]
-            a2 += _f16(lut, w2, o) * xd[b] * np.float32(i2) + _f16(lut, w2, o + 2) * xs[b]
-            a3 += _f16(lut, w3, o) * xd[b] * np.float32(i3) + _f16(lut, w3, o + 2) * xs[b]
-        else:
-            s16 = 16 * xsum[b]
-            a0 += _f16(lut, w0, o) * xd[b] * np.float32(i0 - s16)
-            a1 += _f16(lut, w1, o) * xd[b] * np.float32(i1 - s16)
-            a2 += _f16(lut, w2, o) * xd[b] * np.float32(i2 - s16)
-            a3 += _f16(lut, w3, o) * xd[b] * np.float32(i3 - s16)
+        z = 16 * xsum[b]
+        a0 += _legacy_scale(w0, o, i0, xd[b], xs[b], z, has_min, lut)
+        a1 += _legacy_scale(w1, o, i1, xd[b], xs[b], z, has_min, lut)
+        a2 += _legacy_scale(w2, o, i2, xd[b], xs[b], z, has_min, lut)
+        a3 += _legacy_scale(w3, o, i3, xd[b], xs[b], z, has_min, lut)
     out[o_out] = a0; out[o_out + 1] = a1; out[o_out + 2] = a2; out[o_out + 3] = a3
 
 

@@ -23,13 +23,13 @@ class FusedDecoder:
         for r in refs:
             self.mats.append(np.asarray(r.data).view(np.ndarray))
         self.qt = np.array([int(r.qtype) for r in refs], dtype=np.int64)
+        self.all_rows = np.arange(max(r.data.shape[0] for r in refs), dtype=np.int64)
         width = max(cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.v_head_dim)
         self.vecs = np.zeros((cfg.n_layer + 1, len(D.VECS), width), dtype=np.float32)
         has_bias = False
         for i, vec in enumerate(model.layers):
             for j, name in enumerate(D.VECS):
-                key = name if name.endswith(".bias") else name
-                v = vec.get(key)
+                v = vec.get(name)
                 if v is not None:
                     self.vecs[i, j, : v.shape[0]] = v
                     has_bias |= name.endswith(".bias")
@@ -51,5 +51,5 @@ class FusedDecoder:
         self.ip[D.I_THREADS] = numba.get_num_threads()
         logits = np.empty(self.cfg.n_vocab, dtype=np.float32)
         D.decode_step(tok, pos, self.mats, self.qt, self.vecs, self.swa, kv.k, kv.v, self.ip, self.fp,
-                      F16_TABLE, logits)
+                      F16_TABLE, self.all_rows, logits)
         return logits
