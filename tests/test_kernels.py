@@ -129,3 +129,53 @@ def test_embed_gathers_rows(smollm2_path):
     ids = np.array([0, 5, 49151, 5])
     ref = ref_dequant(np.ascontiguousarray(emb.data[ids]), emb.qtype, emb.shape[1])
     np.testing.assert_array_equal(kernels_cpu.embed(emb, ids), ref)
+
+
+def test_linear_many_equals_one_at_a_time():
+    # Several weights of different types in one pass of the prefill threads, with
+    # shares that cut through a weight.
+    rng = np.random.default_rng(11)
+    ws = []
+    for qtype, rows in ((Q.Q4_1, 40), (Q.Q4_K, 72), (Q.Q8_0, 8)):
+        raw = random_blocks(qtype, rows, 256, rng)
+        ws.append(TensorRef(qtype.name, qtype, (rows, 256), raw, 0))
+    x = rng.standard_normal((9, 256)).astype(np.float32)
+    for got, w in zip(kernels_cpu.linear_many(x, ws), ws):
+        np.testing.assert_allclose(got, kernels_cpu.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_prefill_attention_matches_reference(window):
+    # The compiled causal attention over the cache against the numpy reference (ops),
+    # with grouped-query heads, earlier positions in the cache, and a sliding window.
+    rng = np.random.default_rng(12)
+    n_layer, n_head, n_kv, hd, n_ctx, pos0, T = 2, 6, 2, 16, 32, 4, 7
+    f16 = lambda a: a.astype(np.float16).astype(np.float32)  # noqa: E731
+    kc = f16(rng.standard_normal((n_layer, n_kv, n_ctx, hd)).astype(np.float32))
+    vc = f16(rng.standard_normal((n_layer, n_kv, n_ctx, hd)).astype(np.float32))
+    q = rng.standard_normal((T, n_head, hd)).astype(np.float32)
+    got = kernels_cpu.attend(q, kc, vc, 1, pos0, 0.25, window)
+    L = pos0 + T
+    want = kernels_cpu.attention(q.copy(), kc[1, :, :L], vc[1, :, :L], pos0, 0.25, window)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_glu_matches_reference():
+    rng = np.random.default_rng(13)
+    g = (rng.standard_normal((5, 300)) * 4).astype(np.float32)
+    g[0, :4] = [-12.0, 12.0, 0.0, -0.0]
+    u = rng.standard_normal((5, 300)).astype(np.float32)
+    np.testing.assert_array_equal(kernels_cpu.glu(g, u, gelu=True), kernels_cpu.gelu(g) * u)
+    np.testing.assert_allclose(kernels_cpu.glu(g, u, gelu=False), kernels_cpu.silu(g) * u, rtol=1e-6, atol=1e-7)
+
+
+def test_f16_bits_match_numpy():
+    from flashlm.kernels_cpu.qdot import f16_bits, round_f16
+
+    rng = np.random.default_rng(14)
+    x = np.concatenate([rng.standard_normal(20000) * 100, rng.standard_normal(2000) * 1e-5,
+                        [0.0, -0.0, 65504, 65519, 65520, -1e6, 6.1e-5, np.inf, -np.inf]]).astype(np.float32)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16)
+    np.testing.assert_array_equal([f16_bits(v) for v in x], want.view(np.uint16).astype(np.int64))
+    np.testing.assert_array_equal([round_f16(v) for v in x], want.astype(np.float32))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numba
@@ -36,12 +38,12 @@ def _drop_stale_numba_cache():
 
 _drop_stale_numba_cache()
 
-from . import qdot, quants  # noqa: E402
+from . import decode, qdot, quants  # noqa: E402
 from .ops import attention, gelu, rmsnorm, rope, silu, softmax  # noqa: F401
 from .quants import F16_TABLE, SUPPORTED_TYPES  # noqa: F401
 
-# Largest dequantized tile of a weight for prefill: (rows, cols) float32 elements.
-_TILE_ELEMS = 1 << 22  # 16 MiB
+# Dequantized tile of a weight for prefill, in float32 elements (1 MiB: this L2).
+_TILE_ELEMS = 1 << 18
 
 
 def set_threads(n: int) -> int:
@@ -93,15 +95,16 @@ def _act_block(qtype: int) -> int:
     return 256 if qtype in _K_QUANTS else 32 if qtype in _LEGACY_QUANTS else 0
 
 
-def quantize_q8(x: np.ndarray, block: int):
-    """x (T, n) float32 -> (xq int8 (T, n), xd, xs, isum): see qdot.quantize_q8."""
+def quantize_q8(x: np.ndarray, block: int, serial: bool = False):
+    """x (T, n) float32 -> (xq int8 (T, n), xd, xs, isum): see qdot.quantize_q8.
+    serial: stay on the calling thread."""
     T, n = x.shape
     nb = n // block
     xq = np.empty((T, n), dtype=np.int8)
     xd = np.empty((T, nb), dtype=np.float32)
     xs = np.empty((T, nb), dtype=np.float32)
     isum = np.empty((T, n // 16 if block == 256 else nb), dtype=np.int32)
-    qdot.quantize_q8(x, block, xq, xd, xs, isum)
+    (qdot.quantize_q8 if T > 1 and not serial else qdot.quantize_q8_serial)(x, block, xq, xd, xs, isum)
     return xq, xd, xs, isum
 
 
@@ -113,7 +116,7 @@ def quantize_activations(x: np.ndarray, qtype: int) -> np.ndarray:
     """
     block = _act_block(qtype)
     if block:
-        xq, xd, _, _ = quantize_q8(np.ascontiguousarray(x, dtype=np.float32), block)
+        xq, xd, _, _ = quantize_q8(np.ascontiguousarray(x, dtype=np.float32), block, serial=True)
         T, n = x.shape
         return (xq.reshape(T, n // block, block) * xd[:, :, None]).reshape(T, n)
     if qtype == int(quants.T.F16):
@@ -179,20 +182,140 @@ def linear(x: np.ndarray, w) -> np.ndarray:
 
     x: (T, n_in) float32 -> (T, n_out) float32. One token: integer dot products
     (`matvec`); several: dequantized tiles of W through BLAS (faster here than
-    integer products per token, measured).
+    integer products per token, measured), see `linear_many`.
     """
-    n_out, n_in = w.data.shape[0], w.shape[-1]
-    qtype = int(w.qtype)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape[0] == 1:
-        return matvec(x[0], w).reshape(1, n_out)
-    if _QUANTIZE_ACTIVATIONS:
-        x = quantize_activations(x, qtype)
-    out = np.empty((x.shape[0], n_out), dtype=np.float32)
-    step = max(1, _TILE_ELEMS // n_in)
-    tile = np.empty((min(step, n_out), n_in), dtype=np.float32)
-    for r0 in range(0, n_out, step):
-        n = min(step, n_out - r0)
-        quants.dequant_rows(qtype, w.data, r0, tile[:n], F16_TABLE)
-        np.matmul(x, tile[:n].T, out=out[:, r0:r0 + n])
+        return matvec(x[0], w).reshape(1, w.data.shape[0])
+    return linear_many(x, [w])[0]
+
+
+def linear_many(x: np.ndarray, ws: list) -> list[np.ndarray]:
+    """[x @ W.T for W in ws], weights sharing one input (q/k/v, gate/up), in one pass
+    of the prefill threads: each thread takes an equal share of all the rows."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[0] == 1:
+        return [matvec(x[0], w).reshape(1, -1) for w in ws]
+    xs = {}
+    if _QUANTIZE_ACTIVATIONS:  # each weight type sees x as llama.cpp quantizes it for it
+        for w in ws:
+            xs.setdefault(_act_block(int(w.qtype)) or -int(w.qtype), quantize_activations(x, int(w.qtype)))
+    outs = [np.empty((x.shape[0], w.data.shape[0]), dtype=np.float32) for w in ws]
+    pieces = []  # (x, w, r0, r1, out) per weight, then cut into per-worker shares
+    for w, out in zip(ws, outs):
+        xw = xs[_act_block(int(w.qtype)) or -int(w.qtype)] if xs else x
+        pieces.append((xw, w, 0, w.data.shape[0], out))
+    total = sum(p[3] for p in pieces)
+    n_workers = min(numba.get_num_threads(), max(1, total // 64))
+    if n_workers == 1:
+        for p in pieces:
+            _tiled_product(*p)
+        return outs
+    shares = [[] for _ in range(n_workers)]
+    per = -(-total // n_workers)
+    k, room = 0, per
+    for xw, w, r0, r1, out in pieces:
+        while r0 < r1:
+            n = min(r1 - r0, room) if k < n_workers - 1 else r1 - r0
+            shares[k].append((xw, w, r0, r0 + n, out))
+            r0 += n
+            room -= n
+            if room == 0 and k < n_workers - 1:
+                k, room = k + 1, per
+    with blas_one_thread():
+        _on_threads(_run_share, [(sh,) for sh in shares])
+    return outs
+
+
+def _run_share(share) -> None:
+    for p in share:
+        _tiled_product(*p)
+
+
+def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, layer: int, pos0: int, scale: float,
+           window: int = 0) -> np.ndarray:
+    """Causal attention of queries q (T, n_head, hd) at positions pos0.. over a layer
+    of the KV cache, which already holds their own keys and values.
+
+    k_cache: (n_layer, n_kv, n_ctx, hd) float32, v_cache likewise. window > 0 limits each
+    query to its last `window` positions (sliding-window layers). Returns
+    (T, n_head, hd_v). Heads are shared among the prefill threads.
+    """
+    T, n_head, hd = q.shape
+    n_kv, hd_v = k_cache.shape[1], v_cache.shape[-1]
+    q2 = np.ascontiguousarray(q.reshape(T, n_head * hd), dtype=np.float32)
+    out = np.empty((T, n_head * hd_v), dtype=np.float32)
+    n = min(numba.get_num_threads(), n_head)
+    cuts = [n_head * i // n for i in range(n + 1)]
+    _on_threads(decode.attend_queries, [(q2, k_cache, v_cache, layer, pos0, n_head, n_kv, hd, hd_v, np.float32(scale),
+                                         window, out, cuts[i], cuts[i + 1]) for i in range(n)])
+    return out.reshape(T, n_head, hd_v)
+
+
+def glu(g: np.ndarray, u: np.ndarray, gelu: bool) -> np.ndarray:
+    """act(g) * u for a gated FFN, act GELU (GeGLU) or SiLU (SwiGLU); (T, n) float32.
+    Rows are shared among the prefill threads."""
+    g = np.ascontiguousarray(g, dtype=np.float32)
+    u = np.ascontiguousarray(u, dtype=np.float32)
+    out = np.empty_like(g)
+    n = min(numba.get_num_threads(), g.shape[0])
+    cuts = [g.shape[0] * i // n for i in range(n + 1)]
+    _on_threads(decode.glu_rows, [(g, u, gelu, out, cuts[i], cuts[i + 1]) for i in range(n)])
     return out
+
+
+def _on_threads(fn, arg_lists) -> None:
+    """fn(*args) for each entry, at once on the prefill threads (the first on this one)."""
+    if len(arg_lists) == 1:
+        fn(*arg_lists[0])
+        return
+    jobs = [_pool(len(arg_lists)).submit(fn, *a) for a in arg_lists[1:]]
+    fn(*arg_lists[0])
+    for j in jobs:
+        j.result()
+
+
+# Prefill threads: our own pool, each thread decoding a tile of weight rows (numba,
+# GIL released) and multiplying it with single-threaded BLAS. Letting numba and
+# OpenBLAS each run a pool of their own makes both spin-wait on the same two cores:
+# 4-5x slower, measured.
+_POOL: ThreadPoolExecutor | None = None
+_TILES = threading.local()
+_BLAS = None
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    """Threads beside the calling one, which takes the first share itself."""
+    global _POOL
+    if _POOL is None or _POOL._max_workers < n - 1:
+        _POOL = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="flashlm-prefill")
+    return _POOL
+
+
+@contextlib.contextmanager
+def blas_one_thread():
+    """BLAS on the calling thread only, for the duration. Hold it over a whole prefill:
+    a multi-threaded BLAS call in between (attention) leaves OpenBLAS's threads
+    spinning into the next product, 1.5x slower, measured."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController()
+    with _BLAS.limit(limits=1, user_api="blas"):
+        yield
+
+
+def _tiled_product(x: np.ndarray, w, r0: int, r1: int, out: np.ndarray) -> None:
+    """out[:, r0:r1] = x @ W[r0:r1].T, one L2-sized float tile of W at a time."""
+    n_in = w.shape[-1]
+    step = max(16, _TILE_ELEMS // n_in)
+    tile = getattr(_TILES, "buf", None)
+    if tile is None or tile.size < step * n_in:
+        tile = _TILES.buf = np.empty(step * n_in, dtype=np.float32)
+    qtype = int(w.qtype)
+    for a in range(r0, r1, step):
+        n = min(step, r1 - a)
+        t = tile[:n * n_in].reshape(n, n_in)
+        quants.dequant_rows_serial(qtype, w.data, a, t, F16_TABLE)
+        np.matmul(x, t.T, out=out[:, a:a + n])

@@ -16,7 +16,7 @@ Inputs are packed by runtime/fused.py:
 import numpy as np
 from numba import njit
 
-from .qdot import matvec_rows, quantize_q8, round_f16
+from .qdot import f16_bits, matvec_rows, quantize_q8_serial, round_f16
 from .quants import _BF16, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q4_K, _Q5_K, _Q6_K, dequant_row
 
 SLOTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -53,7 +53,7 @@ def _mv(qtype, w, x, out, lut, n_threads, all_rows):
         xd = np.empty((1, nb), dtype=np.float32)
         xs = np.empty((1, nb), dtype=np.float32)
         isum = np.empty((1, x.shape[0] // 16 if block == 256 else nb), dtype=np.int32)
-        quantize_q8(x2, block, xq, xd, xs, isum)
+        quantize_q8_serial(x2, block, xq, xd, xs, isum)
         matvec_rows(qtype, w, rows, x, xq[0], xd[0], xs[0], isum[0], out, lut, n_chunks, False)
     else:
         xr = np.empty_like(x)
@@ -103,52 +103,99 @@ def _rope(x, n_heads, hd, pos, n_rot, base, scale, neox):
         theta = theta * ts
 
 
+def _gelu_table() -> np.ndarray:
+    # ggml's GELU table: the tanh form in float32 at every f16 input, rounded to f16.
+    x = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    c = np.float32(0.7978845608028654)
+    with np.errstate(all="ignore"):
+        y = np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * x * (np.float32(1.0) + np.float32(0.044715) * x * x)))
+        return y.astype(np.float16).astype(np.float32)
+
+
+GELU_TABLE = _gelu_table()
+
+
 @njit(nogil=True, cache=True)
 def _gelu(x):
+    # As ggml: 0 below -10, x above 10, else the table at x rounded to f16.
     if x <= -10.0:
         return np.float32(0.0)
     if x >= 10.0:
         return x
-    xh = round_f16(x)
-    c = np.float32(0.7978845608028654)
-    y = np.float32(0.5) * xh * (np.float32(1.0) + np.tanh(c * xh * (np.float32(1.0) + np.float32(0.044715) * xh * xh)))
-    return round_f16(np.float32(y))
+    return GELU_TABLE[f16_bits(x)]
+
+
+@njit(nogil=True, cache=True)
+def glu_rows(g, u, gelu, out, r0, r1):
+    """out = act(g) * u for rows r0..r1-1 of (T, n) arrays: act GELU (ggml's f16
+    rounding) if gelu else SiLU, the same formulas as the decode step."""
+    for r in range(r0, r1):
+        for j in range(g.shape[1]):
+            gi = g[r, j]
+            a = _gelu(gi) if gelu else gi / (np.float32(1.0) + np.float32(np.exp(-gi)))
+            out[r, j] = a * u[r, j]
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def _attend(q, kc, vc, layer, pos, n_head, n_kv, hd, hd_v, scale, window, out):
-    """Decode attention of one query (all heads) over cached positions 0..pos."""
-    g = n_head // n_kv
+def _attend_head(q, qo, kc, vc, layer, kvh, pos, window, hd, hd_v, scale, s, qh, out, oo):
+    """One head of one query at position `pos` over cached positions 0..pos (the last
+    `window` of them if window > 0): out[oo:oo+hd_v]. q and the attention weights are
+    rounded to f16 as llama.cpp does. s, qh: scratch of n_ctx and hd floats."""
     start = 0
     if window > 0 and pos - window + 1 > 0:
         start = pos - window + 1
     L = pos + 1
-    s = np.empty(L, dtype=np.float32)
+    for i in range(hd):
+        qh[i] = round_f16(q[qo + i])
+    k = kc[layer, kvh]
+    v = vc[layer, kvh]
+    m = np.float32(-np.inf)
+    for t in range(start, L):
+        kt = k[t]
+        acc = np.float32(0.0)
+        for i in range(hd):
+            acc += qh[i] * kt[i]
+        acc *= np.float32(scale)
+        s[t] = acc
+        if acc > m:
+            m = acc
+    tot = np.float32(0.0)
+    for t in range(start, L):
+        e = np.float32(np.exp(s[t] - m))
+        s[t] = e
+        tot += e
+    o = out[oo:oo + hd_v]
+    o[:] = 0.0
+    for t in range(start, L):
+        p = round_f16(s[t] / tot)
+        vt = v[t]
+        for i in range(hd_v):
+            o[i] += p * vt[i]
+
+
+@njit(nogil=True, cache=True)
+def _attend(q, kc, vc, layer, pos, n_head, n_kv, hd, hd_v, scale, window, out):
+    """Decode attention of one query (all heads) over cached positions 0..pos."""
+    g = n_head // n_kv
+    s = np.empty(pos + 1, dtype=np.float32)
     qh = np.empty(hd, dtype=np.float32)
     for h in range(n_head):
-        kvh = h // g
-        for i in range(hd):
-            qh[i] = round_f16(q[h * hd + i])
-        m = np.float32(-np.inf)
-        for t in range(start, L):
-            acc = np.float32(0.0)
-            for i in range(hd):
-                acc += qh[i] * kc[layer, kvh, t, i]
-            acc *= np.float32(scale)
-            s[t] = acc
-            if acc > m:
-                m = acc
-        tot = np.float32(0.0)
-        for t in range(start, L):
-            e = np.float32(np.exp(s[t] - m))
-            s[t] = e
-            tot += e
-        for i in range(hd_v):
-            out[h * hd_v + i] = 0.0
-        for t in range(start, L):
-            p = round_f16(s[t] / tot)
-            for i in range(hd_v):
-                out[h * hd_v + i] += p * vc[layer, kvh, t, i]
+        _attend_head(q, h * hd, kc, vc, layer, h // g, pos, window, hd, hd_v, scale, s, qh, out, h * hd_v)
+
+
+@njit(nogil=True, cache=True)
+def attend_queries(q, kc, vc, layer, pos0, n_head, n_kv, hd, hd_v, scale, window, out, h0, h1):
+    """Prefill attention, causal: queries q (T, n_head * hd) at positions pos0.. over
+    the cache (already holding them), heads h0..h1-1 only (a thread's share).
+    out: (T, n_head * hd_v)."""
+    g = n_head // n_kv
+    T = q.shape[0]
+    s = np.empty(pos0 + T, dtype=np.float32)
+    qh = np.empty(hd, dtype=np.float32)
+    for h in range(h0, h1):
+        for t in range(T):
+            _attend_head(q[t], h * hd, kc, vc, layer, h // g, pos0 + t, window, hd, hd_v, scale, s, qh,
+                         out[t], h * hd_v)
 
 
 @njit(nogil=True, cache=True)

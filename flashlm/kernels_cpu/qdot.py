@@ -42,6 +42,30 @@ def _acc(acc, v):
     return np.add(acc, np.int32(v))
 
 
+@intrinsic
+def _f32_bits(typingctx, v):
+    """The bits of a float32 as a uint32 (a register move, no memory)."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, b):
+    """The float32 whose bits are the uint32 b."""
+    if b != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
 @njit(nogil=True, cache=True)
 def round_f16(v):
     """v rounded to the nearest float16 value (ties to even), returned as float32."""
@@ -50,16 +74,75 @@ def round_f16(v):
         return np.float32(np.inf) if v > 0 else np.float32(-np.inf)
     if a < np.float32(6.103515625e-05):  # f16 subnormals: multiples of 2^-24
         return np.float32(np.rint(v * np.float32(16777216.0)) / np.float32(16777216.0))
-    bits = np.array([v], dtype=np.float32).view(np.uint32)
-    b = bits[0]
+    b = _f32_bits(np.float32(v))
     b = (b + np.uint32(0xFFF) + ((b >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
-    bits[0] = b
-    return bits.view(np.float32)[0]
+    return _bits_f32(np.uint32(b))
+
+
+@njit(nogil=True, cache=True)
+def f16_bits(v):
+    """The float16 bit pattern nearest to float32 v (ties to even), as an int64."""
+    b = _f32_bits(np.float32(v))
+    sign = np.int64((b >> np.uint32(16)) & np.uint32(0x8000))
+    a = b & np.uint32(0x7FFFFFFF)
+    if a >= np.uint32(0x477FF000):  # rounds to 65536 or more, or is inf/nan
+        return sign | (0x7E00 if a > np.uint32(0x7F800000) else 0x7C00)
+    if a < np.uint32(0x38800000):  # below 2^-14: f16 subnormals, multiples of 2^-24
+        return sign | np.int64(np.rint(abs(v) * np.float32(16777216.0)))
+    a = a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))
+    return sign | (np.int64(a >> np.uint32(13)) - (112 << 10))
 
 
 @njit(nogil=True, cache=True)
 def _round_half_away(v):
     return np.float32(np.floor(v + np.float32(0.5))) if v >= 0 else np.float32(-np.floor(-v + np.float32(0.5)))
+
+
+@njit(inline="always")
+def _quantize_q8_token(x, t, block, xq, xd, xs, isum):
+    n = x.shape[1]
+    nb = n // block
+    for b in range(nb):
+        o = b * block
+        amax = np.float32(0.0)
+        vmax = np.float32(0.0)
+        for j in range(block):
+            a = abs(x[t, o + j])
+            if a > amax:
+                amax = a
+                vmax = x[t, o + j]
+        if amax == 0.0:
+            for j in range(block):
+                xq[t, o + j] = 0
+            xd[t, b] = 0.0
+            if block == 32:
+                xs[t, b] = 0.0
+                isum[t, b] = 0
+            else:
+                for g in range(16):
+                    isum[t, b * 16 + g] = 0
+            continue
+        if block == 256:
+            iscale = np.float32(-127.0) / vmax
+            for j in range(block):
+                xq[t, o + j] = np.int8(min(np.float32(127.0), _round_half_away(iscale * x[t, o + j])))
+            xd[t, b] = np.float32(1.0) / iscale
+            for g in range(16):
+                s = 0
+                for j in range(16):
+                    s += xq[t, o + g * 16 + j]
+                isum[t, b * 16 + g] = s
+        else:
+            d = amax / np.float32(127.0)
+            idv = np.float32(1.0) / d
+            s = 0
+            for j in range(block):
+                q = np.int8(_round_half_away(x[t, o + j] * idv))
+                xq[t, o + j] = q
+                s += q
+            xd[t, b] = round_f16(d)
+            xs[t, b] = round_f16(np.float32(s) * d)
+            isum[t, b] = s
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -70,50 +153,15 @@ def quantize_q8(x, block, xq, xd, xs, isum):
     block 256 (Q8_K): xd = 1 / (-127 / max) in f32; isum = sums of q per 16 (bsums).
     For block 32, isum holds the sum of q per block. xq: (T, n) int8.
     """
-    T, n = x.shape
-    nb = n // block
-    for t in prange(T):
-        for b in range(nb):
-            o = b * block
-            amax = np.float32(0.0)
-            vmax = np.float32(0.0)
-            for j in range(block):
-                a = abs(x[t, o + j])
-                if a > amax:
-                    amax = a
-                    vmax = x[t, o + j]
-            if amax == 0.0:
-                for j in range(block):
-                    xq[t, o + j] = 0
-                xd[t, b] = 0.0
-                if block == 32:
-                    xs[t, b] = 0.0
-                    isum[t, b] = 0
-                else:
-                    for g in range(16):
-                        isum[t, b * 16 + g] = 0
-                continue
-            if block == 256:
-                iscale = np.float32(-127.0) / vmax
-                for j in range(block):
-                    xq[t, o + j] = np.int8(min(np.float32(127.0), _round_half_away(iscale * x[t, o + j])))
-                xd[t, b] = np.float32(1.0) / iscale
-                for g in range(16):
-                    s = 0
-                    for j in range(16):
-                        s += xq[t, o + g * 16 + j]
-                    isum[t, b * 16 + g] = s
-            else:
-                d = amax / np.float32(127.0)
-                idv = np.float32(1.0) / d
-                s = 0
-                for j in range(block):
-                    q = np.int8(_round_half_away(x[t, o + j] * idv))
-                    xq[t, o + j] = q
-                    s += q
-                xd[t, b] = round_f16(d)
-                xs[t, b] = round_f16(np.float32(s) * d)
-                isum[t, b] = s
+    for t in prange(x.shape[0]):
+        _quantize_q8_token(x, t, block, xq, xd, xs, isum)
+
+
+@njit(nogil=True, cache=True)
+def quantize_q8_serial(x, block, xq, xd, xs, isum):
+    """quantize_q8 on the calling thread only (inside other compiled or threaded work)."""
+    for t in range(x.shape[0]):
+        _quantize_q8_token(x, t, block, xq, xd, xs, isum)
 
 
 @intrinsic

@@ -202,6 +202,13 @@ def dequant_rows(qtype, w, r0, out, lut):
         dequant_row(qtype, w[r0 + i], out[i], lut)
 
 
+@njit(nogil=True, cache=True)
+def dequant_rows_serial(qtype, w, r0, out, lut):
+    """dequant_rows on the calling thread only (for callers that bring their own threads)."""
+    for i in range(out.shape[0]):
+        dequant_row(qtype, w[r0 + i], out[i], lut)
+
+
 @njit(nogil=True, cache=True, parallel=True)
 def matvec(qtype, w, x, out, lut, n_chunks):
     """out = W @ x for one token: the decode hot loop, where the time goes.

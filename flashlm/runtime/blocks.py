@@ -63,7 +63,6 @@ class DecoderLM:
         self.cfg = cfg
         self.store = store
         self.cancel_event = threading.Event()
-        self._act = K.silu if self.activation == "silu" else K.gelu
         self.tok_embd = store.get("token_embd.weight")
         self.output = store.get("output.weight") if store.has("output.weight") else self.tok_embd
         self.output_norm = store.vector("output_norm.weight")
@@ -88,9 +87,10 @@ class DecoderLM:
     def _attention(self, i: int, h: np.ndarray, pos0: int, kv: KVCache) -> np.ndarray:
         cfg, s, vec = self.cfg, self.store, self.layers[i]
         T = h.shape[0]
-        q = self._proj(h, i, "attn_q").reshape(T, cfg.n_head, cfg.head_dim)
-        k = self._proj(h, i, "attn_k").reshape(T, cfg.n_head_kv, cfg.head_dim)
-        v = self._proj(h, i, "attn_v").reshape(T, cfg.n_head_kv, cfg.v_head_dim)
+        q, k, v = self._proj(h, i, ("attn_q", "attn_k", "attn_v"))
+        q = q.reshape(T, cfg.n_head, cfg.head_dim)
+        k = k.reshape(T, cfg.n_head_kv, cfg.head_dim)
+        v = v.reshape(T, cfg.n_head_kv, cfg.v_head_dim)
         if self.qk_norm:
             q = K.rmsnorm(q, vec["attn_q_norm"], cfg.rms_eps)
             k = K.rmsnorm(k, vec["attn_k_norm"], cfg.rms_eps)
@@ -101,30 +101,29 @@ class DecoderLM:
         K.rope(q, pos, cfg.rope_dim, base, scale, cfg.rope_type)
         K.rope(k, pos, cfg.rope_dim, base, scale, cfg.rope_type)
         kv.store(i, pos0, k, v)
-        L = pos0 + T
         scale = cfg.attn_scale
         if self.scale_q:
             q *= np.float32(scale)
             scale = 1.0
-        o = K.attention(q, kv.k[i, :, :L], kv.v[i, :, :L], pos0, scale, cfg.sliding_window if swa else 0)
-        o = self._proj(o.reshape(T, -1), i, "attn_output")
+        o = K.attend(q, kv.k, kv.v, i, pos0, scale, cfg.sliding_window if swa else 0)
+        (o,) = self._proj(o.reshape(T, -1), i, ("attn_output",))
         if self.post_norms:
             o = K.rmsnorm(o, vec["post_attention_norm"], cfg.rms_eps)
         return o
 
     def _ffn(self, i: int, h: np.ndarray) -> np.ndarray:
         s = self.store
-        g = K.linear(h, s.get(f"blk.{i}.ffn_gate.weight"))
-        u = K.linear(h, s.get(f"blk.{i}.ffn_up.weight"))
-        d = K.linear(self._act(g) * u, s.get(f"blk.{i}.ffn_down.weight"))
+        g, u = K.linear_many(h, [s.get(f"blk.{i}.ffn_gate.weight"), s.get(f"blk.{i}.ffn_up.weight")])
+        d = K.linear(K.glu(g, u, self.activation == "gelu"), s.get(f"blk.{i}.ffn_down.weight"))
         if self.post_norms:
             d = K.rmsnorm(d, self.layers[i]["post_ffw_norm"], self.cfg.rms_eps)
         return d
 
-    def _proj(self, x: np.ndarray, i: int, name: str) -> np.ndarray:
-        y = K.linear(x, self.store.get(f"blk.{i}.{name}.weight"))
-        b = self.layers[i][name + ".bias"]
-        return y + b if b is not None else y
+    def _proj(self, x: np.ndarray, i: int, names: tuple[str, ...]) -> list[np.ndarray]:
+        """x through layer i's projections `names` (one pass), biases added."""
+        ys = K.linear_many(x, [self.store.get(f"blk.{i}.{n}.weight") for n in names])
+        bs = [self.layers[i][n + ".bias"] for n in names]
+        return [y + b if b is not None else y for y, b in zip(ys, bs)]
 
     # -- the whole model -----------------------------------------------------------
 
@@ -135,13 +134,17 @@ class DecoderLM:
         Raises Cancelled between layers once cancel_event is set. One token goes
         through the compiled decode step (kernels_cpu.decode) when the weights allow.
         """
-        cfg = self.cfg
         if len(tokens) == 1 and self.fused is not None:
             if self.cancel_event.is_set():
                 raise Cancelled()
             logits = self.fused.step(int(tokens[0]), pos0, kv)
             kv.pos = pos0 + 1
             return logits.reshape(1, -1)
+        with K.blas_one_thread():
+            return self._forward(tokens, pos0, kv, all_logits)
+
+    def _forward(self, tokens: np.ndarray, pos0: int, kv: KVCache, all_logits: bool) -> np.ndarray:
+        cfg = self.cfg
         x = K.embed(self.tok_embd, tokens)  # (T, n_embd)
         if cfg.embed_scale != 1.0:
             x *= np.float32(cfg.embed_scale)
