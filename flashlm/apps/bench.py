@@ -146,3 +146,94 @@ def format_table(rows: list[BenchRow]) -> str:
         runs = " ".join(f"{x:.1f}" for x in r.runs)
         lines.append(f"| {r.model} | {r.size_mib:.1f} MiB | {r.engine} | {r.test} | {r.tok_s:.1f} | {runs} | {ratio} |")
     return "\n".join(lines)
+
+
+# -- kernel micro-benchmark ----------------------------------------------------------
+
+KERNEL_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+KERNEL_SHAPES = ((2048, 2048), (8192, 1024), (1024, 8192))  # (rows, cols) = (n_out, n_in)
+
+
+@dataclass
+class KernelRow:
+    qtype: str
+    rows: int
+    cols: int
+    mib: float  # weight bytes
+    matvec_us: float  # median
+    matmul_ms: float  # median, T tokens
+    T: int
+
+    @property
+    def matvec_gbs(self) -> float:
+        return self.mib * 2**20 / (self.matvec_us * 1e-6) / 1e9
+
+    @property
+    def matmul_gflops(self) -> float:
+        return 2 * self.rows * self.cols * self.T / (self.matmul_ms * 1e-3) / 1e9
+
+
+def random_weight(qtype_name: str, rows: int, cols: int, rng):
+    """A TensorRef of random blocks of the given GGML type, with sane f16 scales."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
+
+    from ..runtime.modelfile import TensorRef
+
+    qt = T[qtype_name]
+    bs, ts = GGML_QUANT_SIZES[qt]
+    if qt in (T.F32, T.F16, T.BF16):
+        x = rng.standard_normal((rows, cols)).astype(np.float32)
+        raw = {T.F32: x, T.F16: x.astype(np.float16), T.BF16: (x.view(np.uint32) >> 16).astype(np.uint16)}[qt]
+        raw = raw.view(np.uint8).reshape(rows, -1)
+    else:
+        raw = rng.integers(0, 256, size=(rows, cols // bs, ts), dtype=np.uint8)
+        scales = rng.uniform(0.001, 0.05, size=(rows, cols // bs, 2)).astype(np.float16).view(np.uint8)
+        at = 208 if qt == T.Q6_K else 0
+        raw[:, :, at:at + (2 if qt in (T.Q6_K, T.Q8_0, T.Q4_0, T.Q5_0) else 4)] = \
+            scales[:, :, :2 if qt in (T.Q6_K, T.Q8_0, T.Q4_0, T.Q5_0) else 4]
+        raw = raw.reshape(rows, -1)
+    return TensorRef(f"bench.{qtype_name}", qt, (rows, cols), np.ascontiguousarray(raw), 0)
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def run_kernel_bench(threads: int = 2, types=KERNEL_TYPES, shapes=KERNEL_SHAPES, T: int = 128,
+                     reps: int = 20, progress=None) -> list[KernelRow]:
+    """matvec (decode) and matmul of T tokens (prefill) on random weights of each type
+    and shape; medians of `reps` runs. Weights are read from memory, not cache: each
+    is larger than the L2, and most larger than the L3."""
+    from .. import kernels_cpu as K
+
+    K.set_threads(threads)
+    rng = np.random.default_rng(0)
+    rows_out = []
+    for name in types:
+        for rows, cols in shapes:
+            if progress:
+                progress(f"{name} {rows}x{cols}")
+            w = random_weight(name, rows, cols, rng)
+            x = rng.standard_normal((T, cols)).astype(np.float32)
+            mv = _median_time(lambda: K.matvec(x[0], w), reps)
+            mm = _median_time(lambda: K.linear(x, w), max(3, reps // 5))
+            rows_out.append(KernelRow(name, rows, cols, w.data.nbytes / 2**20, mv * 1e6, mm * 1e3, T))
+    return rows_out
+
+
+def format_kernel_table(rows: list[KernelRow], threads: int) -> str:
+    lines = [f"kernels at {threads} threads: matvec = decode (GB/s of weight bytes), "
+             f"matmul = prefill of {rows[0].T if rows else 0} tokens",
+             "| type | rows x cols | MiB | matvec us | matvec GB/s | matmul ms | matmul GFLOP/s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.qtype} | {r.rows}x{r.cols} | {r.mib:.1f} | {r.matvec_us:.0f} | {r.matvec_gbs:.1f} "
+                     f"| {r.matmul_ms:.2f} | {r.matmul_gflops:.0f} |")
+    return "\n".join(lines)

@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from ..errors import FlashLMError
+from ..errors import FlashLMError, InvalidArgumentError
 
 EPILOG_RUN = """examples:
   flashlm run -p "The capital of France is"
@@ -102,8 +102,14 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_table, run_bench
+    from .bench import format_kernel_table, format_table, run_bench, run_kernel_bench
 
+    if args.kernels:
+        if args.threads < 1:
+            raise InvalidArgumentError(f"--threads must be at least 1, got {args.threads}")
+        rows = run_kernel_bench(threads=args.threads, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+        print(format_kernel_table(rows, args.threads))
+        return 0
     models = args.model or [None]
     rows = []
     for model in models:
@@ -135,13 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="tok/s of flashlm beside llama.cpp on the same GGUF",
-                       epilog="examples:\n  flashlm bench\n  flashlm bench -m smollm2-135m -m gemma3-270m -t 2 -r 5",
+                       epilog="examples:\n  flashlm bench\n  flashlm bench -m smollm2-135m -m gemma3-270m -t 2 -r 5\n"
+                              "  flashlm bench --kernels -t 2",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", action="append", help="a GGUF path or registry name (repeatable; default model)")
     p.add_argument("-t", "--threads", type=int, default=2, help="threads for both engines (default 2)")
     p.add_argument("-p", "--n-prompt", type=int, default=128, help="prefill test length (default 128; 0 = skip)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="decode test length (default 128; 0 = skip)")
     p.add_argument("-r", "--reps", type=int, default=3, help="repetitions; the table shows medians (default 3)")
+    p.add_argument("--kernels", action="store_true",
+                   help="instead: the kernel micro-benchmark (GB/s of weights per type and shape)")
     p.set_defaults(func=cmd_bench)
     return ap
 

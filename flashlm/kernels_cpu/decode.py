@@ -198,17 +198,26 @@ def attend_queries(q, kc, vc, layer, pos0, n_head, n_kv, hd, hd_v, scale, window
                          out[t], h * hd_v)
 
 
+@njit(inline="always")
+def _mat(arena, mats, i):
+    o = mats[i, 0]
+    return arena[o:o + mats[i, 1] * mats[i, 2]].reshape((mats[i, 1], mats[i, 2]))
+
+
 @njit(nogil=True, cache=True)
-def decode_step(tok, pos, mats, qt, vecs, swa, kc, vc, ip, fp, lut, all_rows, logits):
+def decode_step(tok, pos, arena, mats, qt, vecs, swa, kc, vc, ip, fp, lut, all_rows, logits):
     """Run token `tok` at position `pos`: fill the KV caches kc/vc (float32 holding
-    f16-rounded values, (n_layer, n_kv, n_ctx, hd)) and write the logits."""
+    f16-rounded values, (n_layer, n_kv, n_ctx, hd)) and write the logits.
+
+    Weight matrix i is _mat(arena, mats, i) = (offset, rows, row_bytes) in the byte buffer `arena`
+    (the mapped model file), in SLOTS order per layer, then token_embd and output."""
     n_layer = ip[I_LAYERS]; d = ip[I_EMBD]; n_head = ip[I_HEAD]; n_kv = ip[I_HEAD_KV]
     hd = ip[I_HD]; hd_v = ip[I_HD_V]; n_rot = ip[I_ROPE_DIM]; neox = ip[I_NEOX] != 0
     window = ip[I_WINDOW]; qk_norm = ip[I_QK_NORM] != 0; post_norms = ip[I_POST_NORMS] != 0
     gelu = ip[I_GELU] != 0; scale_q = ip[I_SCALE_Q] != 0; bias = ip[I_BIAS] != 0; nt = ip[I_THREADS]
     eps = fp[F_EPS]
     n_slots = 7
-    emb = mats[n_layer * n_slots]
+    emb = _mat(arena, mats, n_layer * n_slots)
     x = np.empty(d, dtype=np.float32)
     dequant_row(qt[n_layer * n_slots], emb[tok], x, lut)
     if fp[F_EMBED_SCALE] != 1.0:
@@ -224,9 +233,9 @@ def decode_step(tok, pos, mats, qt, vecs, swa, kc, vc, ip, fp, lut, all_rows, lo
         base = l * n_slots
         vl = vecs[l]
         _rmsnorm(x, vl[V_ATTN_NORM], eps, h)
-        _mv(qt[base], mats[base], h, q, lut, nt, all_rows)
-        _mv(qt[base + 1], mats[base + 1], h, k, lut, nt, all_rows)
-        _mv(qt[base + 2], mats[base + 2], h, v, lut, nt, all_rows)
+        _mv(qt[base], _mat(arena, mats, base), h, q, lut, nt, all_rows)
+        _mv(qt[base + 1], _mat(arena, mats, base + 1), h, k, lut, nt, all_rows)
+        _mv(qt[base + 2], _mat(arena, mats, base + 2), h, v, lut, nt, all_rows)
         if bias:
             for i in range(q.shape[0]):
                 q[i] += vl[V_BQ, i]
@@ -255,7 +264,7 @@ def decode_step(tok, pos, mats, qt, vecs, swa, kc, vc, ip, fp, lut, all_rows, lo
                 q[i] *= np.float32(sc)
             sc = 1.0
         _attend(q, kc, vc, l, pos, n_head, n_kv, hd, hd_v, sc, window if is_swa else 0, att)
-        _mv(qt[base + 3], mats[base + 3], att, o, lut, nt, all_rows)
+        _mv(qt[base + 3], _mat(arena, mats, base + 3), att, o, lut, nt, all_rows)
         if bias:
             for i in range(d):
                 o[i] += vl[V_BO, i]
@@ -264,22 +273,22 @@ def decode_step(tok, pos, mats, qt, vecs, swa, kc, vc, ip, fp, lut, all_rows, lo
         for i in range(d):
             x[i] += o[i]
         _rmsnorm(x, vl[V_FFN_NORM], eps, h)
-        n_ff = mats[base + 5].shape[0]
+        n_ff = _mat(arena, mats, base + 5).shape[0]
         g = np.empty(n_ff, dtype=np.float32)
         u = np.empty(n_ff, dtype=np.float32)
-        _mv(qt[base + 4], mats[base + 4], h, g, lut, nt, all_rows)
-        _mv(qt[base + 5], mats[base + 5], h, u, lut, nt, all_rows)
+        _mv(qt[base + 4], _mat(arena, mats, base + 4), h, g, lut, nt, all_rows)
+        _mv(qt[base + 5], _mat(arena, mats, base + 5), h, u, lut, nt, all_rows)
         for i in range(n_ff):
             gi = g[i]
             a = _gelu(gi) if gelu else gi / (np.float32(1.0) + np.float32(np.exp(-gi)))
             g[i] = a * u[i]
-        _mv(qt[base + 6], mats[base + 6], g, o, lut, nt, all_rows)
+        _mv(qt[base + 6], _mat(arena, mats, base + 6), g, o, lut, nt, all_rows)
         if post_norms:
             _rmsnorm(o, vl[V_POST_FFN], eps, o)
         for i in range(d):
             x[i] += o[i]
     _rmsnorm(x, vecs[n_layer, V_ATTN_NORM], eps, h)
-    _mv(qt[n_layer * n_slots + 1], mats[n_layer * n_slots + 1], h, logits, lut, nt, all_rows)
+    _mv(qt[n_layer * n_slots + 1], _mat(arena, mats, n_layer * n_slots + 1), h, logits, lut, nt, all_rows)
     if fp[F_SOFTCAP] != 0.0:
         c = np.float32(fp[F_SOFTCAP])
         for i in range(logits.shape[0]):

@@ -20,7 +20,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .quants import _F16, _F32, _BF16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q4_K, _Q5_K, _Q6_K, dequant_row
+from .quants import (_BF16, _F16, _F32, _Q4_0, _Q4_1, _Q4_K, _Q5_0, _Q5_1, _Q5_K, _Q6_K, _Q8_0, _bits_f32,
+                     _f32_bits, dequant_row)
 
 _U15 = np.uint8(15)
 _U4 = np.uint8(4)
@@ -40,30 +41,6 @@ def _p(q, x):
 @njit(inline="always")
 def _acc(acc, v):
     return np.add(acc, np.int32(v))
-
-
-@intrinsic
-def _f32_bits(typingctx, v):
-    """The bits of a float32 as a uint32 (a register move, no memory)."""
-    if v != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(types.float32), codegen
-
-
-@intrinsic
-def _bits_f32(typingctx, b):
-    """The float32 whose bits are the uint32 b."""
-    if b != types.uint32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.uint32), codegen
 
 
 @njit(nogil=True, cache=True)

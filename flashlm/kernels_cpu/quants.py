@@ -21,7 +21,9 @@ j + 16 (j + 32 in K-quants' 64-groups) is its high nibble.
 """
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 from gguf import GGMLQuantizationType as T
 from gguf import GGML_QUANT_SIZES
 
@@ -52,9 +54,33 @@ def _f16(lut, b, i):
     return lut[np.int64(b[i]) | (np.int64(b[i + 1]) << 8)]
 
 
-@njit(inline="always")
-def _bits_to_f32(bits):
-    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+@intrinsic
+def _f32_bits(typingctx, v):
+    """The bits of a float32 as a uint32 (a register move, no memory)."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, b):
+    """The float32 whose bits are the low 32 bits of the integer b."""
+    if not isinstance(b, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if b.bitwidth > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif b.bitwidth < 32:
+            v = builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(b), codegen
 
 
 @njit(inline="always")
@@ -173,15 +199,19 @@ def _dequant_row_k(qtype, row, out, lut):
 @njit(nogil=True, cache=True)
 def _dequant_row_float(qtype, row, out, lut):
     # F32, F16, BF16 stored as little-endian bytes.
-    for i in range(out.shape[0]):
-        if qtype == _F32:
-            bits = (np.uint32(row[4 * i]) | (np.uint32(row[4 * i + 1]) << 8)
-                    | (np.uint32(row[4 * i + 2]) << 16) | (np.uint32(row[4 * i + 3]) << 24))
-            out[i] = _bits_to_f32(bits)
-        elif qtype == _F16:
-            out[i] = _f16(lut, row, 2 * i)
-        else:
-            out[i] = _bits_to_f32((np.uint32(row[2 * i]) << 16) | (np.uint32(row[2 * i + 1]) << 24))
+    n = out.shape[0]
+    if qtype == _F32:
+        f = row[:4 * n].view(np.float32)
+        for i in range(n):
+            out[i] = f[i]
+    elif qtype == _F16:
+        h = row[:2 * n].view(np.uint16)
+        for i in range(n):
+            out[i] = lut[h[i]]
+    else:
+        h = row[:2 * n].view(np.uint16)
+        for i in range(n):
+            out[i] = _bits_f32(np.uint32(h[i]) << np.uint32(16))
 
 
 @njit(nogil=True, cache=True)

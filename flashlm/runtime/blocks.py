@@ -19,23 +19,46 @@ class Cancelled(Exception):
 
 
 class KVCache:
-    """Keys and values of every position so far, preallocated to n_ctx.
+    """Keys and values of every position so far, up to n_ctx.
 
-    k: (n_layer, n_head_kv, n_ctx, head_dim), v likewise with v_head_dim. Values are
+    k: (n_layer, n_head_kv, capacity, head_dim), v likewise with v_head_dim. Values are
     rounded to float16 as in llama.cpp's default cache (the same rounding), and held
     as float32 so the compiled decode step reads them without conversion.
-    np.zeros maps untouched pages lazily, so memory grows with the positions used.
+    The capacity grows (doubling, up to n_ctx) as positions are used: memory follows
+    the conversation, not the context size. (A lazily mapped n_ctx-sized array does
+    not: transparent huge pages make the first touch of each 2 MiB resident.)
     """
+
+    START = 256  # positions
 
     def __init__(self, cfg: ModelConfig, n_ctx: int):
         self.n_ctx = n_ctx
-        self.k = np.zeros((cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim), dtype=np.float32)
-        self.v = np.zeros((cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.v_head_dim), dtype=np.float32)
+        self._shape = (cfg.n_layer, cfg.n_head_kv), cfg.head_dim, cfg.v_head_dim
+        self.k = self.v = None
+        self._grow(min(n_ctx, self.START))
         self.pos = 0  # positions filled
+
+    def _grow(self, cap: int):
+        (lead, hd, hd_v), old = self._shape, (0 if self.k is None else self.k.shape[2])
+        k = np.empty(lead + (cap, hd), dtype=np.float32)
+        v = np.empty(lead + (cap, hd_v), dtype=np.float32)
+        if old:
+            k[:, :, :old] = self.k
+            v[:, :, :old] = self.v
+        self.k, self.v = k, v
+
+    def reserve(self, n: int):
+        """Make room for positions 0..n-1 (n <= n_ctx)."""
+        cap = self.k.shape[2]
+        if n > cap:
+            while cap < n:
+                cap *= 2
+            self._grow(min(cap, self.n_ctx))
 
     def store(self, layer: int, pos0: int, k: np.ndarray, v: np.ndarray):
         """Write k (T, n_kv, hd), v (T, n_kv, hd_v) at positions pos0 .. pos0+T-1."""
         T = k.shape[0]
+        self.reserve(pos0 + T)
         self.k[layer, :, pos0:pos0 + T] = k.transpose(1, 0, 2).astype(np.float16)
         self.v[layer, :, pos0:pos0 + T] = v.transpose(1, 0, 2).astype(np.float16)
 
@@ -69,9 +92,10 @@ class DecoderLM:
         self.layers = [self._layer_vectors(i) for i in range(cfg.n_layer)]
         self.fused = None
         if getattr(store, "fusable", False):
-            from .fused import FusedDecoder
+            from .fused import FusedDecoder, fusable, weight_refs
 
-            self.fused = FusedDecoder(self)
+            if fusable(weight_refs(self)):
+                self.fused = FusedDecoder(self)
 
     def _layer_vectors(self, i: int) -> dict:
         s = self.store

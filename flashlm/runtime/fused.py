@@ -4,11 +4,41 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba.typed import List
 
 from ..kernels_cpu import F16_TABLE
 from ..kernels_cpu import decode as D
 from ..runtime.config import ROPE_NEOX
+
+
+def root_buffer(a: np.ndarray) -> np.ndarray:
+    """The array at the bottom of a's chain of views (for a weight: the mapped file)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def weight_refs(model) -> list:
+    """The model's matrices in decode_step's order: SLOTS per layer, then embeddings
+    and output."""
+    names = [f"blk.{i}.{slot}.weight" for i in range(model.cfg.n_layer) for slot in D.SLOTS]
+    return [model.store.get(n) for n in names] + [model.tok_embd, model.output]
+
+
+def fusable(refs) -> bool:
+    """Whether these weights lie in one mapped buffer, as decode_step needs (a model
+    split over several files is run layer by layer instead)."""
+    return len({id(root_buffer(r.data)) for r in refs}) == 1 and all(r.data.flags.c_contiguous for r in refs)
+
+
+def _arena(refs) -> tuple[np.ndarray, np.ndarray]:
+    """The one buffer holding all the weights, and (offset, rows, row_bytes) of each.
+    A table of offsets, not a numba typed List of arrays: that List costs ~70 MB of
+    compiler memory and 0.4 s at start, measured."""
+    root = root_buffer(refs[0].data)
+    arena = root.reshape(-1).view(np.uint8).view(np.ndarray)
+    base = arena.ctypes.data
+    mats = np.array([(r.data.ctypes.data - base, r.data.shape[0], r.data.shape[1]) for r in refs], dtype=np.int64)
+    return arena, mats
 
 
 class FusedDecoder:
@@ -17,11 +47,8 @@ class FusedDecoder:
     def __init__(self, model):
         cfg, s = model.cfg, model.store
         self.cfg = cfg
-        names = [f"blk.{i}.{slot}.weight" for i in range(cfg.n_layer) for slot in D.SLOTS]
-        refs = [s.get(n) for n in names] + [model.tok_embd, model.output]
-        self.mats = List()
-        for r in refs:
-            self.mats.append(np.asarray(r.data).view(np.ndarray))
+        refs = weight_refs(model)
+        self.arena, self.mats = _arena(refs)
         self.qt = np.array([int(r.qtype) for r in refs], dtype=np.int64)
         self.all_rows = np.arange(max(r.data.shape[0] for r in refs), dtype=np.int64)
         width = max(cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.v_head_dim)
@@ -50,6 +77,7 @@ class FusedDecoder:
         """Logits (n_vocab,) float32 of token tok at position pos; fills kv at pos."""
         self.ip[D.I_THREADS] = numba.get_num_threads()
         logits = np.empty(self.cfg.n_vocab, dtype=np.float32)
-        D.decode_step(tok, pos, self.mats, self.qt, self.vecs, self.swa, kv.k, kv.v, self.ip, self.fp,
+        kv.reserve(pos + 1)
+        D.decode_step(tok, pos, self.arena, self.mats, self.qt, self.vecs, self.swa, kv.k, kv.v, self.ip, self.fp,
                       F16_TABLE, self.all_rows, logits)
         return logits
