@@ -57,3 +57,22 @@ def test_bad_memory_budget(capsys, smollm2_path, budget, needle):
 def test_prompt_longer_than_the_context(capsys, smollm2_path):
     err = _error_line(capsys, ["run", "-m", str(smollm2_path), "-c", "16", "-p", "word " * 40])
     assert "context" in err
+
+
+def test_kernel_benchmark_rows_and_bad_threads(capsys):
+    from flashlm.apps.bench import format_kernel_table, random_weight, run_kernel_bench
+
+    import numpy as np
+    from gguf import quants
+
+    rng = np.random.default_rng(0)
+    for name in ("Q4_0", "Q6_K", "BF16"):  # the benchmark's weights decode to finite values
+        w = random_weight(name, 8, 256, rng)
+        if name != "BF16":
+            assert np.isfinite(quants.dequantize(w.data, w.qtype)).all()
+    rows = run_kernel_bench(threads=1, types=("Q4_0", "F16"), shapes=((64, 256),), T=4, reps=2)
+    assert [(r.qtype, r.rows, r.cols) for r in rows] == [("Q4_0", 64, 256), ("F16", 64, 256)]
+    assert all(r.matvec_gbs > 0 and r.matmul_gflops > 0 for r in rows)
+    assert "| Q4_0 | 64x256 |" in format_kernel_table(rows, 1)
+    assert main(["bench", "--kernels", "-t", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
