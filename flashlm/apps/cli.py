@@ -1,4 +1,4 @@
-"""The `flashlm` command line: run, pull, list, info, bench.
+"""The `flashlm` command line: run, pull, list, info, bench, probe-disk.
 
 Errors a user can cause print one line and exit 2; bugs keep their traceback.
 """
@@ -6,6 +6,7 @@ Errors a user can cause print one line and exit 2; bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -119,6 +120,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_probe_disk(args) -> int:
+    from ..flashload.probe import format_probe, probe_disk
+
+    if args.size_mib < 16 or args.seconds <= 0:
+        raise InvalidArgumentError("--size-mib must be at least 16 and --seconds positive")
+    if args.dir and not os.path.isdir(args.dir):
+        raise InvalidArgumentError(f"--dir {args.dir}: no such folder")
+    rows = probe_disk(args.dir, file_mib=args.size_mib, seconds=args.seconds,
+                      progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    print(format_probe(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flashlm", description="Run quantized LLMs on a laptop CPU.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -152,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", action="store_true",
                    help="instead: the kernel micro-benchmark (GB/s of weights per type and shape)")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("probe-disk", help="measure this disk's read curve (direct I/O) for flashload",
+                       epilog="examples:\n  flashlm probe-disk\n  flashlm probe-disk --dir /mnt/ssd --seconds 1",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", default=None, help="folder on the disk to measure (default: the model cache)")
+    p.add_argument("--size-mib", type=int, default=256, help="scratch file size, deleted after (default 256)")
+    p.add_argument("--seconds", type=float, default=0.5, help="time per read size and depth (default 0.5)")
+    p.set_defaults(func=cmd_probe_disk)
     return ap
 
 

@@ -1,0 +1,59 @@
+"""The I/O engine shared by flashload and experts, and the disk probe."""
+
+import os
+
+import numpy as np
+import pytest
+
+from flashlm.apps.cli import main
+from flashlm.flashload.io import ALIGN, ReadEngine, coalesce
+from flashlm.flashload.probe import format_probe, pick_read_size, probe_disk
+
+
+def test_coalesce_merges_near_ranges_within_limits():
+    ranges = [(0, 100), (150, 50), (10_000, 10), (5000, 10)]
+    reads = coalesce(ranges, max_gap=64, max_read=1 << 20)
+    assert reads == [(0, 200, [0, 1]), (5000, 10, [3]), (10_000, 10, [2])]
+    # a read never grows past max_read (a single larger range still comes whole)
+    reads = coalesce([(0, 100), (100, 100), (200, 5000)], max_gap=0, max_read=150)
+    assert reads == [(0, 100, [0]), (100, 100, [1]), (200, 5000, [2])]
+    # aligned for direct I/O: starts and ends on block boundaries
+    (s, n, m), = coalesce([(5000, 10), (6000, 100)], max_gap=0, max_read=1 << 20, align=ALIGN)
+    assert (s, n, m) == (4096, 4096, [0, 1])
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_read_ranges_returns_the_files_bytes(tmp_path, direct):
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, 3_000_001, dtype=np.uint8)  # not a multiple of the block
+    path = tmp_path / "blob.bin"
+    data.tofile(path)
+    ranges = [(int(o), int(n)) for o, n in zip(rng.integers(0, len(data) - 70_000, 300), rng.integers(1, 70_000, 300))]
+    ranges.append((len(data) - 17, 17))  # the file's last bytes
+    outs = [np.empty(n, np.uint8) for _, n in ranges]
+    with ReadEngine(path, n_threads=4, direct=direct) as e:
+        e.read_ranges(ranges, outs)
+        for o, (a, n) in zip(outs, ranges):
+            np.testing.assert_array_equal(o, data[a:a + n])
+        st = e.stats
+        assert st.requests == len(ranges) and 0 < st.reads < len(ranges)  # some were coalesced
+        assert st.bytes_read > 0 and st.mean_read > 0
+        with pytest.raises(ValueError, match="outside"):
+            e.read_ranges([(len(data) - 5, 10)], [np.empty(10, np.uint8)])
+
+
+def test_probe_disk_measures_and_cleans_up(tmp_path):
+    rows = probe_disk(str(tmp_path), file_mib=16, sizes=(4096, 65536), depths=(1, 2), seconds=0.05)
+    assert [(r.read_size, r.depth) for r in rows] == [(4096, 1), (4096, 2), (65536, 1), (65536, 2)]
+    assert all(r.mb_s > 0 and r.iops > 0 for r in rows)
+    assert pick_read_size(rows) in (4096, 65536)
+    assert "| 64 KiB |" in format_probe(rows)
+    assert os.listdir(tmp_path) == []  # the scratch file is gone
+
+
+@pytest.mark.parametrize("argv, needle", [(["probe-disk", "--size-mib", "1"], "--size-mib"),
+                                          (["probe-disk", "--dir", "/no/such/dir"], "/no/such/dir")])
+def test_probe_disk_bad_arguments(capsys, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flashlm: error:") and needle in err and "Traceback" not in err
