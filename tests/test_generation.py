@@ -136,3 +136,24 @@ def test_repeat_penalty_demotes_recent_tokens():
     s = Sampler(SamplingParams(temperature=0, repeat_penalty=1.5))
     assert s(logits, [0]) == 1
     assert s(logits, [2]) == 0
+
+
+def test_thread_count_holds_on_other_threads(smollm2_path):
+    """numba's thread count is per thread: a model made with n_threads=1 and used from a
+    worker thread still runs its kernels on one thread."""
+    import numba
+
+    seen = []
+    with flashlm.Model(smollm2_path, n_ctx=64, n_threads=1) as m:
+        forward = m.model.forward
+
+        def spy(*a, **kw):
+            seen.append(numba.get_num_threads())
+            return forward(*a, **kw)
+
+        m.model.forward = spy
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        t = threading.Thread(target=lambda: m.generate("Hi", max_tokens=2, temperature=0))
+        t.start()
+        t.join()
+    assert seen and set(seen) == {1}

@@ -179,3 +179,55 @@ def test_f16_bits_match_numpy():
         want = x.astype(np.float16)
     np.testing.assert_array_equal([f16_bits(v) for v in x], want.view(np.uint16).astype(np.int64))
     np.testing.assert_array_equal([round_f16(v) for v in x], want.astype(np.float32))
+
+
+def test_blas_limit_restored_after_overlapping_prefills():
+    """Two threads' prefills overlap (A in, B in, A out, B out): BLAS is at one thread
+    while either is open, and back to its own count after both."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas_threads()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with kernels_cpu.blas_one_thread():
+            a_in.set()
+            b_in.wait()
+        a_out.set()
+
+    def b():
+        a_in.wait()
+        with kernels_cpu.blas_one_thread():
+            b_in.set()
+            a_out.wait()
+            seen["b_after_a"] = blas_threads()
+
+    ts = [threading.Thread(target=f) for f in (a, b)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert all(n == 1 for n in seen["b_after_a"])
+    assert blas_threads() == before
+
+
+def test_on_threads_waits_for_workers_when_caller_share_raises():
+    import time
+
+    done = []
+
+    def job(i):
+        if i == 0:
+            raise ValueError("first share")
+        time.sleep(0.2)
+        done.append(i)
+
+    with pytest.raises(ValueError):
+        kernels_cpu._on_threads(job, [(0,), (1,)])
+    assert done == [1]

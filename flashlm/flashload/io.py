@@ -123,6 +123,8 @@ class ReadEngine:
             if k <= 0:
                 break
             got += k
+            if self.direct and k % ALIGN:  # only the end of the file gives an unaligned count,
+                break  # and a direct read from the unaligned offset after it would fail
         for i in members:
             off, ln = ranges[i]
             a = off - start

@@ -42,10 +42,14 @@ def _open(path: str) -> tuple[int, bool]:
     if hasattr(os, "O_DIRECT"):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-            os.preadv(fd, [aligned_empty(ALIGN)], 0)
-            return fd, True
         except OSError:
             pass
+        else:
+            try:
+                os.preadv(fd, [aligned_empty(ALIGN)], 0)  # some file systems accept the flag, then fail reads
+                return fd, True
+            except OSError:
+                os.close(fd)
     return os.open(path, os.O_RDONLY), False
 
 

@@ -265,12 +265,18 @@ def glu(g: np.ndarray, u: np.ndarray, gelu: bool) -> np.ndarray:
 
 
 def _on_threads(fn, arg_lists) -> None:
-    """fn(*args) for each entry, at once on the prefill threads (the first on this one)."""
+    """fn(*args) for each entry, at once on the prefill threads (the first on this one).
+    Every job has finished when this returns, also when one of them raised."""
     if len(arg_lists) == 1:
         fn(*arg_lists[0])
         return
-    jobs = [_pool(len(arg_lists)).submit(fn, *a) for a in arg_lists[1:]]
-    fn(*arg_lists[0])
+    pool = _pool(len(arg_lists))
+    jobs = [pool.submit(fn, *a) for a in arg_lists[1:]]
+    try:
+        fn(*arg_lists[0])
+    finally:
+        for j in jobs:  # never leave a worker writing into buffers the caller drops
+            j.exception()
     for j in jobs:
         j.result()
 
@@ -280,30 +286,52 @@ def _on_threads(fn, arg_lists) -> None:
 # OpenBLAS each run a pool of their own makes both spin-wait on the same two cores:
 # 4-5x slower, measured.
 _POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 _TILES = threading.local()
 _BLAS = None
+_BLAS_LOCK = threading.Lock()
+_BLAS_HOLDERS = 0  # blas_one_thread blocks open, in any thread
+_BLAS_SAVED = None  # the limits to restore when the last one closes
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
-    """Threads beside the calling one, which takes the first share itself."""
+    """Threads beside the calling one, which takes the first share itself. A pool too
+    small is replaced; the old one finishes its queued jobs and then its threads exit."""
     global _POOL
-    if _POOL is None or _POOL._max_workers < n - 1:
-        _POOL = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="flashlm-prefill")
-    return _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < n - 1:
+            old, _POOL = _POOL, ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="flashlm-prefill")
+            if old is not None:
+                old.shutdown(wait=False)
+        return _POOL
 
 
 @contextlib.contextmanager
 def blas_one_thread():
     """BLAS on the calling thread only, for the duration. Hold it over a whole prefill:
     a multi-threaded BLAS call in between (attention) leaves OpenBLAS's threads
-    spinning into the next product, 1.5x slower, measured."""
-    global _BLAS
-    if _BLAS is None:
-        from threadpoolctl import ThreadpoolController
+    spinning into the next product, 1.5x slower, measured.
 
-        _BLAS = ThreadpoolController()
-    with _BLAS.limit(limits=1, user_api="blas"):
+    BLAS's thread count is process-wide, so overlapping blocks (prefills in two
+    threads) share one limit: set by the first to open, restored by the last to close.
+    """
+    global _BLAS, _BLAS_HOLDERS, _BLAS_SAVED
+    with _BLAS_LOCK:
+        if _BLAS is None:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS = ThreadpoolController()
+        if _BLAS_HOLDERS == 0:
+            _BLAS_SAVED = _BLAS.limit(limits=1, user_api="blas")
+        _BLAS_HOLDERS += 1
+    try:
         yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_HOLDERS -= 1
+            if _BLAS_HOLDERS == 0:
+                _BLAS_SAVED.restore_original_limits()
+                _BLAS_SAVED = None
 
 
 def _tiled_product(x: np.ndarray, w, r0: int, r1: int, out: np.ndarray) -> None:

@@ -123,8 +123,14 @@ class Model:
         out = np.empty((len(tokens), self.config.n_vocab), dtype=np.float32)
         self.model.cancel_event.clear()
         for s in range(0, len(tokens), PREFILL_CHUNK):
-            out[s:s + PREFILL_CHUNK] = self.model.forward(tokens[s:s + PREFILL_CHUNK], s, kv, all_logits=True)
+            out[s:s + PREFILL_CHUNK] = self._forward(tokens[s:s + PREFILL_CHUNK], s, kv, all_logits=True)
         return out
+
+    def _forward(self, tokens, pos, kv, **kw) -> np.ndarray:
+        # numba's thread count is per calling thread: a model built on one thread and
+        # used from another (a UI worker) would otherwise run on all cores.
+        kernels_cpu.set_threads(self.n_threads)
+        return self.model.forward(tokens, pos, kv, **kw)
 
     def _check_tokens(self, tokens) -> np.ndarray:
         arr = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -186,7 +192,7 @@ class Model:
         logits = None
         for s in range(keep, len(tokens), PREFILL_CHUNK):
             chunk = tokens[s:s + PREFILL_CHUNK]
-            logits = self.model.forward(np.asarray(chunk), s, self._kv)
+            logits = self._forward(np.asarray(chunk), s, self._kv)
             self._kv_tokens += chunk
         return logits[0]
 
@@ -231,7 +237,7 @@ class Model:
                     reason = "length"
                     break
                 pos = len(self._kv_tokens)
-                logits = self.model.forward(np.asarray([tok]), pos, self._kv)[0]
+                logits = self._forward(np.asarray([tok]), pos, self._kv)[0]
                 self._kv_tokens.append(tok)
         except Cancelled:
             reason = "cancelled"
