@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,13 +17,19 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from . import simd  # imports no kernels: their cache is checked first
+
 
 def _drop_stale_numba_cache():
     """Numba's on-disk cache checks only the changed function's own file, so a kernel
     that inlines code from a sibling file would keep stale machine code after an
-    upgrade. Key the whole folder's cache on all kernel sources instead."""
+    upgrade. Key the whole folder's cache on all kernel sources, and on the SIMD path
+    they were compiled for, instead. (A cache in NUMBA_CACHE_DIR is left alone.)"""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
     here = Path(__file__).parent
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(here.glob("*.py")))).hexdigest()
+    sources = b"".join(p.read_bytes() for p in sorted(here.glob("*.py")))
+    digest = hashlib.sha256(sources + simd.MODE.encode()).hexdigest()
     cache = here / "__pycache__"
     stamp = cache / "numba-sources.sha256"
     try:
@@ -288,7 +295,6 @@ def _on_threads(fn, arg_lists) -> None:
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 _TILES = threading.local()
-_BLAS = None
 _BLAS_LOCK = threading.Lock()
 _BLAS_HOLDERS = 0  # blas_one_thread blocks open, in any thread
 _BLAS_SAVED = None  # the limits to restore when the last one closes
@@ -315,14 +321,14 @@ def blas_one_thread():
     BLAS's thread count is process-wide, so overlapping blocks (prefills in two
     threads) share one limit: set by the first to open, restored by the last to close.
     """
-    global _BLAS, _BLAS_HOLDERS, _BLAS_SAVED
+    global _BLAS_HOLDERS, _BLAS_SAVED
     with _BLAS_LOCK:
-        if _BLAS is None:
+        if _BLAS_HOLDERS == 0:
             from threadpoolctl import ThreadpoolController
 
-            _BLAS = ThreadpoolController()
-        if _BLAS_HOLDERS == 0:
-            _BLAS_SAVED = _BLAS.limit(limits=1, user_api="blas")
+            # A fresh scan each time (~0.5 ms): a BLAS loaded since (scipy's, by a
+            # later import) is held at one thread too.
+            _BLAS_SAVED = ThreadpoolController().limit(limits=1, user_api="blas")
         _BLAS_HOLDERS += 1
     try:
         yield

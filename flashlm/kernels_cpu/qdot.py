@@ -5,11 +5,10 @@ llama.cpp's recipe: quantize the activation vector x once to int8 (Q8_0/Q8_1 blo
 codes by integer activations, and apply the float scales once per block. We follow it,
 which is also what keeps our logits within rounding of llama.cpp's.
 
-Two things make Numba emit SIMD here:
-- products in int16 (`np.multiply` of int16 scalars keeps int16; Python operators
-  would promote to int64, which has no fast vector multiply);
-- four weight rows per loop, sharing each activation load (`_rows`: any four row
-  ids, so the same kernels compute a chosen subset of rows).
+The row kernels are written with `simd`'s vector operations (x86's vpmaddubsw and
+vpmaddwd where the host has them), block for block as ggml-quants.c's AVX2 code. Rows
+come in groups of four from any list of row ids, so the same kernels compute a chosen
+subset of rows (the neurons a predictor picked, one expert's slice).
 
 Weights stay in GGUF's own block layout, straight from the mapped file.
 """
@@ -20,27 +19,15 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .simd import (add_i, bits_to_16s, dot_ss, dot_us, field_shl4, fma_i, high_nibbles, hsum, load32, load_nibbles,
+                   low_nibbles, sub_each, vor, zeros_f, zeros_i)
 from .quants import (_BF16, _F16, _F32, _Q4_0, _Q4_1, _Q4_K, _Q5_0, _Q5_1, _Q5_K, _Q6_K, _Q8_0, _bits_f32,
                      _f32_bits, dequant_row)
-
-_U15 = np.uint8(15)
-_U4 = np.uint8(4)
 
 
 @njit(inline="always")
 def _f16(lut, b, i):
     return lut[np.int64(b[i]) | (np.int64(b[i + 1]) << 8)]
-
-
-@njit(inline="always")
-def _p(q, x):
-    # int16 product of a small weight code and an int8 activation.
-    return np.multiply(np.int16(q), np.int16(x))
-
-
-@njit(inline="always")
-def _acc(acc, v):
-    return np.add(acc, np.int32(v))
 
 
 @njit(nogil=True, cache=True)
@@ -160,122 +147,47 @@ def _prefetch(typingctx, arr, idx):
     return sig, codegen
 
 
-# -- legacy formats: blocks of 32 ----------------------------------------------------
+# -- the row kernels ------------------------------------------------------------------
+# One weight row . the 8-bit activations, as ggml-quants.c's AVX2 vec_dot functions do
+# it: integer dot products of whole 32-element blocks (simd.dot_us / dot_ss), scaled in
+# float lanes per block, the lanes summed once at the end of the row. prow is the row
+# computed next, fetched into cache meanwhile.
 
 
 @njit(inline="always")
-def _legacy_scale(row, o, isum, xd_b, xs_b, zero_sum, has_min, lut):
-    # One 32-block's contribution: d * xd * isum, plus the min term (Q4_1/Q5_1: m * s)
-    # or minus the code offset (Q4_0/Q5_0: zero_sum = offset * sum of the x codes).
-    if has_min:
-        return _f16(lut, row, o) * xd_b * np.float32(isum) + _f16(lut, row, o + 2) * xs_b
-    return _f16(lut, row, o) * xd_b * np.float32(isum - zero_sum)
-
-
-@njit(nogil=True, cache=True)
-def _rows_q4(qtype, w, r, p, xq, xd, xs, xsum, lut, out, o_out):
-    # Q4_0 (18 B: d, qs[16]) and Q4_1 (20 B: d, m, qs[16]).
-    has_min = qtype == _Q4_1
-    bb = 20 if has_min else 18
-    qo = 4 if has_min else 2
-    w0 = w[r[0]]; w1 = w[r[1]]; w2 = w[r[2]]; w3 = w[r[3]]
-    p0 = w[p[0]]; p1 = w[p[1]]; p2 = w[p[2]]; p3 = w[p[3]]
-    a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
+def _vrow_legacy(qtype, row, prow, xq, xd, xs, xsum, lut):
+    # Q4_0 (18 B: d, qs[16]), Q4_1 (20 B: d, m, qs[16]), Q5_0 (22 B: d, qh u32, qs[16]),
+    # Q5_1 (24 B: d, m, qh u32, qs[16]), Q8_0 (34 B: d, qs i8[32]).
+    has_min = qtype == _Q4_1 or qtype == _Q5_1
+    five = qtype == _Q5_0 or qtype == _Q5_1
+    bb = 34 if qtype == _Q8_0 else (4 if has_min else 2) + (4 if five else 0) + 16
+    qo = bb - 16
+    acc = zeros_f()
+    accm = np.float32(0.0)
     for b in range(xd.shape[0]):
-        o = b * bb + qo
-        _prefetch(p0, o); _prefetch(p1, o); _prefetch(p2, o); _prefetch(p3, o)
-        x0 = 32 * b
-        i0 = np.int32(0); i1 = np.int32(0); i2 = np.int32(0); i3 = np.int32(0)
-        for j in range(16):
-            xl = xq[x0 + j]; xh = xq[x0 + 16 + j]
-            q = w0[o + j]; i0 = _acc(i0, np.add(_p(np.bitwise_and(q, _U15), xl), _p(np.right_shift(q, _U4), xh)))
-            q = w1[o + j]; i1 = _acc(i1, np.add(_p(np.bitwise_and(q, _U15), xl), _p(np.right_shift(q, _U4), xh)))
-            q = w2[o + j]; i2 = _acc(i2, np.add(_p(np.bitwise_and(q, _U15), xl), _p(np.right_shift(q, _U4), xh)))
-            q = w3[o + j]; i3 = _acc(i3, np.add(_p(np.bitwise_and(q, _U15), xl), _p(np.right_shift(q, _U4), xh)))
-        o -= qo
-        z = 8 * xsum[b]
-        a0 += _legacy_scale(w0, o, i0, xd[b], xs[b], z, has_min, lut)
-        a1 += _legacy_scale(w1, o, i1, xd[b], xs[b], z, has_min, lut)
-        a2 += _legacy_scale(w2, o, i2, xd[b], xs[b], z, has_min, lut)
-        a3 += _legacy_scale(w3, o, i3, xd[b], xs[b], z, has_min, lut)
-    out[o_out] = a0; out[o_out + 1] = a1; out[o_out + 2] = a2; out[o_out + 3] = a3
+        o = b * bb
+        _prefetch(prow, o)
+        x = load32(xq, 32 * b)
+        d = _f16(lut, row, o) * xd[b]
+        if qtype == _Q8_0:
+            v = dot_ss(load32(row, o + 2), x)
+        else:
+            q = load_nibbles(row, o + qo)
+            if five:
+                q = vor(q, bits_to_16s(_qh(row, o + qo - 4)))
+            if has_min:
+                v = dot_us(q, x, 1, 1)
+                accm += _f16(lut, row, o + 2) * xs[b]
+            else:  # codes minus their offset (8 or 16), as signed bytes
+                v = dot_ss(sub_each(q, 16 if five else 8), x)
+        acc = fma_i(v, d, acc)
+    return hsum(acc) + accm
 
 
 @njit(inline="always")
-def _q5(qs, h, j, k):
-    # 5-bit code: a nibble of qs plus bit j + k of the 32-bit high-bit word h.
-    nib = np.bitwise_and(qs, _U15) if k == 0 else np.right_shift(qs, _U4)
-    return np.bitwise_or(nib, np.uint8(np.bitwise_and(np.right_shift(h, np.uint32(j + k)), np.uint32(1)) << 4))
-
-
-@njit(nogil=True, cache=True)
 def _qh(row, o):
     return (np.uint32(row[o]) | (np.uint32(row[o + 1]) << 8) | (np.uint32(row[o + 2]) << 16)
             | (np.uint32(row[o + 3]) << 24))
-
-
-@njit(nogil=True, cache=True)
-def _rows_q5(qtype, w, r, p, xq, xd, xs, xsum, lut, out, o_out):
-    # Q5_0 (22 B: d, qh u32, qs[16]) and Q5_1 (24 B: d, m, qh u32, qs[16]).
-    has_min = qtype == _Q5_1
-    bb = 24 if has_min else 22
-    ho = 4 if has_min else 2
-    w0 = w[r[0]]; w1 = w[r[1]]; w2 = w[r[2]]; w3 = w[r[3]]
-    p0 = w[p[0]]; p1 = w[p[1]]; p2 = w[p[2]]; p3 = w[p[3]]
-    a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
-    for b in range(xd.shape[0]):
-        o = b * bb
-        _prefetch(p0, o); _prefetch(p1, o); _prefetch(p2, o); _prefetch(p3, o)
-        h0 = _qh(w0, o + ho); h1 = _qh(w1, o + ho); h2 = _qh(w2, o + ho); h3 = _qh(w3, o + ho)
-        qo = o + ho + 4
-        x0 = 32 * b
-        i0 = np.int32(0); i1 = np.int32(0); i2 = np.int32(0); i3 = np.int32(0)
-        for j in range(16):
-            xl = xq[x0 + j]; xh = xq[x0 + 16 + j]
-            q = w0[qo + j]; i0 = _acc(i0, np.add(_p(_q5(q, h0, j, 0), xl), _p(_q5(q, h0, j, 16), xh)))
-            q = w1[qo + j]; i1 = _acc(i1, np.add(_p(_q5(q, h1, j, 0), xl), _p(_q5(q, h1, j, 16), xh)))
-            q = w2[qo + j]; i2 = _acc(i2, np.add(_p(_q5(q, h2, j, 0), xl), _p(_q5(q, h2, j, 16), xh)))
-            q = w3[qo + j]; i3 = _acc(i3, np.add(_p(_q5(q, h3, j, 0), xl), _p(_q5(q, h3, j, 16), xh)))
-        z = 16 * xsum[b]
-        a0 += _legacy_scale(w0, o, i0, xd[b], xs[b], z, has_min, lut)
-        a1 += _legacy_scale(w1, o, i1, xd[b], xs[b], z, has_min, lut)
-        a2 += _legacy_scale(w2, o, i2, xd[b], xs[b], z, has_min, lut)
-        a3 += _legacy_scale(w3, o, i3, xd[b], xs[b], z, has_min, lut)
-    out[o_out] = a0; out[o_out + 1] = a1; out[o_out + 2] = a2; out[o_out + 3] = a3
-
-
-@njit(inline="always")
-def _i8(u):
-    return np.int8(u) if u < 128 else np.int8(np.int16(u) - 256)
-
-
-@njit(nogil=True, cache=True)
-def _rows_q8_0(w, r, p, xq, xd, lut, out, o_out):
-    # Q8_0 (34 B: d, qs i8[32]).
-    w0 = w[r[0]].view(np.int8); w1 = w[r[1]].view(np.int8); w2 = w[r[2]].view(np.int8); w3 = w[r[3]].view(np.int8)
-    u0 = w[r[0]]; u1 = w[r[1]]; u2 = w[r[2]]; u3 = w[r[3]]
-    p0 = w[p[0]]; p1 = w[p[1]]; p2 = w[p[2]]; p3 = w[p[3]]
-    a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
-    for b in range(xd.shape[0]):
-        o = b * 34
-        _prefetch(p0, o); _prefetch(p1, o); _prefetch(p2, o); _prefetch(p3, o)
-        qo = o + 2
-        x0 = 32 * b
-        i0 = np.int32(0); i1 = np.int32(0); i2 = np.int32(0); i3 = np.int32(0)
-        for j in range(16):
-            xl = xq[x0 + j]; xh = xq[x0 + 16 + j]
-            i0 = _acc(i0, np.add(_p(w0[qo + j], xl), _p(w0[qo + 16 + j], xh)))
-            i1 = _acc(i1, np.add(_p(w1[qo + j], xl), _p(w1[qo + 16 + j], xh)))
-            i2 = _acc(i2, np.add(_p(w2[qo + j], xl), _p(w2[qo + 16 + j], xh)))
-            i3 = _acc(i3, np.add(_p(w3[qo + j], xl), _p(w3[qo + 16 + j], xh)))
-        a0 += _f16(lut, u0, o) * xd[b] * np.float32(i0)
-        a1 += _f16(lut, u1, o) * xd[b] * np.float32(i1)
-        a2 += _f16(lut, u2, o) * xd[b] * np.float32(i2)
-        a3 += _f16(lut, u3, o) * xd[b] * np.float32(i3)
-    out[o_out] = a0; out[o_out + 1] = a1; out[o_out + 2] = a2; out[o_out + 3] = a3
-
-
-# -- K-quants: super-blocks of 256 ---------------------------------------------------
 
 
 @njit(inline="always")
@@ -287,81 +199,79 @@ def _scale_min_k4(j, row, o):
     return np.int32(d), np.int32(m)
 
 
-@njit(nogil=True, cache=True)
-def _row_q45_k(qtype, row, prow, xq, xd, bsum, lut):
-    # One row of Q4_K (144 B: d, dmin, scales[12], qs[128]) or Q5_K (176 B: ... qh[32], qs[128]).
+@njit(inline="always")
+def _vrow_q45_k(qtype, row, prow, xq, xd, bsum, lut):
+    # Q4_K (144 B: d, dmin, scales[12], qs[128]) or Q5_K (176 B: ... qh[32], qs[128]).
+    # A 64-group's 32 bytes hold two 32-element sub-blocks: low nibbles, then high.
     five = qtype == _Q5_K
     bb = 176 if five else 144
-    acc = np.float32(0.0)
+    acc = zeros_f()
+    accm = np.float32(0.0)
     for b in range(xd.shape[0]):
         o = b * bb
         for off in range(0, bb, 64):
             _prefetch(prow, o + off)
         qs = o + (48 if five else 16)
-        qh = o + 16
+        qh = load32(row, o + 16)
         x0 = 256 * b
-        sumi = np.int32(0)
+        sumi = zeros_i()
         summ = np.int32(0)
         for j in range(4):
             sc1, m1 = _scale_min_k4(2 * j, row, o + 4)
             sc2, m2 = _scale_min_k4(2 * j + 1, row, o + 4)
-            ia = np.int32(0)
-            ib = np.int32(0)
-            xa = x0 + 64 * j
+            q = load32(row, qs + 32 * j)
+            lo = low_nibbles(q)
+            hi = high_nibbles(q)
             if five:
-                sa = np.uint8(2 * j)
-                sb = np.uint8(2 * j + 1)
-                for l in range(16):
-                    q = row[qs + 32 * j + l]; q2 = row[qs + 32 * j + 16 + l]
-                    h = row[qh + l]; h2 = row[qh + 16 + l]
-                    la = np.bitwise_or(np.bitwise_and(q, _U15), np.left_shift(np.bitwise_and(np.right_shift(h, sa), np.uint8(1)), _U4))
-                    la2 = np.bitwise_or(np.bitwise_and(q2, _U15), np.left_shift(np.bitwise_and(np.right_shift(h2, sa), np.uint8(1)), _U4))
-                    lb = np.bitwise_or(np.right_shift(q, _U4), np.left_shift(np.bitwise_and(np.right_shift(h, sb), np.uint8(1)), _U4))
-                    lb2 = np.bitwise_or(np.right_shift(q2, _U4), np.left_shift(np.bitwise_and(np.right_shift(h2, sb), np.uint8(1)), _U4))
-                    ia = _acc(ia, np.add(_p(la, xq[xa + l]), _p(la2, xq[xa + 16 + l])))
-                    ib = _acc(ib, np.add(_p(lb, xq[xa + 32 + l]), _p(lb2, xq[xa + 48 + l])))
-            else:
-                for l in range(16):
-                    q = row[qs + 32 * j + l]; q2 = row[qs + 32 * j + 16 + l]
-                    ia = _acc(ia, np.add(_p(np.bitwise_and(q, _U15), xq[xa + l]), _p(np.bitwise_and(q2, _U15), xq[xa + 16 + l])))
-                    ib = _acc(ib, np.add(_p(np.right_shift(q, _U4), xq[xa + 32 + l]), _p(np.right_shift(q2, _U4), xq[xa + 48 + l])))
-            sumi += sc1 * ia + sc2 * ib
+                lo = vor(lo, field_shl4(qh, 2 * j, 1))
+                hi = vor(hi, field_shl4(qh, 2 * j + 1, 1))
+            sumi = add_i(sumi, add_i(dot_us(lo, load32(xq, x0 + 64 * j), sc1, sc1),
+                                     dot_us(hi, load32(xq, x0 + 64 * j + 32), sc2, sc2)))
             g = b * 16 + 4 * j
             summ += m1 * (bsum[g] + bsum[g + 1]) + m2 * (bsum[g + 2] + bsum[g + 3])
-        acc += _f16(lut, row, o) * xd[b] * np.float32(sumi) - _f16(lut, row, o + 2) * xd[b] * np.float32(summ)
-    return acc
+        acc = fma_i(sumi, _f16(lut, row, o) * xd[b], acc)
+        accm -= _f16(lut, row, o + 2) * xd[b] * np.float32(summ)
+    return hsum(acc) + accm
 
 
-@njit(nogil=True, cache=True)
-def _row_q6_k(row, prow, xq, xd, lut):
-    # One row of Q6_K (210 B: ql[128], qh[64], scales i8[16], d).
-    acc = np.float32(0.0)
+@njit(inline="always")
+def _i8(u):
+    return np.int32(u) if u < 128 else np.int32(u) - 256
+
+
+@njit(inline="always")
+def _vrow_q6_k(row, prow, xq, xd, bsum, lut):
+    # Q6_K (210 B: ql[128], qh[64], scales i8[16], d). Codes are 6-bit, offset 32;
+    # each 16 elements have their own scale.
+    acc = zeros_f()
+    accm = np.float32(0.0)
     for b in range(xd.shape[0]):
         o = b * 210
         for off in range(0, 210, 64):
             _prefetch(prow, o + off)
-        sumi = np.int32(0)
+        sumi = zeros_i()
         for half in range(2):
-            ql = o + 64 * half
-            qh = o + 128 + 32 * half
+            ql0 = load32(row, o + 64 * half)
+            ql1 = load32(row, o + 64 * half + 32)
+            qh = load32(row, o + 128 + 32 * half)
             sc = o + 192 + 8 * half
             xa = 256 * b + 128 * half
-            for s in range(2):
-                i1 = np.int32(0); i2 = np.int32(0); i3 = np.int32(0); i4 = np.int32(0)
-                for l in range(16 * s, 16 * s + 16):
-                    a = row[ql + l]; c = row[ql + l + 32]; h = row[qh + l]
-                    q1 = np.int16(np.bitwise_or(np.bitwise_and(a, _U15), np.left_shift(np.bitwise_and(h, np.uint8(3)), _U4))) - np.int16(32)
-                    q2 = np.int16(np.bitwise_or(np.bitwise_and(c, _U15), np.left_shift(np.bitwise_and(np.right_shift(h, np.uint8(2)), np.uint8(3)), _U4))) - np.int16(32)
-                    q3 = np.int16(np.bitwise_or(np.right_shift(a, _U4), np.left_shift(np.bitwise_and(np.right_shift(h, _U4), np.uint8(3)), _U4))) - np.int16(32)
-                    q4 = np.int16(np.bitwise_or(np.right_shift(c, _U4), np.left_shift(np.right_shift(h, np.uint8(6)), _U4))) - np.int16(32)
-                    i1 = _acc(i1, _p(q1, xq[xa + l]))
-                    i2 = _acc(i2, _p(q2, xq[xa + 32 + l]))
-                    i3 = _acc(i3, _p(q3, xq[xa + 64 + l]))
-                    i4 = _acc(i4, _p(q4, xq[xa + 96 + l]))
-                sumi += (np.int32(_i8(row[sc + s])) * i1 + np.int32(_i8(row[sc + s + 2])) * i2
-                         + np.int32(_i8(row[sc + s + 4])) * i3 + np.int32(_i8(row[sc + s + 6])) * i4)
-        acc += _f16(lut, row, o + 208) * xd[b] * np.float32(sumi)
-    return acc
+            q1 = vor(low_nibbles(ql0), field_shl4(qh, 0, 3))
+            q2 = vor(low_nibbles(ql1), field_shl4(qh, 2, 3))
+            q3 = vor(high_nibbles(ql0), field_shl4(qh, 4, 3))
+            q4 = vor(high_nibbles(ql1), field_shl4(qh, 6, 3))
+            s1 = add_i(dot_us(q1, load32(xq, xa), _i8(row[sc]), _i8(row[sc + 1])),
+                       dot_us(q2, load32(xq, xa + 32), _i8(row[sc + 2]), _i8(row[sc + 3])))
+            s2 = add_i(dot_us(q3, load32(xq, xa + 64), _i8(row[sc + 4]), _i8(row[sc + 5])),
+                       dot_us(q4, load32(xq, xa + 96), _i8(row[sc + 6]), _i8(row[sc + 7])))
+            sumi = add_i(sumi, add_i(s1, s2))
+        summ = np.int32(0)
+        for i in range(16):
+            summ += _i8(row[o + 192 + i]) * bsum[16 * b + i]
+        d = _f16(lut, row, o + 208) * xd[b]
+        acc = fma_i(sumi, d, acc)
+        accm -= d * np.float32(32 * summ)
+    return hsum(acc) + accm
 
 
 # -- drivers -------------------------------------------------------------------------
@@ -401,18 +311,15 @@ def matvec_rows(qtype, w, rows, x, xq, xd, xs, isum, out, lut, n_chunks, use_flo
             if use_float:
                 for k in range(4):
                     o4[k] = _float_row(qtype, w[r4[k]], x, scratch, lut)
-            elif qtype == _Q4_0 or qtype == _Q4_1:
-                _rows_q4(qtype, w, r4, p4, xq, xd, xs, isum, lut, o4, 0)
-            elif qtype == _Q5_0 or qtype == _Q5_1:
-                _rows_q5(qtype, w, r4, p4, xq, xd, xs, isum, lut, o4, 0)
-            elif qtype == _Q8_0:
-                _rows_q8_0(w, r4, p4, xq, xd, lut, o4, 0)
             elif qtype == _Q4_K or qtype == _Q5_K:
                 for k in range(4):
-                    o4[k] = _row_q45_k(qtype, w[r4[k]], w[p4[k]], xq, xd, isum, lut)
+                    o4[k] = _vrow_q45_k(qtype, w[r4[k]], w[p4[k]], xq, xd, isum, lut)
             elif qtype == _Q6_K:
                 for k in range(4):
-                    o4[k] = _row_q6_k(w[r4[k]], w[p4[k]], xq, xd, lut)
+                    o4[k] = _vrow_q6_k(w[r4[k]], w[p4[k]], xq, xd, isum, lut)
+            elif qtype == _Q4_0 or qtype == _Q4_1 or qtype == _Q5_0 or qtype == _Q5_1 or qtype == _Q8_0:
+                for k in range(4):
+                    o4[k] = _vrow_legacy(qtype, w[r4[k]], w[p4[k]], xq, xd, xs, isum, lut)
             else:
                 for k in range(4):
                     o4[k] = _float_row(qtype, w[r4[k]], x, scratch, lut)
