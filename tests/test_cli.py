@@ -36,6 +36,11 @@ def test_missing_model_file(capsys):
     assert "/tmp/no/such/model.gguf" in err
 
 
+def test_chat_with_missing_model_fails_before_the_ui(capsys):
+    err = _error_line(capsys, ["chat", "-m", "/tmp/no/such/model.gguf"])
+    assert "/tmp/no/such/model.gguf" in err
+
+
 def test_unknown_registry_name(capsys):
     err = _error_line(capsys, ["run", "-m", "not-a-model", "-p", "Hi"])
     assert "not-a-model" in err

@@ -1,4 +1,4 @@
-"""The `flashlm` command line: run, pull, list, info, bench, probe-disk.
+"""The `flashlm` command line: run, chat, pull, list, info, bench, probe-disk.
 
 Errors a user can cause print one line and exit 2; bugs keep their traceback.
 """
@@ -35,6 +35,16 @@ def _add_model(p: argparse.ArgumentParser):
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default min(4096, model's))")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
     p.add_argument("--memory-budget", default=None, help="memory the model may use, e.g. 800MB or 2GiB")
+
+
+def cmd_chat(args) -> int:
+    from ..runtime.registry import resolve
+    from .chat import run_chat
+
+    path = resolve(args.model)  # a missing file or unknown name fails here, before the UI
+    return run_chat(path, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
+                    system=args.system, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
+                    top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed)
 
 
 def cmd_run(args) -> int:
@@ -143,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.add_argument("--stats", action="store_true", help="print speed and memory figures to stderr")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("chat", help="chat in the terminal (streaming, /help for commands)",
+                       epilog="examples:\n  flashlm chat\n  flashlm chat -m gemma3-270m --temp 0.7\n"
+                              "  flashlm chat --system \"You answer in one sentence.\"\n\n"
+                              "keys: Enter sends, Shift+Enter or a \"\"\"-block for new lines, Esc or Ctrl+C stops a "
+                              "reply,\nCtrl+C twice at an empty prompt quits; /help lists the commands",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model(p)
+    _add_sampling(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
     p = sub.add_parser("pull", help="fetch registry models into the cache",
                        epilog="examples:\n  flashlm pull\n  flashlm pull gemma3-270m",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -83,7 +83,7 @@ def quiet_stderr():
         fd = sys.stderr.fileno()
     except (AttributeError, ValueError, io.UnsupportedOperation):  # not a real file (captured)
         fd = None
-    if fd is None:
+    if fd is None or fd < 0:  # (textual's capture reports -1)
         py_stderr, sys.stderr = sys.stderr, io.StringIO()
         try:
             yield
