@@ -237,7 +237,7 @@ class ChatApp(App):
             self._show_note("usage: /save FILE (.json for JSON, else markdown)")
             return
         path = Path(arg).expanduser()
-        convo = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        convo = self._conversation()
         try:
             if path.suffix.lower() == ".json":
                 path.write_text(json.dumps(convo, indent=2, ensure_ascii=False) + "\n")
@@ -328,9 +328,10 @@ class ChatApp(App):
             self.model.cancel()
 
 
-def run_chat(model=None, **kw) -> int:
-    app = ChatApp(model, **kw)
+def run_chat(spec=None, **kw) -> int:
+    """Chat with the model at spec (a path or registry name) until the user quits."""
+    app = ChatApp(spec, **kw)
     app.run()
-    if app.model is not None and not isinstance(app._spec, type(app.model)):
+    if app.model is not None:  # loaded by the app, so closed here
         app.model.close()
     return 0

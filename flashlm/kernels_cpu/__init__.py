@@ -252,10 +252,8 @@ def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, layer: int, 
     n_kv, hd_v = k_cache.shape[1], v_cache.shape[-1]
     q2 = np.ascontiguousarray(q.reshape(T, n_head * hd), dtype=np.float32)
     out = np.empty((T, n_head * hd_v), dtype=np.float32)
-    n = min(numba.get_num_threads(), n_head)
-    cuts = [n_head * i // n for i in range(n + 1)]
     _on_threads(decode.attend_queries, [(q2, k_cache, v_cache, layer, pos0, n_head, n_kv, hd, hd_v, np.float32(scale),
-                                         window, out, cuts[i], cuts[i + 1]) for i in range(n)])
+                                         window, out, a, b) for a, b in _spans(n_head)])
     return out.reshape(T, n_head, hd_v)
 
 
@@ -265,10 +263,14 @@ def glu(g: np.ndarray, u: np.ndarray, gelu: bool) -> np.ndarray:
     g = np.ascontiguousarray(g, dtype=np.float32)
     u = np.ascontiguousarray(u, dtype=np.float32)
     out = np.empty_like(g)
-    n = min(numba.get_num_threads(), g.shape[0])
-    cuts = [g.shape[0] * i // n for i in range(n + 1)]
-    _on_threads(decode.glu_rows, [(g, u, gelu, out, cuts[i], cuts[i + 1]) for i in range(n)])
+    _on_threads(decode.glu_rows, [(g, u, gelu, out, a, b) for a, b in _spans(g.shape[0])])
     return out
+
+
+def _spans(n: int) -> list[tuple[int, int]]:
+    """[0, n) cut into one nearly equal span per prefill thread (fewer if n is small)."""
+    k = min(numba.get_num_threads(), n)
+    return [(n * i // k, n * (i + 1) // k) for i in range(k)]
 
 
 def _on_threads(fn, arg_lists) -> None:

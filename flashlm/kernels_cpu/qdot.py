@@ -21,13 +21,8 @@ from numba.extending import intrinsic
 
 from .simd import (add_i, bits_to_16s, dot_ss, dot_us, field_shl4, fma_i, high_nibbles, hsum, load32, load_nibbles,
                    low_nibbles, sub_each, vor, zeros_f, zeros_i)
-from .quants import (_BF16, _F16, _F32, _Q4_0, _Q4_1, _Q4_K, _Q5_0, _Q5_1, _Q5_K, _Q6_K, _Q8_0, _bits_f32,
-                     _f32_bits, dequant_row)
-
-
-@njit(inline="always")
-def _f16(lut, b, i):
-    return lut[np.int64(b[i]) | (np.int64(b[i + 1]) << 8)]
+from .quants import (_Q4_0, _Q4_1, _Q4_K, _Q5_0, _Q5_1, _Q5_K, _Q6_K, _Q8_0, _bits_f32,
+                     _f16, _f32_bits, _qh, _scale_min_k4, dequant_row)
 
 
 @njit(nogil=True, cache=True)
@@ -182,21 +177,6 @@ def _vrow_legacy(qtype, row, prow, xq, xd, xs, xsum, lut):
                 v = dot_ss(sub_each(q, 16 if five else 8), x)
         acc = fma_i(v, d, acc)
     return hsum(acc) + accm
-
-
-@njit(inline="always")
-def _qh(row, o):
-    return (np.uint32(row[o]) | (np.uint32(row[o + 1]) << 8) | (np.uint32(row[o + 2]) << 16)
-            | (np.uint32(row[o + 3]) << 24))
-
-
-@njit(inline="always")
-def _scale_min_k4(j, row, o):
-    if j < 4:
-        return np.int32(row[o + j] & 63), np.int32(row[o + j + 4] & 63)
-    d = (row[o + j + 4] & 0xF) | ((row[o + j - 4] >> 6) << 4)
-    m = (row[o + j + 4] >> 4) | ((row[o + j] >> 6) << 4)
-    return np.int32(d), np.int32(m)
 
 
 @njit(inline="always")

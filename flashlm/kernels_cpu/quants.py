@@ -3,7 +3,7 @@
 A quantized matrix is a 2-D uint8 array `(rows, row_bytes)` straight from the mmapped
 file: each row is `cols / block_size` blocks laid end to end. The kernels decode one
 row at a time into a float32 scratch row, so every format needs only one small
-`_dequant_row_*` function; `dequant_rows` and `matvec` are shared by all of them.
+`_dequant_row_*` function; `dequant_rows` and `gather_rows` are shared by all of them.
 
 Block layouts follow ggml-quants.c (and gguf-py's quants.py, our test oracle):
 
@@ -87,10 +87,17 @@ def _bits_f32(typingctx, b):
 def _scale_min_k4(j, sc, o):
     # 6-bit scale and min of sub-block j, packed in the 12 scale bytes at sc[o:o+12].
     if j < 4:
-        return np.float32(sc[o + j] & 63), np.float32(sc[o + j + 4] & 63)
+        return np.int32(sc[o + j] & 63), np.int32(sc[o + j + 4] & 63)
     d = (sc[o + j + 4] & 0xF) | ((sc[o + j - 4] >> 6) << 4)
     m = (sc[o + j + 4] >> 4) | ((sc[o + j] >> 6) << 4)
-    return np.float32(d), np.float32(m)
+    return np.int32(d), np.int32(m)
+
+
+@njit(inline="always")
+def _qh(row, o):
+    # The 32 fifth bits of a Q5_0/Q5_1 block, a little-endian u32 at row[o:o+4].
+    return (np.uint32(row[o]) | (np.uint32(row[o + 1]) << 8) | (np.uint32(row[o + 2]) << 16)
+            | (np.uint32(row[o + 3]) << 24))
 
 
 @njit(nogil=True, cache=True)
@@ -128,8 +135,7 @@ def _dequant_row_legacy(qtype, row, out, lut):
             d = _f16(lut, row, o)
             m = _f16(lut, row, o + 2) if has_min else np.float32(0.0)
             p = o + (4 if has_min else 2)
-            qh = (np.uint32(row[p]) | (np.uint32(row[p + 1]) << 8)
-                  | (np.uint32(row[p + 2]) << 16) | (np.uint32(row[p + 3]) << 24))
+            qh = _qh(row, p)
             off = 0 if has_min else 16
             for j in range(16):
                 q = row[p + 4 + j]
@@ -181,8 +187,8 @@ def _dequant_row_k(qtype, row, out, lut):
             for j in range(4):
                 sc1, m1 = _scale_min_k4(2 * j, row, sc)
                 sc2, m2 = _scale_min_k4(2 * j + 1, row, sc)
-                d1 = d * sc1; dm1 = dmin * m1
-                d2 = d * sc2; dm2 = dmin * m2
+                d1 = d * np.float32(sc1); dm1 = dmin * np.float32(m1)
+                d2 = d * np.float32(sc2); dm2 = dmin * np.float32(m2)
                 y = y0 + j * 64
                 for l in range(32):
                     q = row[qs + j * 32 + l]
@@ -237,26 +243,6 @@ def dequant_rows_serial(qtype, w, r0, out, lut):
     """dequant_rows on the calling thread only (for callers that bring their own threads)."""
     for i in range(out.shape[0]):
         dequant_row(qtype, w[r0 + i], out[i], lut)
-
-
-@njit(nogil=True, cache=True, parallel=True)
-def matvec(qtype, w, x, out, lut, n_chunks):
-    """out = W @ x for one token: the decode hot loop, where the time goes.
-
-    w: (rows, row_bytes) uint8, x: (cols,) float32, out: (rows,) float32. Rows are
-    split into `n_chunks` so each thread reuses one scratch row.
-    """
-    rows = w.shape[0]
-    cols = x.shape[0]
-    step = (rows + n_chunks - 1) // n_chunks
-    for c in prange(n_chunks):
-        scratch = np.empty(cols, dtype=np.float32)
-        for r in range(c * step, min(rows, (c + 1) * step)):
-            dequant_row(qtype, w[r], scratch, lut)
-            acc = np.float32(0.0)
-            for k in range(cols):
-                acc += scratch[k] * x[k]
-            out[r] = acc
 
 
 @njit(nogil=True, cache=True, parallel=True)

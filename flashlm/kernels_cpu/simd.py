@@ -23,6 +23,7 @@ Value ranges the callers keep (as llama.cpp does): `dot_us`'s unsigned operand i
 most 255 and a pair of its products fits int16 (6-bit codes times int8: 16002).
 """
 
+import inspect
 import os
 
 import llvmlite.binding as llvm
@@ -137,6 +138,23 @@ def _maddwd(builder, h, k):
     return _pairs(builder, p, 16)
 
 
+def _lane_op(name, ret, emit, doc):
+    """An intrinsic on vector values whose IR is emit(builder, *values). Its arity is
+    emit's (Numba needs it spelled out: it cannot lower a *args intrinsic)."""
+    def codegen(context, builder, sig, args):
+        return emit(builder, *args)
+
+    def typer(typingctx, *args):
+        return ret(*args), codegen
+
+    arity = len(inspect.signature(emit).parameters) - 1
+    param = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    typer.__signature__ = inspect.Signature([inspect.Parameter("typingctx", param)]
+                                            + [inspect.Parameter(f"a{i}", param) for i in range(arity)])
+    typer.__name__, typer.__doc__ = name, doc
+    return intrinsic(typer)
+
+
 # -- loads and unpacking -------------------------------------------------------------
 
 
@@ -164,20 +182,9 @@ def load_nibbles(typingctx, arr, off):
     return v32b(arr, off), codegen
 
 
-@intrinsic
-def low_nibbles(typingctx, v):
-    def codegen(context, builder, sig, args):
-        return builder.and_(args[0], _const(_LB, 15))
-
-    return v32b(v), codegen
-
-
-@intrinsic
-def high_nibbles(typingctx, v):
-    def codegen(context, builder, sig, args):
-        return builder.lshr(args[0], _const(_LB, 4))
-
-    return v32b(v), codegen
+low_nibbles = _lane_op("low_nibbles", v32b, lambda b, v: b.and_(v, _const(_LB, 15)), "v & 15 in each lane.")
+high_nibbles = _lane_op("high_nibbles", v32b, lambda b, v: b.lshr(v, _const(_LB, 4)), "v >> 4 in each lane.")
+vor = _lane_op("vor", v32b, lambda b, x, y: b.or_(x, y), "x | y in each lane.")
 
 
 @intrinsic
@@ -209,14 +216,6 @@ def sub_each(typingctx, v, k):
         return builder.sub(args[0], _splat(builder, context.cast(builder, args[1], sig.args[1], types.uint8), _LB))
 
     return v32b(v, k), codegen
-
-
-@intrinsic
-def vor(typingctx, a, b):
-    def codegen(context, builder, sig, args):
-        return builder.or_(args[0], args[1])
-
-    return v32b(a, b), codegen
 
 
 # -- products and sums ---------------------------------------------------------------
@@ -253,28 +252,9 @@ def dot_ss(typingctx, a, b):
     return v8i(a, b), codegen
 
 
-@intrinsic
-def zeros_i(typingctx):
-    def codegen(context, builder, sig, args):
-        return _const(_LI, 0)
-
-    return v8i(), codegen
-
-
-@intrinsic
-def zeros_f(typingctx):
-    def codegen(context, builder, sig, args):
-        return _const(_LF, 0.0)
-
-    return v8f(), codegen
-
-
-@intrinsic
-def add_i(typingctx, a, b):
-    def codegen(context, builder, sig, args):
-        return builder.add(args[0], args[1])
-
-    return v8i(a, b), codegen
+zeros_i = _lane_op("zeros_i", v8i, lambda b: _const(_LI, 0), "Eight int32 zeros.")
+zeros_f = _lane_op("zeros_f", v8f, lambda b: _const(_LF, 0.0), "Eight float zeros.")
+add_i = _lane_op("add_i", v8i, lambda b, x, y: b.add(x, y), "x + y in each int32 lane.")
 
 
 @intrinsic
