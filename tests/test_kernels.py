@@ -47,19 +47,24 @@ def test_dequant_random_blocks_exact(qtype):
     np.testing.assert_array_equal(out, ref_dequant(raw, qtype, 512))
 
 
+@pytest.mark.parametrize("gemm", ["int8", "blas"])
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
-def test_matvec_and_matmul_random(qtype):
+def test_matvec_and_matmul_random(qtype, gemm, monkeypatch):
+    monkeypatch.setattr(kernels_cpu, "INT8_GEMM", gemm == "int8")
     rng = np.random.default_rng(100 + int(qtype))
     raw = random_blocks(qtype, 96, 512, rng)
     w = TensorRef("w", qtype, (96, 512), raw, 0)
     dense = ref_dequant(raw, qtype, 512)
-    x = rng.standard_normal((5, 512)).astype(np.float32)
+    x = rng.standard_normal((7, 512)).astype(np.float32)  # 7: the GEMM pads to 8 tokens
     xq = kernels_cpu.quantize_activations(x, int(qtype))
     want = xq.astype(np.float64) @ dense.T.astype(np.float64)
     tol = 1e-4 * np.abs(want).max()
     np.testing.assert_allclose(kernels_cpu.linear(x[:1], w), want[:1] + q8_1_sum_correction(raw, qtype, x[:1]),
                                atol=tol)  # matvec (decode): integer dot products
-    np.testing.assert_allclose(kernels_cpu.linear(x, w), want, atol=tol)  # matmul (prefill)
+    # matmul (prefill): the integer GEMM follows llama.cpp's Q8_1 sums too; BLAS tiles do not
+    int_gemm = gemm == "int8" and qtype not in (Q.F32, Q.F16, Q.BF16)
+    np.testing.assert_allclose(kernels_cpu.linear(x, w), want + (q8_1_sum_correction(raw, qtype, x) if int_gemm else 0),
+                               atol=tol)
 
 
 def q8_1_sum_correction(raw, qtype, x):
@@ -70,7 +75,7 @@ def q8_1_sum_correction(raw, qtype, x):
     xq, xd, xs, isum = kernels_cpu.quantize_q8(x, 32)
     bs = GGML_QUANT_SIZES[qtype][1]
     m = raw.reshape(raw.shape[0], -1, bs)[:, :, 2:4].copy().view(np.float16).astype(np.float64)[:, :, 0]
-    return (m * (xs[0] - xd[0] * isum[0])[None, :]).sum(1)[None, :]
+    return (m[None, :, :] * (xs - xd * isum)[:, None, :]).sum(2)
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
@@ -116,10 +121,15 @@ def test_real_tensors_match_reference(model, request):
         sub = TensorRef(t.name, t.qtype, (rows, t.shape[1]), t.data[:rows], t.offset)
         ref = ref_dequant(np.ascontiguousarray(sub.data), t.qtype, t.shape[1])
         np.testing.assert_array_equal(kernels_cpu.dequantize(sub), ref)
-        x = rng.standard_normal((1, t.shape[1])).astype(np.float32)
+        x = rng.standard_normal((5, t.shape[1])).astype(np.float32)
         want = kernels_cpu.quantize_activations(x, int(t.qtype)) @ ref.T
-        want = want + q8_1_sum_correction(np.ascontiguousarray(sub.data), t.qtype, x)
-        np.testing.assert_allclose(kernels_cpu.linear(x, sub), want, atol=1e-4 * np.abs(want).max())
+        want_q8_1 = want + q8_1_sum_correction(np.ascontiguousarray(sub.data), t.qtype, x)
+        tol = 1e-4 * np.abs(want).max()
+        np.testing.assert_allclose(kernels_cpu.linear(x[:1], sub), want_q8_1[:1], atol=tol)  # decode
+        if kernels_cpu.INT8_GEMM:  # prefill: the integer GEMM, or BLAS on dequantized tiles
+            np.testing.assert_allclose(kernels_cpu.linear(x, sub), want_q8_1, atol=tol)
+        else:
+            np.testing.assert_allclose(kernels_cpu.linear(x, sub), want, atol=tol)
     assert len(seen) >= 2
 
 
@@ -131,12 +141,15 @@ def test_embed_gathers_rows(smollm2_path):
     np.testing.assert_array_equal(kernels_cpu.embed(emb, ids), ref)
 
 
-def test_linear_many_equals_one_at_a_time():
+@pytest.mark.parametrize("rows", [(40, 72, 8), (48, 80, 16)], ids=["blas-tiles", "int8-gemm"])
+def test_linear_many_equals_one_at_a_time(rows, monkeypatch):
     # Several weights of different types in one pass of the prefill threads, with
-    # shares that cut through a weight.
+    # shares that cut through a weight. (The integer GEMM takes row counts in
+    # multiples of 16; other counts go to BLAS.)
+    monkeypatch.setattr(kernels_cpu, "INT8_GEMM", True)
     rng = np.random.default_rng(11)
     ws = []
-    for qtype, rows in ((Q.Q4_1, 40), (Q.Q4_K, 72), (Q.Q8_0, 8)):
+    for qtype, rows in zip((Q.Q4_1, Q.Q4_K, Q.Q8_0), rows):
         raw = random_blocks(qtype, rows, 256, rng)
         ws.append(TensorRef(qtype.name, qtype, (rows, 256), raw, 0))
     x = rng.standard_normal((9, 256)).astype(np.float32)
@@ -154,7 +167,8 @@ def test_prefill_attention_matches_reference(window):
     kc = f16(rng.standard_normal((n_layer, n_kv, n_ctx, hd)).astype(np.float32))
     vc = f16(rng.standard_normal((n_layer, n_kv, n_ctx, hd)).astype(np.float32))
     q = rng.standard_normal((T, n_head, hd)).astype(np.float32)
-    got = kernels_cpu.attend(q, kc, vc, 1, pos0, 0.25, window)
+    f16_bits = lambda a: a.astype(np.float16).view(np.uint16)  # noqa: E731  the cache's storage
+    got = kernels_cpu.attend(q, f16_bits(kc), f16_bits(vc), 1, pos0, 0.25, window)
     L = pos0 + T
     want = kernels_cpu.attention(q.copy(), kc[1, :, :L], vc[1, :, :L], pos0, 0.25, window)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -255,8 +269,8 @@ def test_portable_simd_path_matches(tmp_path):
 
     rng = np.random.default_rng(7)
     qtypes = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
-    x = rng.standard_normal(512).astype(np.float32)
-    data = {t.name: random_blocks(t, 40, 512, rng) for t in qtypes}
+    x = rng.standard_normal((6, 512)).astype(np.float32)
+    data = {t.name: random_blocks(t, 48, 512, rng) for t in qtypes}
     np.savez(tmp_path / "w.npz", x=x, **data)
     script = f"""
 import numpy as np
@@ -266,13 +280,21 @@ from flashlm.kernels_cpu import simd
 from flashlm.runtime.modelfile import TensorRef
 assert simd.MODE == "generic", simd.MODE
 d = np.load({str(tmp_path / "w.npz")!r})
-out = {{n: kernels_cpu.matvec(d["x"], TensorRef("w", Q[n], (40, 512), d[n], 0)) for n in d.files if n != "x"}}
+assert kernels_cpu.INT8_GEMM
+out = {{n: kernels_cpu.matvec(d["x"][0], TensorRef("w", Q[n], (48, 512), d[n], 0)) for n in d.files if n != "x"}}
+out.update({{"gemm_" + n: kernels_cpu.linear(d["x"], TensorRef("w", Q[n], (48, 512), d[n], 0))
+            for n in d.files if n != "x"}})
 np.savez({str(tmp_path / "out.npz")!r}, **out)
 """
-    env = dict(os.environ, FLASHLM_SIMD="generic", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env = dict(os.environ, FLASHLM_SIMD="generic", FLASHLM_PREFILL="int8", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=600)
     got = np.load(tmp_path / "out.npz")
     for t in qtypes:
-        here = kernels_cpu.matvec(x, TensorRef("w", t, (40, 512), data[t.name], 0))
+        w = TensorRef("w", t, (48, 512), data[t.name], 0)
+        here = kernels_cpu.matvec(x[0], w)
         np.testing.assert_allclose(got[t.name], here, rtol=0, atol=1e-5 * np.abs(here).max(), err_msg=t.name)
+        with pytest.MonkeyPatch.context() as mp:  # the GEMM's generic dpbusd against this host's
+            mp.setattr(kernels_cpu, "INT8_GEMM", True)
+            here = kernels_cpu.linear(x, w)
+        np.testing.assert_allclose(got["gemm_" + t.name], here, rtol=0, atol=1e-5 * np.abs(here).max(), err_msg=t.name)
     assert simd.MODE in ("avx2", "generic")

@@ -29,7 +29,7 @@ def _drop_stale_numba_cache():
         return
     here = Path(__file__).parent
     sources = b"".join(p.read_bytes() for p in sorted(here.glob("*.py")))
-    digest = hashlib.sha256(sources + simd.MODE.encode()).hexdigest()
+    digest = hashlib.sha256(sources + f"{simd.MODE} vnni={simd.VNNI}".encode()).hexdigest()
     cache = here / "__pycache__"
     stamp = cache / "numba-sources.sha256"
     try:
@@ -45,7 +45,7 @@ def _drop_stale_numba_cache():
 
 _drop_stale_numba_cache()
 
-from . import decode, qdot, quants  # noqa: E402
+from . import decode, gemm, qdot, quants  # noqa: E402
 from .ops import attention, gelu, rmsnorm, rope, silu, softmax  # noqa: F401
 from .quants import F16_TABLE, SUPPORTED_TYPES  # noqa: F401
 
@@ -102,16 +102,19 @@ def _act_block(qtype: int) -> int:
     return 256 if qtype in _K_QUANTS else 32 if qtype in _LEGACY_QUANTS else 0
 
 
-def quantize_q8(x: np.ndarray, block: int, serial: bool = False):
-    """x (T, n) float32 -> (xq int8 (T, n), xd, xs, isum): see qdot.quantize_q8.
-    serial: stay on the calling thread."""
+def quantize_q8(x: np.ndarray, block: int):
+    """x (T, n) float32 -> (xq int8 (T, n), xd, xs, isum): see qdot.quantize_q8_serial.
+
+    The tokens are shared among the prefill threads. (Not numba's own threads: its
+    OpenMP workers spin for a while after a parallel loop, and would take a core from
+    the product that follows, 2x slower, measured.)"""
     T, n = x.shape
     nb = n // block
     xq = np.empty((T, n), dtype=np.int8)
     xd = np.empty((T, nb), dtype=np.float32)
     xs = np.empty((T, nb), dtype=np.float32)
     isum = np.empty((T, n // 16 if block == 256 else nb), dtype=np.int32)
-    (qdot.quantize_q8 if T > 1 and not serial else qdot.quantize_q8_serial)(x, block, xq, xd, xs, isum)
+    _on_threads(qdot.quantize_q8_serial, [(x[a:b], block, xq[a:b], xd[a:b], xs[a:b], isum[a:b]) for a, b in _spans(T)])
     return xq, xd, xs, isum
 
 
@@ -123,7 +126,7 @@ def quantize_activations(x: np.ndarray, qtype: int) -> np.ndarray:
     """
     block = _act_block(qtype)
     if block:
-        xq, xd, _, _ = quantize_q8(np.ascontiguousarray(x, dtype=np.float32), block, serial=True)
+        xq, xd, _, _ = quantize_q8(np.ascontiguousarray(x, dtype=np.float32), block)
         T, n = x.shape
         return (xq.reshape(T, n // block, block) * xd[:, :, None]).reshape(T, n)
     if qtype == int(quants.T.F16):
@@ -199,44 +202,102 @@ def linear(x: np.ndarray, w) -> np.ndarray:
 
 def linear_many(x: np.ndarray, ws: list) -> list[np.ndarray]:
     """[x @ W.T for W in ws], weights sharing one input (q/k/v, gate/up), in one pass
-    of the prefill threads: each thread takes an equal share of all the rows."""
+    of the prefill threads: each thread takes an equal share of all the rows.
+
+    Quantized weights multiply 8-bit activations in the integer GEMM (`gemm`) where the
+    host has VNNI; otherwise, and for float weights, dequantized tiles go through BLAS.
+    """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.shape[0] == 1:
+    T = x.shape[0]
+    if T == 1:
         return [matvec(x[0], w).reshape(1, -1) for w in ws]
+    if _QUANTIZE_ACTIVATIONS and INT8_GEMM and all(_gemm_ok(w) for w in ws):
+        acts = {}  # each weight type sees x as llama.cpp quantizes it for it
+        for w in ws:
+            if _gemm_key(int(w.qtype)) not in acts:
+                acts[_gemm_key(int(w.qtype))] = gemm_activations(x, int(w.qtype))
+        t_pad = -(-T // gemm.TOKENS) * gemm.TOKENS
+        outs = [np.empty((t_pad, w.data.shape[0]), dtype=np.float32) for w in ws]
+        pieces = [(_gemm_product, acts[_gemm_key(int(w.qtype))], w, 0, w.data.shape[0], out)
+                  for w, out in zip(ws, outs)]
+        _share_rows(pieces, gemm.ROWS)
+        return [o[:T] for o in outs]
     xs = {}
-    if _QUANTIZE_ACTIVATIONS:  # each weight type sees x as llama.cpp quantizes it for it
+    if _QUANTIZE_ACTIVATIONS:
         for w in ws:
             xs.setdefault(_act_block(int(w.qtype)) or -int(w.qtype), quantize_activations(x, int(w.qtype)))
-    outs = [np.empty((x.shape[0], w.data.shape[0]), dtype=np.float32) for w in ws]
-    pieces = []  # (x, w, r0, r1, out) per weight, then cut into per-worker shares
-    for w, out in zip(ws, outs):
-        xw = xs[_act_block(int(w.qtype)) or -int(w.qtype)] if xs else x
-        pieces.append((xw, w, 0, w.data.shape[0], out))
-    total = sum(p[3] for p in pieces)
+    outs = [np.empty((T, w.data.shape[0]), dtype=np.float32) for w in ws]
+    pieces = [(_tiled_product, xs[_act_block(int(w.qtype)) or -int(w.qtype)] if xs else x, w, 0, w.data.shape[0], out)
+              for w, out in zip(ws, outs)]
+    with blas_one_thread():
+        _share_rows(pieces, 1)
+    return outs
+
+
+# The integer prefill GEMM: on by default where vpdpbusd makes it faster than BLAS
+# (FLASHLM_PREFILL=blas or =int8 overrides; the tests use both).
+INT8_GEMM = {"blas": False, "int8": True}.get(os.environ.get("FLASHLM_PREFILL", "").strip().lower(), simd.VNNI)
+_WITH_MIN = (int(quants.T.Q4_1), int(quants.T.Q5_1))
+
+
+def _gemm_ok(w) -> bool:
+    return int(w.qtype) in gemm.TYPES and w.data.shape[0] % gemm.ROWS == 0
+
+
+def _gemm_key(qtype: int):
+    return _act_block(qtype), gemm.scale_block(qtype), qtype in _WITH_MIN
+
+
+def gemm_activations(x: np.ndarray, qtype: int):
+    """x (T, n) float32 as the integer GEMM takes it for a `qtype` weight: (xq, dx, sx),
+    llama.cpp's 8-bit activations for that type with T padded to a multiple of
+    gemm.TOKENS (zero tokens). dx: the scale of each of the weight's scale blocks,
+    sx: dx * sum(xq) over the block (Q8_1's rounded s for Q4_1 and Q5_1, as llama.cpp)."""
+    T, n = x.shape
+    t_pad = -(-T // gemm.TOKENS) * gemm.TOKENS
+    if t_pad != T:
+        x = np.concatenate([x, np.zeros((t_pad - T, n), dtype=np.float32)])
+    block, blk = _act_block(qtype), gemm.scale_block(qtype)
+    xq, xd, xs, isum = quantize_q8(x, block)
+    if block == 32:
+        return xq, xd, xs if qtype in _WITH_MIN else isum.astype(np.float32) * xd
+    dx = np.repeat(xd, 256 // blk, axis=1)
+    s = isum if blk == 16 else isum[:, 0::2] + isum[:, 1::2]
+    return xq, dx, s.astype(np.float32) * dx
+
+
+def _gemm_product(act, w, r0: int, r1: int, out: np.ndarray) -> None:
+    xq, dx, sx = act
+    gemm.gemm_rows(int(w.qtype), w.data, r0, r1, xq, dx, sx, out, F16_TABLE)
+
+
+def _share_rows(pieces, quantum: int) -> None:
+    """Run pieces (fn, input, w, r0, r1, out) -- fn(input, w, r0, r1, out) fills rows
+    r0..r1 of out -- with the rows cut into one equal share per prefill thread, each
+    cut a multiple of `quantum` rows."""
+    total = sum(p[4] for p in pieces)
     n_workers = min(numba.get_num_threads(), max(1, total // 64))
     if n_workers == 1:
-        for p in pieces:
-            _tiled_product(*p)
-        return outs
+        for fn, *args in pieces:
+            fn(*args)
+        return
     shares = [[] for _ in range(n_workers)]
-    per = -(-total // n_workers)
+    per = -(-total // n_workers // quantum) * quantum
     k, room = 0, per
-    for xw, w, r0, r1, out in pieces:
+    for fn, xw, w, r0, r1, out in pieces:
         while r0 < r1:
             n = min(r1 - r0, room) if k < n_workers - 1 else r1 - r0
-            shares[k].append((xw, w, r0, r0 + n, out))
+            shares[k].append((fn, xw, w, r0, r0 + n, out))
             r0 += n
             room -= n
             if room == 0 and k < n_workers - 1:
                 k, room = k + 1, per
-    with blas_one_thread():
-        _on_threads(_run_share, [(sh,) for sh in shares])
-    return outs
+    _on_threads(_run_share, [(sh,) for sh in shares])
 
 
 def _run_share(share) -> None:
-    for p in share:
-        _tiled_product(*p)
+    for fn, *args in share:
+        fn(*args)
 
 
 def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, layer: int, pos0: int, scale: float,
@@ -244,7 +305,7 @@ def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, layer: int, 
     """Causal attention of queries q (T, n_head, hd) at positions pos0.. over a layer
     of the KV cache, which already holds their own keys and values.
 
-    k_cache: (n_layer, n_kv, n_ctx, hd) float32, v_cache likewise. window > 0 limits each
+    k_cache: (n_layer, n_kv, n_ctx, hd) float16 bits (uint16), v_cache likewise. window > 0 limits each
     query to its last `window` positions (sliding-window layers). Returns
     (T, n_head, hd_v). Heads are shared among the prefill threads.
     """

@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit
 
 from .qdot import f16_bits, matvec_rows, quantize_q8_serial, round_f16
-from .quants import _BF16, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q4_K, _Q5_K, _Q6_K, dequant_row
+from .quants import _BF16, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q4_K, _Q5_K, _Q6_K, dequant_row, h2f
 
 SLOTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 VECS = ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm",
@@ -154,7 +154,7 @@ def _attend_head(q, qo, kc, vc, layer, kvh, pos, window, hd, hd_v, scale, s, qh,
         kt = k[t]
         acc = np.float32(0.0)
         for i in range(hd):
-            acc += qh[i] * kt[i]
+            acc += qh[i] * h2f(kt[i])
         acc *= np.float32(scale)
         s[t] = acc
         if acc > m:
@@ -170,7 +170,7 @@ def _attend_head(q, qo, kc, vc, layer, kvh, pos, window, hd, hd_v, scale, s, qh,
         p = round_f16(s[t] / tot)
         vt = v[t]
         for i in range(hd_v):
-            o[i] += p * vt[i]
+            o[i] += p * h2f(vt[i])
 
 
 @njit(nogil=True, cache=True)
@@ -187,7 +187,7 @@ def _attend(q, kc, vc, layer, pos, n_head, n_kv, hd, hd_v, scale, window, out):
 def attend_queries(q, kc, vc, layer, pos0, n_head, n_kv, hd, hd_v, scale, window, out, h0, h1):
     """Prefill attention, causal: queries q (T, n_head * hd) at positions pos0.. over
     the cache (already holding them), heads h0..h1-1 only (a thread's share).
-    out: (T, n_head * hd_v)."""
+    kc, vc: float16 bits as uint16. out: (T, n_head * hd_v)."""
     g = n_head // n_kv
     T = q.shape[0]
     s = np.empty(pos0 + T, dtype=np.float32)
@@ -206,8 +206,8 @@ def _mat(arena, mats, i):
 
 @njit(nogil=True, cache=True)
 def decode_step(tok, pos, arena, mats, qt, vecs, swa, kc, vc, ip, fp, lut, all_rows, logits):
-    """Run token `tok` at position `pos`: fill the KV caches kc/vc (float32 holding
-    f16-rounded values, (n_layer, n_kv, n_ctx, hd)) and write the logits.
+    """Run token `tok` at position `pos`: fill the KV caches kc/vc (float16 bits as
+    uint16, (n_layer, n_kv, n_ctx, hd)) and write the logits.
 
     Weight matrix i is _mat(arena, mats, i) = (offset, rows, row_bytes) in the byte buffer `arena`
     (the mapped model file), in SLOTS order per layer, then token_embd and output."""
@@ -255,9 +255,9 @@ def decode_step(tok, pos, arena, mats, qt, vecs, swa, kc, vc, ip, fp, lut, all_r
         _rope(k, n_kv, hd, pos, n_rot, rb, rs, neox)
         for hh in range(n_kv):
             for i in range(hd):
-                kc[l, hh, pos, i] = round_f16(k[hh * hd + i])
+                kc[l, hh, pos, i] = np.uint16(f16_bits(k[hh * hd + i]))
             for i in range(hd_v):
-                vc[l, hh, pos, i] = round_f16(v[hh * hd_v + i])
+                vc[l, hh, pos, i] = np.uint16(f16_bits(v[hh * hd_v + i]))
         sc = fp[F_ATTN_SCALE]
         if scale_q:
             for i in range(q.shape[0]):

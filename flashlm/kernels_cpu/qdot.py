@@ -104,21 +104,15 @@ def _quantize_q8_token(x, t, block, xq, xd, xs, isum):
             isum[t, b] = s
 
 
-@njit(nogil=True, cache=True, parallel=True)
-def quantize_q8(x, block, xq, xd, xs, isum):
-    """Quantize activations x (T, n) as llama.cpp does for its vec_dot types.
+@njit(nogil=True, cache=True)
+def quantize_q8_serial(x, block, xq, xd, xs, isum):
+    """Quantize activations x (T, n) as llama.cpp does for its vec_dot types, on the
+    calling thread (callers bring their own threads).
 
     block 32 (Q8_0 / Q8_1): xd = f16(amax / 127) per block; xs = f16(d * sum(q)) (Q8_1's s).
     block 256 (Q8_K): xd = 1 / (-127 / max) in f32; isum = sums of q per 16 (bsums).
     For block 32, isum holds the sum of q per block. xq: (T, n) int8.
     """
-    for t in prange(x.shape[0]):
-        _quantize_q8_token(x, t, block, xq, xd, xs, isum)
-
-
-@njit(nogil=True, cache=True)
-def quantize_q8_serial(x, block, xq, xd, xs, isum):
-    """quantize_q8 on the calling thread only (inside other compiled or threaded work)."""
     for t in range(x.shape[0]):
         _quantize_q8_token(x, t, block, xq, xd, xs, isum)
 

@@ -67,6 +67,18 @@ def _f32_bits(typingctx, v):
 
 
 @intrinsic
+def h2f(typingctx, b):
+    """The float16 whose bits are b (a uint16), as float32 (vcvtph2ps when vectorized)."""
+    if b != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(b), codegen
+
+
+@intrinsic
 def _bits_f32(typingctx, b):
     """The float32 whose bits are the low 32 bits of the integer b."""
     if not isinstance(b, types.Integer):

@@ -17,7 +17,8 @@ Two code paths behind one interface:
 - "avx2": x86's own intrinsics (`llvm.x86.avx2.*`), chosen when the host has AVX2;
 - "generic": plain LLVM vector IR that any target compiles (ARM, older x86).
 
-`FLASHLM_SIMD=generic` forces the portable path (tests check both give the same).
+`FLASHLM_SIMD=generic` forces the portable path (tests check both give the same);
+`FLASHLM_SIMD=avx2` keeps AVX2 but not VNNI's `vpdpbusd` (see `VNNI`).
 
 Value ranges the callers keep (as llama.cpp does): `dot_us`'s unsigned operand is at
 most 255 and a pair of its products fits int16 (6-bit codes times int8: 16002).
@@ -45,6 +46,22 @@ def _pick_mode() -> str:
 
 
 MODE = _pick_mode()
+
+
+def _has_vnni() -> bool:
+    """Whether the host has vpdpbusd on 256-bit vectors (AVX512-VNNI with VL, or AVX-VNNI)."""
+    if MODE != "avx2" or os.environ.get("FLASHLM_SIMD", "").strip().lower() == "avx2":
+        return False
+    try:
+        f = llvm.get_host_cpu_features()
+        return bool((f.get("avx512vnni") and f.get("avx512vl")) or f.get("avxvnni"))
+    except Exception:
+        return False
+
+
+# vpdpbusd (u8 x i8 products summed in fours, added to i32 lanes, one instruction): the
+# prefill GEMM's core. Without it `dpbusd` is emulated exactly, and slower than BLAS.
+VNNI = _has_vnni()
 
 _I1, _I8, _I16, _I32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32)
 _F32 = ir.FloatType()
@@ -158,14 +175,21 @@ def _lane_op(name, ret, emit, doc):
 # -- loads and unpacking -------------------------------------------------------------
 
 
-@intrinsic
-def load32(typingctx, arr, off):
-    """The 32 bytes arr[off:off + 32] (a uint8 or int8 array)."""
-    def codegen(context, builder, sig, args):
-        p = _ptr(context, builder, sig.args[0], args[0], args[1])
-        return builder.load(builder.bitcast(p, _LB.as_pointer()), align=1)
+def _loader(name, vty, ret, align, doc):
+    """An intrinsic (arr, off) loading one vector of type vty from &arr[off]."""
+    def typer(typingctx, arr, off):
+        def codegen(context, builder, sig, args):
+            p = _ptr(context, builder, sig.args[0], args[0], args[1])
+            return builder.load(builder.bitcast(p, vty.as_pointer()), align=align)
 
-    return v32b(arr, off), codegen
+        return ret(arr, off), codegen
+
+    typer.__name__, typer.__doc__ = name, doc
+    return intrinsic(typer)
+
+
+load32 = _loader("load32", _LB, v32b, 1, "The 32 bytes arr[off:off + 32] (a uint8 or int8 array).")
+load8f = _loader("load8f", _LF, v8f, 4, "The 8 floats arr[off:off + 8].")
 
 
 @intrinsic
@@ -250,6 +274,58 @@ def dot_ss(typingctx, a, b):
         return _maddwd(builder, _pairs(builder, p, 32), _const(_LW, 1))
 
     return v8i(a, b), codegen
+
+
+@intrinsic
+def dpbusd(typingctx, acc, u, s):
+    """acc + (the products u[4i..4i+3] . s[4i..4i+3] summed) in int32 lane i: unsigned
+    codes u, int8 activations s (vpdpbusd; exact, no saturation)."""
+    def codegen(context, builder, sig, args):
+        acc, u, s = args
+        if VNNI:
+            return _call(builder, "llvm.x86.avx512.vpdpbusd.256", _LI,
+                         [acc, builder.bitcast(u, _LI), builder.bitcast(s, _LI)])
+        p = builder.mul(builder.zext(u, ir.VectorType(_I32, 32)), builder.sext(s, ir.VectorType(_I32, 32)))
+        p = _pairs(builder, _pairs(builder, p, 32), 16)
+        return builder.add(acc, p)
+
+    return v8i(acc, u, s), codegen
+
+
+@intrinsic
+def bcast4(typingctx, arr, off):
+    """The 4 bytes arr[off:off + 4] repeated in all 8 lanes of 32 bytes."""
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        w = builder.load(builder.bitcast(p, _I32.as_pointer()), align=1)
+        return builder.bitcast(_splat(builder, w, _LI), _LB)
+
+    return v32b(arr, off), codegen
+
+
+@intrinsic
+def store8f(typingctx, arr, off, v):
+    """arr[off:off + 8] = the 8 lanes of v (a float32 array)."""
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(p, _LF.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(arr, off, v), codegen
+
+
+@intrinsic
+def scale2(typingctx, v, a, s, c, z, acc):
+    """acc + float(v) * (a * s) + c * z, lane by lane (a, c vectors; s, z scalars): a
+    block's integer sums scaled by weight and activation scales, plus its offset term."""
+    def codegen(context, builder, sig, args):
+        v, a, s, c, z, acc = args
+        sv = _splat(builder, context.cast(builder, s, sig.args[2], types.float32), _LF)
+        zv = _splat(builder, context.cast(builder, z, sig.args[4], types.float32), _LF)
+        acc = _call(builder, "llvm.fma.v8f32", _LF, [builder.sitofp(v, _LF), builder.fmul(a, sv), acc])
+        return _call(builder, "llvm.fma.v8f32", _LF, [c, zv, acc])
+
+    return v8f(v, a, s, c, z, acc), codegen
 
 
 zeros_i = _lane_op("zeros_i", v8i, lambda b: _const(_LI, 0), "Eight int32 zeros.")

@@ -21,9 +21,9 @@ class Cancelled(Exception):
 class KVCache:
     """Keys and values of every position so far, up to n_ctx.
 
-    k: (n_layer, n_head_kv, capacity, head_dim), v likewise with v_head_dim. Values are
-    rounded to float16 as in llama.cpp's default cache (the same rounding), and held
-    as float32 so the compiled decode step reads them without conversion.
+    k: (n_layer, n_head_kv, capacity, head_dim) float16, v likewise with v_head_dim:
+    llama.cpp's default cache type, and half the memory of float32. (The kernels take
+    them as uint16 bits, `k16`/`v16`, and convert as they read.)
     The capacity grows (doubling, up to n_ctx) as positions are used: memory follows
     the conversation, not the context size. (A lazily mapped n_ctx-sized array does
     not: transparent huge pages make the first touch of each 2 MiB resident.)
@@ -40,8 +40,8 @@ class KVCache:
 
     def _grow(self, cap: int):
         (lead, hd, hd_v), old = self._shape, (0 if self.k is None else self.k.shape[2])
-        k = np.empty(lead + (cap, hd), dtype=np.float32)
-        v = np.empty(lead + (cap, hd_v), dtype=np.float32)
+        k = np.empty(lead + (cap, hd), dtype=np.float16)
+        v = np.empty(lead + (cap, hd_v), dtype=np.float16)
         if old:
             k[:, :, :old] = self.k
             v[:, :, :old] = self.v
@@ -61,6 +61,14 @@ class KVCache:
         self.reserve(pos0 + T)
         self.k[layer, :, pos0:pos0 + T] = k.transpose(1, 0, 2).astype(np.float16)
         self.v[layer, :, pos0:pos0 + T] = v.transpose(1, 0, 2).astype(np.float16)
+
+    @property
+    def k16(self) -> np.ndarray:
+        return self.k.view(np.uint16)
+
+    @property
+    def v16(self) -> np.ndarray:
+        return self.v.view(np.uint16)
 
     @property
     def nbytes_used(self) -> int:
@@ -129,7 +137,7 @@ class DecoderLM:
         if self.scale_q:
             q *= np.float32(scale)
             scale = 1.0
-        o = K.attend(q, kv.k, kv.v, i, pos0, scale, cfg.sliding_window if swa else 0)
+        o = K.attend(q, kv.k16, kv.v16, i, pos0, scale, cfg.sliding_window if swa else 0)
         (o,) = self._proj(o.reshape(T, -1), i, ("attn_output",))
         if self.post_norms:
             o = K.rmsnorm(o, vec["post_attention_norm"], cfg.rms_eps)

@@ -78,6 +78,6 @@ class FusedDecoder:
         self.ip[D.I_THREADS] = numba.get_num_threads()
         logits = np.empty(self.cfg.n_vocab, dtype=np.float32)
         kv.reserve(pos + 1)
-        D.decode_step(tok, pos, self.arena, self.mats, self.qt, self.vecs, self.swa, kv.k, kv.v, self.ip, self.fp,
+        D.decode_step(tok, pos, self.arena, self.mats, self.qt, self.vecs, self.swa, kv.k16, kv.v16, self.ip, self.fp,
                       F16_TABLE, self.all_rows, logits)
         return logits
