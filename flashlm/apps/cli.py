@@ -1,4 +1,4 @@
-"""The `flashlm` command line: run, chat, pull, list, info, bench, probe-disk.
+"""The `flashlm` command line: run, chat, pull, list, info, bench, convert, probe-disk.
 
 Errors a user can cause print one line and exit 2; bugs keep their traceback.
 """
@@ -130,6 +130,27 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..flashload.layout import convert
+    from ..runtime.registry import resolve
+
+    src = resolve(args.model)
+    if not args.flash:
+        raise InvalidArgumentError("say which layout to write: --flash OUT (the only one so far)")
+    if os.path.isdir(src):
+        raise InvalidArgumentError(f"{src} is a folder; convert takes a .gguf model")
+    with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), transient=True) as progress:
+        task = progress.add_task("", total=None)
+        out = convert(src, args.flash, force=args.force,
+                      progress=lambda done, total, name: progress.update(task, completed=done, total=total,
+                                                                         description=name))
+    print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB, flash layout)")
+    return 0
+
+
 def cmd_probe_disk(args) -> int:
     from ..flashload.probe import format_probe, probe_disk
 
@@ -186,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", action="store_true",
                    help="instead: the kernel micro-benchmark (GB/s of weights per type and shape)")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("convert", help="write a model in the flash layout (FFN neurons bundled for streaming)",
+                       epilog="examples:\n  flashlm convert -m smollm2-135m --flash smollm2.flash.gguf\n"
+                              "  flashlm run -m smollm2.flash.gguf -p \"Hello\"   # FFN weights streamed from disk",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", default=None, help="a .gguf path or registry name (default: smollm2-135m)")
+    p.add_argument("--flash", metavar="OUT", default=None, help="write the flash layout to OUT")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.set_defaults(func=cmd_convert)
     p = sub.add_parser("probe-disk", help="measure this disk's read curve (direct I/O) for flashload",
                        epilog="examples:\n  flashlm probe-disk\n  flashlm probe-disk --dir /mnt/ssd --seconds 1",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

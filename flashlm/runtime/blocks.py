@@ -145,8 +145,12 @@ class DecoderLM:
 
     def _ffn(self, i: int, h: np.ndarray) -> np.ndarray:
         s = self.store
-        g, u = K.linear_many(h, [s.get(f"blk.{i}.ffn_gate.weight"), s.get(f"blk.{i}.ffn_up.weight")])
-        d = K.linear(K.glu(g, u, self.activation == "gelu"), s.get(f"blk.{i}.ffn_down.weight"))
+        if hasattr(s, "ffn"):  # streamed (flashload): the neurons this token needs
+            gate, up, down = s.ffn(i)
+        else:
+            gate, up, down = (s.get(f"blk.{i}.{n}.weight") for n in ("ffn_gate", "ffn_up", "ffn_down"))
+        g, u = K.linear_many(h, [gate, up])
+        d = K.linear(K.glu(g, u, self.activation == "gelu"), down)
         if self.post_norms:
             d = K.rmsnorm(d, self.layers[i]["post_ffw_norm"], self.cfg.rms_eps)
         return d

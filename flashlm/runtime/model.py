@@ -12,6 +12,8 @@ import numpy as np
 import psutil
 
 from .. import kernels_cpu
+from ..flashload.layout import KEY as FLASH_KEY
+from ..flashload.store import FlashStore
 from ..errors import ContextLengthError, FlashLMError, InvalidArgumentError
 from ..units import format_size, parse_size
 from . import hf, registry
@@ -66,7 +68,10 @@ class Model:
         if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
             raise InvalidArgumentError(f"n_threads must be a positive integer, got {n_threads!r}")
         self.n_threads = kernels_cpu.set_threads(n_threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-        self.store = WeightStore(self.file)
+        if self.file.kind == "gguf" and FLASH_KEY + ".version" in self.file.metadata:
+            self.store = FlashStore(self.file)  # FFN neurons streamed from the flash layout
+        else:
+            self.store = WeightStore(self.file)
         self.memory_budget = None
         if memory_budget is not None:
             self.memory_budget = parse_size(memory_budget)
