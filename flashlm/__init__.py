@@ -18,13 +18,16 @@ __version__ = "0.1.0"
 
 
 def load(model: str | os.PathLike | None = None, *, n_ctx: int | None = None, n_threads: int | None = None,
-         memory_budget: str | int | None = None) -> Model:
+         memory_budget: str | int | None = None, streaming=None) -> Model:
     """Load a model: a .gguf path, an HF folder, or a registry name ("smollm2-135m",
     "gemma3-270m"; fetched into the cache on first use). None loads the default model.
 
     n_ctx: context length (default min(4096, the model's)); n_threads: kernel threads
     (default: physical cores); memory_budget: bytes or a size like "800MB".
+    streaming: for a flash-layout file (`flashlm convert --flash`), how its FFN neurons
+    are streamed: a flashload.store.StreamSettings or a dict of its fields.
     """
     from .runtime.registry import resolve
 
-    return Model(resolve(model), n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget)
+    return Model(resolve(model), n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget,
+                 streaming=streaming)

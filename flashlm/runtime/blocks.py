@@ -145,12 +145,11 @@ class DecoderLM:
 
     def _ffn(self, i: int, h: np.ndarray) -> np.ndarray:
         s = self.store
-        if hasattr(s, "ffn"):  # streamed (flashload): the neurons this token needs
-            gate, up, down = s.ffn(i)
+        if hasattr(s, "ffn_forward"):  # streamed (flashload): the neurons this token needs
+            d = s.ffn_forward(i, h, self.activation == "gelu")
         else:
-            gate, up, down = (s.get(f"blk.{i}.{n}.weight") for n in ("ffn_gate", "ffn_up", "ffn_down"))
-        g, u = K.linear_many(h, [gate, up])
-        d = K.linear(K.glu(g, u, self.activation == "gelu"), down)
+            g, u = K.linear_many(h, [s.get(f"blk.{i}.ffn_gate.weight"), s.get(f"blk.{i}.ffn_up.weight")])
+            d = K.linear(K.glu(g, u, self.activation == "gelu"), s.get(f"blk.{i}.ffn_down.weight"))
         if self.post_norms:
             d = K.rmsnorm(d, self.layers[i]["post_ffw_norm"], self.cfg.rms_eps)
         return d

@@ -13,7 +13,7 @@ import psutil
 
 from .. import kernels_cpu
 from ..flashload.layout import KEY as FLASH_KEY
-from ..flashload.store import FlashStore
+from ..flashload.store import FlashStore, StreamSettings
 from ..errors import ContextLengthError, FlashLMError, InvalidArgumentError
 from ..units import format_size, parse_size
 from . import hf, registry
@@ -49,7 +49,7 @@ class Model:
     """A loaded model. Use `flashlm.load(...)` to make one; close it (or use `with`)."""
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
-                 memory_budget: str | int | None = None):
+                 memory_budget: str | int | None = None, streaming=None):
         t0 = time.perf_counter()
         self.path = Path(path)
         if self.path.is_dir():
@@ -69,7 +69,9 @@ class Model:
             raise InvalidArgumentError(f"n_threads must be a positive integer, got {n_threads!r}")
         self.n_threads = kernels_cpu.set_threads(n_threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
         if self.file.kind == "gguf" and FLASH_KEY + ".version" in self.file.metadata:
-            self.store = FlashStore(self.file)  # FFN neurons streamed from the flash layout
+            if isinstance(streaming, dict):
+                streaming = StreamSettings(**streaming)
+            self.store = FlashStore(self.file, streaming)  # FFN neurons streamed from the flash layout
         else:
             self.store = WeightStore(self.file)
         self.memory_budget = None
