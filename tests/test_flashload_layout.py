@@ -120,9 +120,11 @@ def test_top_fraction_and_settings():
         flashlm.flashload.store.StreamSettings(keep=0)
 
 
+@pytest.mark.parametrize("bundled", [True, False])
 @pytest.mark.parametrize("predictor", ["gate", "lowrank"])
-def test_predictors_stream_only_the_kept_neurons(predictor, flash_files):
-    m = flashlm.Model(flash_files["smollm2"], n_threads=2, streaming=dict(predictor=predictor, keep=0.5, window=0))
+def test_predictors_stream_only_the_kept_neurons(predictor, bundled, flash_files):
+    m = flashlm.Model(flash_files["smollm2"], n_threads=2,
+                      streaming=dict(predictor=predictor, keep=0.5, window=0, bundled=bundled))
     m.store.take_stats()
     text = m.generate(PROMPT, max_tokens=4, temperature=0.0)
     assert text.strip()
@@ -130,8 +132,11 @@ def test_predictors_stream_only_the_kept_neurons(predictor, flash_files):
     n_ff = sum(lb.n_ff for lb in m.store.plans)
     assert all(s.needed == n_ff // 2 and s.hits == 0 for s in decode)
     rec = m.store.plans[0]
-    per_neuron = rec.up_bytes + rec.down_bytes + (rec.gate_bytes if predictor == "lowrank" else 0)
+    # bundled: whole records (the gate part too: it lies between the parts wanted); else the rows the window keeps
+    per_neuron = rec.bundle_bytes if bundled else rec.up_bytes + rec.down_bytes + (rec.gate_bytes if predictor == "lowrank" else 0)
     assert all(s.bytes_requested == s.needed * per_neuron <= s.bytes_read for s in decode)
+    if not bundled:
+        assert all(s.reads == s.needed * (3 if predictor == "lowrank" else 2) for s in decode)
 
 
 def test_convert_refuses_to_overwrite_and_rejects_non_flash_files(flash_files, smollm2_path, tmp_path, capsys):
@@ -145,3 +150,80 @@ def test_convert_refuses_to_overwrite_and_rejects_non_flash_files(flash_files, s
         layout.read_plans(GGUFModelFile(smollm2_path))
     assert main(["convert", "-m", str(smollm2_path), "--flash", str(tmp_path / "s.gguf"), "--force"]) == 0
     assert "flash layout" in capsys.readouterr().out
+
+
+def test_memory_plan_fits_the_budget_and_names_the_minimum(flash_files, capsys):
+    path = flash_files["smollm2"]
+    m = flashlm.Model(path, n_ctx=256, n_threads=2, memory_budget="112MB")
+    plan, store = m.plan, m.store
+    assert plan.resident + plan.predictor + plan.kv + plan.buffers + plan.window <= plan.budget
+    for win, cap, lb in zip(store.windows, plan.capacities, store.plans):
+        assert win.cap == cap <= lb.n_ff
+        assert win.gate.shape[1] == 0  # the gate predictor holds the gate: windows keep up and down rows only
+        assert cap >= int(np.ceil(0.8 * lb.n_ff))  # one token's neurons fit
+    assert sum(plan.capacities) < plan.n_ff  # 112 MB does not hold every neuron
+    text = m.generate(PROMPT, max_tokens=6, temperature=0.0)
+    assert text.strip() and max(w.n for w in store.windows) <= max(plan.capacities)
+    m.close()
+    with pytest.raises(FlashLMError, match=r"below the minimum ([0-9.]+) MiB"):
+        flashlm.Model(path, n_ctx=256, memory_budget="60MB")
+    assert main(["info", "-m", str(path), "--memory-budget", "112MB", "-c", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan for a budget of 106.8 MiB" in out and "neuron window" in out and "layout:       flash" in out
+    assert main(["run", "-m", str(path), "--memory-budget", "60MB", "-c", "256", "-p", "Hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "minimum" in err
+    assert main(["run", "-m", str(path), "--keep", "1", "-p", "Hi", "-n", "2"]) == 0  # keep 1: every neuron
+    assert main(["run", "-m", str(path), "--keep", "2", "-p", "Hi"]) == 2
+    assert "keep must be in (0, 1]" in capsys.readouterr().err
+    assert main(["run", "-m", str(path), "--window", "-1", "-p", "Hi"]) == 2
+    assert "window must be >= 0" in capsys.readouterr().err
+
+
+def test_window_zero_shares_one_buffer_between_layers(flash_files):
+    m = flashlm.Model(flash_files["smollm2"], n_ctx=64, n_threads=2, streaming=dict(predictor="gate", window=0))
+    bases = {w.up.base.ctypes.data if w.up.base is not None else None for w in m.store.windows}
+    assert len(bases) == 1 and None not in bases
+    assert m.generate(PROMPT, max_tokens=3, temperature=0.0).strip()
+
+
+def test_unbundled_reads_are_one_per_range(tmp_path):
+    from flashlm.flashload.io import ReadEngine
+
+    path = tmp_path / "f.bin"
+    data = np.random.default_rng(0).integers(0, 256, 1 << 16, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    ranges = [(100, 300), (400, 500), (900, 50)]  # adjacent and in one page: merged when bundled
+    for merge, reads in ((True, 1), (False, 3)):
+        outs = [np.empty(n, np.uint8) for _, n in ranges]
+        with ReadEngine(path, n_threads=2, merge=merge) as e:
+            e.read_ranges(ranges, outs)
+            assert e.stats.reads == reads
+        for (off, n), o in zip(ranges, outs):
+            np.testing.assert_array_equal(o, data[off:off + n])
+
+
+def test_chat_footer_shows_what_a_streamed_model_read(flash_files):
+    import asyncio
+
+    from flashlm.apps.chat import ChatApp, Prompt
+
+    model = flashlm.Model(flash_files["smollm2"], n_ctx=512, n_threads=2)
+
+    async def go():
+        app = ChatApp(model, temperature=0, max_tokens=8)
+        async with app.run_test(size=(140, 30)) as pilot:
+            box = app.query_one(Prompt)
+            box.text = "Hello!"
+            box.move_cursor(box.document.end)
+            box.focus()
+            await pilot.press("enter")
+            for _ in range(600):
+                await pilot.pause(0.05)
+                if app.last is not None and not app.generating:
+                    break
+            status = str(app.query_one("#status").render())
+            assert "MB from disk" in status and "window hits" in status, status
+
+    asyncio.run(go())
+    model.close()

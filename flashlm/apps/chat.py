@@ -88,17 +88,18 @@ class ChatApp(App):
                 Binding("ctrl+c", "ctrl_c", "stop / quit", show=False, priority=True)]
 
     def __init__(self, model=None, *, n_ctx: int | None = None, n_threads: int | None = None,
-                 memory_budget=None, system: str | None = None, **settings):
+                 memory_budget=None, system: str | None = None, streaming=None, **settings):
         super().__init__()
         self._spec = model
         self.model = model if hasattr(model, "chat") else None
-        self._load_kw = dict(n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget)
+        self._load_kw = dict(n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget, streaming=streaming)
         self.system = system
         self.messages: list[dict] = []
         self.settings = {"max_tokens": 512, **settings}
         self.generating = False
         self._quit_armed = 0.0
         self.last = None  # the last reply's final Chunk
+        self._streamed = None  # (MB read from disk, window hit rate) of the last reply, for a streamed model
 
     # -- layout ---------------------------------------------------------------------
 
@@ -154,6 +155,15 @@ class ChatApp(App):
         rss = psutil.Process().memory_info().rss / 1e6
         budget = getattr(self.model, "memory_budget", None)
         parts.append(f"RSS {rss:.0f} MB" + (f" / budget {budget / 1e6:.0f} MB" if budget else ""))
+        take = getattr(self.model.store, "take_stats", None)
+        if take is not None:  # a streamed (flash-layout) model: what the last reply read from disk
+            stats = take()
+            if stats:
+                decode = [s for s in stats if s.tokens == 1]
+                hit = sum(s.hits for s in decode) / max(1, sum(s.needed for s in decode))
+                self._streamed = (sum(s.bytes_read for s in stats) / 1e6, hit)
+            if self._streamed:
+                parts.append(f"read {self._streamed[0]:.0f} MB from disk, window hits {self._streamed[1]:.0%}")
         self._set_status("  |  ".join(parts))
 
     # -- input ----------------------------------------------------------------------

@@ -35,6 +35,22 @@ def _add_model(p: argparse.ArgumentParser):
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default min(4096, model's))")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
     p.add_argument("--memory-budget", default=None, help="memory the model may use, e.g. 800MB or 2GiB")
+    g = p.add_argument_group("streaming (models in the flash layout, see `flashlm convert`)")
+    g.add_argument("--predictor", choices=["gate", "lowrank", "none"], default="gate",
+                   help="which neurons a token loads: gate (exact, gate resident), lowrank (SVD estimate), "
+                        "none (all) (default gate)")
+    g.add_argument("--keep", type=float, default=None, help="fraction of FFN neurons a token keeps (default 0.8)")
+    g.add_argument("--window", type=int, default=None, help="tokens whose neurons stay in memory (default 4)")
+
+
+def _streaming(args) -> dict:
+    """The StreamSettings fields the command line set."""
+    out = {"predictor": None if args.predictor == "none" else args.predictor}
+    if args.keep is not None:
+        out["keep"] = args.keep
+    if args.window is not None:
+        out["window"] = args.window
+    return out
 
 
 def cmd_chat(args) -> int:
@@ -43,14 +59,15 @@ def cmd_chat(args) -> int:
 
     path = resolve(args.model)  # a missing file or unknown name fails here, before the UI
     return run_chat(path, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
-                    system=args.system, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
+                    streaming=_streaming(args), system=args.system, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed)
 
 
 def cmd_run(args) -> int:
     import flashlm
 
-    model = flashlm.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget)
+    model = flashlm.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
+                         streaming=_streaming(args))
     with model:
         last = None
         for c in model.stream(args.prompt, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
@@ -68,6 +85,14 @@ def cmd_run(args) -> int:
                   f"generation: {last.n_generated} tokens, {last.tokens_per_second:.1f} tok/s | "
                   f"finish: {last.finish_reason} | RSS {rss / 2**20:.0f} MiB | load {model.load_seconds:.2f} s",
                   file=sys.stderr)
+            stats = getattr(model.store, "take_stats", lambda: [])()
+            if stats:
+                total = sum(s.bytes_read for s in stats)
+                decode = [s for s in stats if s.tokens == 1]
+                hit = sum(s.hits for s in decode) / max(1, sum(s.needed for s in decode))
+                print(f"streamed: {total / 1e6:.1f} MB read from disk in {sum(s.reads for s in stats)} reads | "
+                      f"decode {sum(s.bytes_read for s in decode) / max(1, len(decode)) / 1e6:.2f} MB/token, "
+                      f"window hit rate {hit:.0%}", file=sys.stderr)
     return 0
 
 
@@ -99,7 +124,8 @@ def cmd_info(args) -> int:
     from ..units import format_size
 
     t0 = time.perf_counter()
-    with flashlm.load(args.model, n_ctx=args.ctx_size, memory_budget=args.memory_budget) as m:
+    with flashlm.load(args.model, n_ctx=args.ctx_size, memory_budget=args.memory_budget,
+                      streaming=_streaming(args)) as m:
         cfg = m.config
         types = Counter(t.qtype.name for t in m.file.tensors.values())
         print(f"model:        {m.name} ({m.path})")
@@ -108,6 +134,12 @@ def cmd_info(args) -> int:
         print(f"weights:      {format_size(m.store.resident_bytes)} "
               f"({', '.join(f'{k} x{v}' for k, v in types.most_common())})")
         print(f"context:      {m.n_ctx} (trained {cfg.n_ctx_train}); KV cache {format_size(m.n_ctx * cfg.kv_bytes_per_token // 2)} at f16")
+        if hasattr(m.store, "plans"):
+            st = m.store.settings
+            print(f"layout:       flash; FFN neurons streamed ({sum(lb.n_ff for lb in m.store.plans):,} records), "
+                  f"predictor {st.predictor or 'none'}, keep {st.keep if st.predictor else 1.0}, window {st.window}")
+        if m.plan is not None:
+            print(m.plan.table())
         print(f"loaded in:    {time.perf_counter() - t0:.2f} s")
     return 0
 
@@ -152,7 +184,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_probe_disk(args) -> int:
-    from ..flashload.probe import format_probe, probe_disk
+    from ..flashload.probe import format_probe, probe_disk, save_probe
 
     if args.size_mib < 16 or args.seconds <= 0:
         raise InvalidArgumentError("--size-mib must be at least 16 and --seconds positive")
@@ -161,6 +193,7 @@ def cmd_probe_disk(args) -> int:
     rows = probe_disk(args.dir, file_mib=args.size_mib, seconds=args.seconds,
                       progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     print(format_probe(rows))
+    print(f"saved to {save_probe(rows)} (streamed models read it at load)")
     return 0
 
 
@@ -191,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pull)
     p = sub.add_parser("list", help="list registry models")
     p.set_defaults(func=cmd_list)
-    p = sub.add_parser("info", help="describe a model", epilog="examples:\n  flashlm info -m gemma3-270m",
+    p = sub.add_parser("info", help="describe a model", epilog="examples:\n  flashlm info -m gemma3-270m\n"
+                              "  flashlm info -m smollm2.flash.gguf --memory-budget 150MB -c 512",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model(p)
     p.set_defaults(func=cmd_info)

@@ -86,10 +86,11 @@ class ReadEngine:
     """
 
     def __init__(self, path: str | os.PathLike, n_threads: int = 8, direct: bool = True,
-                 max_gap: int = 64 * 1024, max_read: int = 1 << 20):
+                 max_gap: int = 64 * 1024, max_read: int = 1 << 20, merge: bool = True):
         self.path = os.fspath(path)
         self.size = os.path.getsize(self.path)
         self.max_gap, self.max_read = max_gap, max_read
+        self.merge = merge  # False: one read per range, even for ranges sharing a page
         self.direct = False
         if direct and hasattr(os, "O_DIRECT"):
             try:
@@ -138,7 +139,11 @@ class ReadEngine:
         for off, n in ranges:
             if off < 0 or n < 0 or off + n > self.size:
                 raise ValueError(f"range ({off}, {n}) is outside {self.path} ({self.size} bytes)")
-        reads = coalesce(ranges, self.max_gap, self.max_read, ALIGN if self.direct else 1)
+        if self.merge:
+            reads = coalesce(ranges, self.max_gap, self.max_read, ALIGN if self.direct else 1)
+        else:
+            a = ALIGN if self.direct else 1
+            reads = [(off // a * a, _round_up(off + n, a) - off // a * a, [i]) for i, (off, n) in enumerate(ranges)]
         jobs = [self.pool.submit(self._read_one, s, n, m, ranges, outs) for s, n, m in reads]
         for j in jobs:
             j.result()

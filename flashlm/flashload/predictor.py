@@ -11,16 +11,21 @@ top-k, which is what a per-layer calibrated threshold gives on average).
   compute.
 - "lowrank": a rank-r truncated SVD of the gate (W_gate ~ B A, made by the converter)
   estimates the gate; the kept neurons' true gate rows come with their records.
-  Costs r (n_embd + n_ff) floats per layer and little compute.
+  Costs r (n_embd + n_ff) bytes per layer (the factors held as Q8_0) and two small
+  integer products.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
 
 from .. import kernels_cpu as K
+from ..errors import ModelFormatError
 
 PREDICTORS = ("gate", "lowrank")
+Q8_0 = GGMLQuantizationType.Q8_0
 
 
 def act(g: np.ndarray, gelu: bool) -> np.ndarray:
@@ -30,9 +35,14 @@ def act(g: np.ndarray, gelu: bool) -> np.ndarray:
         return K.silu(g)
 
 
+def n_keep(keep: float, n: int) -> int:
+    """Neurons a token keeps of n: ceil(keep * n), at least one."""
+    return max(1, min(n, int(np.ceil(keep * n))))
+
+
 def top_fraction(score: np.ndarray, keep: float) -> np.ndarray:
-    """Indices of the ceil(keep * n) largest scores, ascending."""
-    k = max(1, min(score.shape[0], int(np.ceil(keep * score.shape[0]))))
+    """Indices of the n_keep(keep, n) largest scores, ascending."""
+    k = n_keep(keep, score.shape[0])
     if k == score.shape[0]:
         return np.arange(k)
     idx = np.argpartition(-score, k - 1)[:k]
@@ -45,6 +55,7 @@ class GatePredictor:
 
     def __init__(self, store):
         self.gates = [store.file.tensors[f"blk.{lb.layer}.ffn_gate.weight"] for lb in store.plans]
+        self.nbytes = sum(g.nbytes for g in self.gates)  # mapped, touched every token
 
     def scores(self, i: int, x: np.ndarray, gelu: bool) -> tuple[np.ndarray, np.ndarray]:
         g = K.matvec(x, self.gates[i])
@@ -60,20 +71,36 @@ class LowRankPredictor:
     reads_gate = True
 
     def __init__(self, store):
-        t = store.file.tensors
-        self.a = [K.dequantize(t[f"blk.{lb.layer}.ffn_gate_lr_a"]) for lb in store.plans]
-        self.b = [K.dequantize(t[f"blk.{lb.layer}.ffn_gate_lr_b"]) for lb in store.plans]
+        t = store.file.tensors  # read with pread: the mapping's pages would stay resident too
+        if f"blk.{store.plans[0].layer}.ffn_gate_lr_a" not in t:
+            raise ModelFormatError(f"{store.file.path}: no low-rank gate factors; convert again")
+        self.a, self.b = [], []
+        for lb in store.plans:
+            a = K.dequantize(store._read_copy(t[f"blk.{lb.layer}.ffn_gate_lr_a"]))
+            b = K.dequantize(store._read_copy(t[f"blk.{lb.layer}.ffn_gate_lr_b"]))
+            pad = (-a.shape[0]) % 32  # the rank padded to whole Q8_0 blocks, with zeros
+            self.a.append(_q8_rows(np.pad(a, ((0, pad), (0, 0)))))
+            self.b.append(_q8_rows(np.pad(b, ((0, 0), (0, pad)))))
+        self.nbytes = sum(a.nbytes + b.nbytes for a, b in zip(self.a, self.b))
 
     @property
     def rank(self) -> int:
         return self.a[0].shape[0]
 
     def scores(self, i: int, x: np.ndarray, gelu: bool) -> tuple[np.ndarray, None]:
-        return np.abs(act(self.b[i] @ (self.a[i] @ x), gelu)), None
+        return np.abs(act(K.matvec(K.matvec(x, self.a[i]), self.b[i]), gelu)), None
 
     def select(self, i: int, x: np.ndarray, keep: float, gelu: bool):
         score, _ = self.scores(i, x, gelu)
         return top_fraction(score, keep), None
+
+
+def _q8_rows(m: np.ndarray):
+    """A float factor as Q8_0 rows for the int8 kernels (a quarter of float32's bytes)."""
+    from ..runtime.modelfile import TensorRef
+
+    data = np.ascontiguousarray(gguf_quants.quantize(np.ascontiguousarray(m, np.float32), Q8_0))
+    return TensorRef("lowrank", Q8_0, m.shape, data, -1)
 
 
 def make_predictor(name: str, store):

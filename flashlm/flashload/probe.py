@@ -116,6 +116,53 @@ def pick_read_size(rows: list[ProbeRow], share: float = 0.8) -> int:
     return min(s for s, v in at.items() if v >= share * best)
 
 
+def pick_gap(rows: list[ProbeRow], depth: int = 8) -> int:
+    """The largest gap worth reading through to merge two reads: what one more small
+    read costs, in bytes of streaming (bandwidth / small-read IOPS), at the queue
+    depth nearest `depth`. 32 KiB without a probe."""
+    if not rows:
+        return DEFAULT_GAP
+    d = min({r.depth for r in rows}, key=lambda x: abs(x - depth))
+    at = [r for r in rows if r.depth == d]
+    small = min(at, key=lambda r: r.read_size)
+    if small.iops <= 0:
+        return DEFAULT_GAP
+    return int(max(r.mb_s for r in at) * 1e6 / small.iops) // ALIGN * ALIGN or ALIGN
+
+
+DEFAULT_GAP = 32 << 10
+
+
+def probe_file() -> str:
+    from ..runtime.registry import home
+
+    return str(home() / "disk-probe.json")
+
+
+def save_probe(rows: list[ProbeRow]) -> str:
+    """Keep the curve where the loader looks for it (the cache folder)."""
+    import json
+    from dataclasses import asdict
+
+    path = probe_file()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump([asdict(r) for r in rows], f, indent=1)
+    return path
+
+
+def load_probe() -> list[ProbeRow]:
+    """The saved curve, or [] if `flashlm probe-disk` has not run (or its file is bad)."""
+    import json
+
+    try:
+        with open(probe_file()) as f:
+            rows = [ProbeRow(**r) for r in json.load(f)]
+        return [r for r in rows if r.iops > 0 and r.mb_s > 0]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []
+
+
 def format_probe(rows: list[ProbeRow]) -> str:
     depths = sorted({r.depth for r in rows})
     by = {(r.read_size, r.depth): r for r in rows}
@@ -127,5 +174,6 @@ def format_probe(rows: list[ProbeRow]) -> str:
         cells = [f"{by[(size, d)].mb_s:.0f} ({by[(size, d)].iops:.0f})" for d in depths]
         lines.append(f"| {size >> 10} KiB | " + " | ".join(cells) + " |")
     lines.append(f"\nflashload reads in chunks of {pick_read_size(rows) >> 10} KiB on this disk "
-                 "(the smallest size within 80% of the best throughput).")
+                 "(the smallest size within 80% of the best throughput), and merges reads less than "
+                 f"{pick_gap(rows) >> 10} KiB apart (one more read costs as much as streaming that gap).")
     return "\n".join(lines)

@@ -16,7 +16,8 @@ same computation with nothing streamed, the reference the streamed runs must equ
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,6 +27,8 @@ from ..runtime.modelfile import TensorRef
 from ..runtime.weights import WeightStore
 from .io import ReadEngine
 from .layout import FFN, read_plans
+from .plan import PREFILL_NEURONS
+from .probe import load_probe, pick_gap, pick_read_size
 from .predictor import PREDICTORS, act, make_predictor
 
 
@@ -58,11 +61,16 @@ class NeuronWindow:
     older ones are deleted by moving the last rows into their slots; new ones are
     appended. window 0 keeps nothing between tokens (every token reads what it needs)."""
 
-    def __init__(self, lb, capacity: int):
+    def __init__(self, lb, capacity: int, pool: np.ndarray | None = None, with_gate: bool = True):
         self.lb, self.cap = lb, capacity
-        self.gate = np.empty((capacity, lb.gate_bytes), dtype=np.uint8)
-        self.up = np.empty((capacity, lb.up_bytes), dtype=np.uint8)
-        self.down = np.empty((capacity, lb.down_bytes), dtype=np.uint8)
+        gb = lb.gate_bytes if with_gate else 0  # no gate rows where the predictor holds the gate
+        sizes = [capacity * gb, capacity * lb.up_bytes, capacity * lb.down_bytes]
+        if pool is None:  # rows of its own; else views of a pool that layers take turns to use
+            pool = np.empty(sum(sizes), dtype=np.uint8)
+        a, b, c = sizes
+        self.gate = pool[:a].reshape(capacity, gb)
+        self.up = pool[a:a + b].reshape(capacity, lb.up_bytes)
+        self.down = pool[a + b:a + b + c].reshape(capacity, lb.down_bytes)
         self.ids = np.empty(capacity, dtype=np.int64)
         self.last = np.empty(capacity, dtype=np.int64)
         self.slot_of = np.full(lb.n_ff, -1, dtype=np.int64)
@@ -123,7 +131,9 @@ class StreamSettings:
     """How a FlashStore streams (the ablation's switches).
 
     predictor: None (every neuron), "gate" or "lowrank" (predictor.py)
-    keep:      fraction of each layer's neurons a token keeps (with a predictor)
+    keep:      fraction of each layer's neurons a token keeps (with a predictor); the
+               default 0.8 keeps SmolLM2's perplexity within 2% with the gate
+               predictor (benchmarks/flash_quality.py)
     window:    tokens whose neurons stay in DRAM (0: none)
     bundled:   one read per neuron record; False reads gate, up and down rows
                separately (the paper's "no bundling" step)
@@ -131,18 +141,24 @@ class StreamSettings:
     """
 
     predictor: str | None = "gate"
-    keep: float = 0.5
+    keep: float = 0.8
     window: int = 4
     bundled: bool = True
     capacity: int | None = None
 
     def __post_init__(self):
+        if not isinstance(self.keep, (int, float)) or not isinstance(self.window, int):
+            raise InvalidArgumentError("keep must be a number and window an integer")
         if self.predictor not in (None, *PREDICTORS):
             raise InvalidArgumentError(f"unknown predictor {self.predictor!r}; choose from {', '.join(PREDICTORS)}")
         if not 0.0 < self.keep <= 1.0:
             raise InvalidArgumentError(f"keep must be in (0, 1], got {self.keep}")
         if self.window < 0:
             raise InvalidArgumentError(f"window must be >= 0, got {self.window}")
+        if self.capacity is not None and (not isinstance(self.capacity, int) or self.capacity < 1):
+            raise InvalidArgumentError(f"capacity must be a positive number of neurons, got {self.capacity!r}")
+        if self.keep >= 1.0:  # every neuron: nothing to predict
+            self.predictor, self.keep = None, 1.0
 
 
 class FlashStore(WeightStore):
@@ -153,18 +169,28 @@ class FlashStore(WeightStore):
     def __init__(self, model_file, settings: StreamSettings | None = None, resident: bool = False,
                  io_threads: int = 8, direct: bool = True):
         super().__init__(model_file)
+        self.engine = None
+        try:
+            self._setup(model_file, settings, resident, io_threads, direct)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, model_file, settings, resident, io_threads, direct):
         self.settings = settings or StreamSettings()
         self.resident = resident
         self.plans = read_plans(model_file)
         self._records = [model_file.tensors[f"blk.{lb.layer}.ffn_bundles"] for lb in self.plans]
         s = self.settings
-        self.engine = None if resident else ReadEngine(model_file.path, n_threads=io_threads, direct=direct,
-                                                       max_gap=64 * 1024 if s.bundled else -1)
-        self.windows = [NeuronWindow(lb, min(lb.n_ff, s.capacity or lb.n_ff)) for lb in self.plans]
         self.predictor = make_predictor(s.predictor, self) if s.predictor else None
+        self.set_capacities([min(lb.n_ff, s.capacity or lb.n_ff) for lb in self.plans])
+        curve = load_probe()  # this disk's read curve, if `flashlm probe-disk` saved one
+        self.engine = None if resident else ReadEngine(
+            model_file.path, n_threads=io_threads, direct=direct, max_gap=pick_gap(curve, io_threads),
+            max_read=pick_read_size(curve) if curve else 1 << 20, merge=s.bundled)
         self.t = 0  # decode tokens so far
         self.current = TokenStats()
-        self.history: list[TokenStats] = []  # one entry per forward pass
+        self.history: deque[TokenStats] = deque(maxlen=100_000)  # one entry per forward pass
 
     # -- WeightStore interface ----------------------------------------------------------
 
@@ -178,15 +204,38 @@ class FlashStore(WeightStore):
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes of weights kept addressable: everything but the neuron records (and the
-        predictor tensors a run does not use)."""
+        """Bytes of weights kept addressable: everything but the neuron records and the
+        predictors' tensors (see predictor_bytes)."""
         skip = {t.name for t in self._records}
         for lb in self.plans:
-            if self.settings.predictor != "gate":
-                skip.add(f"blk.{lb.layer}.ffn_gate.weight")
-            if self.settings.predictor != "lowrank":
-                skip |= {f"blk.{lb.layer}.ffn_gate_lr_a", f"blk.{lb.layer}.ffn_gate_lr_b"}
+            skip |= {f"blk.{lb.layer}.ffn_gate.weight", f"blk.{lb.layer}.ffn_gate_lr_a", f"blk.{lb.layer}.ffn_gate_lr_b"}
         return sum(t.nbytes for t in self.file.tensors.values() if t.name not in skip)
+
+    @property
+    def predictor_bytes(self) -> int:
+        """Memory the predictor takes (the resident gate, or the low-rank factors)."""
+        return self.predictor.nbytes if self.predictor is not None else 0
+
+    def set_capacities(self, capacities: list[int]) -> None:
+        """Neurons each layer's window may hold (a memory plan's); empties the windows.
+        With window 0 nothing stays between tokens, so all layers share one buffer."""
+        if any(c < 1 for c in capacities):
+            raise InvalidArgumentError("a neuron window must hold at least one neuron")
+        with_gate = self.reads_gate
+        pool = None
+        if self.settings.window == 0:
+            pool = np.empty(max(c * self.held_bytes(lb) for lb, c in zip(self.plans, capacities)), dtype=np.uint8)
+        self.windows = [NeuronWindow(lb, c, pool, with_gate) for lb, c in zip(self.plans, capacities)]
+
+    @property
+    def reads_gate(self) -> bool:
+        """Whether records' gate rows are streamed (not with the gate predictor, which
+        holds the whole gate)."""
+        return self.predictor is None or self.predictor.reads_gate
+
+    def held_bytes(self, lb) -> int:
+        """Bytes one neuron takes in layer lb's window."""
+        return (lb.gate_bytes if self.reads_gate else 0) + lb.up_bytes + lb.down_bytes
 
     # -- the FFN ------------------------------------------------------------------------
 
@@ -200,7 +249,7 @@ class FlashStore(WeightStore):
         t0 = time.perf_counter()
         x = np.ascontiguousarray(h[0], dtype=np.float32)
         lb, win = self.plans[i], self.windows[i]
-        if self.predictor is None or self.settings.keep >= 1.0:
+        if self.predictor is None:
             needed, g = np.arange(lb.n_ff), None
         else:
             needed, g = self.predictor.select(i, x, self.settings.keep, gelu)  # sorted ids; exact gate or None
@@ -209,11 +258,12 @@ class FlashStore(WeightStore):
         missing = win.make_room(needed, self.t, self.settings.window)
         st.needed += len(needed)
         st.hits += len(needed) - len(missing)
-        self._load(i, missing, read_gate=g is None)
+        st.bookkeeping_s += time.perf_counter() - t1
+        self._load(i, missing, read_gate=self.reads_gate)
         rows = win.slot_of[needed]
         t2 = time.perf_counter()
         gate, up, down = win.refs()
-        if g is None:
+        if g is None:  # the predictor gave no gate values: compute them from the streamed rows
             g = K.matvec(x, gate, rows)
         coef = act(g, gelu) * K.matvec(x, up, rows)
         out = np.zeros(lb.n_embd, dtype=np.float32)
@@ -236,53 +286,72 @@ class FlashStore(WeightStore):
             st.bookkeeping_s += time.perf_counter() - t0
             return
         base, stride = self._records[i].offset, lb.bundle_bytes
-        ranges, outs = [], []
-        for k, j in enumerate(neurons.tolist()):
-            off = base + j * stride
-            if read_gate:
-                ranges.append((off, gb))
-                outs.append(win.gate[s.start + k])
-            ranges += [(off + gb, ub), (off + gb + ub, db)]
-            outs += [win.up[s.start + k], win.down[s.start + k]]
+        rec = None
+        if not len(neurons):
+            ranges, outs = [], []
+        elif self.settings.bundled:  # whole records, one range per run of consecutive neurons
+            cuts = np.flatnonzero(np.diff(neurons) != 1) + 1
+            starts, ends = np.r_[0, cuts], np.r_[cuts, len(neurons)]
+            rec = np.empty((len(neurons), stride), dtype=np.uint8)
+            ranges = [(base + int(neurons[a]) * stride, int(b - a) * stride) for a, b in zip(starts, ends)]
+            outs = [rec[a:b].reshape(-1) for a, b in zip(starts, ends)]
+        else:  # each neuron's rows read on their own (the ablation's "no bundling")
+            ranges, outs = [], []
+            for k, j in enumerate(neurons.tolist()):
+                off = base + j * stride
+                if read_gate:
+                    ranges.append((off, gb))
+                    outs.append(win.gate[s.start + k])
+                ranges += [(off + gb, ub), (off + gb + ub, db)]
+                outs += [win.up[s.start + k], win.down[s.start + k]]
         t1 = time.perf_counter()
         e = self.engine.stats
         before = e.bytes_read, e.reads
         if ranges:
             self.engine.read_ranges(ranges, outs)
         t2 = time.perf_counter()
+        if rec is not None:
+            if read_gate:
+                win.gate[s] = rec[:, :gb]
+            win.up[s] = rec[:, gb:gb + ub]
+            win.down[s] = rec[:, gb + ub:]
         st.bytes_requested += sum(n for _, n in ranges)
         st.bytes_read += e.bytes_read - before[0]
         st.reads += e.reads - before[1]
         st.io_s += t2 - t1
-        st.bookkeeping_s += t1 - t0
+        st.bookkeeping_s += (t1 - t0) + (time.perf_counter() - t2)
 
     def _dense(self, i: int, h: np.ndarray, gelu: bool, st: TokenStats) -> np.ndarray:
-        """Every neuron, for several tokens (prefill): records read whole, FFN dense."""
+        """Every neuron, for several tokens (prefill): the records are read in chunks of
+        PREFILL_NEURONS and each chunk's FFN part added up (bounded buffers)."""
         lb = self.plans[i]
-        t0 = time.perf_counter()
-        if self.resident:
-            rec = self._records[i].data
-        else:
-            rec = np.empty((lb.n_ff, lb.bundle_bytes), dtype=np.uint8)
-            e = self.engine.stats
-            before = e.bytes_read, e.reads
-            self.engine.read_ranges([(self._records[i].offset, rec.nbytes)], [rec.reshape(-1)])
-            st.bytes_requested += rec.nbytes
-            st.bytes_read += e.bytes_read - before[0]
-            st.reads += e.reads - before[1]
-        t1 = time.perf_counter()
-        st.io_s += t1 - t0
         gb, ub = lb.gate_bytes, lb.up_bytes
         gt, ut, dt = lb.types
-        gate = TensorRef("gate", gt, (lb.n_ff, lb.n_embd), np.ascontiguousarray(rec[:, :gb]), -1)
-        up = TensorRef("up", ut, (lb.n_ff, lb.n_embd), np.ascontiguousarray(rec[:, gb:gb + ub]), -1)
-        down_t = K.dequantize(TensorRef("down_t", dt, (lb.n_ff, lb.n_embd), np.ascontiguousarray(rec[:, gb + ub:]), -1))
-        t2 = time.perf_counter()
-        st.bookkeeping_s += t2 - t1
+        out = np.zeros((h.shape[0], lb.n_embd), dtype=np.float32)
+        for c0 in range(0, lb.n_ff, PREFILL_NEURONS):
+            n = min(PREFILL_NEURONS, lb.n_ff - c0)
+            t0 = time.perf_counter()
+            if self.resident:
+                rec = self._records[i].data[c0:c0 + n]
+            else:
+                rec = np.empty((n, lb.bundle_bytes), dtype=np.uint8)
+                e = self.engine.stats
+                before = e.bytes_read, e.reads
+                self.engine.read_ranges([(self._records[i].offset + c0 * lb.bundle_bytes, rec.nbytes)], [rec.reshape(-1)])
+                st.bytes_requested += rec.nbytes
+                st.bytes_read += e.bytes_read - before[0]
+                st.reads += e.reads - before[1]
+            t1 = time.perf_counter()
+            gate = TensorRef("gate", gt, (n, lb.n_embd), np.ascontiguousarray(rec[:, :gb]), -1)
+            up = TensorRef("up", ut, (n, lb.n_embd), np.ascontiguousarray(rec[:, gb:gb + ub]), -1)
+            down_t = K.dequantize(TensorRef("down_t", dt, (n, lb.n_embd), np.ascontiguousarray(rec[:, gb + ub:]), -1))
+            t2 = time.perf_counter()
+            g, u = K.linear_many(h, [gate, up])
+            out += K.glu(g, u, gelu) @ down_t
+            st.io_s += t1 - t0
+            st.bookkeeping_s += t2 - t1
+            st.compute_s += time.perf_counter() - t2
         st.needed += lb.n_ff * h.shape[0]
-        g, u = K.linear_many(h, [gate, up])
-        out = K.glu(g, u, gelu) @ down_t
-        st.compute_s += time.perf_counter() - t2
         return out
 
     def _begin_pass(self, n_tokens: int) -> None:
@@ -293,14 +362,17 @@ class FlashStore(WeightStore):
         self.current = TokenStats(tokens=n_tokens)
 
     def take_stats(self) -> list[TokenStats]:
-        """The finished passes' statistics (and the current one), and start afresh."""
-        out = self.history + ([self.current] if self.current.tokens else [])
-        self.history, self.current = [], TokenStats()
+        """The passes' statistics since the last call (the current one included, the
+        latest 100,000 at most), and start afresh."""
+        out = list(self.history) + ([self.current] if self.current.tokens else [])
+        self.history.clear()
+        self.current = TokenStats()
         return out
 
     def close(self):
         if self.engine is not None:
             self.engine.close()
+            self.engine = None
         super().close()
 
 

@@ -13,6 +13,7 @@ import psutil
 
 from .. import kernels_cpu
 from ..flashload.layout import KEY as FLASH_KEY
+from ..flashload.plan import make_plan
 from ..flashload.store import FlashStore, StreamSettings
 from ..errors import ContextLengthError, FlashLMError, InvalidArgumentError
 from ..units import format_size, parse_size
@@ -69,19 +70,37 @@ class Model:
             raise InvalidArgumentError(f"n_threads must be a positive integer, got {n_threads!r}")
         self.n_threads = kernels_cpu.set_threads(n_threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
         if self.file.kind == "gguf" and FLASH_KEY + ".version" in self.file.metadata:
-            if isinstance(streaming, dict):
-                streaming = StreamSettings(**streaming)
-            self.store = FlashStore(self.file, streaming)  # FFN neurons streamed from the flash layout
+            try:
+                if isinstance(streaming, dict):
+                    unknown = set(streaming) - set(StreamSettings.__dataclass_fields__)
+                    if unknown:
+                        raise InvalidArgumentError(f"unknown streaming setting(s): {', '.join(sorted(unknown))}")
+                    streaming = StreamSettings(**streaming)
+                self.store = FlashStore(self.file, streaming)  # FFN neurons streamed from the flash layout
+            except BaseException:
+                self.file.close()
+                raise
         else:
             self.store = WeightStore(self.file)
         self.memory_budget = None
-        if memory_budget is not None:
-            self.memory_budget = parse_size(memory_budget)
-            need = self.store.resident_bytes + n_ctx * cfg.kv_bytes_per_token // 2
-            if self.memory_budget < need:
-                raise FlashLMError(
-                    f"memory budget {format_size(self.memory_budget)} is below the {format_size(need)} this model"
-                    f" needs resident (weights + KV cache at n_ctx={n_ctx}); raise the budget or lower n_ctx")
+        self.plan = None  # a streamed model's memory plan (flashload.plan), when it has a budget
+        try:
+            if memory_budget is not None:
+                self.memory_budget = parse_size(memory_budget)
+                if isinstance(self.store, FlashStore):
+                    self.plan = make_plan(self.store, self.memory_budget, n_ctx, cfg.kv_bytes_per_token // 2,
+                                          cfg.n_vocab)
+                    self.store.set_capacities(self.plan.capacities)
+                else:
+                    need = self.store.resident_bytes + n_ctx * cfg.kv_bytes_per_token // 2
+                    if self.memory_budget < need:
+                        raise FlashLMError(
+                            f"memory budget {format_size(self.memory_budget)} is below the {format_size(need)} this"
+                            f" model needs resident (weights + KV cache at n_ctx={n_ctx}); raise the budget, lower"
+                            f" n_ctx, or stream its FFN from a flash layout (flashlm convert --flash OUT)")
+        except BaseException:
+            self.store.close()
+            raise
         self.model = model_class(cfg.arch)(cfg, self.store)
         if self.file.kind == "gguf":
             self.tokenizer = LlamaCppTokenizer(self.path, self.file.metadata, cfg.arch)

@@ -1,0 +1,198 @@
+"""The flashload ablation, in the shape of "LLM in a flash"'s table: decode with the FFN
+streamed from disk, each technique added in turn, at a memory budget.
+
+    python benchmarks/bench_flash.py [-m MODEL ...] [--ffn-fraction 0.5] [-n 24] [--keep 0.9]
+
+Rows: in-RAM (the source GGUF resident: the compiled decode step; and the flash
+model with every record in memory, through the same layer-by-layer path the
+streamed rows take), naive (every FFN record read each token, in large reads),
++ predictor (gate predictor; each neuron's rows read separately), + windowing
+(neurons of the last --window tokens kept), + bundling (one read per neuron record,
+nearby reads merged: all techniques).
+
+Decoding is fed the tokens of tests/data/eval_text.txt one by one (teacher forcing),
+so every model, the random synthetic one too, sees varied inputs. Columns, per
+decoded token (steady state: the first window's tokens skipped):
+bytes the engine read, bytes the device delivered (/proc/self/io), reads and
+their mean size, I/O ms, bookkeeping ms, compute ms (the rest of the token's
+time), tok/s. The budget holds the model's resident part (everything but the FFN
+records), the predictor, the KV cache and buffers, plus --ffn-fraction of the FFN
+records. Streamed reads use direct I/O, so the page cache neither holds nor hides
+them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import flashlm  # noqa: E402
+from flashlm.flashload.io import device_read_bytes  # noqa: E402
+from flashlm.flashload.plan import make_plan  # noqa: E402
+from flashlm.units import format_size  # noqa: E402
+from flash_quality import TEXT, flash_file  # noqa: E402
+
+N_CTX = 256
+
+
+def rows(predictor: str, keep: float, window: int):
+    return [
+        ("in-RAM (compiled step)", None),
+        ("in-RAM (flash, layer path)", dict(predictor=None, window=1 << 30, resident=True)),
+        ("naive", dict(predictor=None, window=0, bundled=True)),
+        ("+ predictor", dict(predictor=predictor, keep=keep, window=0, bundled=False)),
+        ("+ windowing", dict(predictor=predictor, keep=keep, window=window, bundled=False)),
+        ("+ bundling (all)", dict(predictor=predictor, keep=keep, window=window, bundled=True)),
+    ]
+
+
+def budget_for(path, fraction: float, predictor: str, keep: float, window: int) -> tuple[int, int]:
+    """(budget bytes, FFN record bytes): the fixed parts plus `fraction` of the FFN
+    records a window would hold (it must hold one token's: fraction >= keep)."""
+    if fraction < keep:
+        raise SystemExit(f"--ffn-fraction {fraction} is below --keep {keep}: the window could not hold one token")
+    with flashlm.Model(path, n_ctx=N_CTX, n_threads=1, streaming=dict(predictor=predictor, keep=keep,
+                                                                       window=window)) as m:
+        cfg = m.config
+        plan = make_plan(m.store, 1 << 50, N_CTX, cfg.kv_bytes_per_token // 2, cfg.n_vocab)
+        ffn = sum(p * lb.n_ff for p, lb in zip(plan.per_neuron, m.store.plans))
+        fixed = plan.resident + plan.predictor + plan.kv + plan.buffers
+        return int(fixed + fraction * ffn), ffn
+
+
+def run_row(path, settings, budget, n_gen: int, skip: int, threads: int) -> dict:
+    resident = settings.pop("resident", False) if settings else False
+    m = flashlm.Model(path, n_ctx=N_CTX, n_threads=threads, memory_budget=None if resident or settings is None
+                      else budget, streaming=settings)
+    try:
+        return _decode(m, resident, n_gen, skip)
+    finally:
+        m.close()
+
+
+def _decode(m, resident: bool, n_gen: int, skip: int) -> dict:
+    store = m.store
+    if resident:
+        store.resident = True
+    text = m.tokenize(TEXT.read_text())  # decode fed with real text, token by token (teacher forcing):
+    tokens, feed = text[:16], text[16:16 + n_gen]  # varied inputs, also for a random model's repetitive output
+    m._prefill(tokens)
+    take = getattr(store, "take_stats", lambda: [])
+    take()
+    times, dev = [], []
+    for pos, tok in enumerate(feed, start=len(tokens)):
+        d0 = device_read_bytes()
+        t0 = time.perf_counter()
+        m._forward(np.array([tok]), pos, m._kv)
+        times.append(time.perf_counter() - t0)
+        dev.append(device_read_bytes() - d0)
+    stats = take()[skip:]
+    times, dev = times[skip:], dev[skip:]
+    med = statistics.median
+    out = dict(ms=1e3 * med(times), tok_s=1 / med(times), dev=med(dev))
+    if stats:
+        out.update(bytes=med(s.bytes_read for s in stats), reads=med(s.reads for s in stats),
+                   mean_read=med(s.mean_read for s in stats), io=1e3 * med(s.io_s for s in stats),
+                   book=1e3 * med(s.bookkeeping_s for s in stats), hit=med(s.hit_rate for s in stats))
+        out["compute"] = out["ms"] - out["io"] - out["book"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-m", "--model", action="append", help="registry name or GGUF path (repeatable)")
+    ap.add_argument("--ffn-fraction", type=float, default=0.9,
+                    help="share of the FFN records the budget holds, at least --keep (default 0.9)")
+    ap.add_argument("--predictor", choices=["gate", "lowrank"], default="gate")
+    ap.add_argument("--keep", type=float, default=0.8, help="fraction of neurons a token keeps (default 0.8)")
+    ap.add_argument("--window", type=int, default=4, help="tokens whose neurons stay (default 4)")
+    ap.add_argument("-n", "--n-gen", type=int, default=24, help="tokens decoded per row (default 24)")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--honesty", action="store_true", help="instead: peak RSS of streamed runs against the budget")
+    args = ap.parse_args(argv)
+    if args.honesty:
+        honesty(args.model or ["smollm2-135m"], args.ffn_fraction, args.predictor, args.keep, args.window, args.n_gen)
+        return 0
+    for model in args.model or ["smollm2-135m"]:
+        src = flashlm.runtime.registry.resolve(model)
+        path = flash_file(model)
+        budget, ffn = budget_for(path, args.ffn_fraction, args.predictor, args.keep, args.window)
+        print(f"\n{src.name}: budget {format_size(budget)} = {budget / src.stat().st_size:.0%} of the source file "
+              f"({format_size(src.stat().st_size)}); {args.ffn_fraction:.0%} of the {format_size(ffn)} of streamed FFN "
+              f"rows fit; predictor {args.predictor}, keep {args.keep}, window {args.window}, {args.threads} threads, "
+              f"{args.n_gen} tokens (first {args.window + 1} skipped)\n")
+        print("| configuration | MB read/token | device MB/token | reads/token | mean read KiB | I/O ms | "
+              "bookkeeping ms | compute ms | tok/s | window hit |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        results = {}
+        for name, settings in rows(args.predictor, args.keep, args.window):
+            target = src if settings is None else path
+            r = run_row(target, dict(settings) if settings else None, budget, args.n_gen, args.window + 1, args.threads)
+            results[name] = r
+            if "bytes" in r:
+                print(f"| {name} | {r['bytes'] / 1e6:.2f} | {r['dev'] / 1e6:.2f} | {r['reads']:.0f} | "
+                      f"{r['mean_read'] / 1024:.1f} | {r['io']:.1f} | {r['book']:.1f} | {r['compute']:.1f} | "
+                      f"{r['tok_s']:.2f} | {r['hit']:.2f} |", flush=True)
+            else:
+                print(f"| {name} | 0 | {r['dev'] / 1e6:.2f} | 0 | - | 0 | 0 | {r['ms']:.1f} | {r['tok_s']:.2f} | - |",
+                      flush=True)
+        allt, naive = results["+ bundling (all)"], results["naive"]
+        print(f"\nall techniques / naive: {allt['tok_s'] / naive['tok_s']:.2f}x tok/s; "
+              f"all / in-RAM (compiled): {allt['tok_s'] / results['in-RAM (compiled step)']['tok_s']:.2f}x; "
+              f"all / in-RAM (layer path): {allt['tok_s'] / results['in-RAM (flash, layer path)']['tok_s']:.2f}x")
+    return 0
+
+
+
+IDLE = """
+import numpy as np, llama_cpp, flashlm
+from flashlm import kernels_cpu as K
+K.quantize_q8(np.ones((2, 32), np.float32), 32)  # numba and its compiled kernels loaded
+"""
+
+STREAMED = """
+import sys, flashlm
+m = flashlm.load(sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=2, memory_budget=int(sys.argv[3]),
+                 streaming=dict(predictor=sys.argv[4], keep=float(sys.argv[5]), window=int(sys.argv[6])))
+m.generate("The history of the city begins in the early years of the century, when", max_tokens=int(sys.argv[7]),
+           temperature=0.0)
+"""
+
+
+def peak_rss(code: str, *argv) -> int:
+    """Peak RSS (bytes) of `code` run in a fresh interpreter."""
+    import os
+    import subprocess
+
+    p = subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(p.pid, 0)
+    if status:
+        raise RuntimeError(f"child failed ({status})")
+    return usage.ru_maxrss * 1024
+
+
+def honesty(models, fraction: float, predictor: str, keep: float, window: int, n_gen: int) -> None:
+    """Peak RSS of a streamed run against its budget plus an idle flashlm process."""
+    idle = peak_rss(IDLE)
+    print(f"\nbudget honesty: idle flashlm process (numpy, numba, llama_cpp, kernels loaded) peaks at "
+          f"{format_size(idle)}\n")
+    print("| model | budget | peak RSS | budget + idle | within |")
+    print("|---|---:|---:|---:|---|")
+    for model in models:
+        path = flash_file(model)
+        budget, _ = budget_for(path, fraction, predictor, keep, window)
+        peak = peak_rss(STREAMED, path, N_CTX, budget, predictor, keep, window, n_gen)
+        print(f"| {Path(path).name} | {format_size(budget)} | {format_size(peak)} | {format_size(budget + idle)} | "
+              f"{'yes' if peak <= budget + idle else 'NO'} |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
