@@ -4,7 +4,8 @@
                        output (mapped, touched every token)
     predictor          the resident gate ("gate") or the low-rank factors ("lowrank")
     KV cache           n_ctx positions at float16
-    buffers            prefill's chunk of records and its products, logits
+    buffers            prefill's chunk of records and its products, I/O staging, logits,
+                       the tokenizer's tables (measured as it loads), and some slack
     neuron window      the rest: each layer's window holds what its share buys
 
 The minimum is a budget whose window holds, in every layer, the neurons one token
@@ -20,6 +21,7 @@ from ..units import format_size
 from .predictor import n_keep
 
 PREFILL_NEURONS = 512  # neurons per prefill chunk (store._dense)
+SLACK = 4 << 20  # what the allocator and page faults add beyond the planned arrays (measured: a few MiB)
 
 
 @dataclass
@@ -28,7 +30,7 @@ class MemoryPlan:
     resident: int
     predictor: int
     kv: int
-    buffers: int
+    buffers: int  # compute and I/O buffers, the tokenizer's tables
     window: int  # bytes for the neuron windows, all layers
     capacities: list[int]  # neurons each layer's window holds
     n_ff: int  # neurons in all layers
@@ -37,7 +39,7 @@ class MemoryPlan:
 
     def table(self) -> str:
         rows = [("resident weights", self.resident), ("predictor", self.predictor), ("KV cache", self.kv),
-                ("buffers", self.buffers), ("neuron window", self.window)]
+                ("buffers, tokenizer", self.buffers), ("neuron window", self.window)]
         out = [f"memory plan for a budget of {format_size(self.budget)} (minimum {format_size(self.minimum)}):"]
         out += [f"  {name:<17} {format_size(n):>10}" for name, n in rows]
         out.append(f"  window holds {sum(self.capacities):,} neurons over {len(self.capacities)} layers "
@@ -45,7 +47,8 @@ class MemoryPlan:
         return "\n".join(out)
 
 
-def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_vocab: int) -> MemoryPlan:
+def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_vocab: int,
+              tokenizer: int = 0) -> MemoryPlan:
     """Divide `budget` bytes for FlashStore `store` (its settings pick the predictor and
     keep). FlashLMError naming the minimum if the budget is below it."""
     s = store.settings
@@ -61,6 +64,8 @@ def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_voc
                + staging  # prefill's chunk: read, split, down rows in float; the I/O threads' staging
                + 24 * sum(lb.n_ff for lb in plans)  # the windows' neuron tables
                + 4 * n_vocab * 2)  # logits
+    buffers += tokenizer  # the tokenizer's tables, measured at load
+    buffers += SLACK + resident // 100  # allocator slack, and pages faulted in around the mapped weights
     keep = s.keep if s.predictor else 1.0
     need = [n_keep(keep, lb.n_ff) for lb in plans]
     fixed = resident + predictor + kv + buffers

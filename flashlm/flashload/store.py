@@ -15,6 +15,7 @@ same computation with nothing streamed, the reference the streamed runs must equ
 
 from __future__ import annotations
 
+import mmap
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -55,6 +56,16 @@ class TokenStats:
         return self.bytes_read / self.reads if self.reads else 0.0
 
 
+def small_pages(nbytes: int) -> np.ndarray:
+    """A zeroed uint8 buffer that becomes resident 4 KiB at a time as it is used: no
+    transparent huge pages, which would make a window's first touched byte cost 2 MiB
+    and its memory exceed the plan."""
+    m = mmap.mmap(-1, max(1, nbytes))
+    if hasattr(m, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
+        m.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(m, dtype=np.uint8)[:nbytes]
+
+
 class NeuronWindow:
     """One layer's neurons in DRAM: preallocated gate/up/down row matrices with a slot
     per neuron held, as in the paper. Neurons used in the last `window` tokens stay;
@@ -66,7 +77,7 @@ class NeuronWindow:
         gb = lb.gate_bytes if with_gate else 0  # no gate rows where the predictor holds the gate
         sizes = [capacity * gb, capacity * lb.up_bytes, capacity * lb.down_bytes]
         if pool is None:  # rows of its own; else views of a pool that layers take turns to use
-            pool = np.empty(sum(sizes), dtype=np.uint8)
+            pool = small_pages(sum(sizes))
         a, b, c = sizes
         self.gate = pool[:a].reshape(capacity, gb)
         self.up = pool[a:a + b].reshape(capacity, lb.up_bytes)
@@ -224,7 +235,7 @@ class FlashStore(WeightStore):
         with_gate = self.reads_gate
         pool = None
         if self.settings.window == 0:
-            pool = np.empty(max(c * self.held_bytes(lb) for lb, c in zip(self.plans, capacities)), dtype=np.uint8)
+            pool = small_pages(max(c * self.held_bytes(lb) for lb, c in zip(self.plans, capacities)))
         self.windows = [NeuronWindow(lb, c, pool, with_gate) for lb, c in zip(self.plans, capacities)]
 
     @property

@@ -85,11 +85,17 @@ class Model:
         self.memory_budget = None
         self.plan = None  # a streamed model's memory plan (flashload.plan), when it has a budget
         try:
+            rss0 = psutil.Process().memory_info().rss
+            if self.file.kind == "gguf":
+                self.tokenizer = LlamaCppTokenizer(self.path, self.file.metadata, cfg.arch)
+            else:
+                self.tokenizer = HFTokenizer(self.path, self.file.config)
+            tokenizer_bytes = max(0, psutil.Process().memory_info().rss - rss0)  # measured: its vocab tables
             if memory_budget is not None:
                 self.memory_budget = parse_size(memory_budget)
                 if isinstance(self.store, FlashStore):
                     self.plan = make_plan(self.store, self.memory_budget, n_ctx, cfg.kv_bytes_per_token // 2,
-                                          cfg.n_vocab)
+                                          cfg.n_vocab, tokenizer_bytes)
                     self.store.set_capacities(self.plan.capacities)
                 else:
                     need = self.store.resident_bytes + n_ctx * cfg.kv_bytes_per_token // 2
@@ -102,10 +108,6 @@ class Model:
             self.store.close()
             raise
         self.model = model_class(cfg.arch)(cfg, self.store)
-        if self.file.kind == "gguf":
-            self.tokenizer = LlamaCppTokenizer(self.path, self.file.metadata, cfg.arch)
-        else:
-            self.tokenizer = HFTokenizer(self.path, self.file.config)
         self._kv = KVCache(cfg, n_ctx)
         self._kv_tokens: list[int] = []  # tokens whose keys/values _kv holds, in order
         self.load_seconds = time.perf_counter() - t0
