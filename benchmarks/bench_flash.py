@@ -121,7 +121,7 @@ def main(argv=None) -> int:
                     help="share of the FFN records the budget holds, at least --keep (default 0.9)")
     ap.add_argument("--predictor", choices=["gate", "lowrank"], default="gate")
     ap.add_argument("--keep", type=float, default=0.8, help="fraction of neurons a token keeps (default 0.8)")
-    ap.add_argument("--window", type=int, default=4, help="tokens whose neurons stay (default 4)")
+    ap.add_argument("--window", type=int, default=16, help="tokens whose neurons stay (default 16)")
     ap.add_argument("-n", "--n-gen", type=int, default=24, help="tokens decoded per row (default 24)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--honesty", action="store_true", help="instead: peak RSS of streamed runs against the budget")

@@ -40,7 +40,7 @@ def _add_model(p: argparse.ArgumentParser):
                    help="which neurons a token loads: gate (exact, gate resident), lowrank (SVD estimate), "
                         "none (all) (default gate)")
     g.add_argument("--keep", type=float, default=None, help="fraction of FFN neurons a token keeps (default 0.8)")
-    g.add_argument("--window", type=int, default=None, help="tokens whose neurons stay in memory (default 4)")
+    g.add_argument("--window", type=int, default=None, help="tokens whose neurons stay in memory (default 16; the budget bounds them too)")
 
 
 def _streaming(args) -> dict:

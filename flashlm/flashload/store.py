@@ -153,7 +153,7 @@ class StreamSettings:
 
     predictor: str | None = "gate"
     keep: float = 0.8
-    window: int = 4
+    window: int = 16
     bundled: bool = True
     capacity: int | None = None
 
