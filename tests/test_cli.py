@@ -81,3 +81,20 @@ def test_kernel_benchmark_rows_and_bad_threads(capsys):
     assert "| Q4_0 | 64x256 |" in format_kernel_table(rows, 1)
     assert main(["bench", "--kernels", "-t", "0"]) == 2
     assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+def test_profile_writes_json_and_png(capsys, smollm2_path, tmp_path):
+    import json
+
+    assert main(["profile", "-m", str(smollm2_path), "-n", "3", "-c", "128", "-o", str(tmp_path / "p")]) == 0
+    prof = json.loads((tmp_path / "p" / "profile.json").read_text())
+    assert len(prof["tokens"]) == 3 and prof["streamed"] is False and prof["prompt_tokens"] > 0
+    for r in prof["tokens"]:
+        assert set(r) >= {"latency_ms", "compute_ms", "io_ms", "bookkeeping_ms", "bytes_read", "hits", "rss_mib"}
+        assert r["latency_ms"] >= r["compute_ms"] >= 0
+    assert prof["summary"]["tokens_per_second"] > 0
+    assert (tmp_path / "p" / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tok/s" in capsys.readouterr().out
+    assert main(["profile", "-m", str(smollm2_path), "--sweep", "50%", "-o", str(tmp_path / "s")]) == 2
+    assert "flash layout" in capsys.readouterr().err
+    assert main(["profile", "-m", str(smollm2_path), "--sweep", "abc", "-o", str(tmp_path / "s")]) == 2

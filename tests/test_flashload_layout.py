@@ -231,3 +231,20 @@ def test_chat_footer_shows_what_a_streamed_model_read(flash_files):
 
     asyncio.run(go())
     model.close()
+
+
+def test_profile_of_a_streamed_model_and_a_budget_sweep(flash_files, tmp_path, capsys):
+    import json
+
+    path = str(flash_files["smollm2"])
+    assert main(["profile", "-m", path, "--memory-budget", "200MB", "-c", "128", "-n", "4", "-o", str(tmp_path)]) == 0
+    prof = json.loads((tmp_path / "profile.json").read_text())
+    assert prof["streamed"] and prof["plan"]["window"] > 0 and prof["memory_budget"] == 200_000_000
+    assert sum(r["bytes_read"] for r in prof["tokens"]) > 0 and prof["prefill_bytes_read"] > 0
+    assert all(r["needed"] > 0 for r in prof["tokens"])
+    assert (tmp_path / "profile.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["profile", "-m", path, "-c", "128", "-n", "2", "--sweep", "10%,100%", "-o", str(tmp_path / "sw")]) == 0
+    sweep = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert "minimum" in sweep["runs"][0]["error"] and sweep["runs"][1]["tokens_per_second"] > 0
+    assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "below the minimum" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The `flashlm` command line: run, chat, pull, list, info, bench, convert, probe-disk.
+"""The `flashlm` command line: run, chat, pull, list, info, bench, convert, profile, probe-disk.
 
 Errors a user can cause print one line and exit 2; bugs keep their traceback.
 """
@@ -183,6 +183,33 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from .profile import ensure_dir, parse_fractions, profile_run, summary_table, sweep
+
+    out = ensure_dir(args.output)
+    if args.n_predict < 1:
+        raise InvalidArgumentError("-n must be at least 1")
+    if args.sweep:
+        runs = sweep(args.model, out, parse_fractions(args.sweep), args.prompt, args.n_predict, args.ctx_size,
+                     args.threads, _streaming(args))
+        print("| budget % | budget MiB | tok/s | MB read/token | window hits |")
+        print("|---:|---:|---:|---:|---:|")
+        for r in runs:
+            if "error" in r:
+                print(f"| {r['fraction']:.0%} | {r['budget'] / 2**20:.0f} | below the minimum | | |")
+            else:
+                hits = "-" if r["window_hit_rate"] is None else f"{r['window_hit_rate']:.0%}"
+                print(f"| {r['fraction']:.0%} | {r['budget'] / 2**20:.0f} | {r['tokens_per_second']:.1f} | "
+                      f"{r['mb_read_per_token']:.2f} | {hits} |")
+        print(f"wrote {out}/sweep.json and {out}/sweep.png")
+        return 0
+    prof = profile_run(args.model, out, args.prompt, args.n_predict, args.memory_budget, args.ctx_size, args.threads,
+                       _streaming(args))
+    print(summary_table(prof))
+    print(f"wrote {out}/profile.json and {out}/profile.png")
+    return 0
+
+
 def cmd_probe_disk(args) -> int:
     from ..flashload.probe import format_probe, probe_disk, save_probe
 
@@ -249,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flash", metavar="OUT", default=None, help="write the flash layout to OUT")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("profile", help="per-token latency, disk reads and memory under a budget (JSON + plot)",
+                       epilog="examples:\n  flashlm profile -o prof\n"
+                              "  flashlm profile -m smollm2.flash.gguf --memory-budget 140MB -c 256 -n 32 -o prof\n"
+                              "  flashlm profile -m smollm2.flash.gguf -c 256 --sweep 80%,90%,100% -o sweep",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model(p)
+    p.add_argument("-p", "--prompt", default="The history of the city begins", help="the prompt")
+    p.add_argument("-n", "--n-predict", type=int, default=32, help="tokens to decode (default 32)")
+    p.add_argument("-o", "--output", required=True, help="folder for profile.json and profile.png")
+    p.add_argument("--sweep", default=None,
+                   help="budgets as percentages of what holds every streamed neuron, e.g. 80%%,90%%,100%%")
+    p.set_defaults(func=cmd_profile)
     p = sub.add_parser("probe-disk", help="measure this disk's read curve (direct I/O) for flashload",
                        epilog="examples:\n  flashlm probe-disk\n  flashlm probe-disk --dir /mnt/ssd --seconds 1",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,0 +1,195 @@
+"""`flashlm profile`: what a model does token by token under a memory budget.
+
+Writes DIR/profile.json (per decoded token: latency split into compute, I/O wait and
+bookkeeping; bytes and reads from disk; window hits; RSS), DIR/profile.png (latency
+stacked by part; RSS against the budget) and prints a summary. With a sweep, runs
+several budgets and plots tok/s against the budget (DIR/sweep.json, DIR/sweep.png).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from ..errors import FlashLMError, InvalidArgumentError
+
+MIB = 2**20
+
+
+def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n_ctx=None, n_threads=None,
+                streaming=None, plot: bool = True) -> dict:
+    """Profile one run; returns the profile dict (also written to out_dir)."""
+    import flashlm
+
+    proc = psutil.Process()
+    base = _idle_rss(proc)
+    with flashlm.load(spec, n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget,
+                      streaming=streaming) as m:
+        take = getattr(m.store, "take_stats", lambda: [])
+        tokens = m.tokenize(prompt)
+        if len(tokens) + n_tokens > m.n_ctx:
+            raise InvalidArgumentError(f"{len(tokens)} prompt tokens + {n_tokens} do not fit n_ctx={m.n_ctx}; "
+                                       "pass a larger -c or fewer tokens")
+        t0 = time.perf_counter()
+        logits = m._prefill(tokens)
+        prefill_s = time.perf_counter() - t0
+        prefill = take()
+        rows = []
+        tok, pos = int(np.argmax(logits)), len(tokens)
+        for i in range(n_tokens):
+            t0 = time.perf_counter()
+            logits = m._forward(np.array([tok]), pos, m._kv)[0]
+            dt = time.perf_counter() - t0
+            st = take()
+            io = sum(s.io_s for s in st)
+            book = sum(s.bookkeeping_s for s in st)
+            rows.append(dict(token=i, latency_ms=1e3 * dt, compute_ms=1e3 * max(0.0, dt - io - book), io_ms=1e3 * io,
+                             bookkeeping_ms=1e3 * book, bytes_read=sum(s.bytes_read for s in st),
+                             reads=sum(s.reads for s in st), needed=sum(s.needed for s in st),
+                             hits=sum(s.hits for s in st), rss_mib=proc.memory_info().rss / MIB))
+            tok, pos = int(np.argmax(logits)), pos + 1
+        plan = m.plan
+        out = dict(model=m.name, path=str(m.path), streamed=hasattr(m.store, "plans"),
+                   memory_budget=m.memory_budget, n_ctx=m.n_ctx, n_threads=m.n_threads,
+                   plan=None if plan is None else dict(resident=plan.resident, predictor=plan.predictor, kv=plan.kv,
+                                                       buffers=plan.buffers, window=plan.window,
+                                                       minimum=plan.minimum),
+                   idle_rss_mib=base / MIB, prompt_tokens=len(tokens), prefill_ms=1e3 * prefill_s,
+                   prefill_bytes_read=sum(s.bytes_read for s in prefill), tokens=rows)
+    lat = [r["latency_ms"] for r in rows]
+    needed = sum(r["needed"] for r in rows)
+    out["summary"] = dict(tokens_per_second=1e3 / float(np.median(lat)) if lat else 0.0,
+                          median_latency_ms=float(np.median(lat)) if lat else 0.0,
+                          io_share=sum(r["io_ms"] for r in rows) / max(1e-9, sum(lat)),
+                          mb_read_per_token=sum(r["bytes_read"] for r in rows) / max(1, len(rows)) / 1e6,
+                          window_hit_rate=sum(r["hits"] for r in rows) / needed if needed else None,
+                          peak_rss_mib=max([r["rss_mib"] for r in rows], default=proc.memory_info().rss / MIB))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "profile.json").write_text(json.dumps(out, indent=1))
+    if plot:
+        _plot(out, out_dir / "profile.png")
+    return out
+
+
+def _idle_rss(proc) -> int:
+    """RSS of this process with the kernels loaded but no model: the overhead the
+    budget does not cover (numba's compiler, the interpreter, the libraries)."""
+    import llama_cpp  # noqa: F401  (the tokenizer's library: fixed, whatever the model)
+
+    from .. import kernels_cpu as K
+    from ..runtime.modelfile import TensorRef
+
+    w = TensorRef("w", 8, (32, 64), np.zeros((32, 68), np.uint8), 0)  # a tiny Q8_0 weight
+    x = np.ones((5, 64), np.float32)
+    K.linear(x, w), K.linear(x[:1], w)
+    return proc.memory_info().rss
+
+
+def _plot(prof: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = prof["tokens"]
+    x = np.arange(len(rows))
+    parts = [("compute", "compute_ms", "#4c72b0"), ("I/O wait", "io_ms", "#dd8452"),
+             ("bookkeeping", "bookkeeping_ms", "#55a868")]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    bottom = np.zeros(len(rows))
+    for label, key, color in parts:
+        v = np.array([r[key] for r in rows])
+        a.bar(x, v, bottom=bottom, label=label, color=color, width=0.85)
+        bottom += v
+    a.set_ylabel("ms per token")
+    a.set_title(f"{prof['model']}: decode latency by part"
+                + (f", budget {prof['memory_budget'] / MIB:.0f} MiB" if prof["memory_budget"] else ""))
+    a.legend(loc="upper right")
+    b.plot(x, [r["rss_mib"] - prof["idle_rss_mib"] for r in rows], label="RSS above an idle process",
+           color="#4c72b0")
+    if prof["memory_budget"]:
+        b.axhline(prof["memory_budget"] / MIB, color="#c44e52", linestyle="--", label="budget")
+    b.set_ylim(bottom=0)
+    b.set_ylabel("MiB")
+    b.set_xlabel("decoded token")
+    b.set_title(f"the model's memory: RSS minus the idle process's {prof['idle_rss_mib']:.0f} MiB "
+                "(interpreter, numba, libraries)")
+    b.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def sweep(spec, out_dir, fractions: list[float], prompt: str, n_tokens: int, n_ctx=None, n_threads=None,
+          streaming=None) -> list[dict]:
+    """Profile at budgets that are `fractions` of what holds every streamed neuron;
+    budgets below the minimum are recorded as such."""
+    import flashlm
+
+    with flashlm.load(spec, n_ctx=n_ctx, n_threads=1, memory_budget=1 << 50, streaming=streaming) as m:
+        if m.plan is None:
+            raise FlashLMError("--sweep needs a model in the flash layout (flashlm convert --flash OUT)")
+        p = m.plan
+        full = p.resident + p.predictor + p.kv + p.buffers + sum(b * lb.n_ff for b, lb in zip(p.per_neuron, m.store.plans))
+    out_dir = Path(out_dir)
+    results = []
+    for f in fractions:
+        budget = int(f * full)
+        try:
+            prof = profile_run(spec, out_dir / f"budget-{f:.0%}", prompt, n_tokens, budget, n_ctx, n_threads,
+                               streaming)
+            results.append(dict(fraction=f, budget=budget, **prof["summary"]))
+        except FlashLMError as e:
+            results.append(dict(fraction=f, budget=budget, error=str(e)))
+    (out_dir / "sweep.json").write_text(json.dumps(dict(full=full, runs=results), indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "error" not in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["budget"] / MIB for r in ok], [r["tokens_per_second"] for r in ok], marker="o")
+    ax.set_xlabel("memory budget (MiB)")
+    ax.set_ylabel("decode tok/s")
+    ax.set_title("tok/s against the memory budget")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "sweep.png", dpi=100)
+    plt.close(fig)
+    return results
+
+
+def parse_fractions(text: str) -> list[float]:
+    try:
+        out = [float(t.strip().rstrip("%")) / 100 for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise InvalidArgumentError(f"bad --sweep '{text}': give percentages like 50%,75%,100%") from None
+    if not out or any(f <= 0 for f in out):
+        raise InvalidArgumentError(f"bad --sweep '{text}': give positive percentages like 50%,75%,100%")
+    return out
+
+
+def summary_table(prof: dict) -> str:
+    s = prof["summary"]
+    lines = [f"{prof['model']}: {len(prof['tokens'])} tokens after a {prof['prompt_tokens']}-token prompt "
+             f"({prof['prefill_ms']:.0f} ms)",
+             "| tok/s | median ms | I/O share | MB read/token | window hits | peak RSS MiB |",
+             "|---:|---:|---:|---:|---:|---:|",
+             f"| {s['tokens_per_second']:.1f} | {s['median_latency_ms']:.1f} | {s['io_share']:.0%} | "
+             f"{s['mb_read_per_token']:.2f} | "
+             f"{'-' if s['window_hit_rate'] is None else format(s['window_hit_rate'], '.0%')} | "
+             f"{s['peak_rss_mib']:.0f} |"]
+    return "\n".join(lines)
+
+
+def ensure_dir(path: str) -> str:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InvalidArgumentError(f"-o {path}: exists and is not a folder")
+    return path
