@@ -1,0 +1,27 @@
+"""Run a model whose FFN streams from disk, under a memory budget, and see what it read.
+
+    python examples/memory_budget.py [BUDGET]      (default 145MB)
+
+Converts the default model to the flash layout once (into the cache folder), then
+generates with its FFN neurons read from disk as the tokens need them.
+"""
+
+import sys
+
+import flashlm
+from flashlm.flashload.layout import convert
+from flashlm.runtime.registry import home, resolve
+
+flash = home() / "flash" / "smollm2-135m.flash.gguf"
+if not flash.exists():
+    flash.parent.mkdir(parents=True, exist_ok=True)
+    convert(resolve("smollm2-135m"), flash)
+
+budget = sys.argv[1] if len(sys.argv) > 1 else "145MB"
+with flashlm.load(flash, n_ctx=256, memory_budget=budget, streaming={"keep": 0.8, "window": 16}) as model:
+    print(model.plan.table())
+    print(model.generate("The history of the city begins", max_tokens=24, temperature=0))
+    passes = model.store.take_stats()
+    decode = [p for p in passes if p.tokens == 1]
+    print(f"read {sum(p.bytes_read for p in passes) / 1e6:.1f} MB from disk in {sum(p.reads for p in passes)} reads; "
+          f"window hit rate while decoding {sum(p.hits for p in decode) / sum(p.needed for p in decode):.0%}")
