@@ -71,8 +71,7 @@ PLAN = """
 import sys, flashlm
 m = flashlm.Model(sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=1, memory_budget=1 << 50,
                   streaming=dict(predictor=sys.argv[3], keep=float(sys.argv[4]), window=int(sys.argv[5])))
-p = m.plan
-print(p.resident + p.predictor + p.kv + p.buffers, sum(b * lb.n_ff for b, lb in zip(p.per_neuron, m.store.plans)))
+print(m.plan.fixed, m.plan.full - m.plan.fixed)
 """
 
 
@@ -161,15 +160,9 @@ def main(argv=None) -> int:
 
 
 IDLE = """
-import numpy as np, llama_cpp, flashlm
-from gguf import GGMLQuantizationType as Q, quants
-from flashlm import kernels_cpu as K
-from flashlm.runtime.modelfile import TensorRef
-# numba and the kernels a streamed decode uses, loaded and run once on a tiny weight: no model
-w = TensorRef("w", Q.Q8_0, (32, 64), quants.quantize(np.ones((32, 64), np.float32), Q.Q8_0), 0)
-x = np.ones((5, 64), np.float32)
-K.linear(x, w), K.linear(x[:1], w), K.matvec_t(np.ones(4, np.float32), w, np.arange(4), np.zeros(64, np.float32))
-K.glu(x, x, False), K.rmsnorm(x, x[0], 1e-5)
+import psutil
+from flashlm.apps.profile import idle_rss
+idle_rss(psutil.Process())  # llama_cpp, numba and the kernels loaded and run once on a tiny weight: no model
 """
 
 STREAMED = """

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flashlm  # noqa: E402
 from flashlm import kernels_cpu as K  # noqa: E402
 from flashlm.flashload import layout  # noqa: E402
+from flashlm.flashload.layout import split_records  # noqa: E402
 from flashlm.flashload.predictor import act, top_fraction  # noqa: E402
 from flashlm.runtime.blocks import KVCache  # noqa: E402
 from flashlm.runtime.registry import home, resolve  # noqa: E402
@@ -53,11 +54,11 @@ class RecallMeter:
     def __init__(self, store, gelu):
         self.store, self.gelu, self.hits, self.total, self.oracle_s = store, gelu, 0, 0, 0.0
         self.inner = store.predictor
-        self.down_norm = []
+        self.layers = []  # per layer: gate and up rows (contiguous, made once), |down row|
         for lb, rec in zip(store.plans, store._records):
-            b = lb.gate_bytes + lb.up_bytes
-            dt = K.dequantize(layout_ref(lb, np.ascontiguousarray(rec.data[:, b:])))
-            self.down_norm.append(np.linalg.norm(dt, axis=1))
+            gate, up, down = (layout_ref(lb, np.ascontiguousarray(a), k)
+                              for k, a in enumerate(split_records(lb, rec.data)))
+            self.layers.append((gate, up, np.linalg.norm(K.dequantize(down), axis=1)))
         self.nbytes = self.inner.nbytes
         self.reads_gate = self.inner.reads_gate
         store.predictor = self
@@ -65,10 +66,8 @@ class RecallMeter:
     def select(self, i, x, keep, gelu):
         idx, g = self.inner.select(i, x, keep, gelu)
         t0 = time.perf_counter()
-        lb, rec = self.store.plans[i], self.store._records[i].data
-        gate = layout_ref(lb, np.ascontiguousarray(rec[:, :lb.gate_bytes]), 0)
-        up = layout_ref(lb, np.ascontiguousarray(rec[:, lb.gate_bytes:lb.gate_bytes + lb.up_bytes]), 1)
-        contrib = np.abs(act(K.matvec(x, gate), gelu) * K.matvec(x, up)) * self.down_norm[i]
+        gate, up, down_norm = self.layers[i]
+        contrib = np.abs(act(K.matvec(x, gate), gelu) * K.matvec(x, up)) * down_norm
         oracle = top_fraction(contrib, keep)
         self.hits += np.intersect1d(oracle, idx, assume_unique=True).size
         self.total += oracle.size
@@ -76,7 +75,7 @@ class RecallMeter:
         return idx, g
 
 
-def layout_ref(lb, data, part=2):
+def layout_ref(lb, data, part):
     from flashlm.runtime.modelfile import TensorRef
 
     return TensorRef("x", lb.types[part], (lb.n_ff, lb.n_embd), data, -1)

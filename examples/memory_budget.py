@@ -10,6 +10,7 @@ import sys
 
 import flashlm
 from flashlm.flashload.layout import convert
+from flashlm.flashload.store import TokenStats
 from flashlm.runtime.registry import home, resolve
 
 flash = home() / "flash" / "smollm2-135m.flash.gguf"
@@ -21,7 +22,7 @@ budget = sys.argv[1] if len(sys.argv) > 1 else "145MB"
 with flashlm.load(flash, n_ctx=256, memory_budget=budget, streaming={"keep": 0.8, "window": 16}) as model:
     print(model.plan.table())
     print(model.generate("The history of the city begins", max_tokens=24, temperature=0))
-    passes = model.store.take_stats()
-    decode = [p for p in passes if p.tokens == 1]
-    print(f"read {sum(p.bytes_read for p in passes) / 1e6:.1f} MB from disk in {sum(p.reads for p in passes)} reads; "
-          f"window hit rate while decoding {sum(p.hits for p in decode) / sum(p.needed for p in decode):.0%}")
+    passes = model.store.take_stats()  # one TokenStats per forward pass
+    every, decode = TokenStats.total(passes), TokenStats.total(p for p in passes if p.tokens == 1)
+    print(f"read {every.bytes_read / 1e6:.1f} MB from disk in {every.reads} reads; "
+          f"window hit rate while decoding {decode.hit_rate:.0%}")

@@ -159,9 +159,10 @@ class ChatApp(App):
         if take is not None:  # a streamed (flash-layout) model: what the last reply read from disk
             stats = take()
             if stats:
-                decode = [s for s in stats if s.tokens == 1]
-                hit = sum(s.hits for s in decode) / max(1, sum(s.needed for s in decode))
-                self._streamed = (sum(s.bytes_read for s in stats) / 1e6, hit)
+                from ..flashload.store import TokenStats
+
+                decode = TokenStats.total(s for s in stats if s.tokens == 1)
+                self._streamed = (TokenStats.total(stats).bytes_read / 1e6, decode.hit_rate)
             if self._streamed:
                 parts.append(f"read {self._streamed[0]:.0f} MB from disk, window hits {self._streamed[1]:.0%}")
         self._set_status("  |  ".join(parts))

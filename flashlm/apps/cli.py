@@ -87,12 +87,12 @@ def cmd_run(args) -> int:
                   file=sys.stderr)
             stats = getattr(model.store, "take_stats", lambda: [])()
             if stats:
-                total = sum(s.bytes_read for s in stats)
-                decode = [s for s in stats if s.tokens == 1]
-                hit = sum(s.hits for s in decode) / max(1, sum(s.needed for s in decode))
-                print(f"streamed: {total / 1e6:.1f} MB read from disk in {sum(s.reads for s in stats)} reads | "
-                      f"decode {sum(s.bytes_read for s in decode) / max(1, len(decode)) / 1e6:.2f} MB/token, "
-                      f"window hit rate {hit:.0%}", file=sys.stderr)
+                from ..flashload.store import TokenStats
+
+                every, decode = TokenStats.total(stats), TokenStats.total(s for s in stats if s.tokens == 1)
+                print(f"streamed: {every.bytes_read / 1e6:.1f} MB read from disk in {every.reads} reads | "
+                      f"decode {decode.bytes_read / max(1, decode.tokens) / 1e6:.2f} MB/token, "
+                      f"window hit rate {decode.hit_rate:.0%}", file=sys.stderr)
     return 0
 
 

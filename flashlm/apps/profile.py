@@ -17,6 +17,7 @@ import numpy as np
 import psutil
 
 from ..errors import FlashLMError, InvalidArgumentError
+from ..flashload.store import TokenStats
 
 MIB = 2**20
 
@@ -27,7 +28,7 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
     import flashlm
 
     proc = psutil.Process()
-    base = _idle_rss(proc)
+    base = idle_rss(proc)
     with flashlm.load(spec, n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget,
                       streaming=streaming) as m:
         take = getattr(m.store, "take_stats", lambda: [])
@@ -45,13 +46,10 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
             t0 = time.perf_counter()
             logits = m._forward(np.array([tok]), pos, m._kv)[0]
             dt = time.perf_counter() - t0
-            st = take()
-            io = sum(s.io_s for s in st)
-            book = sum(s.bookkeeping_s for s in st)
-            rows.append(dict(token=i, latency_ms=1e3 * dt, compute_ms=1e3 * max(0.0, dt - io - book), io_ms=1e3 * io,
-                             bookkeeping_ms=1e3 * book, bytes_read=sum(s.bytes_read for s in st),
-                             reads=sum(s.reads for s in st), needed=sum(s.needed for s in st),
-                             hits=sum(s.hits for s in st), rss_mib=proc.memory_info().rss / MIB))
+            st = TokenStats.total(take())
+            rows.append(dict(token=i, latency_ms=1e3 * dt, compute_ms=1e3 * max(0.0, dt - st.io_s - st.bookkeeping_s),
+                             io_ms=1e3 * st.io_s, bookkeeping_ms=1e3 * st.bookkeeping_s, bytes_read=st.bytes_read,
+                             reads=st.reads, needed=st.needed, hits=st.hits, rss_mib=proc.memory_info().rss / MIB))
             tok, pos = int(np.argmax(logits)), pos + 1
         plan = m.plan
         out = dict(model=m.name, path=str(m.path), streamed=hasattr(m.store, "plans"),
@@ -60,7 +58,7 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
                                                        buffers=plan.buffers, window=plan.window,
                                                        minimum=plan.minimum),
                    idle_rss_mib=base / MIB, prompt_tokens=len(tokens), prefill_ms=1e3 * prefill_s,
-                   prefill_bytes_read=sum(s.bytes_read for s in prefill), tokens=rows)
+                   prefill_bytes_read=TokenStats.total(prefill).bytes_read, tokens=rows)
     lat = [r["latency_ms"] for r in rows]
     needed = sum(r["needed"] for r in rows)
     out["summary"] = dict(tokens_per_second=1e3 / float(np.median(lat)) if lat else 0.0,
@@ -77,7 +75,7 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
     return out
 
 
-def _idle_rss(proc) -> int:
+def idle_rss(proc) -> int:
     """RSS of this process with the kernels loaded but no model: the overhead the
     budget does not cover (numba's compiler, the interpreter, the libraries)."""
     import llama_cpp  # noqa: F401  (the tokenizer's library: fixed, whatever the model)
@@ -85,9 +83,12 @@ def _idle_rss(proc) -> int:
     from .. import kernels_cpu as K
     from ..runtime.modelfile import TensorRef
 
-    w = TensorRef("w", 8, (32, 64), np.zeros((32, 68), np.uint8), 0)  # a tiny Q8_0 weight
+    from gguf import GGMLQuantizationType
+
+    w = TensorRef("w", GGMLQuantizationType.Q8_0, (32, 64), np.zeros((32, 68), np.uint8), 0)  # a tiny weight
     x = np.ones((5, 64), np.float32)
-    K.linear(x, w), K.linear(x[:1], w)
+    K.linear(x, w), K.linear(x[:1], w), K.glu(x, x, False)
+    K.matvec_t(np.ones(4, np.float32), w, np.arange(4), np.zeros(64, np.float32))
     return proc.memory_info().rss
 
 
@@ -135,8 +136,7 @@ def sweep(spec, out_dir, fractions: list[float], prompt: str, n_tokens: int, n_c
     with flashlm.load(spec, n_ctx=n_ctx, n_threads=1, memory_budget=1 << 50, streaming=streaming) as m:
         if m.plan is None:
             raise FlashLMError("--sweep needs a model in the flash layout (flashlm convert --flash OUT)")
-        p = m.plan
-        full = p.resident + p.predictor + p.kv + p.buffers + sum(b * lb.n_ff for b, lb in zip(p.per_neuron, m.store.plans))
+        full = m.plan.full
     out_dir = Path(out_dir)
     results = []
     for f in fractions:

@@ -83,15 +83,19 @@ def plan_layer(mf: GGUFModelFile, i: int) -> LayerBundles:
                         _row_bytes(DOWN_TYPE, n_embd))
 
 
+def split_records(lb: LayerBundles, rec: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views of records rec (n, bundle_bytes): their gate rows, up rows, down rows."""
+    a, b = lb.gate_bytes, lb.gate_bytes + lb.up_bytes
+    return rec[:, :a], rec[:, a:b], rec[:, b:]
+
+
 def layer_bundles(mf: GGUFModelFile, lb: LayerBundles) -> np.ndarray:
     """Layer lb.layer's records, (n_ff, bundle_bytes) uint8."""
     gate, up, down = (mf.tensors[f"blk.{lb.layer}.{n}.weight"] for n in FFN)
     down_t = np.ascontiguousarray(kernels_cpu.dequantize(down).T)
     out = np.empty((lb.n_ff, lb.bundle_bytes), dtype=np.uint8)
-    a, b = lb.gate_bytes, lb.gate_bytes + lb.up_bytes
-    out[:, :a] = gate.data
-    out[:, a:b] = up.data
-    out[:, b:] = gguf_quants.quantize(down_t, DOWN_TYPE)
+    g, u, d = split_records(lb, out)
+    g[:], u[:], d[:] = gate.data, up.data, gguf_quants.quantize(down_t, DOWN_TYPE)
     return out
 
 

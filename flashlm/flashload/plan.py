@@ -33,9 +33,24 @@ class MemoryPlan:
     buffers: int  # compute and I/O buffers, the tokenizer's tables
     window: int  # bytes for the neuron windows, all layers
     capacities: list[int]  # neurons each layer's window holds
-    n_ff: int  # neurons in all layers
+    layer_ff: list[int]  # neurons in each layer
     per_neuron: list[int]  # bytes a held neuron takes, per layer
     minimum: int
+
+    @property
+    def n_ff(self) -> int:
+        """Neurons in all layers."""
+        return sum(self.layer_ff)
+
+    @property
+    def fixed(self) -> int:
+        """Everything but the neuron window."""
+        return self.resident + self.predictor + self.kv + self.buffers
+
+    @property
+    def full(self) -> int:
+        """A budget whose windows hold every neuron."""
+        return self.fixed + sum(p * n for p, n in zip(self.per_neuron, self.layer_ff))
 
     def table(self) -> str:
         rows = [("resident weights", self.resident), ("predictor", self.predictor), ("KV cache", self.kv),
@@ -85,4 +100,4 @@ def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_voc
     else:
         caps = [min(lb.n_ff, max(n, window * lb.n_ff // total_ff // p)) for lb, n, p in zip(plans, need, per)]
         held = sum(c * p for c, p in zip(caps, per))
-    return MemoryPlan(budget, resident, predictor, kv, buffers, held, caps, total_ff, per, minimum)
+    return MemoryPlan(budget, resident, predictor, kv, buffers, held, caps, [lb.n_ff for lb in plans], per, minimum)

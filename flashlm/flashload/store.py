@@ -15,7 +15,6 @@ same computation with nothing streamed, the reference the streamed runs must equ
 
 from __future__ import annotations
 
-import mmap
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -26,8 +25,8 @@ from .. import kernels_cpu as K
 from ..errors import FlashLMError, InvalidArgumentError
 from ..runtime.modelfile import TensorRef
 from ..runtime.weights import WeightStore
-from .io import ReadEngine
-from .layout import FFN, read_plans
+from .io import ReadEngine, aligned_empty
+from .layout import FFN, read_plans, split_records
 from .plan import PREFILL_NEURONS
 from .probe import load_probe, pick_gap, pick_read_size
 from .predictor import PREDICTORS, act, make_predictor
@@ -55,15 +54,14 @@ class TokenStats:
     def mean_read(self) -> float:
         return self.bytes_read / self.reads if self.reads else 0.0
 
-
-def small_pages(nbytes: int) -> np.ndarray:
-    """A zeroed uint8 buffer that becomes resident 4 KiB at a time as it is used: no
-    transparent huge pages, which would make a window's first touched byte cost 2 MiB
-    and its memory exceed the plan."""
-    m = mmap.mmap(-1, max(1, nbytes))
-    if hasattr(m, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
-        m.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(m, dtype=np.uint8)[:nbytes]
+    @classmethod
+    def total(cls, passes) -> "TokenStats":
+        """The sum of several passes' statistics."""
+        out = cls()
+        for p in passes:
+            for f in cls.__dataclass_fields__:
+                setattr(out, f, getattr(out, f) + getattr(p, f))
+        return out
 
 
 class NeuronWindow:
@@ -77,7 +75,7 @@ class NeuronWindow:
         gb = lb.gate_bytes if with_gate else 0  # no gate rows where the predictor holds the gate
         sizes = [capacity * gb, capacity * lb.up_bytes, capacity * lb.down_bytes]
         if pool is None:  # rows of its own; else views of a pool that layers take turns to use
-            pool = small_pages(sum(sizes))
+            pool = aligned_empty(sum(sizes))
         a, b, c = sizes
         self.gate = pool[:a].reshape(capacity, gb)
         self.up = pool[a:a + b].reshape(capacity, lb.up_bytes)
@@ -235,7 +233,7 @@ class FlashStore(WeightStore):
         with_gate = self.reads_gate
         pool = None
         if self.settings.window == 0:
-            pool = small_pages(max(c * self.held_bytes(lb) for lb, c in zip(self.plans, capacities)))
+            pool = aligned_empty(max(c * self.held_bytes(lb) for lb, c in zip(self.plans, capacities)))
         self.windows = [NeuronWindow(lb, c, pool, with_gate) for lb, c in zip(self.plans, capacities)]
 
     @property
@@ -285,28 +283,14 @@ class FlashStore(WeightStore):
     def _load(self, i: int, neurons: np.ndarray, read_gate: bool) -> None:
         """Append `neurons` to layer i's window, reading their records."""
         st, win, lb = self.current, self.windows[i], self.plans[i]
-        t0 = time.perf_counter()
+        t0, io0 = time.perf_counter(), st.io_s
         s = win.append(neurons, self.t)
-        gb, ub, db = lb.gate_bytes, lb.up_bytes, lb.down_bytes
-        if self.resident:
-            rec = self._records[i].data[neurons]
-            if read_gate:
-                win.gate[s] = rec[:, :gb]
-            win.up[s] = rec[:, gb:gb + ub]
-            win.down[s] = rec[:, gb + ub:]
-            st.bookkeeping_s += time.perf_counter() - t0
-            return
         base, stride = self._records[i].offset, lb.bundle_bytes
         rec = None
-        if not len(neurons):
-            ranges, outs = [], []
-        elif self.settings.bundled:  # whole records, one range per run of consecutive neurons
-            cuts = np.flatnonzero(np.diff(neurons) != 1) + 1
-            starts, ends = np.r_[0, cuts], np.r_[cuts, len(neurons)]
-            rec = np.empty((len(neurons), stride), dtype=np.uint8)
-            ranges = [(base + int(neurons[a]) * stride, int(b - a) * stride) for a, b in zip(starts, ends)]
-            outs = [rec[a:b].reshape(-1) for a, b in zip(starts, ends)]
-        else:  # each neuron's rows read on their own (the ablation's "no bundling")
+        if self.resident:
+            rec = self._records[i].data[neurons]
+        elif not self.settings.bundled:  # each neuron's rows read on their own (the ablation's "no bundling")
+            gb, ub, db = lb.gate_bytes, lb.up_bytes, lb.down_bytes
             ranges, outs = [], []
             for k, j in enumerate(neurons.tolist()):
                 off = base + j * stride
@@ -315,51 +299,55 @@ class FlashStore(WeightStore):
                     outs.append(win.gate[s.start + k])
                 ranges += [(off + gb, ub), (off + gb + ub, db)]
                 outs += [win.up[s.start + k], win.down[s.start + k]]
-        t1 = time.perf_counter()
+            self._read(ranges, outs, st)
+        elif len(neurons):  # whole records, one range per run of consecutive neurons
+            cuts = np.flatnonzero(np.diff(neurons) != 1) + 1
+            starts, ends = np.r_[0, cuts], np.r_[cuts, len(neurons)]
+            rec = np.empty((len(neurons), stride), dtype=np.uint8)
+            self._read([(base + int(neurons[a]) * stride, int(b - a) * stride) for a, b in zip(starts, ends)],
+                       [rec[a:b].reshape(-1) for a, b in zip(starts, ends)], st)
+        if rec is not None:
+            gate, up, down = split_records(lb, rec)
+            if read_gate:
+                win.gate[s] = gate
+            win.up[s] = up
+            win.down[s] = down
+        st.bookkeeping_s += time.perf_counter() - t0 - (st.io_s - io0)  # all but the reads
+
+    def _read(self, ranges: list, outs: list, st: TokenStats) -> None:
+        """Read ranges into outs with the engine, adding to st's I/O figures."""
+        if not ranges:
+            return
         e = self.engine.stats
         before = e.bytes_read, e.reads
-        if ranges:
-            self.engine.read_ranges(ranges, outs)
-        t2 = time.perf_counter()
-        if rec is not None:
-            if read_gate:
-                win.gate[s] = rec[:, :gb]
-            win.up[s] = rec[:, gb:gb + ub]
-            win.down[s] = rec[:, gb + ub:]
+        t0 = time.perf_counter()
+        self.engine.read_ranges(ranges, outs)
+        st.io_s += time.perf_counter() - t0
         st.bytes_requested += sum(n for _, n in ranges)
         st.bytes_read += e.bytes_read - before[0]
         st.reads += e.reads - before[1]
-        st.io_s += t2 - t1
-        st.bookkeeping_s += (t1 - t0) + (time.perf_counter() - t2)
 
     def _dense(self, i: int, h: np.ndarray, gelu: bool, st: TokenStats) -> np.ndarray:
         """Every neuron, for several tokens (prefill): the records are read in chunks of
         PREFILL_NEURONS and each chunk's FFN part added up (bounded buffers)."""
         lb = self.plans[i]
-        gb, ub = lb.gate_bytes, lb.up_bytes
         gt, ut, dt = lb.types
         out = np.zeros((h.shape[0], lb.n_embd), dtype=np.float32)
         for c0 in range(0, lb.n_ff, PREFILL_NEURONS):
             n = min(PREFILL_NEURONS, lb.n_ff - c0)
-            t0 = time.perf_counter()
             if self.resident:
                 rec = self._records[i].data[c0:c0 + n]
             else:
                 rec = np.empty((n, lb.bundle_bytes), dtype=np.uint8)
-                e = self.engine.stats
-                before = e.bytes_read, e.reads
-                self.engine.read_ranges([(self._records[i].offset + c0 * lb.bundle_bytes, rec.nbytes)], [rec.reshape(-1)])
-                st.bytes_requested += rec.nbytes
-                st.bytes_read += e.bytes_read - before[0]
-                st.reads += e.reads - before[1]
+                self._read([(self._records[i].offset + c0 * lb.bundle_bytes, rec.nbytes)], [rec.reshape(-1)], st)
             t1 = time.perf_counter()
-            gate = TensorRef("gate", gt, (n, lb.n_embd), np.ascontiguousarray(rec[:, :gb]), -1)
-            up = TensorRef("up", ut, (n, lb.n_embd), np.ascontiguousarray(rec[:, gb:gb + ub]), -1)
-            down_t = K.dequantize(TensorRef("down_t", dt, (n, lb.n_embd), np.ascontiguousarray(rec[:, gb + ub:]), -1))
+            gate, up, down = (np.ascontiguousarray(a) for a in split_records(lb, rec))
+            gate = TensorRef("gate", gt, (n, lb.n_embd), gate, -1)
+            up = TensorRef("up", ut, (n, lb.n_embd), up, -1)
+            down_t = K.dequantize(TensorRef("down_t", dt, (n, lb.n_embd), down, -1))
             t2 = time.perf_counter()
             g, u = K.linear_many(h, [gate, up])
             out += K.glu(g, u, gelu) @ down_t
-            st.io_s += t1 - t0
             st.bookkeeping_s += t2 - t1
             st.compute_s += time.perf_counter() - t2
         st.needed += lb.n_ff * h.shape[0]

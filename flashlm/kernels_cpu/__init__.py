@@ -212,26 +212,22 @@ def linear_many(x: np.ndarray, ws: list) -> list[np.ndarray]:
     if T == 1:
         return [matvec(x[0], w).reshape(1, -1) for w in ws]
     if _QUANTIZE_ACTIVATIONS and INT8_GEMM and all(_gemm_ok(w) for w in ws):
-        acts = {}  # each weight type sees x as llama.cpp quantizes it for it
-        for w in ws:
-            if _gemm_key(int(w.qtype)) not in acts:
-                acts[_gemm_key(int(w.qtype))] = gemm_activations(x, int(w.qtype))
-        t_pad = -(-T // gemm.TOKENS) * gemm.TOKENS
-        outs = [np.empty((t_pad, w.data.shape[0]), dtype=np.float32) for w in ws]
-        pieces = [(_gemm_product, acts[_gemm_key(int(w.qtype))], w, 0, w.data.shape[0], out)
-                  for w, out in zip(ws, outs)]
-        _share_rows(pieces, gemm.ROWS)
-        return [o[:T] for o in outs]
-    xs = {}
-    if _QUANTIZE_ACTIVATIONS:
-        for w in ws:
-            xs.setdefault(_act_block(int(w.qtype)) or -int(w.qtype), quantize_activations(x, int(w.qtype)))
-    outs = [np.empty((T, w.data.shape[0]), dtype=np.float32) for w in ws]
-    pieces = [(_tiled_product, xs[_act_block(int(w.qtype)) or -int(w.qtype)] if xs else x, w, 0, w.data.shape[0], out)
-              for w, out in zip(ws, outs)]
-    with blas_one_thread():
-        _share_rows(pieces, 1)
-    return outs
+        prepare, key, product, quantum = gemm_activations, _gemm_key, _gemm_product, gemm.ROWS
+        rows_out = -(-T // gemm.TOKENS) * gemm.TOKENS  # the GEMM's tokens come padded
+        limit = contextlib.nullcontext()
+    else:
+        prepare = quantize_activations if _QUANTIZE_ACTIVATIONS else (lambda x, qtype: x)
+        key = (lambda qtype: _act_block(qtype) or -qtype) if _QUANTIZE_ACTIVATIONS else (lambda qtype: 0)
+        product, quantum, rows_out, limit = _tiled_product, 1, T, blas_one_thread()
+    acts = {}  # each weight type sees x as llama.cpp quantizes it for it, quantized once per kind
+    for w in ws:
+        if key(int(w.qtype)) not in acts:
+            acts[key(int(w.qtype))] = prepare(x, int(w.qtype))
+    outs = [np.empty((rows_out, w.data.shape[0]), dtype=np.float32) for w in ws]
+    pieces = [(product, acts[key(int(w.qtype))], w, 0, w.data.shape[0], out) for w, out in zip(ws, outs)]
+    with limit:
+        _share_rows(pieces, quantum)
+    return [o[:T] for o in outs]
 
 
 # The integer prefill GEMM: on by default where vpdpbusd makes it faster than BLAS
