@@ -1,8 +1,8 @@
 """CPU kernels: quantized matrix products on GGML block formats, plus the small ops.
 
 `linear` is the one entry point model code uses for a weight product; it dispatches on
-the weight's GGML type (decode: fused dequantize-dot `matvec`; prefill: dequantized
-tiles fed to BLAS).
+the weight's GGML type (decode: fused dequantize-dot `matvec`; prefill: the integer
+GEMM in `gemm.py` on VNNI CPUs, dequantized tiles fed to BLAS elsewhere).
 """
 
 from __future__ import annotations
@@ -14,10 +14,33 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import sys
+
 import numba
 import numpy as np
 
-from . import simd  # imports no kernels: their cache is checked first
+
+def _load_numba_without_scipy_blas():
+    """Numba probes for BLAS when its CPU target first loads (numba.np.arraymath imports
+    scipy.linalg), which maps scipy's OpenBLAS and LAPACK: 17 MiB of RSS for nothing,
+    since no flashlm kernel calls BLAS from compiled code. Load the target with
+    scipy.linalg hidden; numba then registers its BLAS-only array functions without
+    BLAS (np.dot and np.linalg still find scipy when compiled later), and scipy.linalg
+    imports as usual afterwards."""
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        return  # already paid for, or numba's target already loaded
+    from numba.core.registry import cpu_target
+
+    sys.modules["scipy.linalg"] = None  # `import scipy.linalg` raises ImportError meanwhile
+    try:
+        cpu_target.target_context.refresh()
+    finally:
+        del sys.modules["scipy.linalg"]
+
+
+_load_numba_without_scipy_blas()
+
+from . import simd  # noqa: E402  (imports no kernels: their cache is checked first)
 
 
 def _drop_stale_numba_cache():
