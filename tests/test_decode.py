@@ -53,3 +53,20 @@ def test_fused_decode_on_the_default_model(smollm2):
     # test_parity). Measured: min 0.996, median 0.9989.
     assert np.median(cos) >= 0.998 and cos.min() >= 0.99, cos
     assert (a.argmax(1) == b.argmax(1)).mean() >= 5 / 6
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_streamed_decode_step_matches_layer_path(arch, random_gguf, tmp_path):
+    # A flash-layout model decodes through fused.LayerDecoder: compiled attention per
+    # layer around the store's own FFN. It must compute what the layer path computes.
+    from flashlm.flashload.layout import convert
+    from flashlm.runtime.fused import LayerDecoder
+
+    flash = convert(random_gguf(arch), tmp_path / f"{arch}.flash.gguf")
+    with flashlm.load(flash, n_ctx=128, n_threads=2, streaming=dict(predictor=None)) as m:
+        assert isinstance(m.model.fused, LayerDecoder)
+        tokens = m.tokenize("One two three four five six seven eight nine ten eleven twelve thirteen")
+        a, b, kv, kv2 = _both_paths(m, tokens, 8)
+    cos = cosine_rows(a, b)
+    assert cos.min() >= 0.9999, cos
+    assert (a.argmax(1) == b.argmax(1)).all()

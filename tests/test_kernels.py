@@ -87,11 +87,13 @@ def test_row_subsets_and_transposed_product(qtype):
     rows = rng.permutation(70)[:23]
     np.testing.assert_array_equal(kernels_cpu.matvec(x, w, rows), kernels_cpu.matvec(x, w)[rows])
     # transposed: out += sum_i coef_i * W[rows_i] (down-projection columns stored as rows)
-    coef = rng.standard_normal(23).astype(np.float32)
-    out = np.ones(256, np.float32)
-    kernels_cpu.matvec_t(coef, w, rows, out)
-    want = 1.0 + coef.astype(np.float64) @ ref_dequant(raw, qtype, 256)[rows].astype(np.float64)
-    np.testing.assert_allclose(out, want, atol=1e-4 * np.abs(want).max())
+    # (Q8_0 goes 4 rows at a time: counts that leave 1, 3 and 3 rows over)
+    for n in (1, 3, 23):
+        coef = rng.standard_normal(n).astype(np.float32)
+        out = np.ones(256, np.float32)
+        kernels_cpu.matvec_t(coef, w, rows[:n], out)
+        want = 1.0 + coef.astype(np.float64) @ ref_dequant(raw, qtype, 256)[rows[:n]].astype(np.float64)
+        np.testing.assert_allclose(out, want, atol=1e-4 * np.abs(want).max())
 
 
 def test_activation_quantization_error_is_bounded():

@@ -20,6 +20,7 @@ from .qdot import f16_bits, matvec_rows, quantize_q8_serial, round_f16
 from .quants import _BF16, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q4_K, _Q5_K, _Q6_K, dequant_row, h2f
 
 SLOTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+N_SLOTS = len(SLOTS)
 VECS = ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm",
         "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias")
 (V_ATTN_NORM, V_FFN_NORM, V_Q_NORM, V_K_NORM, V_POST_ATTN, V_POST_FFN, V_BQ, V_BK, V_BV, V_BO) = range(len(VECS))
@@ -211,68 +212,15 @@ def decode_step(tok, pos, arena, mats, qt, vecs, swa, kc, vc, ip, fp, lut, all_r
 
     Weight matrix i is _mat(arena, mats, i) = (offset, rows, row_bytes) in the byte buffer `arena`
     (the mapped model file), in SLOTS order per layer, then token_embd and output."""
-    n_layer = ip[I_LAYERS]; d = ip[I_EMBD]; n_head = ip[I_HEAD]; n_kv = ip[I_HEAD_KV]
-    hd = ip[I_HD]; hd_v = ip[I_HD_V]; n_rot = ip[I_ROPE_DIM]; neox = ip[I_NEOX] != 0
-    window = ip[I_WINDOW]; qk_norm = ip[I_QK_NORM] != 0; post_norms = ip[I_POST_NORMS] != 0
-    gelu = ip[I_GELU] != 0; scale_q = ip[I_SCALE_Q] != 0; bias = ip[I_BIAS] != 0; nt = ip[I_THREADS]
-    eps = fp[F_EPS]
-    n_slots = 7
-    emb = _mat(arena, mats, n_layer * n_slots)
+    n_layer = ip[I_LAYERS]; d = ip[I_EMBD]
+    gelu = ip[I_GELU] != 0; post_norms = ip[I_POST_NORMS] != 0; nt = ip[I_THREADS]
     x = np.empty(d, dtype=np.float32)
-    dequant_row(qt[n_layer * n_slots], emb[tok], x, lut)
-    if fp[F_EMBED_SCALE] != 1.0:
-        for i in range(d):
-            x[i] *= np.float32(fp[F_EMBED_SCALE])
     h = np.empty(d, dtype=np.float32)
-    q = np.empty(n_head * hd, dtype=np.float32)
-    k = np.empty(n_kv * hd, dtype=np.float32)
-    v = np.empty(n_kv * hd_v, dtype=np.float32)
-    att = np.empty(n_head * hd_v, dtype=np.float32)
     o = np.empty(d, dtype=np.float32)
+    _embed(tok, arena, mats, qt, ip, fp, lut, x)
     for l in range(n_layer):
-        base = l * n_slots
-        vl = vecs[l]
-        _rmsnorm(x, vl[V_ATTN_NORM], eps, h)
-        _mv(qt[base], _mat(arena, mats, base), h, q, lut, nt, all_rows)
-        _mv(qt[base + 1], _mat(arena, mats, base + 1), h, k, lut, nt, all_rows)
-        _mv(qt[base + 2], _mat(arena, mats, base + 2), h, v, lut, nt, all_rows)
-        if bias:
-            for i in range(q.shape[0]):
-                q[i] += vl[V_BQ, i]
-            for i in range(k.shape[0]):
-                k[i] += vl[V_BK, i]
-            for i in range(v.shape[0]):
-                v[i] += vl[V_BV, i]
-        if qk_norm:
-            for hh in range(n_head):
-                _rmsnorm(q[hh * hd:(hh + 1) * hd], vl[V_Q_NORM, :hd], eps, q[hh * hd:(hh + 1) * hd])
-            for hh in range(n_kv):
-                _rmsnorm(k[hh * hd:(hh + 1) * hd], vl[V_K_NORM, :hd], eps, k[hh * hd:(hh + 1) * hd])
-        is_swa = swa[l]
-        rb = fp[F_BASE_SWA] if is_swa else fp[F_BASE]
-        rs = 1.0 if is_swa else fp[F_ROPE_SCALE]
-        _rope(q, n_head, hd, pos, n_rot, rb, rs, neox)
-        _rope(k, n_kv, hd, pos, n_rot, rb, rs, neox)
-        for hh in range(n_kv):
-            for i in range(hd):
-                kc[l, hh, pos, i] = np.uint16(f16_bits(k[hh * hd + i]))
-            for i in range(hd_v):
-                vc[l, hh, pos, i] = np.uint16(f16_bits(v[hh * hd_v + i]))
-        sc = fp[F_ATTN_SCALE]
-        if scale_q:
-            for i in range(q.shape[0]):
-                q[i] *= np.float32(sc)
-            sc = 1.0
-        _attend(q, kc, vc, l, pos, n_head, n_kv, hd, hd_v, sc, window if is_swa else 0, att)
-        _mv(qt[base + 3], _mat(arena, mats, base + 3), att, o, lut, nt, all_rows)
-        if bias:
-            for i in range(d):
-                o[i] += vl[V_BO, i]
-        if post_norms:
-            _rmsnorm(o, vl[V_POST_ATTN], eps, o)
-        for i in range(d):
-            x[i] += o[i]
-        _rmsnorm(x, vl[V_FFN_NORM], eps, h)
+        _layer_attn(l, pos, x, h, arena, mats, qt, vecs, swa, kc, vc, ip, fp, lut, all_rows)
+        base = l * N_SLOTS
         n_ff = _mat(arena, mats, base + 5).shape[0]
         g = np.empty(n_ff, dtype=np.float32)
         u = np.empty(n_ff, dtype=np.float32)
@@ -283,12 +231,121 @@ def decode_step(tok, pos, arena, mats, qt, vecs, swa, kc, vc, ip, fp, lut, all_r
             a = _gelu(gi) if gelu else gi / (np.float32(1.0) + np.float32(np.exp(-gi)))
             g[i] = a * u[i]
         _mv(qt[base + 6], _mat(arena, mats, base + 6), g, o, lut, nt, all_rows)
-        if post_norms:
-            _rmsnorm(o, vl[V_POST_FFN], eps, o)
+        _add_ffn(l, o, x, vecs, post_norms, fp[F_EPS])
+    _head(x, arena, mats, qt, vecs, ip, fp, lut, all_rows, logits)
+
+
+# -- the same step in pieces, for a model whose FFN weights are not all in memory
+# (flashload): Python calls decode_embed, then per layer decode_attn, the store's FFN
+# and decode_add_ffn, then decode_head. The math is decode_step's, the same inlined code.
+
+
+@njit(nogil=True, cache=True)
+def decode_embed(tok, arena, mats, qt, ip, fp, lut, x):
+    """x = token tok's embedding (scaled as the model says)."""
+    _embed(tok, arena, mats, qt, ip, fp, lut, x)
+
+
+@njit(nogil=True, cache=True)
+def decode_attn(l, pos, x, h, arena, mats, qt, vecs, swa, kc, vc, ip, fp, lut, all_rows):
+    """Layer l's attention on the residual stream x (in place, KV written at pos); then
+    h = the FFN's input (x through the FFN norm)."""
+    _layer_attn(l, pos, x, h, arena, mats, qt, vecs, swa, kc, vc, ip, fp, lut, all_rows)
+
+
+@njit(nogil=True, cache=True)
+def decode_add_ffn(l, o, x, vecs, ip, fp):
+    """x += layer l's FFN output o (after its post-norm, where the model has one)."""
+    _add_ffn(l, o, x, vecs, ip[I_POST_NORMS] != 0, fp[F_EPS])
+
+
+@njit(nogil=True, cache=True)
+def decode_head(x, arena, mats, qt, vecs, ip, fp, lut, all_rows, logits):
+    """logits = the output projection of the final-normed x (soft-capped where the model says)."""
+    _head(x, arena, mats, qt, vecs, ip, fp, lut, all_rows, logits)
+
+
+
+@njit(inline="always")
+def _embed(tok, arena, mats, qt, ip, fp, lut, x):
+    n_layer = ip[I_LAYERS]
+    dequant_row(qt[n_layer * N_SLOTS], _mat(arena, mats, n_layer * N_SLOTS)[tok], x, lut)
+    if fp[F_EMBED_SCALE] != 1.0:
+        for i in range(x.shape[0]):
+            x[i] *= np.float32(fp[F_EMBED_SCALE])
+
+
+@njit(inline="always")
+def _layer_attn(l, pos, x, h, arena, mats, qt, vecs, swa, kc, vc, ip, fp, lut, all_rows):
+    d = ip[I_EMBD]; n_head = ip[I_HEAD]; n_kv = ip[I_HEAD_KV]
+    hd = ip[I_HD]; hd_v = ip[I_HD_V]; n_rot = ip[I_ROPE_DIM]; neox = ip[I_NEOX] != 0
+    window = ip[I_WINDOW]; qk_norm = ip[I_QK_NORM] != 0; post_norms = ip[I_POST_NORMS] != 0
+    scale_q = ip[I_SCALE_Q] != 0; bias = ip[I_BIAS] != 0; nt = ip[I_THREADS]
+    eps = fp[F_EPS]
+    q = np.empty(n_head * hd, dtype=np.float32)
+    k = np.empty(n_kv * hd, dtype=np.float32)
+    v = np.empty(n_kv * hd_v, dtype=np.float32)
+    att = np.empty(n_head * hd_v, dtype=np.float32)
+    o = np.empty(d, dtype=np.float32)
+    base = l * N_SLOTS
+    vl = vecs[l]
+    _rmsnorm(x, vl[V_ATTN_NORM], eps, h)
+    _mv(qt[base], _mat(arena, mats, base), h, q, lut, nt, all_rows)
+    _mv(qt[base + 1], _mat(arena, mats, base + 1), h, k, lut, nt, all_rows)
+    _mv(qt[base + 2], _mat(arena, mats, base + 2), h, v, lut, nt, all_rows)
+    if bias:
+        for i in range(q.shape[0]):
+            q[i] += vl[V_BQ, i]
+        for i in range(k.shape[0]):
+            k[i] += vl[V_BK, i]
+        for i in range(v.shape[0]):
+            v[i] += vl[V_BV, i]
+    if qk_norm:
+        for hh in range(n_head):
+            _rmsnorm(q[hh * hd:(hh + 1) * hd], vl[V_Q_NORM, :hd], eps, q[hh * hd:(hh + 1) * hd])
+        for hh in range(n_kv):
+            _rmsnorm(k[hh * hd:(hh + 1) * hd], vl[V_K_NORM, :hd], eps, k[hh * hd:(hh + 1) * hd])
+    is_swa = swa[l]
+    rb = fp[F_BASE_SWA] if is_swa else fp[F_BASE]
+    rs = 1.0 if is_swa else fp[F_ROPE_SCALE]
+    _rope(q, n_head, hd, pos, n_rot, rb, rs, neox)
+    _rope(k, n_kv, hd, pos, n_rot, rb, rs, neox)
+    for hh in range(n_kv):
+        for i in range(hd):
+            kc[l, hh, pos, i] = np.uint16(f16_bits(k[hh * hd + i]))
+        for i in range(hd_v):
+            vc[l, hh, pos, i] = np.uint16(f16_bits(v[hh * hd_v + i]))
+    sc = fp[F_ATTN_SCALE]
+    if scale_q:
+        for i in range(q.shape[0]):
+            q[i] *= np.float32(sc)
+        sc = 1.0
+    _attend(q, kc, vc, l, pos, n_head, n_kv, hd, hd_v, sc, window if is_swa else 0, att)
+    _mv(qt[base + 3], _mat(arena, mats, base + 3), att, o, lut, nt, all_rows)
+    if bias:
         for i in range(d):
-            x[i] += o[i]
-    _rmsnorm(x, vecs[n_layer, V_ATTN_NORM], eps, h)
-    _mv(qt[n_layer * n_slots + 1], _mat(arena, mats, n_layer * n_slots + 1), h, logits, lut, nt, all_rows)
+            o[i] += vl[V_BO, i]
+    if post_norms:
+        _rmsnorm(o, vl[V_POST_ATTN], eps, o)
+    for i in range(d):
+        x[i] += o[i]
+    _rmsnorm(x, vl[V_FFN_NORM], eps, h)
+
+
+@njit(inline="always")
+def _add_ffn(l, o, x, vecs, post_norms, eps):
+    if post_norms:
+        _rmsnorm(o, vecs[l, V_POST_FFN], eps, o)
+    for i in range(x.shape[0]):
+        x[i] += o[i]
+
+
+@njit(inline="always")
+def _head(x, arena, mats, qt, vecs, ip, fp, lut, all_rows, logits):
+    n_layer = ip[I_LAYERS]
+    h = np.empty(x.shape[0], dtype=np.float32)
+    _rmsnorm(x, vecs[n_layer, V_ATTN_NORM], fp[F_EPS], h)
+    _mv(qt[n_layer * N_SLOTS + 1], _mat(arena, mats, n_layer * N_SLOTS + 1), h, logits, lut, ip[I_THREADS], all_rows)
     if fp[F_SOFTCAP] != 0.0:
         c = np.float32(fp[F_SOFTCAP])
         for i in range(logits.shape[0]):

@@ -193,6 +193,16 @@ load8f = _loader("load8f", _LF, v8f, 4, "The 8 floats arr[off:off + 8].")
 
 
 @intrinsic
+def load8s(typingctx, arr, off):
+    """The 8 signed bytes arr[off:off + 8] (a uint8 array holding int8 codes) as int32 lanes."""
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        return builder.sext(builder.load(builder.bitcast(p, ir.VectorType(_I8, 8).as_pointer()), align=1), _LI)
+
+    return v8i(arr, off), codegen
+
+
+@intrinsic
 def load_nibbles(typingctx, arr, off):
     """The 16 bytes arr[off:off + 16] as 32 codes: their low nibbles, then their high
     nibbles (a legacy block's element order)."""

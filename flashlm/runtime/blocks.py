@@ -99,11 +99,12 @@ class DecoderLM:
         self.output_norm = store.vector("output_norm.weight")
         self.layers = [self._layer_vectors(i) for i in range(cfg.n_layer)]
         self.fused = None
-        if getattr(store, "fusable", False):
-            from .fused import FusedDecoder, fusable, weight_refs
+        if getattr(store, "fusable", False) or hasattr(store, "ffn_forward"):
+            from .fused import FusedDecoder, LayerDecoder, fusable, weight_refs
 
-            if fusable(weight_refs(self)):
-                self.fused = FusedDecoder(self)
+            streamed = hasattr(store, "ffn_forward")  # flashload: the store runs the FFN itself
+            if fusable(weight_refs(self, ffn=not streamed)):
+                self.fused = LayerDecoder(self) if streamed else FusedDecoder(self)
 
     def _layer_vectors(self, i: int) -> dict:
         s = self.store

@@ -17,40 +17,45 @@ def root_buffer(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def weight_refs(model) -> list:
+def weight_refs(model, ffn: bool = True) -> list:
     """The model's matrices in decode_step's order: SLOTS per layer, then embeddings
-    and output."""
+    and output. ffn=False: None in the FFN slots (weights a store streams itself)."""
     names = [f"blk.{i}.{slot}.weight" for i in range(model.cfg.n_layer) for slot in D.SLOTS]
-    return [model.store.get(n) for n in names] + [model.tok_embd, model.output]
+    return [model.store.get(n) if ffn or not n.split(".")[2].startswith("ffn_") else None
+            for n in names] + [model.tok_embd, model.output]
 
 
 def fusable(refs) -> bool:
     """Whether these weights lie in one mapped buffer, as decode_step needs (a model
     split over several files is run layer by layer instead)."""
+    refs = [r for r in refs if r is not None]
     return len({id(root_buffer(r.data)) for r in refs}) == 1 and all(r.data.flags.c_contiguous for r in refs)
 
 
 def _arena(refs) -> tuple[np.ndarray, np.ndarray]:
-    """The one buffer holding all the weights, and (offset, rows, row_bytes) of each.
-    A table of offsets, not a numba typed List of arrays: that List costs ~70 MB of
-    compiler memory and 0.4 s at start, measured."""
-    root = root_buffer(refs[0].data)
+    """The one buffer holding all the weights, and (offset, rows, row_bytes) of each
+    (0, 0, 0 for a None). A table of offsets, not a numba typed List of arrays: that
+    List costs ~70 MB of compiler memory and 0.4 s at start, measured."""
+    root = root_buffer(next(r for r in refs if r is not None).data)
     arena = root.reshape(-1).view(np.uint8).view(np.ndarray)
     base = arena.ctypes.data
-    mats = np.array([(r.data.ctypes.data - base, r.data.shape[0], r.data.shape[1]) for r in refs], dtype=np.int64)
+    mats = np.array([(r.data.ctypes.data - base, r.data.shape[0], r.data.shape[1]) if r is not None else (0, 0, 0)
+                     for r in refs], dtype=np.int64)
     return arena, mats
 
 
 class FusedDecoder:
     """One-token forward passes of `model` through kernels_cpu.decode.decode_step."""
 
+    ffn = True  # the FFN weights are in the arena
+
     def __init__(self, model):
-        cfg, s = model.cfg, model.store
+        cfg = model.cfg
         self.cfg = cfg
-        refs = weight_refs(model)
+        refs = weight_refs(model, self.ffn)
         self.arena, self.mats = _arena(refs)
-        self.qt = np.array([int(r.qtype) for r in refs], dtype=np.int64)
-        self.all_rows = np.arange(max(r.data.shape[0] for r in refs), dtype=np.int64)
+        self.qt = np.array([int(r.qtype) if r is not None else -1 for r in refs], dtype=np.int64)
+        self.all_rows = np.arange(max(r.data.shape[0] for r in refs if r is not None), dtype=np.int64)
         width = max(cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.v_head_dim)
         self.vecs = np.zeros((cfg.n_layer + 1, len(D.VECS), width), dtype=np.float32)
         has_bias = False
@@ -80,4 +85,32 @@ class FusedDecoder:
         kv.reserve(pos + 1)
         D.decode_step(tok, pos, self.arena, self.mats, self.qt, self.vecs, self.swa, kv.k16, kv.v16, self.ip, self.fp,
                       F16_TABLE, self.all_rows, logits)
+        return logits
+
+
+class LayerDecoder(FusedDecoder):
+    """decode_step in pieces around a store's own FFN, for a flash-layout model whose FFN
+    neurons are streamed: one compiled call per layer for the attention, the store's
+    ffn_forward (predict, load, sparse product) between, the same math as decode_step."""
+
+    ffn = False
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.store = model.store
+        self.gelu = model.activation == "gelu"
+
+    def step(self, tok: int, pos: int, kv) -> np.ndarray:
+        self.ip[D.I_THREADS] = numba.get_num_threads()
+        d = self.cfg.n_embd
+        x, h = np.empty(d, dtype=np.float32), np.empty(d, dtype=np.float32)
+        logits = np.empty(self.cfg.n_vocab, dtype=np.float32)
+        kv.reserve(pos + 1)
+        a, m, qt, vecs, ip, fp = self.arena, self.mats, self.qt, self.vecs, self.ip, self.fp
+        D.decode_embed(tok, a, m, qt, ip, fp, F16_TABLE, x)
+        for i in range(self.cfg.n_layer):
+            D.decode_attn(i, pos, x, h, a, m, qt, vecs, self.swa, kv.k16, kv.v16, ip, fp, F16_TABLE, self.all_rows)
+            o = self.store.ffn_forward(i, h.reshape(1, -1), self.gelu)
+            D.decode_add_ffn(i, o.reshape(-1), x, vecs, ip, fp)
+        D.decode_head(x, a, m, qt, vecs, ip, fp, F16_TABLE, self.all_rows, logits)
         return logits
