@@ -7,9 +7,14 @@
     buffers            prefill's chunk of records and its products, I/O staging, logits,
                        the tokenizer's tables (measured as it loads), and some slack
     neuron window      the rest: each layer's window holds what its share buys
+    spill buffer       when the windows cannot hold one token's neurons (keep x n_ff a
+                       layer), what they lack is read each token into one buffer the
+                       layers share
 
-The minimum is a budget whose window holds, in every layer, the neurons one token
-needs (keep x n_ff). Below it, loading fails with an error that names the minimum.
+The minimum is a budget with no window at all: every token reads all its neurons, one
+layer at a time, into the spill buffer. Below it, loading fails with an error that
+names the minimum. Budgets between that and one holding a token's neurons in every
+window hold part of them and read the rest each token.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from dataclasses import dataclass
 
 from ..errors import FlashLMError
 from ..units import format_size
-from .predictor import n_keep
 
 PREFILL_NEURONS = 512  # neurons per prefill chunk (store._dense)
 SLACK = 4 << 20  # what the allocator and page faults add beyond the planned arrays (measured: a few MiB)
@@ -26,12 +30,15 @@ SLACK = 4 << 20  # what the allocator and page faults add beyond the planned arr
 
 @dataclass
 class MemoryPlan:
+    """How a budget is divided for a streamed model (`Model.plan`; see the module's docstring)."""
+
     budget: int
     resident: int
     predictor: int
     kv: int
     buffers: int  # compute and I/O buffers, the tokenizer's tables
     window: int  # bytes for the neuron windows, all layers
+    spill: int  # bytes of the spill buffer (0 when the windows hold a token's neurons)
     capacities: list[int]  # neurons each layer's window holds
     layer_ff: list[int]  # neurons in each layer
     per_neuron: list[int]  # bytes a held neuron takes, per layer
@@ -44,7 +51,7 @@ class MemoryPlan:
 
     @property
     def fixed(self) -> int:
-        """Everything but the neuron window."""
+        """Everything but the neuron windows and the spill buffer."""
         return self.resident + self.predictor + self.kv + self.buffers
 
     @property
@@ -54,7 +61,7 @@ class MemoryPlan:
 
     def table(self) -> str:
         rows = [("resident weights", self.resident), ("predictor", self.predictor), ("KV cache", self.kv),
-                ("buffers, tokenizer", self.buffers), ("neuron window", self.window)]
+                ("buffers, tokenizer", self.buffers), ("neuron window", self.window), ("spill buffer", self.spill)]
         out = [f"memory plan for a budget of {format_size(self.budget)} (minimum {format_size(self.minimum)}):"]
         out += [f"  {name:<17} {format_size(n):>10}" for name, n in rows]
         out.append(f"  window holds {sum(self.capacities):,} neurons over {len(self.capacities)} layers "
@@ -81,23 +88,31 @@ def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_voc
                + 4 * n_vocab * 2)  # logits
     buffers += tokenizer  # the tokenizer's tables, measured at load
     buffers += SLACK + resident // 100  # allocator slack, and pages faulted in around the mapped weights
-    keep = s.keep if s.predictor else 1.0
-    need = [n_keep(keep, lb.n_ff) for lb in plans]
+    need = store.needs()
     fixed = resident + predictor + kv + buffers
-    if s.window == 0:  # nothing kept between tokens: one layer's neurons at a time, in a shared buffer
-        minimum = fixed + max(n * p for n, p in zip(need, per))
-    else:
-        minimum = fixed + sum(n * p for n, p in zip(need, per))
+    minimum = fixed + max(n * p for n, p in zip(need, per))  # no window: the spill buffer takes a layer's needs
     if budget < minimum:
         raise FlashLMError(f"memory budget {format_size(budget)} is below the minimum {format_size(minimum)} for this "
                            f"model at n_ctx={n_ctx} (resident weights {format_size(resident)}, KV cache "
-                           f"{format_size(kv)}, one token's neurons); raise the budget, lower n_ctx or keep")
-    window = budget - fixed
+                           f"{format_size(kv)}, one layer's neurons for a token); raise the budget, lower n_ctx or keep")
+    room = budget - fixed
     total_ff = sum(lb.n_ff for lb in plans)
-    if s.window == 0:
-        caps = need
-        held = minimum - fixed
-    else:
-        caps = [min(lb.n_ff, max(n, window * lb.n_ff // total_ff // p)) for lb, n, p in zip(plans, need, per)]
-        held = sum(c * p for c, p in zip(caps, per))
-    return MemoryPlan(budget, resident, predictor, kv, buffers, held, caps, [lb.n_ff for lb in plans], per, minimum)
+
+    def cost(caps):
+        spill = store.spill_capacities(caps)
+        return sum(c * p for c, p in zip(caps, per)) + max(c * p for c, p in zip(spill, per))
+
+    if s.window == 0:  # nothing kept between tokens
+        caps = [0] * len(plans)
+    elif room >= sum(n * p for n, p in zip(need, per)):  # every window holds a token's neurons, and more
+        caps = [min(lb.n_ff, max(n, room * lb.n_ff // total_ff // p)) for lb, n, p in zip(plans, need, per)]
+    else:  # windows hold a share f of each layer's needs; the spill buffer reads the rest each token
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            f = (lo + hi) / 2
+            lo, hi = (f, hi) if cost([int(f * n) for n in need]) <= room else (lo, f)
+        caps = [int(lo * n) for n in need]
+    spill = max(c * p for c, p in zip(store.spill_capacities(caps), per))
+    held = sum(c * p for c, p in zip(caps, per))
+    return MemoryPlan(budget, resident, predictor, kv, buffers, held, spill, caps, [lb.n_ff for lb in plans], per,
+                      minimum)

@@ -29,7 +29,7 @@ from .io import ReadEngine, aligned_empty
 from .layout import FFN, read_plans, split_records
 from .plan import PREFILL_NEURONS
 from .probe import load_probe, pick_gap, pick_read_size
-from .predictor import PREDICTORS, act, make_predictor
+from .predictor import PREDICTORS, act, make_predictor, n_keep
 
 
 @dataclass
@@ -48,10 +48,12 @@ class TokenStats:
 
     @property
     def hit_rate(self) -> float:
+        """Share of the neurons needed that were already in the window."""
         return self.hits / self.needed if self.needed else 0.0
 
     @property
     def mean_read(self) -> float:
+        """Mean bytes per read."""
         return self.bytes_read / self.reads if self.reads else 0.0
 
     @classmethod
@@ -68,7 +70,8 @@ class NeuronWindow:
     """One layer's neurons in DRAM: preallocated gate/up/down row matrices with a slot
     per neuron held, as in the paper. Neurons used in the last `window` tokens stay;
     older ones are deleted by moving the last rows into their slots; new ones are
-    appended. window 0 keeps nothing between tokens (every token reads what it needs)."""
+    appended. window 0 keeps nothing between tokens (every token reads what it needs).
+    Neurons a full window cannot take spill: the store reads them for this token only."""
 
     def __init__(self, lb, capacity: int, pool: np.ndarray | None = None, with_gate: bool = True):
         self.lb, self.cap = lb, capacity
@@ -100,9 +103,10 @@ class NeuronWindow:
         self.slot_of[self.ids[holes]] = holes
         self.n = n_new
 
-    def make_room(self, needed: np.ndarray, t: int, window: int) -> np.ndarray:
-        """Mark needed neurons used at token t, drop those out of the window, and
-        return the needed neurons not held (to be appended)."""
+    def make_room(self, needed: np.ndarray, t: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mark needed neurons used at token t, drop those out of the window, and return
+        the needed neurons not held: those there is room for (to be appended), and those
+        there is not (a window smaller than one token's needs; read for this token only)."""
         held = self.slot_of[needed]
         self.last[held[held >= 0]] = t
         if window <= 0:
@@ -113,11 +117,14 @@ class NeuronWindow:
         over = self.n + len(missing) - self.cap
         if over > 0:  # full: the least recently used neurons that this token does not need
             spare = np.flatnonzero(self.last[:self.n] < t)
-            if len(spare) < over:
-                raise FlashLMError(f"layer {self.lb.layer}'s neuron window ({self.cap}) cannot hold the "
-                                   f"{len(needed)} neurons one token needs; raise the memory budget")
             self._delete(spare[np.argsort(self.last[spare], kind="stable")[:over]])
-        return missing
+        room = self.cap - self.n
+        return missing[:room], missing[room:]
+
+    def clear(self) -> None:
+        """Hold nothing."""
+        self.slot_of[self.ids[:self.n]] = -1
+        self.n = 0
 
     def append(self, neurons: np.ndarray, t: int) -> slice:
         s = slice(self.n, self.n + len(neurons))
@@ -146,7 +153,8 @@ class StreamSettings:
     window:    tokens whose neurons stay in DRAM (0: none)
     bundled:   one read per neuron record; False reads gate, up and down rows
                separately (the paper's "no bundling" step)
-    capacity:  neurons per layer the window may hold (None: all)
+    capacity:  neurons per layer the window may hold (None: all); what one token needs
+               beyond it is read into a spill buffer for that token only
     """
 
     predictor: str | None = "gate"
@@ -173,7 +181,7 @@ class StreamSettings:
 class FlashStore(WeightStore):
     """Non-FFN weights resident (mapped); FFN neuron records streamed on demand."""
 
-    fusable = False  # the FFN weights are not all addressable: run layer by layer
+    fusable = False  # the FFN weights are not all addressable: decode runs fused.LayerDecoder
 
     def __init__(self, model_file, settings: StreamSettings | None = None, resident: bool = False,
                  io_threads: int = 8, direct: bool = True):
@@ -227,14 +235,26 @@ class FlashStore(WeightStore):
 
     def set_capacities(self, capacities: list[int]) -> None:
         """Neurons each layer's window may hold (a memory plan's); empties the windows.
-        With window 0 nothing stays between tokens, so all layers share one buffer."""
-        if any(c < 1 for c in capacities):
-            raise InvalidArgumentError("a neuron window must hold at least one neuron")
-        with_gate = self.reads_gate
-        pool = None
+        What one token needs beyond a window (all of it with window 0, where nothing
+        stays between tokens) is read into a spill buffer that the layers share."""
+        if any(c < 0 for c in capacities):
+            raise InvalidArgumentError("a neuron window cannot hold fewer than 0 neurons")
         if self.settings.window == 0:
-            pool = aligned_empty(max(c * self.held_bytes(lb) for lb, c in zip(self.plans, capacities)))
-        self.windows = [NeuronWindow(lb, c, pool, with_gate) for lb, c in zip(self.plans, capacities)]
+            capacities = [0] * len(capacities)
+        with_gate = self.reads_gate
+        self.windows = [NeuronWindow(lb, c, None, with_gate) for lb, c in zip(self.plans, capacities)]
+        spill = self.spill_capacities(capacities)
+        pool = aligned_empty(max(c * self.held_bytes(lb) for lb, c in zip(self.plans, spill)))
+        self.spills = [NeuronWindow(lb, c, pool, with_gate) for lb, c in zip(self.plans, spill)]
+
+    def needs(self) -> list[int]:
+        """Neurons one token takes in each layer."""
+        s = self.settings
+        return [n_keep(s.keep, lb.n_ff) if self.predictor is not None else lb.n_ff for lb in self.plans]
+
+    def spill_capacities(self, capacities: list[int]) -> list[int]:
+        """Neurons the spill buffer must take in each layer, for windows of these capacities."""
+        return [max(0, n - c) for n, c in zip(self.needs(), capacities)]
 
     @property
     def reads_gate(self) -> bool:
@@ -264,25 +284,40 @@ class FlashStore(WeightStore):
             needed, g = self.predictor.select(i, x, self.settings.keep, gelu)  # sorted ids; exact gate or None
         t1 = time.perf_counter()
         st.compute_s += t1 - t0
-        missing = win.make_room(needed, self.t, self.settings.window)
+        append, spill = win.make_room(needed, self.t, self.settings.window)
         st.needed += len(needed)
-        st.hits += len(needed) - len(missing)
+        st.hits += len(needed) - len(append) - len(spill)
         st.bookkeeping_s += time.perf_counter() - t1
-        self._load(i, missing, read_gate=self.reads_gate)
-        rows = win.slot_of[needed]
-        t2 = time.perf_counter()
+        self._load(win, append)
+        out = np.zeros(lb.n_embd, dtype=np.float32)
+        if len(spill):  # beyond the window: read for this token only
+            t3 = time.perf_counter()
+            sp = self.spills[i]
+            sp.clear()
+            st.bookkeeping_s += time.perf_counter() - t3
+            self._load(sp, spill)
+            kept = win.slot_of[needed] >= 0
+            self._ffn_rows(sp, x, needed[~kept], None if g is None else g[~kept], gelu, out, st)
+            needed, g = needed[kept], (None if g is None else g[kept])
+        self._ffn_rows(win, x, needed, g, gelu, out, st)
+        return out.reshape(1, -1)
+
+    def _ffn_rows(self, win, x, neurons, g, gelu: bool, out: np.ndarray, st: TokenStats) -> None:
+        """out += the FFN's part from `neurons` (held in win), given their gate values g
+        (None: computed here from the gate rows)."""
+        t0 = time.perf_counter()
+        rows = win.slot_of[neurons]
         gate, up, down = win.refs()
         if g is None:  # the predictor gave no gate values: compute them from the streamed rows
             g = K.matvec(x, gate, rows)
         coef = act(g, gelu) * K.matvec(x, up, rows)
-        out = np.zeros(lb.n_embd, dtype=np.float32)
         K.matvec_t(coef, down, rows, out)
-        st.compute_s += time.perf_counter() - t2
-        return out.reshape(1, -1)
+        st.compute_s += time.perf_counter() - t0
 
-    def _load(self, i: int, neurons: np.ndarray, read_gate: bool) -> None:
-        """Append `neurons` to layer i's window, reading their records."""
-        st, win, lb = self.current, self.windows[i], self.plans[i]
+    def _load(self, win: NeuronWindow, neurons: np.ndarray) -> None:
+        """Append `neurons` to window win (a layer's window or spill buffer), reading their records."""
+        st, lb, read_gate = self.current, win.lb, self.reads_gate
+        i = lb.layer
         t0, io0 = time.perf_counter(), st.io_s
         s = win.append(neurons, self.t)
         base, stride = self._records[i].offset, lb.bundle_bytes

@@ -46,6 +46,9 @@ class Chunk:
 _SAMPLING_KEYS = {f for f in SamplingParams.__dataclass_fields__}
 
 
+_TOKENIZER_BYTES: dict[str, int] = {}  # per model file: the RSS its tokenizer took to load, first time
+
+
 class Model:
     """A loaded model. Use `flashlm.load(...)` to make one; close it (or use `with`)."""
 
@@ -90,7 +93,10 @@ class Model:
                 self.tokenizer = LlamaCppTokenizer(self.path, self.file.metadata, cfg.arch)
             else:
                 self.tokenizer = HFTokenizer(self.path, self.file.config)
-            tokenizer_bytes = max(0, psutil.Process().memory_info().rss - rss0)  # measured: its vocab tables
+            # measured: its vocab tables, the first time this process loads this file (later
+            # loads reuse freed memory and would measure less: one plan per file and process)
+            tokenizer_bytes = _TOKENIZER_BYTES.setdefault(str(self.path),
+                                                          max(0, psutil.Process().memory_info().rss - rss0))
             if memory_budget is not None:
                 self.memory_budget = parse_size(memory_budget)
                 if isinstance(self.store, FlashStore):
@@ -116,6 +122,7 @@ class Model:
 
     @property
     def name(self) -> str:
+        """The model's name from its metadata (else the file's stem)."""
         return self.config.name or self.path.stem
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
@@ -123,6 +130,7 @@ class Model:
         return self.tokenizer.encode(text, add_special=add_special)
 
     def detokenize(self, tokens: list[int]) -> str:
+        """The text of token ids."""
         return self.tokenizer.decode(list(tokens))
 
     def cancel(self):
@@ -130,6 +138,7 @@ class Model:
         self.model.cancel_event.set()
 
     def close(self):
+        """Release the mapped file, the streaming threads and the tokenizer (also on leaving `with`)."""
         if self.tokenizer is not None:
             self.tokenizer.close()
         self.store.close()
@@ -206,6 +215,7 @@ class Model:
             raise ContextLengthError(
                 f"prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; shorten it or pass a larger n_ctx")
         self._check_tokens(tokens)
+        self.model.cancel_event.clear()  # here, not when iteration starts: a cancel() in between holds
         return self._generate(tokens, sampler, max_tokens, stops)
 
     def _prefill(self, tokens: list[int]) -> np.ndarray:
@@ -225,7 +235,6 @@ class Model:
         return logits[0]
 
     def _generate(self, tokens, sampler, max_tokens, stops) -> Iterator[Chunk]:
-        self.model.cancel_event.clear()
         n_prompt = len(tokens)
         generated: list[int] = []
         emitted = 0  # characters of the decoded text already yielded
