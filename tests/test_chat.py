@@ -79,6 +79,8 @@ def test_chat_commands(chat_model, tmp_path):
             assert app.settings["temperature"] == 0.0
             await _send(pilot, app, "/set temp hot")
             assert app.settings["temperature"] == 0.0 and "not a number" in _texts(app)[-1][1]
+            await _send(pilot, app, "/set top_p 5")  # checked as a reply would check it, and refused
+            assert app.settings.get("top_p", 0.95) == 0.95 and "top_p must be in (0, 1]" in _texts(app)[-1][1]
             await _send(pilot, app, "Hello!")
             await _wait(pilot, lambda: not app.generating and len(app.messages) == 2)
             await _send(pilot, app, f"/save {tmp_path / 'c.json'}")
@@ -91,9 +93,11 @@ def test_chat_commands(chat_model, tmp_path):
             await _send(pilot, app, '"""line one')
             assert app.query_one(Prompt).text == '"""line one\n'  # an open block takes more lines
             app.query_one(Prompt).clear()
+            assert app.is_running
             await _send(pilot, app, "/bye")
             await pilot.pause(0.1)
-        assert app.return_code == 0 or app.return_code is None
+            assert not app.is_running  # /bye quit the app
+        assert app.return_code == 0
 
     asyncio.run(go())
 

@@ -23,6 +23,7 @@ def test_run_streams_a_completion_from_the_default_model(smollm2_path):
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip()) > 0
     assert "generation:" in r.stderr and "Traceback" not in r.stderr
+    assert re.search(r"peak RSS \d+ MiB \| read from disk [\d.]+ MB", r.stderr), r.stderr
 
 
 def _error_line(capsys, argv):
@@ -116,3 +117,44 @@ def test_run_on_a_fresh_machine_pulls_the_default_model(tmp_path):
     pulled = tmp_path / "models" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert pulled.stat().st_size == 98362432
     assert not list(pulled.parent.glob("*.partial")) and not list(pulled.parent.glob("flashlm-pull-*"))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "-p", "Hi", "--bogus"], "unrecognized arguments: --bogus"),
+    (["run"], "the following arguments are required: -p/--prompt"),
+    (["run", "-p", "Hi", "--temp", "hot"], "invalid float value"),
+    (["nosuchcommand"], "invalid choice"),
+])
+def test_usage_errors_are_one_line(capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and err.startswith("flashlm: error:") and needle in err
+
+
+def test_bad_settings_fail_before_the_chat_ui_starts(capsys, smollm2_path):
+    assert "temperature" in _error_line(capsys, ["chat", "-m", str(smollm2_path), "--temp", "-1"])
+    assert "bad size" in _error_line(capsys, ["chat", "-m", str(smollm2_path), "--memory-budget", "lots"])
+
+
+def test_chat_that_cannot_load_its_model_quits_with_one_line(capsys, smollm2_path):
+    from flashlm.apps.chat import run_chat
+
+    assert run_chat(str(smollm2_path), memory_budget="1MB") == 2  # below the minimum: known only at load
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flashlm: error:") and "below" in err and "\n" not in err
+
+
+def test_profile_with_an_output_folder_it_cannot_make(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    err = _error_line(capsys, ["profile", "-o", str(blocker / "sub")])  # fails before any model loads
+    assert "cannot create" in err
+
+
+def test_info_and_pull_against_the_cache(capsys, smollm2_path):
+    assert main(["info", "smollm2-135m", "--memory-budget", "400MB"]) == 0  # MODEL as llama.cpp's tools take it
+    out = capsys.readouterr().out
+    assert "architecture: llama, 30 layers" in out and "Q4_1" in out and "memory plan" in out
+    assert main(["pull", "smollm2-135m"]) == 0
+    assert f"smollm2-135m: already in the cache {smollm2_path}" in capsys.readouterr().out

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from textual.message import Message
 from textual.widgets import Markdown, Static, TextArea
 
 from ..errors import ContextLengthError, FlashLMError
+from ..runtime.sampler import SamplingParams
 
 HELP = """\
 **Commands**
@@ -100,6 +102,8 @@ class ChatApp(App):
         self._quit_armed = 0.0
         self.last = None  # the last reply's final Chunk
         self._streamed = None  # (MB read from disk, window hit rate) of the last reply, for a streamed model
+        self._stop_requested = False  # Esc/Ctrl+C during this reply (also before its stream exists)
+        self._load_error = None  # why the model did not load: printed as one line after the app quits
         self._idle_rss = None  # RSS before the model loaded (kernels in): the part of RSS the budget does not cover
 
     # -- layout ---------------------------------------------------------------------
@@ -112,7 +116,16 @@ class ChatApp(App):
     def on_mount(self) -> None:
         self.query_one(Prompt).focus()
         if self.model is None:
-            self._set_status("loading model...")
+            t0 = time.monotonic()
+
+            def tick():  # loading takes seconds: show them pass
+                if self.model is None:
+                    self._set_status(f"loading {self._spec or 'the default model'}... {time.monotonic() - t0:.0f} s")
+                else:
+                    timer.stop()
+
+            timer = self.set_interval(0.5, tick)
+            tick()
             self._load_model()
         else:
             self._model_ready()
@@ -127,8 +140,8 @@ class ChatApp(App):
         try:
             model = flashlm.load(self._spec, **self._load_kw)
         except FlashLMError as e:
-            self.call_from_thread(self._show_note, f"error: {e}")
-            self.call_from_thread(self._set_status, "no model loaded: quit with /bye and fix the problem above")
+            self._load_error = str(e)
+            self.call_from_thread(self.exit, None, 2)
             return
         self.model = model
         self.call_from_thread(self._model_ready)
@@ -197,6 +210,7 @@ class ChatApp(App):
         self._history().mount(reply)
         self._history().scroll_end(animate=False)
         self.generating = True
+        self._stop_requested = False
         self._generate_reply(reply)
 
     def _run_command(self, line: str) -> None:
@@ -235,9 +249,15 @@ class ChatApp(App):
         except ValueError:
             self._show_note(f"/set {name}: {value.strip()!r} is not a{'n integer' if kind is int else ' number'}")
             return
-        if (key == "max_tokens" and v < 1) or (key != "seed" and v < 0):
-            self._show_note(f"/set {name}: {v} is out of range")
+        if key == "max_tokens" and v < 1:
+            self._show_note(f"/set {name}: {v} is out of range (at least 1)")
             return
+        if key != "max_tokens":
+            try:  # the same checks a reply would make, now rather than at every reply
+                SamplingParams(**{k: x for k, x in {**self.settings, key: v}.items() if k != "max_tokens"})
+            except FlashLMError as e:
+                self._show_note(f"/set {name}: {e}")
+                return
         self.settings[key] = v
         self._show_note(f"{name} = {v}")
 
@@ -279,6 +299,8 @@ class ChatApp(App):
             while True:
                 try:
                     stream = self.model.chat(self._conversation(), stream=True, **kw)
+                    if self._stop_requested:  # stopped before the stream existed
+                        self.model.cancel()
                     break
                 except ContextLengthError:
                     if len(self.messages) <= 1:
@@ -299,8 +321,11 @@ class ChatApp(App):
                 self.call_from_thread(self._append, reply, pending)
         except FlashLMError as e:
             self.call_from_thread(self._show_note, f"error: {e}")
+            if not text and self.messages and self.messages[-1]["role"] == "user":
+                self.messages.pop()  # nothing was said: the failed turn leaves no trace in the history
         finally:
-            self.messages.append({"role": "assistant", "content": text})
+            if text or (last is not None and self.messages and self.messages[-1]["role"] == "user"):
+                self.messages.append({"role": "assistant", "content": text})
             self.call_from_thread(self._finish_reply, last)
 
     async def _append(self, reply: Markdown, text: str) -> None:
@@ -324,6 +349,7 @@ class ChatApp(App):
 
     def action_stop(self) -> None:
         if self.generating and self.model is not None:
+            self._stop_requested = True
             self.model.cancel()
 
     def action_ctrl_c(self) -> None:
@@ -351,4 +377,7 @@ def run_chat(spec=None, **kw) -> int:
     app.run()
     if app.model is not None:  # loaded by the app, so closed here
         app.model.close()
+    if app._load_error:
+        print(f"flashlm: error: {app._load_error}", file=sys.stderr)
+        return 2
     return 0

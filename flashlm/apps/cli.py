@@ -57,7 +57,16 @@ def cmd_chat(args) -> int:
     from ..runtime.registry import resolve
     from .chat import run_chat
 
+    from ..runtime.sampler import SamplingParams
+    from ..units import parse_size
+
     path = resolve(args.model)  # a missing file or unknown name fails here, before the UI
+    SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,  # and bad settings
+                   repeat_penalty=args.repeat_penalty, seed=args.seed)
+    if args.memory_budget is not None:
+        parse_size(args.memory_budget)
+    if args.n_predict < 1:
+        raise InvalidArgumentError(f"-n must be at least 1, got {args.n_predict}")
     return run_chat(path, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
                     streaming=_streaming(args), system=args.system, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed)
@@ -66,6 +75,9 @@ def cmd_chat(args) -> int:
 def cmd_run(args) -> int:
     import flashlm
 
+    from ..flashload.io import device_read_bytes
+
+    read0 = device_read_bytes()
     model = flashlm.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
                          streaming=_streaming(args))
     with model:
@@ -78,13 +90,14 @@ def cmd_run(args) -> int:
             last = c
         sys.stdout.write("\n")
         if args.stats and last is not None:
-            import psutil
+            import resource
 
-            rss = psutil.Process().memory_info().rss
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+            read = device_read_bytes() - read0
             print(f"prompt: {last.n_prompt} tokens, {last.prompt_tokens_per_second:.1f} tok/s | "
                   f"generation: {last.n_generated} tokens, {last.tokens_per_second:.1f} tok/s | "
-                  f"finish: {last.finish_reason} | RSS {rss / 2**20:.0f} MiB | load {model.load_seconds:.2f} s",
-                  file=sys.stderr)
+                  f"finish: {last.finish_reason} | peak RSS {peak / 2**20:.0f} MiB | "
+                  f"read from disk {read / 1e6:.1f} MB | load {model.load_seconds:.2f} s", file=sys.stderr)
             stats = getattr(model.store, "take_stats", lambda: [])()
             if stats:
                 from ..flashload.store import TokenStats
@@ -123,6 +136,9 @@ def cmd_info(args) -> int:
 
     from ..units import format_size
 
+    if args.model_arg and args.model and args.model_arg != args.model:
+        raise InvalidArgumentError(f"two models given ({args.model_arg} and -m {args.model}); give one")
+    args.model = args.model or args.model_arg
     t0 = time.perf_counter()
     with flashlm.load(args.model, n_ctx=args.ctx_size, memory_budget=args.memory_budget,
                       streaming=_streaming(args)) as m:
@@ -140,6 +156,13 @@ def cmd_info(args) -> int:
                   f"predictor {st.predictor or 'none'}, keep {st.keep if st.predictor else 1.0}, window {st.window}")
         if m.plan is not None:
             print(m.plan.table())
+        elif m.memory_budget is not None:  # a plain model: all of it resident, nothing streamed
+            kv = m.n_ctx * cfg.kv_bytes_per_token // 2
+            print(f"memory plan for a budget of {format_size(m.memory_budget)}: every weight resident "
+                  f"(`flashlm convert --flash OUT` makes a layout whose FFN streams)")
+            for name, n in (("resident weights", m.store.resident_bytes), ("KV cache", kv),
+                            ("left over", m.memory_budget - m.store.resident_bytes - kv)):
+                print(f"  {name:<17} {format_size(n):>10}")
         print(f"loaded in:    {time.perf_counter() - t0:.2f} s")
     return 0
 
@@ -225,9 +248,17 @@ def cmd_probe_disk(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as flashlm's: one line, exit 2."""
+
+    def error(self, message):
+        print(f"flashlm: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="flashlm", description="Run quantized LLMs on a laptop CPU.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(prog="flashlm", description="Run quantized LLMs on a laptop CPU.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("run", help="stream a completion to stdout", epilog=EPILOG_RUN,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model(p)
@@ -252,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pull)
     p = sub.add_parser("list", help="list registry models")
     p.set_defaults(func=cmd_list)
-    p = sub.add_parser("info", help="describe a model", epilog="examples:\n  flashlm info -m gemma3-270m\n"
-                              "  flashlm info -m smollm2.flash.gguf --memory-budget 150MB -c 512",
+    p = sub.add_parser("info", help="describe a model", epilog="examples:\n  flashlm info gemma3-270m\n"
+                              "  flashlm info smollm2.flash.gguf --memory-budget 150MB -c 512",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_arg", nargs="?", metavar="MODEL", default=None, help="the model (or give it with -m)")
     _add_model(p)
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="tok/s of flashlm beside llama.cpp on the same GGUF",

@@ -190,6 +190,13 @@ def summary_table(prof: dict) -> str:
 
 
 def ensure_dir(path: str) -> str:
+    """Make the output folder now, so a bad -o fails before the model loads."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise InvalidArgumentError(f"-o {path}: exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise InvalidArgumentError(f"-o {path}: cannot create the folder ({e.strerror}); pick another") from e
+    if not os.access(path, os.W_OK):
+        raise InvalidArgumentError(f"-o {path}: the folder is not writable; pick another")
     return path

