@@ -54,17 +54,28 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+def _fixture_files(folder, write, vocab):
+    made = {}
+
+    def make(arch):
+        if arch not in made:
+            made[arch] = write(folder / f"{arch}.gguf", arch, vocab)
+        return made[arch]
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def random_gguf(tmp_path_factory, smollm2_path):
     """random_gguf(arch) -> path of a small random-weight GGUF of that architecture."""
     from gguf_fixtures import write_random_gguf
 
-    folder = tmp_path_factory.mktemp("random-gguf")
-    made = {}
+    return _fixture_files(tmp_path_factory.mktemp("random-gguf"), write_random_gguf, smollm2_path)
 
-    def make(arch):
-        if arch not in made:
-            made[arch] = write_random_gguf(folder / f"{arch}.gguf", arch, smollm2_path)
-        return made[arch]
 
-    return make
+@pytest.fixture(scope="session")
+def moe_gguf(tmp_path_factory, smollm2_path):
+    """moe_gguf(arch) -> path of a small random-weight mixture-of-experts GGUF (moe_fixtures.py)."""
+    from moe_fixtures import write_random_moe_gguf
+
+    return _fixture_files(tmp_path_factory.mktemp("moe-gguf"), write_random_moe_gguf, smollm2_path)

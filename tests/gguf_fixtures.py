@@ -35,6 +35,52 @@ def _quant(x: np.ndarray, qtype):
     return gguf.quants.quantize(x.astype(np.float32), qtype), qtype
 
 
+def add_vocab(w: gguf.GGUFWriter, src: GGUFModelFile) -> None:
+    """Copy src's tokenizer into writer w (llama.cpp needs a real one to load a file)."""
+    w.add_tokenizer_model(src.metadata["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(src.metadata.get("tokenizer.ggml.pre", "default"))
+    w.add_token_list(src.array("tokenizer.ggml.tokens"))
+    w.add_token_types(src.array("tokenizer.ggml.token_type").tolist())
+    merges = src.array("tokenizer.ggml.merges")
+    if merges:
+        w.add_token_merges(merges)
+    w.add_bos_token_id(int(src.metadata["tokenizer.ggml.bos_token_id"]))
+    w.add_eos_token_id(int(src.metadata["tokenizer.ggml.eos_token_id"]))
+    w.add_add_bos_token(True)
+
+
+def random_writers(w: gguf.GGUFWriter, rng, quant):
+    """tensor(name, shape, qtype, scale): random values of that scale, quantized by
+    quant(x, qtype); norm(name, n): a norm weight near 1. Both added to writer w."""
+    def tensor(name, shape, qtype, scale):
+        x = rng.standard_normal(shape).astype(np.float32) * scale
+        data, raw = quant(x, qtype)
+        w.add_tensor(name, data, raw_dtype=raw)
+
+    def norm(name, n):
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    return tensor, norm
+
+
+def new_writer(path: Path, arch: str, name: str, spec: dict, hd: int) -> gguf.GGUFWriter:
+    """A GGUFWriter with the shape keys every fixture has, from spec's n_layer, n_embd,
+    n_ff, n_head, n_head_kv, rope_base (head size hd)."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(name)
+    w.add_block_count(spec["n_layer"])
+    w.add_context_length(2048)
+    w.add_embedding_length(spec["n_embd"])
+    w.add_feed_forward_length(spec["n_ff"])
+    w.add_head_count(spec["n_head"])
+    w.add_head_count_kv(spec["n_head_kv"])
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(spec["rope_base"])
+    return w
+
+
 def write_random_gguf(path: Path, arch: str, vocab_source: Path, seed: int = 0) -> Path:
     spec = SPECS[arch]
     rng = np.random.default_rng(seed)
@@ -45,41 +91,15 @@ def write_random_gguf(path: Path, arch: str, vocab_source: Path, seed: int = 0) 
     hd = spec.get("head_dim", d // n_head)
     types = spec["types"]
 
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"random-{arch}")
-    w.add_block_count(spec["n_layer"])
-    w.add_context_length(2048)
-    w.add_embedding_length(d)
-    w.add_feed_forward_length(ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_key_length(hd)
-    w.add_value_length(hd)
-    w.add_rope_dimension_count(hd)
-    w.add_rope_freq_base(spec["rope_base"])
+    w = new_writer(path, arch, f"random-{arch}", spec, hd)
     w.add_layer_norm_rms_eps(1e-6)
     if "sliding_window" in spec:
         w.add_sliding_window(spec["sliding_window"])
         w.add_rope_freq_base_swa(10000.0)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    w.add_tokenizer_model(src.metadata["tokenizer.ggml.model"])
-    w.add_tokenizer_pre(src.metadata.get("tokenizer.ggml.pre", "default"))
-    w.add_token_list(tokens)
-    w.add_token_types(src.array("tokenizer.ggml.token_type").tolist())
-    merges = src.array("tokenizer.ggml.merges")
-    if merges:
-        w.add_token_merges(merges)
-    w.add_bos_token_id(int(src.metadata["tokenizer.ggml.bos_token_id"]))
-    w.add_eos_token_id(int(src.metadata["tokenizer.ggml.eos_token_id"]))
-    w.add_add_bos_token(True)
+    add_vocab(w, src)
 
-    def tensor(name, shape, qtype, scale):
-        x = rng.standard_normal(shape).astype(np.float32) * scale
-        data, raw = _quant(x, qtype)
-        w.add_tensor(name, data, raw_dtype=raw)
-
-    def norm(name, n):
-        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+    tensor, norm = random_writers(w, rng, _quant)
 
     tensor("token_embd.weight", (n_vocab, d), types["embd"], 1.0)
     norm("output_norm.weight", d)

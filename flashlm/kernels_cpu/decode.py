@@ -27,7 +27,7 @@ VECS = ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_n
 
 (I_LAYERS, I_EMBD, I_HEAD, I_HEAD_KV, I_HD, I_HD_V, I_ROPE_DIM, I_NEOX, I_WINDOW, I_QK_NORM, I_POST_NORMS,
  I_GELU, I_SCALE_Q, I_BIAS, I_THREADS) = range(15)
-(F_EPS, F_BASE, F_BASE_SWA, F_ROPE_SCALE, F_ATTN_SCALE, F_EMBED_SCALE, F_SOFTCAP) = range(7)
+(F_EPS, F_BASE, F_BASE_SWA, F_ROPE_SCALE, F_ATTN_SCALE, F_EMBED_SCALE, F_SOFTCAP, F_RESIDUAL, F_LOGIT_SCALE) = range(9)
 
 
 @njit(nogil=True, cache=True)
@@ -231,7 +231,7 @@ def decode_step(tok, pos, arena, mats, qt, vecs, swa, kc, vc, ip, fp, lut, all_r
             a = _gelu(gi) if gelu else gi / (np.float32(1.0) + np.float32(np.exp(-gi)))
             g[i] = a * u[i]
         _mv(qt[base + 6], _mat(arena, mats, base + 6), g, o, lut, nt, all_rows)
-        _add_ffn(l, o, x, vecs, post_norms, fp[F_EPS])
+        _add_ffn(l, o, x, vecs, post_norms, fp[F_EPS], fp[F_RESIDUAL])
     _head(x, arena, mats, qt, vecs, ip, fp, lut, all_rows, logits)
 
 
@@ -256,7 +256,7 @@ def decode_attn(l, pos, x, h, arena, mats, qt, vecs, swa, kc, vc, ip, fp, lut, a
 @njit(nogil=True, cache=True)
 def decode_add_ffn(l, o, x, vecs, ip, fp):
     """x += layer l's FFN output o (after its post-norm, where the model has one)."""
-    _add_ffn(l, o, x, vecs, ip[I_POST_NORMS] != 0, fp[F_EPS])
+    _add_ffn(l, o, x, vecs, ip[I_POST_NORMS] != 0, fp[F_EPS], fp[F_RESIDUAL])
 
 
 @njit(nogil=True, cache=True)
@@ -279,7 +279,8 @@ def _embed(tok, arena, mats, qt, ip, fp, lut, x):
 def _layer_attn(l, pos, x, h, arena, mats, qt, vecs, swa, kc, vc, ip, fp, lut, all_rows):
     d = ip[I_EMBD]; n_head = ip[I_HEAD]; n_kv = ip[I_HEAD_KV]
     hd = ip[I_HD]; hd_v = ip[I_HD_V]; n_rot = ip[I_ROPE_DIM]; neox = ip[I_NEOX] != 0
-    window = ip[I_WINDOW]; qk_norm = ip[I_QK_NORM] != 0; post_norms = ip[I_POST_NORMS] != 0
+    window = ip[I_WINDOW]; qk_norm = ip[I_QK_NORM] == 1; post_norms = ip[I_POST_NORMS] != 0
+    qk_norm_full = ip[I_QK_NORM] == 2  # over the whole projections (olmoe), not per head
     scale_q = ip[I_SCALE_Q] != 0; bias = ip[I_BIAS] != 0; nt = ip[I_THREADS]
     eps = fp[F_EPS]
     q = np.empty(n_head * hd, dtype=np.float32)
@@ -305,6 +306,9 @@ def _layer_attn(l, pos, x, h, arena, mats, qt, vecs, swa, kc, vc, ip, fp, lut, a
             _rmsnorm(q[hh * hd:(hh + 1) * hd], vl[V_Q_NORM, :hd], eps, q[hh * hd:(hh + 1) * hd])
         for hh in range(n_kv):
             _rmsnorm(k[hh * hd:(hh + 1) * hd], vl[V_K_NORM, :hd], eps, k[hh * hd:(hh + 1) * hd])
+    if qk_norm_full:
+        _rmsnorm(q, vl[V_Q_NORM, :q.shape[0]], eps, q)
+        _rmsnorm(k, vl[V_K_NORM, :k.shape[0]], eps, k)
     is_swa = swa[l]
     rb = fp[F_BASE_SWA] if is_swa else fp[F_BASE]
     rs = 1.0 if is_swa else fp[F_ROPE_SCALE]
@@ -327,17 +331,19 @@ def _layer_attn(l, pos, x, h, arena, mats, qt, vecs, swa, kc, vc, ip, fp, lut, a
             o[i] += vl[V_BO, i]
     if post_norms:
         _rmsnorm(o, vl[V_POST_ATTN], eps, o)
+    rs = np.float32(fp[F_RESIDUAL])
     for i in range(d):
-        x[i] += o[i]
+        x[i] += o[i] * rs
     _rmsnorm(x, vl[V_FFN_NORM], eps, h)
 
 
 @njit(inline="always")
-def _add_ffn(l, o, x, vecs, post_norms, eps):
+def _add_ffn(l, o, x, vecs, post_norms, eps, residual_scale):
     if post_norms:
         _rmsnorm(o, vecs[l, V_POST_FFN], eps, o)
+    rs = np.float32(residual_scale)
     for i in range(x.shape[0]):
-        x[i] += o[i]
+        x[i] += o[i] * rs
 
 
 @njit(inline="always")
@@ -346,6 +352,10 @@ def _head(x, arena, mats, qt, vecs, ip, fp, lut, all_rows, logits):
     h = np.empty(x.shape[0], dtype=np.float32)
     _rmsnorm(x, vecs[n_layer, V_ATTN_NORM], fp[F_EPS], h)
     _mv(qt[n_layer * N_SLOTS + 1], _mat(arena, mats, n_layer * N_SLOTS + 1), h, logits, lut, ip[I_THREADS], all_rows)
+    if fp[F_LOGIT_SCALE] != 1.0:
+        inv = np.float32(1.0 / fp[F_LOGIT_SCALE])  # as llama.cpp: times the reciprocal
+        for i in range(logits.shape[0]):
+            logits[i] = logits[i] * inv
     if fp[F_SOFTCAP] != 0.0:
         c = np.float32(fp[F_SOFTCAP])
         for i in range(logits.shape[0]):

@@ -85,7 +85,8 @@ class DecoderLM:
     Biases on q/k/v/o (qwen2) are used wherever the file has them.
     """
 
-    qk_norm = False
+    qk_norm = False  # RMSNorm on each q and k head
+    qk_norm_full = False  # RMSNorm over the whole q and k projections (olmoe)
     post_norms = False
     activation = "silu"
     scale_q = False
@@ -98,11 +99,19 @@ class DecoderLM:
         self.output = store.get("output.weight") if store.has("output.weight") else self.tok_embd
         self.output_norm = store.vector("output_norm.weight")
         self.layers = [self._layer_vectors(i) for i in range(cfg.n_layer)]
+        self.experts = None
+        if cfg.n_expert:
+            from ..experts.moe import ResidentExperts
+
+            self.experts = ResidentExperts(store)
+        self.on_route = None  # called with each MoE routing decision (traces, cache scores)
         self.fused = None
         if getattr(store, "fusable", False) or hasattr(store, "ffn_forward"):
             from .fused import FusedDecoder, LayerDecoder, fusable, weight_refs
 
-            streamed = hasattr(store, "ffn_forward")  # flashload: the store runs the FFN itself
+            # flashload's store runs the FFN itself, and an MoE FFN picks its experts per token:
+            # both decode with compiled attention around the FFN in Python
+            streamed = hasattr(store, "ffn_forward") or cfg.n_expert > 0
             if fusable(weight_refs(self, ffn=not streamed)):
                 self.fused = LayerDecoder(self) if streamed else FusedDecoder(self)
 
@@ -127,6 +136,9 @@ class DecoderLM:
         if self.qk_norm:
             q = K.rmsnorm(q, vec["attn_q_norm"], cfg.rms_eps)
             k = K.rmsnorm(k, vec["attn_k_norm"], cfg.rms_eps)
+        if self.qk_norm_full:
+            q = K.rmsnorm(q.reshape(T, -1), vec["attn_q_norm"], cfg.rms_eps).reshape(q.shape)
+            k = K.rmsnorm(k.reshape(T, -1), vec["attn_k_norm"], cfg.rms_eps).reshape(k.shape)
         swa = cfg.swa_layers[i]
         base = cfg.rope_base_swa if swa else cfg.rope_base
         scale = 1.0 if swa else cfg.rope_scale
@@ -145,15 +157,22 @@ class DecoderLM:
         return o
 
     def _ffn(self, i: int, h: np.ndarray) -> np.ndarray:
-        s = self.store
-        if hasattr(s, "ffn_forward"):  # streamed (flashload): the neurons this token needs
-            d = s.ffn_forward(i, h, self.activation == "gelu")
-        else:
-            g, u = K.linear_many(h, [s.get(f"blk.{i}.ffn_gate.weight"), s.get(f"blk.{i}.ffn_up.weight")])
-            d = K.linear(K.glu(g, u, self.activation == "gelu"), s.get(f"blk.{i}.ffn_down.weight"))
+        d = self.ffn_core(i, h)
         if self.post_norms:
             d = K.rmsnorm(d, self.layers[i]["post_ffw_norm"], self.cfg.rms_eps)
         return d
+
+    def ffn_core(self, i: int, h: np.ndarray) -> np.ndarray:
+        """Layer i's FFN of h (T, n_embd), before any post-norm."""
+        s, gelu = self.store, self.activation == "gelu"
+        if self.experts is not None:  # mixture of experts: the ones the router picks per token
+            from ..experts.moe import moe_ffn
+
+            return moe_ffn(s, self.experts, self.cfg, i, h, gelu, self.on_route)
+        if hasattr(s, "ffn_forward"):  # streamed (flashload): the neurons this token needs
+            return s.ffn_forward(i, h, gelu)
+        g, u = K.linear_many(h, [s.get(f"blk.{i}.ffn_gate.weight"), s.get(f"blk.{i}.ffn_up.weight")])
+        return K.linear(K.glu(g, u, gelu), s.get(f"blk.{i}.ffn_down.weight"))
 
     def _proj(self, x: np.ndarray, i: int, names: tuple[str, ...]) -> list[np.ndarray]:
         """x through layer i's projections `names` (one pass), biases added."""
@@ -188,12 +207,15 @@ class DecoderLM:
             if self.cancel_event.is_set():
                 raise Cancelled()
             vec = self.layers[i]
-            x = x + self._attention(i, K.rmsnorm(x, vec["attn_norm"], cfg.rms_eps), pos0, kv)
-            x = x + self._ffn(i, K.rmsnorm(x, vec["ffn_norm"], cfg.rms_eps))
+            rs = np.float32(cfg.residual_scale)
+            x = x + self._attention(i, K.rmsnorm(x, vec["attn_norm"], cfg.rms_eps), pos0, kv) * rs
+            x = x + self._ffn(i, K.rmsnorm(x, vec["ffn_norm"], cfg.rms_eps)) * rs
         kv.pos = pos0 + len(tokens)
         if not all_logits:
             x = x[-1:]
         logits = K.linear(K.rmsnorm(x, self.output_norm, cfg.rms_eps), self.output)
+        if cfg.logit_scale != 1.0:
+            logits = logits * np.float32(1.0 / cfg.logit_scale)  # as llama.cpp: times the reciprocal
         if cfg.final_softcap:
             logits = np.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         return logits

@@ -38,6 +38,18 @@ class ModelConfig:
     embed_scale: float = 1.0
     final_softcap: float = 0.0
     tied_output: bool = False
+    # Mixture of experts (0 experts: a dense FFN). llama.cpp's build_moe_ffn: router
+    # probabilities (softmax or sigmoid), the top n_expert_used, renormalised to sum 1
+    # if expert_weights_norm, times expert_weights_scale if it is not 0.
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0  # an expert's FFN width
+    n_ff_shexp: int = 0  # the shared expert's (qwen2moe); 0 = none
+    expert_weights_norm: bool = False
+    expert_weights_scale: float = 0.0
+    expert_gating: str = "softmax"
+    residual_scale: float = 1.0  # granite: attention and FFN outputs scaled before the residual add
+    logit_scale: float = 1.0  # granite: logits divided by it
     name: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -56,7 +68,13 @@ class ModelConfig:
 
 
 # GGUF architectures and the RoPE ordering llama.cpp applies to them.
-_GGUF_ROPE = {"llama": ROPE_NORM, "qwen2": ROPE_NEOX, "qwen3": ROPE_NEOX, "gemma3": ROPE_NEOX}
+_GGUF_ROPE = {"llama": ROPE_NORM, "qwen2": ROPE_NEOX, "qwen3": ROPE_NEOX, "gemma3": ROPE_NEOX,
+              "qwen2moe": ROPE_NEOX, "qwen3moe": ROPE_NEOX, "olmoe": ROPE_NEOX, "granitemoe": ROPE_NORM}
+
+# Whether build_moe_ffn renormalises the top-k weights, per architecture. llama.cpp's graph
+# builders fix it (and softmax gating, no weight scale) for these: they read no
+# expert_weights_norm / _scale / gating_func keys, so neither does flashlm.
+_MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False, "granitemoe": True}
 
 
 def _swa_pattern(n_layer: int, n_pattern: int) -> tuple[bool, ...]:
@@ -98,6 +116,22 @@ def config_from_gguf(mf) -> ModelConfig:
         extra["post_norms"] = True
     else:
         sliding = 0  # llama.cpp only honours the window for the archs that declare it
+    n_expert = int(get("expert_count", 0) or 0)
+    moe = {}
+    if n_expert:
+        used = int(get("expert_used_count", required=True))
+        if not 0 < used <= n_expert:
+            raise ModelFormatError(f"{mf.path}: {used} experts used of {n_expert}")
+        n_ff = int(get("feed_forward_length", 0) or 0)
+        # qwen*moe name the expert width; without the key llama.cpp takes n_ff / used
+        n_ff_exp = int(get("expert_feed_forward_length", 0) or 0) if arch in ("qwen2moe", "qwen3moe") else n_ff
+        n_ff_shexp = int(get("expert_shared_feed_forward_length", 0) or 0)
+        moe = dict(n_expert=n_expert, n_expert_used=used, n_ff_exp=n_ff_exp or n_ff // used,
+                   n_ff_shexp=n_ff_shexp or (n_ff if arch == "qwen2moe" else 0),  # qwen2moe always has one
+                   expert_weights_norm=_MOE_NORM.get(arch, False))
+    if arch == "granitemoe":  # 0 means absent, except logit_scale, which llama.cpp requires
+        moe.update(residual_scale=float(get("residual_scale", 0.0) or 1.0),
+                   logit_scale=float(get("logit_scale", required=True)))
     return ModelConfig(
         arch=arch,
         n_vocab=n_vocab,
@@ -107,7 +141,7 @@ def config_from_gguf(mf) -> ModelConfig:
         n_head_kv=int(get("attention.head_count_kv", n_head)),
         head_dim=head_dim,
         v_head_dim=int(get("attention.value_length", head_dim)),
-        n_ff=int(get("feed_forward_length", required=True)),
+        n_ff=int(get("feed_forward_length", 0) or 0) if n_expert else int(get("feed_forward_length", required=True)),
         n_ctx_train=int(get("context_length", 2048)),
         rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_type=_GGUF_ROPE[arch],
@@ -117,11 +151,14 @@ def config_from_gguf(mf) -> ModelConfig:
         rope_base_swa=float(get("rope.freq_base_swa", 10000.0)),
         sliding_window=sliding,
         swa_layers=swa_layers,
-        embed_scale=math.sqrt(n_embd) if arch == "gemma3" else 1.0,
+        embed_scale=(math.sqrt(n_embd) if arch == "gemma3" else
+                     float(get("embedding_scale", 0.0) or 1.0) if arch == "granitemoe" else 1.0),
+        attn_scale=float(get("attention.scale", 0.0) or 0.0) if arch == "granitemoe" else 0.0,
         final_softcap=float(get("final_logit_softcapping", 0.0) or 0.0),
         tied_output="output.weight" not in mf.tensors,
         name=str(md.get("general.name", mf.path.stem)),
         extra=extra,
+        **moe,
     )
 
 

@@ -72,11 +72,12 @@ class FusedDecoder:
         ip[D.I_HD], ip[D.I_HD_V], ip[D.I_ROPE_DIM] = cfg.head_dim, cfg.v_head_dim, cfg.rope_dim or cfg.head_dim
         ip[D.I_NEOX] = cfg.rope_type == ROPE_NEOX
         ip[D.I_WINDOW] = cfg.sliding_window
-        ip[D.I_QK_NORM], ip[D.I_POST_NORMS] = model.qk_norm, model.post_norms
+        ip[D.I_QK_NORM], ip[D.I_POST_NORMS] = model.qk_norm + 2 * model.qk_norm_full, model.post_norms
         ip[D.I_GELU], ip[D.I_SCALE_Q], ip[D.I_BIAS] = model.activation == "gelu", model.scale_q, has_bias
         self.ip = ip
         self.fp = np.array([cfg.rms_eps, cfg.rope_base, cfg.rope_base_swa, cfg.rope_scale, cfg.attn_scale,
-                            cfg.embed_scale, cfg.final_softcap], dtype=np.float64)
+                            cfg.embed_scale, cfg.final_softcap, cfg.residual_scale, cfg.logit_scale],
+                           dtype=np.float64)
 
     def step(self, tok: int, pos: int, kv) -> np.ndarray:
         """Logits (n_vocab,) float32 of token tok at position pos; fills kv at pos."""
@@ -89,16 +90,16 @@ class FusedDecoder:
 
 
 class LayerDecoder(FusedDecoder):
-    """decode_step in pieces around a store's own FFN, for a flash-layout model whose FFN
-    neurons are streamed: one compiled call per layer for the attention, the store's
-    ffn_forward (predict, load, sparse product) between, the same math as decode_step."""
+    """decode_step in pieces around an FFN that runs in Python: a flash-layout model's
+    (the store predicts, loads and multiplies the neurons a token needs) or a mixture
+    of experts' (the router picks them). One compiled call per layer for the attention,
+    the model's ffn_core between, the same math as decode_step."""
 
     ffn = False
 
     def __init__(self, model):
         super().__init__(model)
-        self.store = model.store
-        self.gelu = model.activation == "gelu"
+        self.ffn_core = model.ffn_core
 
     def step(self, tok: int, pos: int, kv) -> np.ndarray:
         self.ip[D.I_THREADS] = numba.get_num_threads()
@@ -110,7 +111,7 @@ class LayerDecoder(FusedDecoder):
         D.decode_embed(tok, a, m, qt, ip, fp, F16_TABLE, x)
         for i in range(self.cfg.n_layer):
             D.decode_attn(i, pos, x, h, a, m, qt, vecs, self.swa, kv.k16, kv.v16, ip, fp, F16_TABLE, self.all_rows)
-            o = self.store.ffn_forward(i, h.reshape(1, -1), self.gelu)
+            o = self.ffn_core(i, h.reshape(1, -1))
             D.decode_add_ffn(i, o.reshape(-1), x, vecs, ip, fp)
         D.decode_head(x, a, m, qt, vecs, ip, fp, F16_TABLE, self.all_rows, logits)
         return logits

@@ -1,0 +1,8 @@
+"""Qwen2-MoE: Qwen2's attention (q/k/v biases, NeoX RoPE) with a mixture-of-experts FFN
+plus a shared expert scaled by a sigmoid gate (experts/moe.py)."""
+
+from ..blocks import DecoderLM
+
+
+class Model(DecoderLM):
+    pass

@@ -1,0 +1,58 @@
+"""Mixture-of-experts architectures against llama.cpp, on small random-weight GGUFs
+(tests/moe_fixtures.py), and the routing rules they use."""
+
+import numpy as np
+import pytest
+
+import flashlm
+from flashlm.experts.moe import route
+
+from conftest import cosine_rows, llama_cpp_logits, llama_cpp_model
+from parity_prompts import PROMPTS
+
+ARCHS = ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "granitemoe", "granitemoe_shared"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_moe_parity_with_llama_cpp(arch, moe_gguf):
+    path = moe_gguf(arch)
+    ref = llama_cpp_model(path)
+    with flashlm.load(path, n_ctx=512, n_threads=2) as m:
+        assert m.config.n_expert == 8
+        routes = []
+        m.model.on_route = lambda layer, ids, w: routes.append(ids)
+        ours, theirs = [], []
+        for prompt in PROMPTS:
+            tokens = m.tokenize(prompt)
+            ours.append(m.logits(tokens))
+            theirs.append(llama_cpp_logits(ref, tokens))
+        # and decoding, token by token (compiled attention around the experts)
+        tokens = m.tokenize(PROMPTS[0])
+        m._prefill(tokens[:-4])
+        steps = [m._forward(np.array([t]), p, m._kv)[0] for p, t in enumerate(tokens[-4:], start=len(tokens) - 4)]
+    cos = np.concatenate([cosine_rows(a, b) for a, b in zip(ours, theirs)])
+    top1 = np.concatenate([a.argmax(1) == b.argmax(1) for a, b in zip(ours, theirs)])
+    print(f"\n{arch}: {len(cos)} positions, cos min {cos.min():.5f}, argmax {top1.mean():.3f}")
+    assert cos.min() >= 0.995
+    assert top1.mean() >= 0.98
+    # scale too (granite's logit_scale changes no cosine or argmax)
+    assert max(np.abs(a - b).max() / np.abs(b).max() for a, b in zip(ours, theirs)) < 0.02
+    assert cosine_rows(np.array(steps), ours[0][-4:]).min() >= 0.999
+    chosen = np.concatenate(routes)
+    assert len(np.unique(chosen)) == 8  # the router spreads tokens over all the experts
+
+
+def test_routing_rules():
+    class Cfg:
+        n_expert_used, expert_gating, expert_weights_norm, expert_weights_scale = 2, "softmax", False, 0.0
+
+    logits = np.array([[0.0, 2.0, 1.0, -1.0]], dtype=np.float32)
+    p = np.exp(logits[0]) / np.exp(logits[0]).sum()
+    ids, w = route(logits, Cfg)
+    assert ids.tolist() == [[1, 2]]
+    np.testing.assert_allclose(w[0], p[[1, 2]], rtol=1e-6)  # softmax over all experts, then top-k, as they are
+    Cfg.expert_weights_norm = True
+    np.testing.assert_allclose(route(logits, Cfg)[1][0], p[[1, 2]] / p[[1, 2]].sum(), rtol=1e-6)
+    Cfg.expert_weights_scale, Cfg.expert_gating = 2.5, "sigmoid"
+    s = 1 / (1 + np.exp(-logits[0]))
+    np.testing.assert_allclose(route(logits, Cfg)[1][0], 2.5 * s[[1, 2]] / s[[1, 2]].sum(), rtol=1e-6)
