@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 
 def load(model: str | os.PathLike | None = None, *, n_ctx: int | None = None, n_threads: int | None = None,
-         memory_budget: str | int | None = None, streaming=None) -> Model:
+         memory_budget: str | int | None = None, streaming=None, experts: dict | None = None) -> Model:
     """Load a model: a .gguf path, an HF folder, or a registry name ("smollm2-135m",
     "gemma3-270m"; fetched into the cache on first use). None loads the default model.
 
@@ -26,8 +26,10 @@ def load(model: str | os.PathLike | None = None, *, n_ctx: int | None = None, n_
     (default: physical cores); memory_budget: bytes or a size like "800MB".
     streaming: for a flash-layout file (`flashlm convert --flash`), how its FFN neurons
     are streamed: a flashload.store.StreamSettings or a dict of its fields.
+    experts: for a mixture-of-experts model under a memory_budget (its experts stream
+    into a cache): {"policy": "lru" | "lfu" | "score", "prefetch": True}.
     """
     from .runtime.registry import resolve
 
     return Model(resolve(model), n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget,
-                 streaming=streaming)
+                 streaming=streaming, experts=experts)

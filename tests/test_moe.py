@@ -48,7 +48,7 @@ def test_routing_rules():
 
     logits = np.array([[0.0, 2.0, 1.0, -1.0]], dtype=np.float32)
     p = np.exp(logits[0]) / np.exp(logits[0]).sum()
-    ids, w = route(logits, Cfg)
+    ids, w, _ = route(logits, Cfg)
     assert ids.tolist() == [[1, 2]]
     np.testing.assert_allclose(w[0], p[[1, 2]], rtol=1e-6)  # softmax over all experts, then top-k, as they are
     Cfg.expert_weights_norm = True
@@ -56,3 +56,60 @@ def test_routing_rules():
     Cfg.expert_weights_scale, Cfg.expert_gating = 2.5, "sigmoid"
     s = 1 / (1 + np.exp(-logits[0]))
     np.testing.assert_allclose(route(logits, Cfg)[1][0], 2.5 * s[[1, 2]] / s[[1, 2]].sum(), rtol=1e-6)
+
+
+def test_slot_cache_policies():
+    from flashlm.cache import SlotCache
+
+    def fill(policy):
+        c = SlotCache(3, 8, policy)
+        for k in "abc":
+            c.insert(k)
+        return c
+
+    c = fill("lru")
+    c.lookup("a")
+    assert c.key_in[c.insert("d")] == "d" and "b" not in c  # b: least recently used
+    c = fill("lfu")
+    c.lookup("a"), c.lookup("a"), c.lookup("c")
+    c.insert("d")
+    assert "b" not in c and {"a", "c", "d"} <= set(c.slot_of)  # b: used least
+    c = fill("score")
+    c.observe(["a", "b", "c"], [0.9, 0.5, 0.1])
+    c.insert("d")
+    assert "c" not in c  # c: lowest router-probability average
+    c.pinned.add(c.slot_of["b"])
+    c.observe(["a", "b", "d"], [0.0, 0.0, 1.0])
+    c.insert("e")
+    assert "b" in c and "a" not in c  # pinned b survives though its score is lowest
+
+
+@pytest.mark.parametrize("policy, prefetch", [("lru", True), ("lfu", False), ("score", True)])
+def test_streamed_experts_equal_resident(policy, prefetch, moe_gguf):
+    from flashlm.errors import FlashLMError
+    from flashlm.experts.store import StreamedExperts
+
+    path = moe_gguf("qwen2moe")
+    opts = dict(policy=policy, prefetch=prefetch)
+    with pytest.raises(FlashLMError, match=r"below the minimum") as e:
+        flashlm.load(path, n_ctx=256, memory_budget="1MB", experts=opts)
+    assert f"{4 * (2 if prefetch else 1)} experts" in str(e.value)  # qwen2moe's fixture uses 4 of 8
+    with flashlm.load(path, n_ctx=256, n_threads=2) as ref:
+        tokens = ref.tokenize(PROMPTS[1])
+        want = ref.logits(tokens)
+        text = ref.generate(PROMPTS[0], max_tokens=12, temperature=0)
+        minimum = None
+        with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=1 << 40, experts=opts) as big:
+            minimum, expert = big.plan.minimum, big.plan.expert_bytes
+        budget = minimum + 3 * expert  # a cache of k (+k) + 3 of the 16 experts: mostly misses
+        with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=budget, experts=opts) as m:
+            assert isinstance(m.model.experts, StreamedExperts) and m.plan.n_slots == 4 * (2 if prefetch else 1) + 3
+            np.testing.assert_array_equal(m.logits(tokens), want)  # the same bytes, the same math
+            m.model.experts.take_stats()
+            assert m.generate(PROMPTS[0], max_tokens=12, temperature=0) == text
+            st = m.model.experts.take_stats()
+    assert st["misses"] > 0 and st["hits"] > 0
+    if not prefetch:
+        assert st["bytes_read"] == st["misses"] * expert
+    else:
+        assert 0 < st["precision"] <= 1 and 0 < st["recall"] <= 1 and st["io_s"] > 0

@@ -38,9 +38,9 @@ class ResidentExperts:
         return tuple(expert_slice(self.store.get(f"blk.{layer}.{p}.weight"), e) for p in PARTS)
 
 
-def route(logits: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
-    """Router logits (T, n_expert) -> the chosen experts (T, k) int64, best first, and
-    their weights (T, k) float32."""
+def route(logits: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Router logits (T, n_expert) -> the chosen experts (T, k) int64, best first, their
+    weights (T, k) float32, and every expert's probability (T, n_expert)."""
     logits = logits.astype(np.float32, copy=False)
     if cfg.expert_gating == "sigmoid":
         p = np.float32(1.0) / (np.float32(1.0) + np.exp(-logits))
@@ -54,7 +54,7 @@ def route(logits: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
         w = w / np.maximum(w.sum(axis=1, keepdims=True), np.float32(6.103515625e-5))  # llama.cpp's clamp
     if cfg.expert_weights_scale:
         w = w * np.float32(cfg.expert_weights_scale)
-    return ids, w.astype(np.float32)
+    return ids, w.astype(np.float32), p
 
 
 def expert_ffn(x: np.ndarray, gate: TensorRef, up: TensorRef, down: TensorRef, gelu: bool = False) -> np.ndarray:
@@ -67,14 +67,25 @@ def moe_ffn(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool = False, 
     """Layer `layer`'s MoE FFN of h (T, n_embd). on_route(layer, ids, weights, probs of
     the router): called with each routing decision (traces, cache scores)."""
     router = store.get(f"blk.{layer}.ffn_gate_inp.weight")
-    ids, w = route(K.linear(h, router), cfg)
+    ids, w, p = route(K.linear(h, router), cfg)
     if on_route is not None:
         on_route(layer, ids, w)
+    streamed = hasattr(experts, "prefetch")
+    decode = h.shape[0] == 1
+    if streamed:
+        experts.begin_layer(layer, ids, p, pin=decode)
+        if decode and experts.prefetching and layer + 1 < cfg.n_layer:
+            # the next layer's router on this layer's input (mixtral-offloading's speculative
+            # loading): its reads run while this layer's experts compute
+            nxt = store.get(f"blk.{layer + 1}.ffn_gate_inp.weight")
+            experts.prefetch(layer + 1, route(K.linear(h, nxt), cfg)[0][0])
     out = np.zeros((h.shape[0], cfg.n_embd), dtype=np.float32)
     for e in np.unique(ids).tolist():
         tok, slot = np.nonzero(ids == e)
         y = expert_ffn(np.ascontiguousarray(h[tok]), *experts.get(layer, e), gelu=gelu)
         out[tok] += w[tok, slot][:, None] * y
+    if streamed:
+        experts.end_layer(layer)
     if cfg.n_ff_shexp:  # the shared expert, every token
         s = store.get
         y = expert_ffn(h, s(f"blk.{layer}.ffn_gate_shexp.weight"), s(f"blk.{layer}.ffn_up_shexp.weight"),

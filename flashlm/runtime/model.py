@@ -46,6 +46,20 @@ class Chunk:
 _SAMPLING_KEYS = {f for f in SamplingParams.__dataclass_fields__}
 
 
+def _expert_options(experts: dict | None) -> dict:
+    """A mixture-of-experts model's streaming options: policy ("lru", "lfu", "score") and
+    prefetch (the next layer's experts read while a layer computes)."""
+    opts = {"policy": "lru", "prefetch": True, **(experts or {})}
+    unknown = set(opts) - {"policy", "prefetch"}
+    if unknown:
+        raise InvalidArgumentError(f"unknown expert option(s): {', '.join(sorted(unknown))}")
+    from ..cache import POLICIES
+
+    if opts["policy"] not in POLICIES:
+        raise InvalidArgumentError(f"unknown cache policy {opts['policy']!r}; choose from {', '.join(POLICIES)}")
+    return opts
+
+
 _TOKENIZER_BYTES: dict[str, int] = {}  # per model file: the RSS its tokenizer took to load, first time
 
 
@@ -53,7 +67,7 @@ class Model:
     """A loaded model. Use `flashlm.load(...)` to make one; close it (or use `with`)."""
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
-                 memory_budget: str | int | None = None, streaming=None):
+                 memory_budget: str | int | None = None, streaming=None, experts: dict | None = None):
         t0 = time.perf_counter()
         self.path = Path(path)
         if self.path.is_dir():
@@ -99,7 +113,13 @@ class Model:
                                                           max(0, psutil.Process().memory_info().rss - rss0))
             if memory_budget is not None:
                 self.memory_budget = parse_size(memory_budget)
-                if isinstance(self.store, FlashStore):
+                if cfg.n_expert and not isinstance(self.store, FlashStore):  # experts stream into a cache
+                    from ..experts.store import plan_experts
+
+                    opts = _expert_options(experts)
+                    self.plan = plan_experts(self.file, cfg, self.memory_budget, n_ctx, tokenizer_bytes,
+                                             opts["prefetch"])
+                elif isinstance(self.store, FlashStore):
                     self.plan = make_plan(self.store, self.memory_budget, n_ctx, cfg.kv_bytes_per_token // 2,
                                           cfg.n_vocab, tokenizer_bytes)
                     self.store.set_capacities(self.plan.capacities)
@@ -114,6 +134,10 @@ class Model:
             self.store.close()
             raise
         self.model = model_class(cfg.arch)(cfg, self.store)
+        if cfg.n_expert and self.plan is not None:
+            from ..experts.store import StreamedExperts
+
+            self.model.experts = StreamedExperts(self.file, cfg, self.plan.n_slots, **_expert_options(experts))
         self._kv = KVCache(cfg, n_ctx)
         self._kv_tokens: list[int] = []  # tokens whose keys/values _kv holds, in order
         self.load_seconds = time.perf_counter() - t0
@@ -141,6 +165,8 @@ class Model:
         """Release the mapped file, the streaming threads and the tokenizer (also on leaving `with`)."""
         if self.tokenizer is not None:
             self.tokenizer.close()
+        if hasattr(getattr(self, "model", None), "experts") and hasattr(self.model.experts, "close"):
+            self.model.experts.close()
         self.store.close()
         self._kv = None
         self.tokenizer = None
