@@ -20,7 +20,7 @@ def test_moe_parity_with_llama_cpp(arch, moe_gguf):
     with flashlm.load(path, n_ctx=512, n_threads=2) as m:
         assert m.config.n_expert == 8
         routes = []
-        m.model.on_route = lambda layer, ids, w: routes.append(ids)
+        m.model.on_route = lambda layer, ids, w, p: routes.append(ids)
         ours, theirs = [], []
         for prompt in PROMPTS:
             tokens = m.tokenize(prompt)
@@ -113,3 +113,27 @@ def test_streamed_experts_equal_resident(policy, prefetch, moe_gguf):
         assert st["bytes_read"] == st["misses"] * expert
     else:
         assert 0 < st["precision"] <= 1 and 0 < st["recall"] <= 1 and st["io_s"] > 0
+
+
+def test_traces_and_the_cache_simulator(moe_gguf, tmp_path):
+    from flashlm.experts import trace as tr
+
+    with flashlm.load(moe_gguf("mixtral"), n_ctx=64, n_threads=2) as m:
+        t = tr.record(m, m.tokenize(PROMPTS[0])[:21])
+    assert t.ids.shape == (20, 2, 2) and t.probs.shape == (20, 2, 8)
+    np.testing.assert_allclose(t.probs.sum(2), 1.0, rtol=1e-5)
+    assert (np.take_along_axis(t.probs, t.ids, 2) >= np.sort(t.probs, 2)[:, :, -2:-1]).all()  # the top 2
+    tr.save(t, tmp_path / "t.npz")
+    t = tr.load(tmp_path / "t.npz")
+    distinct = len({(layer, e) for layer in range(2) for e in t.ids[:, layer].ravel().tolist()})
+    for policy in ("lru", "lfu", "score"):  # every expert fits: only the first use of each misses
+        assert tr.simulate(t, 16, policy) == pytest.approx(1 - distinct / t.ids.size)
+    # a hand-made trace where recency and frequency disagree: expert 0 every other token,
+    # 1..3 in turn between; 2 slots of one layer
+    ids = np.array([[[0]], [[1]], [[0]], [[2]], [[0]], [[3]], [[0]], [[1]]] * 4)
+    probs = np.full(ids.shape[:2] + (4,), 0.25, dtype=np.float32)
+    hand = tr.Trace(ids, probs)
+    assert tr.simulate(hand, 2, "lfu") > tr.simulate(hand, 1, "lfu")
+    # LRU, 2 slots: expert 0 hits but for its first use (15 of 32); 1, 2, 3 evict each other
+    # and miss, except the 1 that ends one round and starts the next (3 more hits)
+    assert tr.simulate(hand, 2, "lru") == 18 / 32

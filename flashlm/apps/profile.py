@@ -77,7 +77,8 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
 
 def idle_rss(proc) -> int:
     """RSS of this process with the kernels loaded but no model: the overhead the
-    budget does not cover (numba's compiler, the interpreter, the libraries)."""
+    budget does not cover (numba's compiler, the interpreter, the libraries, the
+    compiled kernels, the decode step's among them)."""
     import llama_cpp  # noqa: F401  (the tokenizer's library: fixed, whatever the model)
 
     from .. import kernels_cpu as K
@@ -89,6 +90,9 @@ def idle_rss(proc) -> int:
     x = np.ones((5, 64), np.float32)
     K.linear(x, w), K.linear(x[:1], w), K.glu(x, x, False)
     K.matvec_t(np.ones(4, np.float32), w, np.arange(4), np.zeros(64, np.float32))
+    from ..runtime.fused import warm_decode_kernels
+
+    warm_decode_kernels()  # the compiled decode step and its per-layer pieces
     return proc.memory_info().rss
 
 

@@ -13,6 +13,7 @@ blk.N.ffn_{gate,up,down}_exps (expert e is one contiguous byte range in each).
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from .. import kernels_cpu as K
@@ -36,6 +37,28 @@ class ResidentExperts:
 
     def get(self, layer: int, e: int) -> tuple[TensorRef, TensorRef, TensorRef]:
         return tuple(expert_slice(self.store.get(f"blk.{layer}.{p}.weight"), e) for p in PARTS)
+
+    def locate(self, layer: int, ids) -> tuple[np.ndarray, np.ndarray]:
+        """(buffer, (k, 3) byte offsets of experts ids' gate, up and down in it): the
+        mapped file, for the compiled decode of one token's experts."""
+        stacks = [self.store.get(f"blk.{layer}.{p}.weight") for p in PARTS]
+        buf = _root(stacks[0].data)
+        base = buf.ctypes.data
+        offs = np.array([[t.data.ctypes.data - base + e * t.data.shape[0] // t.shape[0] * t.data.shape[1]
+                          for t in stacks] for e in ids], dtype=np.int64)
+        return buf, offs
+
+
+def part_layout(stacks) -> tuple[np.ndarray, np.ndarray]:
+    """((3, 2) rows and row bytes of one expert's gate, up, down; (3,) their GGML types)."""
+    shapes = np.array([(t.shape[1], t.data.shape[1]) for t in stacks], dtype=np.int64)
+    return shapes, np.array([int(t.qtype) for t in stacks], dtype=np.int64)
+
+
+def _root(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a.reshape(-1).view(np.uint8).view(np.ndarray)
 
 
 def route(logits: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -64,12 +87,13 @@ def expert_ffn(x: np.ndarray, gate: TensorRef, up: TensorRef, down: TensorRef, g
 
 
 def moe_ffn(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool = False, on_route=None) -> np.ndarray:
-    """Layer `layer`'s MoE FFN of h (T, n_embd). on_route(layer, ids, weights, probs of
-    the router): called with each routing decision (traces, cache scores)."""
+    """Layer `layer`'s MoE FFN of h (T, n_embd). on_route(layer, ids, weights, probs):
+    called with each routing decision (the chosen experts, their weights, every
+    expert's router probability; for traces)."""
     router = store.get(f"blk.{layer}.ffn_gate_inp.weight")
     ids, w, p = route(K.linear(h, router), cfg)
     if on_route is not None:
-        on_route(layer, ids, w)
+        on_route(layer, ids, w, p)
     streamed = hasattr(experts, "prefetch")
     decode = h.shape[0] == 1
     if streamed:
@@ -80,6 +104,16 @@ def moe_ffn(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool = False, 
             nxt = store.get(f"blk.{layer + 1}.ffn_gate_inp.weight")
             experts.prefetch(layer + 1, route(K.linear(h, nxt), cfg)[0][0])
     out = np.zeros((h.shape[0], cfg.n_embd), dtype=np.float32)
+    if decode:  # one token: its experts in one compiled call
+        from ..kernels_cpu import F16_TABLE
+        from ..kernels_cpu import decode as D
+
+        buf, offs = experts.locate(layer, ids[0])
+        shapes, qts = part_layout([store.get(f"blk.{layer}.{p}.weight") for p in PARTS])
+        x = np.ascontiguousarray(h[0], dtype=np.float32)
+        D.moe_decode(buf, offs, shapes, qts, x, w[0], gelu, F16_TABLE, numba.get_num_threads(),
+                     np.arange(max(shapes[0, 0], cfg.n_embd), dtype=np.int64), out[0])
+        ids = ids[:0]  # done
     for e in np.unique(ids).tolist():
         tok, slot = np.nonzero(ids == e)
         y = expert_ffn(np.ascontiguousarray(h[tok]), *experts.get(layer, e), gelu=gelu)

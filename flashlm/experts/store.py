@@ -62,6 +62,22 @@ class StreamedExperts:
     # -- ExpertSource -----------------------------------------------------------------
 
     def get(self, layer: int, e: int) -> tuple[TensorRef, TensorRef, TensorRef]:
+        return self._refs(layer, e, self._slot(layer, e))
+
+    def locate(self, layer: int, ids) -> tuple[np.ndarray, np.ndarray]:
+        """(the cache's pool, (k, 3) byte offsets of experts ids' gate, up and down in it),
+        loading the ones not cached; they stay pinned until end_layer."""
+        item, (g, u, _) = self.cache.item_bytes, self.part_bytes
+        offs = np.empty((len(ids), 3), dtype=np.int64)
+        for j, e in enumerate(ids):
+            s = self._slot(layer, int(e))
+            self._pins.add(s)
+            self.cache.pinned.add(s)
+            offs[j] = (s * item, s * item + g, s * item + g + u)
+        return self.cache.pool.reshape(-1), offs
+
+    def _slot(self, layer: int, e: int) -> int:
+        """The slot holding expert e of layer (read now if it is not cached)."""
         key = (layer, e)
         st = self.stats[layer]
         fut = self.pending.pop(key, None)
@@ -79,7 +95,7 @@ class StreamedExperts:
             self.wait_s += time.perf_counter() - t0
         else:
             st.hits += 1
-        return self._refs(layer, e, s)
+        return s
 
     def begin_layer(self, layer: int, chosen: np.ndarray, probs: np.ndarray, pin: bool = True) -> None:
         """The router chose `chosen` (T, k) for this layer; probs (T, n_expert) feed the

@@ -360,3 +360,30 @@ def _head(x, arena, mats, qt, vecs, ip, fp, lut, all_rows, logits):
         c = np.float32(fp[F_SOFTCAP])
         for i in range(logits.shape[0]):
             logits[i] = np.float32(np.tanh(logits[i] / c)) * c
+
+
+@njit(nogil=True, cache=True)
+def moe_decode(buf, offs, shapes, qts, x, w, gelu, lut, nt, all_rows, out):
+    """out += sum_j w[j] * down_j(act(gate_j x) * up_j x): one token's routed experts in one
+    call. Expert j's gate, up and down matrices start at byte offsets offs[j] of buf;
+    shapes[p] = (rows, row_bytes) and qts[p] = GGML type of part p (gate, up, down)."""
+    n_ff = shapes[0, 0]
+    g = np.empty(n_ff, dtype=np.float32)
+    u = np.empty(n_ff, dtype=np.float32)
+    y = np.empty(out.shape[0], dtype=np.float32)
+    for j in range(offs.shape[0]):
+        _mv(qts[0], _part(buf, offs[j, 0], shapes[0]), x, g, lut, nt, all_rows)
+        _mv(qts[1], _part(buf, offs[j, 1], shapes[1]), x, u, lut, nt, all_rows)
+        for i in range(n_ff):
+            gi = g[i]
+            a = _gelu(gi) if gelu else gi / (np.float32(1.0) + np.float32(np.exp(-gi)))
+            g[i] = a * u[i]
+        _mv(qts[2], _part(buf, offs[j, 2], shapes[2]), g, y, lut, nt, all_rows)
+        wj = w[j]
+        for i in range(out.shape[0]):
+            out[i] += wj * y[i]
+
+
+@njit(inline="always")
+def _part(buf, o, shape):
+    return buf[o:o + shape[0] * shape[1]].reshape((shape[0], shape[1]))

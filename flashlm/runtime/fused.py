@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from ..kernels_cpu import F16_TABLE
 from ..kernels_cpu import decode as D
@@ -115,3 +116,36 @@ class LayerDecoder(FusedDecoder):
             D.decode_add_ffn(i, o.reshape(-1), x, vecs, ip, fp)
         D.decode_head(x, a, m, qt, vecs, ip, fp, F16_TABLE, self.all_rows, logits)
         return logits
+
+
+def warm_decode_kernels() -> None:
+    """Run the compiled decode step, its per-layer pieces and the experts' decode once on
+    a tiny all-zero model (one layer, width 32, Q8_0), with the argument types real
+    models pass: their
+    machine code is then loaded (from numba's cache) as part of an idle process, like
+    every other kernel, not at a model's first token."""
+    d, n = 32, 2 * D.N_SLOTS + 2
+    arena = np.zeros(n * d * 34, dtype=np.uint8)
+    arena.setflags(write=False)  # as a read-only mapped file
+    mats = np.array([(i * d * 34, d, 34) for i in range(n)], dtype=np.int64)
+    qt = np.full(n, int(GGMLQuantizationType.Q8_0), dtype=np.int64)
+    ip = np.zeros(15, dtype=np.int64)
+    ip[D.I_LAYERS], ip[D.I_EMBD], ip[D.I_HEAD], ip[D.I_HEAD_KV] = 1, d, 1, 1
+    ip[D.I_HD], ip[D.I_HD_V], ip[D.I_ROPE_DIM], ip[D.I_THREADS] = d, d, d, numba.get_num_threads()
+    fp = np.array([1e-6, 10000.0, 10000.0, 1.0, d ** -0.5, 1.0, 0.0, 1.0, 1.0], dtype=np.float64)
+    vecs = np.ones((2, len(D.VECS), d), dtype=np.float32)
+    swa = np.zeros(1, dtype=np.bool_)
+    kc, vc = np.zeros((1, 1, 4, d), dtype=np.uint16), np.zeros((1, 1, 4, d), dtype=np.uint16)
+    rows = np.arange(d, dtype=np.int64)
+    x, h, logits = (np.zeros(d, dtype=np.float32) for _ in range(3))
+    D.decode_step(0, 0, arena, mats, qt, vecs, swa, kc, vc, ip, fp, F16_TABLE, rows, logits)
+    D.decode_embed(0, arena, mats, qt, ip, fp, F16_TABLE, x)
+    D.decode_attn(0, 1, x, h, arena, mats, qt, vecs, swa, kc, vc, ip, fp, F16_TABLE, rows)
+    D.decode_add_ffn(0, np.zeros((1, d), dtype=np.float32).reshape(-1), x, vecs, ip, fp)
+    D.decode_head(x, arena, mats, qt, vecs, ip, fp, F16_TABLE, rows, logits)
+    # a token's experts: from the mapped file (read-only) or the expert cache's pool
+    shapes = np.array([(d, 34)] * 3, dtype=np.int64)
+    offs = np.zeros((1, 3), dtype=np.int64)
+    for buf in (arena, np.zeros_like(arena)):
+        D.moe_decode(buf, offs, shapes, qt[:3].copy(), x, np.ones(1, dtype=np.float32), False, F16_TABLE,
+                     numba.get_num_threads(), rows, np.zeros((1, d), dtype=np.float32)[0])
