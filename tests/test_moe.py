@@ -137,3 +137,18 @@ def test_traces_and_the_cache_simulator(moe_gguf, tmp_path):
     # LRU, 2 slots: expert 0 hits but for its first use (15 of 32); 1, 2, 3 evict each other
     # and miss, except the 1 that ends one round and starts the next (3 more hits)
     assert tr.simulate(hand, 2, "lru") == 18 / 32
+
+
+def test_cli_on_a_moe_under_a_budget(moe_gguf, capsys):
+    from flashlm.apps.cli import main
+
+    path = str(moe_gguf("qwen3moe"))
+    assert main(["info", path, "--memory-budget", "200MB", "-c", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "expert cache" in out and "the cache holds 16 of 16 experts" in out
+    assert main(["run", "-m", path, "--memory-budget", "200MB", "-c", "256", "-p", "Hello", "-n", "4", "--temp", "0",
+                 "--stats", "--policy", "score"]) == 0
+    err = capsys.readouterr().err
+    assert "experts: cache hit rate" in err and "prefetch precision" in err
+    assert main(["run", "-m", path, "--memory-budget", "2MB", "-p", "Hi"]) == 2
+    assert "below the minimum" in capsys.readouterr().err

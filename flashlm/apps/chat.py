@@ -90,11 +90,12 @@ class ChatApp(App):
                 Binding("ctrl+c", "ctrl_c", "stop / quit", show=False, priority=True)]
 
     def __init__(self, model=None, *, n_ctx: int | None = None, n_threads: int | None = None,
-                 memory_budget=None, system: str | None = None, streaming=None, **settings):
+                 memory_budget=None, system: str | None = None, streaming=None, experts=None, **settings):
         super().__init__()
         self._spec = model
         self.model = model if hasattr(model, "chat") else None
-        self._load_kw = dict(n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget, streaming=streaming)
+        self._load_kw = dict(n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget, streaming=streaming,
+                             experts=experts)
         self.system = system
         self.messages: list[dict] = []
         self.settings = {"max_tokens": 512, **settings}
@@ -184,6 +185,13 @@ class ChatApp(App):
                 self._streamed = (TokenStats.total(stats).bytes_read / 1e6, decode.hit_rate)
             if self._streamed:
                 parts.append(f"disk {self._streamed[0]:.0f} MB · hits {self._streamed[1]:.0%}")
+        take = getattr(getattr(self.model.model, "experts", None), "take_stats", None)
+        if take is not None:  # a mixture of experts streamed into a cache: the last reply's figures
+            e = take()
+            if e["hits"] + e["misses"]:
+                self._streamed = (e["bytes_read"] / 1e6, e["hits"] / (e["hits"] + e["misses"]))
+            if self._streamed:
+                parts.append(f"disk {self._streamed[0]:.0f} MB · expert hits {self._streamed[1]:.0%}")
         self._set_status(" | ".join(parts))
 
     # -- input ----------------------------------------------------------------------

@@ -41,6 +41,12 @@ def _add_model(p: argparse.ArgumentParser):
                         "none (all) (default gate)")
     g.add_argument("--keep", type=float, default=None, help="fraction of FFN neurons a token keeps (default 0.8)")
     g.add_argument("--window", type=int, default=None, help="tokens whose neurons stay in memory (default 16; the budget bounds them too)")
+    g = p.add_argument_group("mixture-of-experts models under --memory-budget (experts stream into a cache)")
+    g.add_argument("--policy", choices=["lru", "lfu", "score"], default="lru",
+                   help="which cached expert makes room: least recent, least used, or lowest router-probability "
+                        "average (default lru)")
+    g.add_argument("--no-prefetch", action="store_true",
+                   help="do not read the next layer's predicted experts while a layer computes")
 
 
 def _streaming(args) -> dict:
@@ -51,6 +57,11 @@ def _streaming(args) -> dict:
     if args.window is not None:
         out["window"] = args.window
     return out
+
+
+def _experts(args) -> dict:
+    """The expert-cache options the command line set."""
+    return {"policy": args.policy, "prefetch": not args.no_prefetch}
 
 
 def cmd_chat(args) -> int:
@@ -68,7 +79,7 @@ def cmd_chat(args) -> int:
     if args.n_predict < 1:
         raise InvalidArgumentError(f"-n must be at least 1, got {args.n_predict}")
     return run_chat(path, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
-                    streaming=_streaming(args), system=args.system, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
+                    streaming=_streaming(args), experts=_experts(args), system=args.system, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed)
 
 
@@ -79,7 +90,7 @@ def cmd_run(args) -> int:
 
     read0 = device_read_bytes()
     model = flashlm.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
-                         streaming=_streaming(args))
+                         streaming=_streaming(args), experts=_experts(args))
     with model:
         last = None
         for c in model.stream(args.prompt, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
@@ -106,6 +117,13 @@ def cmd_run(args) -> int:
                 print(f"streamed: {every.bytes_read / 1e6:.1f} MB read from disk in {every.reads} reads | "
                       f"decode {decode.bytes_read / max(1, decode.tokens) / 1e6:.2f} MB/token, "
                       f"window hit rate {decode.hit_rate:.0%}", file=sys.stderr)
+            ex = getattr(model.model.experts, "take_stats", None)
+            if ex is not None:  # experts streamed into a cache
+                e = ex()
+                pf = (f", prefetch precision {e['precision']:.0%} recall {e['recall']:.0%}, "
+                      f"{e['hidden']:.0%} of read time hidden" if e["precision"] is not None else "")
+                print(f"experts: cache hit rate {e['hits'] / max(1, e['hits'] + e['misses']):.0%}, "
+                      f"{e['bytes_read'] / 1e6:.1f} MB read{pf}", file=sys.stderr)
     return 0
 
 
@@ -141,7 +159,7 @@ def cmd_info(args) -> int:
     args.model = args.model or args.model_arg
     t0 = time.perf_counter()
     with flashlm.load(args.model, n_ctx=args.ctx_size, memory_budget=args.memory_budget,
-                      streaming=_streaming(args)) as m:
+                      streaming=_streaming(args), experts=_experts(args)) as m:
         cfg = m.config
         types = Counter(t.qtype.name for t in m.file.tensors.values())
         print(f"model:        {m.name} ({m.path})")
