@@ -53,7 +53,7 @@ if stats and stats[0]:
     rec = [s["recall"] for s in stats if s["recall"] is not None]
     out.update(hit=hits / max(1, hits + misses), mb=statistics.mean(s["bytes_read"] for s in stats) / 1e6,
                precision=statistics.mean(pred) if pred else None, recall=statistics.mean(rec) if rec else None,
-               hidden=1 - wait / io if io else None)
+               hidden=1 - wait / io if io and opts.get("prefetch") else None)  # without prefetch nothing is hidden
 print("ROW " + json.dumps(out))
 """
 

@@ -40,6 +40,7 @@ class SlotCache:
         self.free = list(range(n_slots - 1, -1, -1))
         self.last = np.zeros(n_slots, dtype=np.int64)  # tick of the last use
         self.uses = np.zeros(n_slots, dtype=np.int64)  # uses since loaded
+        self.slot_score = np.zeros(n_slots, dtype=np.float64)  # score of the key in each slot
         self.score: dict = defaultdict(float)  # EMA of the observed signal, per key
         self.pinned: set[int] = set()
         self.tick = 0
@@ -67,23 +68,28 @@ class SlotCache:
         self.slot_of[key], self.key_in[s] = s, key
         self.tick += 1
         self.last[s], self.uses[s] = self.tick, 1
+        self.slot_score[s] = self.score[key]
         return s
 
     def _victim(self) -> int:
-        slots = [s for s in range(self.n_slots) if s not in self.pinned]
-        if not slots:
+        free = np.ones(self.n_slots, dtype=bool)
+        free[list(self.pinned)] = False
+        cand = np.flatnonzero(free)
+        if not len(cand):
             raise RuntimeError("every cache slot is pinned: the plan gave fewer slots than one step uses")
         if self.policy == "lru":
-            return min(slots, key=lambda s: self.last[s])
-        if self.policy == "lfu":
-            return min(slots, key=lambda s: (self.uses[s], self.last[s]))
-        return min(slots, key=lambda s: (self.score[self.key_in[s]], self.last[s]))
+            return int(cand[np.argmin(self.last[cand])])
+        first = self.uses[cand] if self.policy == "lfu" else self.slot_score[cand]
+        return int(cand[np.lexsort((self.last[cand], first))[0]])  # ties: the least recent
 
     def observe(self, keys, values) -> None:
         """Fold one observation per key into its score (policy "score")."""
         d = self.decay
         for k, v in zip(keys, values):
-            self.score[k] = d * self.score[k] + (1.0 - d) * float(v)
+            s = self.score[k] = d * self.score[k] + (1.0 - d) * float(v)
+            slot = self.slot_of.get(k)
+            if slot is not None:
+                self.slot_score[slot] = s
 
     def __contains__(self, key) -> bool:
         return key in self.slot_of

@@ -47,9 +47,10 @@ _SAMPLING_KEYS = {f for f in SamplingParams.__dataclass_fields__}
 
 
 def _expert_options(experts: dict | None) -> dict:
-    """A mixture-of-experts model's streaming options: policy ("lru", "lfu", "score") and
-    prefetch (the next layer's experts read while a layer computes)."""
-    opts = {"policy": "lru", "prefetch": True, **(experts or {})}
+    """A mixture-of-experts model's streaming options: policy ("score", the default: the
+    best hit rates on MoEfied SmolLM2's routing traces, benchmarks/expert_traces.py;
+    "lru"; "lfu") and prefetch (the next layer's experts read while a layer computes)."""
+    opts = {"policy": "score", "prefetch": True, **(experts or {})}
     unknown = set(opts) - {"policy", "prefetch"}
     if unknown:
         raise InvalidArgumentError(f"unknown expert option(s): {', '.join(sorted(unknown))}")
