@@ -13,6 +13,12 @@ from parity_prompts import PROMPTS
 ARCHS = ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "granitemoe", "granitemoe_shared"]
 
 
+@pytest.fixture(autouse=True)
+def _cache_home(tmp_path, monkeypatch):
+    """Expert bundles go to a cache folder of the test's own, not the user's."""
+    monkeypatch.setenv("FLASHLM_HOME", str(tmp_path / "flashlm-home"))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_moe_parity_with_llama_cpp(arch, moe_gguf):
     path = moe_gguf(arch)
@@ -84,13 +90,14 @@ def test_slot_cache_policies():
     assert "b" in c and "a" not in c  # pinned b survives though its score is lowest
 
 
-@pytest.mark.parametrize("policy, prefetch", [("lru", True), ("lfu", False), ("score", True)])
-def test_streamed_experts_equal_resident(policy, prefetch, moe_gguf):
+@pytest.mark.parametrize("policy, prefetch, bundle", [("lru", True, True), ("lfu", False, True), ("score", True, False),
+                                                      ("lru", False, False)])
+def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
     from flashlm.errors import FlashLMError
     from flashlm.experts.store import StreamedExperts
 
     path = moe_gguf("qwen2moe")
-    opts = dict(policy=policy, prefetch=prefetch)
+    opts = dict(policy=policy, prefetch=prefetch, bundle=bundle)
     with pytest.raises(FlashLMError, match=r"below the minimum") as e:
         flashlm.load(path, n_ctx=256, memory_budget="1MB", experts=opts)
     assert f"{4 * (2 if prefetch else 1)} experts" in str(e.value)  # qwen2moe's fixture uses 4 of 8
@@ -104,15 +111,50 @@ def test_streamed_experts_equal_resident(policy, prefetch, moe_gguf):
         budget = minimum + 3 * expert  # a cache of k (+k) + 3 of the 16 experts: mostly misses
         with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=budget, experts=opts) as m:
             assert isinstance(m.model.experts, StreamedExperts) and m.plan.n_slots == 4 * (2 if prefetch else 1) + 3
+            assert (m.model.experts.bundle is not None) == bundle
             np.testing.assert_array_equal(m.logits(tokens), want)  # the same bytes, the same math
             m.model.experts.take_stats()
             assert m.generate(PROMPTS[0], max_tokens=12, temperature=0) == text
             st = m.model.experts.take_stats()
     assert st["misses"] > 0 and st["hits"] > 0
-    if not prefetch:
-        assert st["bytes_read"] == st["misses"] * expert
+    if not prefetch:  # bundled, a miss reads its record (a slot); else the expert's three slices
+        assert st["bytes_read"] == st["misses"] * (expert if bundle else sum(m.model.experts.part_bytes))
     else:
-        assert 0 < st["precision"] <= 1 and 0 < st["recall"] <= 1 and st["io_s"] > 0
+        assert 0 < st["precision"] <= 1 and 0 < st["recall"] <= 1 and st["io_s"] > 0 and st["wait_s"] > 0
+
+
+def test_expert_bundle_records(moe_gguf, tmp_path):
+    """Each record is the expert's gate, up and down slices from the GGUF, then zeros to
+    4 KiB; a changed source gets a new bundle, a truncated bundle is written again."""
+    import os
+
+    from flashlm.experts.bundle import HEADER, PARTS, bundle_path, ensure_bundle, read_header, record_bytes
+    from flashlm.runtime.config import config_from_gguf
+    from flashlm.runtime.modelfile import GGUFModelFile
+
+    src = tmp_path / "m.gguf"
+    src.write_bytes(moe_gguf("mixtral").read_bytes())
+    mf = GGUFModelFile(src)
+    cfg = config_from_gguf(mf)
+    path = ensure_bundle(mf, cfg, quiet=True)
+    meta = read_header(path)
+    rec = record_bytes(meta["parts"])
+    assert rec % 4096 == 0 and meta["n_expert"] == cfg.n_expert
+    data = np.fromfile(path, dtype=np.uint8)
+    for layer, e in [(0, 0), (cfg.n_layer - 1, cfg.n_expert - 1), (1, 3)]:
+        r = data[HEADER + (layer * cfg.n_expert + e) * rec:][:rec]
+        want = np.concatenate([mf.tensors[f"blk.{layer}.{p}.weight"].data.reshape(cfg.n_expert, -1)[e] for p in PARTS])
+        np.testing.assert_array_equal(r[:want.size], want)
+        assert not r[want.size:].any()
+    mtime = path.stat().st_mtime_ns
+    assert ensure_bundle(mf, cfg, quiet=True) == path and path.stat().st_mtime_ns == mtime  # kept
+    with open(path, "r+b") as f:
+        f.truncate(HEADER + rec)
+    assert read_header(path) is None
+    assert ensure_bundle(mf, cfg, quiet=True) == path and read_header(path) is not None  # written again
+    mf.close()
+    os.utime(src, ns=(mtime + 10**9, mtime + 10**9))  # the source changed: another bundle
+    assert bundle_path(src) != path
 
 
 def test_traces_and_the_cache_simulator(moe_gguf, tmp_path):

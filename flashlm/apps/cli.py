@@ -47,6 +47,9 @@ def _add_model(p: argparse.ArgumentParser):
                         "average (default score: the best hit rates on a real model's routing traces)")
     g.add_argument("--no-prefetch", action="store_true",
                    help="do not read the next layer's predicted experts while a layer computes")
+    g.add_argument("--no-bundle", action="store_true",
+                   help="read experts from the GGUF's stacked tensors (3 reads each) instead of writing their "
+                        "bundle to the cache folder once (1 aligned read each; as large as the experts)")
 
 
 def _streaming(args) -> dict:
@@ -61,7 +64,7 @@ def _streaming(args) -> dict:
 
 def _experts(args) -> dict:
     """The expert-cache options the command line set."""
-    return {"policy": args.policy, "prefetch": not args.no_prefetch}
+    return {"policy": args.policy, "prefetch": not args.no_prefetch, "bundle": not args.no_bundle}
 
 
 def cmd_chat(args) -> int:
@@ -120,10 +123,13 @@ def cmd_run(args) -> int:
             ex = getattr(model.model.experts, "take_stats", None)
             if ex is not None:  # experts streamed into a cache
                 e = ex()
-                pf = (f", prefetch precision {e['precision']:.0%} recall {e['recall']:.0%}, "
-                      f"{e['hidden']:.0%} of read time hidden" if e["precision"] is not None else "")
+                pf = (f", prefetch precision {e['precision']:.0%} recall {e['recall']:.0%}"
+                      if e["precision"] is not None else "")
+                if e["hidden"] is not None:
+                    pf += f", {e['hidden']:.0%} of read time hidden"
                 print(f"experts: cache hit rate {e['hits'] / max(1, e['hits'] + e['misses']):.0%}, "
-                      f"{e['bytes_read'] / 1e6:.1f} MB read{pf}", file=sys.stderr)
+                      f"{e['bytes_read'] / 1e6:.1f} MB read, {e['wait_s'] * 1e3:.0f} ms waited for reads{pf}",
+                      file=sys.stderr)
     return 0
 
 

@@ -17,6 +17,8 @@ import numba
 import numpy as np
 
 from .. import kernels_cpu as K
+from ..kernels_cpu import F16_TABLE, _all_rows
+from ..kernels_cpu import decode as D
 from ..runtime.modelfile import TensorRef
 
 PARTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
@@ -34,6 +36,8 @@ class ResidentExperts:
 
     def __init__(self, store):
         self.store = store
+        self._tables: dict = {}  # layer -> (the mapped buffer, (n_expert, 3) byte offsets)
+        self._layouts: dict = {}
 
     def get(self, layer: int, e: int) -> tuple[TensorRef, TensorRef, TensorRef]:
         return tuple(expert_slice(self.store.get(f"blk.{layer}.{p}.weight"), e) for p in PARTS)
@@ -41,12 +45,21 @@ class ResidentExperts:
     def locate(self, layer: int, ids) -> tuple[np.ndarray, np.ndarray]:
         """(buffer, (k, 3) byte offsets of experts ids' gate, up and down in it): the
         mapped file, for the compiled decode of one token's experts."""
-        stacks = [self.store.get(f"blk.{layer}.{p}.weight") for p in PARTS]
-        buf = _root(stacks[0].data)
-        base = buf.ctypes.data
-        offs = np.array([[t.data.ctypes.data - base + e * t.data.shape[0] // t.shape[0] * t.data.shape[1]
-                          for t in stacks] for e in ids], dtype=np.int64)
-        return buf, offs
+        t = self._tables.get(layer)
+        if t is None:
+            stacks = [self.store.get(f"blk.{layer}.{p}.weight") for p in PARTS]
+            buf = _root(stacks[0].data)
+            base = buf.ctypes.data
+            n = stacks[0].shape[0]
+            offs = np.array([[t.data.ctypes.data - base + e * t.data.shape[0] // n * t.data.shape[1]
+                              for t in stacks] for e in range(n)], dtype=np.int64)
+            t = self._tables[layer] = (buf, offs)
+        return t[0], t[1][np.asarray(ids, dtype=np.int64)]
+
+    def layout(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        if layer not in self._layouts:
+            self._layouts[layer] = part_layout([self.store.get(f"blk.{layer}.{p}.weight") for p in PARTS])
+        return self._layouts[layer]
 
 
 def part_layout(stacks) -> tuple[np.ndarray, np.ndarray]:
@@ -86,40 +99,38 @@ def expert_ffn(x: np.ndarray, gate: TensorRef, up: TensorRef, down: TensorRef, g
     return K.linear(K.glu(g, u, gelu), down)
 
 
+def route_one(store, cfg, layer: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """route() for one token x (n_embd,) float32, in one compiled call: (k,) ids, (k,)
+    weights, (n_expert,) probabilities."""
+    r = store.get(f"blk.{layer}.ffn_gate_inp.weight")
+    k, n = cfg.n_expert_used, r.data.shape[0]
+    ids, w, p = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.float32), np.empty(n, dtype=np.float32)
+    D.moe_route(r.data, int(r.qtype), x, cfg.expert_gating == "sigmoid", bool(cfg.expert_weights_norm),
+                float(cfg.expert_weights_scale or 0.0), F16_TABLE, _all_rows(n), ids, w, p)
+    return ids, w, p
+
+
 def moe_ffn(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool = False, on_route=None) -> np.ndarray:
     """Layer `layer`'s MoE FFN of h (T, n_embd). on_route(layer, ids, weights, probs):
     called with each routing decision (the chosen experts, their weights, every
     expert's router probability; for traces)."""
-    router = store.get(f"blk.{layer}.ffn_gate_inp.weight")
-    ids, w, p = route(K.linear(h, router), cfg)
-    if on_route is not None:
-        on_route(layer, ids, w, p)
     streamed = hasattr(experts, "prefetch")
-    decode = h.shape[0] == 1
-    if streamed:
-        experts.begin_layer(layer, ids, p, pin=decode)
-        if decode and experts.prefetching and layer + 1 < cfg.n_layer:
-            # the next layer's router on this layer's input (mixtral-offloading's speculative
-            # loading): its reads run while this layer's experts compute
-            nxt = store.get(f"blk.{layer + 1}.ffn_gate_inp.weight")
-            experts.prefetch(layer + 1, route(K.linear(h, nxt), cfg)[0][0])
-    out = np.zeros((h.shape[0], cfg.n_embd), dtype=np.float32)
-    if decode:  # one token: its experts in one compiled call
-        from ..kernels_cpu import F16_TABLE
-        from ..kernels_cpu import decode as D
-
-        buf, offs = experts.locate(layer, ids[0])
-        shapes, qts = part_layout([store.get(f"blk.{layer}.{p}.weight") for p in PARTS])
-        x = np.ascontiguousarray(h[0], dtype=np.float32)
-        D.moe_decode(buf, offs, shapes, qts, x, w[0], gelu, F16_TABLE, numba.get_num_threads(),
-                     np.arange(max(shapes[0, 0], cfg.n_embd), dtype=np.int64), out[0])
-        ids = ids[:0]  # done
-    for e in np.unique(ids).tolist():
-        tok, slot = np.nonzero(ids == e)
-        y = expert_ffn(np.ascontiguousarray(h[tok]), *experts.get(layer, e), gelu=gelu)
-        out[tok] += w[tok, slot][:, None] * y
-    if streamed:
-        experts.end_layer(layer)
+    if h.shape[0] == 1:
+        out = _moe_decode(store, experts, cfg, layer, h, gelu, on_route, streamed)
+    else:
+        router = store.get(f"blk.{layer}.ffn_gate_inp.weight")
+        ids, w, p = route(K.linear(h, router), cfg)
+        if on_route is not None:
+            on_route(layer, ids, w, p)
+        if streamed:
+            experts.begin_layer(layer, ids, p, pin=False)
+        out = np.zeros((h.shape[0], cfg.n_embd), dtype=np.float32)
+        for e in np.unique(ids).tolist():
+            tok, slot = np.nonzero(ids == e)
+            y = expert_ffn(np.ascontiguousarray(h[tok]), *experts.get(layer, e), gelu=gelu)
+            out[tok] += w[tok, slot][:, None] * y
+        if streamed:
+            experts.end_layer(layer)
     if cfg.n_ff_shexp:  # the shared expert, every token
         s = store.get
         y = expert_ffn(h, s(f"blk.{layer}.ffn_gate_shexp.weight"), s(f"blk.{layer}.ffn_up_shexp.weight"),
@@ -128,4 +139,26 @@ def moe_ffn(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool = False, 
         if gate is not None:
             y *= np.float32(1.0) / (np.float32(1.0) + np.exp(-(h @ gate)))[:, None]
         out += y
+    return out
+
+
+def _moe_decode(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool, on_route, streamed: bool) -> np.ndarray:
+    """One token's routed experts: routing and the experts' FFNs in two compiled calls."""
+    x = np.ascontiguousarray(h[0], dtype=np.float32)
+    ids, w, p = route_one(store, cfg, layer, x)
+    if on_route is not None:
+        on_route(layer, ids[None], w[None], p[None])
+    if streamed:
+        experts.begin_layer(layer, ids[None], p[None], pin=True)
+    buf, offs = experts.locate(layer, ids)  # this layer's misses read (first: they are waited for)
+    if streamed and experts.prefetching and layer + 1 < cfg.n_layer:
+        # the next layer's router on this layer's input (mixtral-offloading's speculative
+        # loading): its reads run while this layer's experts compute
+        experts.prefetch(layer + 1, route_one(store, cfg, layer + 1, x)[0])
+    shapes, qts = experts.layout(layer)
+    out = np.zeros((1, cfg.n_embd), dtype=np.float32)
+    D.moe_decode(buf, offs, shapes, qts, x, w, gelu, F16_TABLE, numba.get_num_threads(),
+                 _all_rows(max(shapes[0, 0], cfg.n_embd)), out[0])
+    if streamed:
+        experts.end_layer(layer)
     return out

@@ -1,19 +1,26 @@
 """Experts streamed from the file into a byte-budgeted cache, with prefetch.
 
-Expert e of layer N is one contiguous byte range in each of blk.N.ffn_{gate,up,down}_exps;
-a miss reads the three through the shared I/O engine (direct I/O, parallel preads) into
-one cache slot. `prefetch(layer, ids)` issues a layer's reads on a background thread
-while the current layer computes; `get` waits for a read still in flight.
+Expert e of layer N is one contiguous byte range in each of blk.N.ffn_{gate,up,down}_exps.
+The first streamed run writes the experts' bundle (bundle.py: each expert's three slices
+in one 4 KiB-aligned record), and a miss is then one direct read of its record straight
+into its cache slot, all of a layer's misses in parallel through the shared I/O engine.
+(Where the bundle cannot be written, a miss reads the three ranges from the GGUF.)
+
+`prefetch(layer, ids)` starts reading a layer's predicted experts while the current layer
+computes: from the bundle, as posix_fadvise(WILLNEED) hints that the kernel reads ahead
+asynchronously, copied into their slots (and the pages dropped) when the layer needs
+them; otherwise on the engine's threads. `locate` waits for whatever is still in flight.
 
 Statistics per layer: hits, misses, bytes read; for prefetch, the experts predicted and
-how many the router then chose (precision and recall), and the read time the main
-thread did not wait for (the I/O hidden behind compute).
+how many the router then chose (precision and recall); the seconds the decode waited for
+expert reads, and (thread prefetch) the read time it did not wait for.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +28,8 @@ import numpy as np
 from ..cache import SlotCache
 from ..flashload.io import ReadEngine
 from ..runtime.modelfile import TensorRef
-from .moe import PARTS
+from .bundle import HEADER, ensure_bundle, part_sizes, record_bytes
+from .moe import PARTS, part_layout
 
 
 @dataclass
@@ -43,16 +51,29 @@ class StreamedExperts:
     """An ExpertSource (see moe.py) that reads experts on demand into a SlotCache."""
 
     def __init__(self, model_file, cfg, n_slots: int, policy: str = "lru", prefetch: bool = True,
-                 io_threads: int = 8, direct: bool = True):
+                 io_threads: int = 8, direct: bool = True, bundle: bool = True):
         self.cfg = cfg
         self.stacks = [[model_file.tensors[f"blk.{i}.{p}.weight"] for p in PARTS] for i in range(cfg.n_layer)]
-        sizes = [t.data.shape[0] // cfg.n_expert * t.data.shape[1] for t in self.stacks[0]]
-        self.part_bytes = sizes
-        self.cache = SlotCache(n_slots, sum(sizes), policy)
-        self.engine = ReadEngine(model_file.path, n_threads=io_threads, direct=direct)
+        self.part_bytes = part_sizes(model_file, cfg)
+        self._layout = part_layout(self.stacks[0])  # every layer's experts are alike (as the cache's slots)
+        self.bundle = None  # the bundle file (bundle.py): one aligned read per expert, straight into its slot
+        if bundle:
+            try:
+                self.bundle = ensure_bundle(model_file, cfg)
+            except OSError as e:
+                print(f"flashlm: warning: experts stream from the GGUF's stacked tensors (3 reads each): could not "
+                      f"write their bundle ({e})", file=sys.stderr)
+        self.cache = SlotCache(n_slots, record_bytes(self.part_bytes), policy)
+        self._hint_fd = -1  # the bundle opened through the page cache, for prefetch hints
+        if self.bundle is not None:
+            self.engine = ReadEngine(self.bundle, n_threads=io_threads, direct=direct, max_gap=0)
+            if prefetch and hasattr(os, "posix_fadvise"):
+                self._hint_fd = os.open(self.bundle, os.O_RDONLY)
+        else:
+            self.engine = ReadEngine(model_file.path, n_threads=io_threads, direct=direct)
         self.prefetching = prefetch
-        self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlm-prefetch") if prefetch else None
-        self.pending: dict = {}  # key -> Future of its read
+        self.pending: dict = {}  # key -> futures of its reads
+        self._batches: list = []  # (submit time, futures) of prefetches not yet accounted
         self._pins: set[int] = set()  # slots of the current layer's chosen experts
         self.predicted: dict[int, set] = {}
         self.stats = [LayerStats() for _ in range(cfg.n_layer)]
@@ -62,40 +83,85 @@ class StreamedExperts:
     # -- ExpertSource -----------------------------------------------------------------
 
     def get(self, layer: int, e: int) -> tuple[TensorRef, TensorRef, TensorRef]:
-        return self._refs(layer, e, self._slot(layer, e))
+        s = self._load(layer, [e])[0]
+        return self._refs(layer, e, s)
 
     def locate(self, layer: int, ids) -> tuple[np.ndarray, np.ndarray]:
         """(the cache's pool, (k, 3) byte offsets of experts ids' gate, up and down in it),
-        loading the ones not cached; they stay pinned until end_layer."""
+        loading the ones not cached (all their reads at once); they stay pinned until
+        end_layer."""
         item, (g, u, _) = self.cache.item_bytes, self.part_bytes
-        offs = np.empty((len(ids), 3), dtype=np.int64)
-        for j, e in enumerate(ids):
-            s = self._slot(layer, int(e))
-            self._pins.add(s)
-            self.cache.pinned.add(s)
-            offs[j] = (s * item, s * item + g, s * item + g + u)
-        return self.cache.pool.reshape(-1), offs
+        slots = np.array(self._load(layer, [int(e) for e in ids], pin=True), dtype=np.int64) * item
+        return self.cache.pool.reshape(-1), np.stack([slots, slots + g, slots + g + u], axis=1)
 
-    def _slot(self, layer: int, e: int) -> int:
-        """The slot holding expert e of layer (read now if it is not cached)."""
-        key = (layer, e)
-        st = self.stats[layer]
-        fut = self.pending.pop(key, None)
-        if fut is not None:  # prefetched: wait for the read if it is still in flight
+    def layout(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """((3, 2) rows and row bytes of one expert's gate, up, down; (3,) their types)."""
+        return self._layout
+
+    def _load(self, layer: int, ids: list[int], pin: bool = False) -> list[int]:
+        """The slots holding layer's experts ids: prefetched ones waited for, missing ones
+        read now, in one batch of parallel reads. pin: keep them until end_layer."""
+        st, cache = self.stats[layer], self.cache
+        slots, missing = [], []
+        for e in ids:
+            key = (layer, e)
+            if key in self.pending:  # prefetched: wait for its reads if still in flight
+                self._reap(key)
+            s = cache.lookup(key)
+            if s is None:
+                st.misses += 1
+                s = cache.insert(key)
+                missing.append((e, s))
+            else:
+                st.hits += 1
+            if pin or missing and missing[-1][1] == s:  # nor is a slot this call fills
+                cache.pinned.add(s)
+                if pin:
+                    self._pins.add(s)
+            slots.append(s)
+        if missing:
             t0 = time.perf_counter()
-            fut.result()
-            self.wait_s += time.perf_counter() - t0
-            self.cache.pinned.discard(self.cache.slot_of[key])
-        s = self.cache.lookup(key)
-        if s is None:
-            st.misses += 1
-            s = self.cache.insert(key)
-            t0 = time.perf_counter()
-            self._read(layer, e, s)
-            self.wait_s += time.perf_counter() - t0
+            for f in set(self._submit(layer, missing)):
+                f.result()
+            dt = time.perf_counter() - t0
+            self.io_s += dt
+            self.wait_s += dt
+            if not pin:
+                cache.pinned.difference_update(s for _, s in missing)
+        return slots
+
+    def _reap(self, key) -> None:
+        """Wait for a prefetched expert's reads; it becomes an ordinary cached one."""
+        futs = self.pending.pop(key)
+        t0 = time.perf_counter()
+        if isinstance(futs, int):  # hinted: its record is in (or on its way to) the page cache
+            rec, slot = self.cache.item_bytes, self.cache.pool[self.cache.slot_of[key]]
+            if os.preadv(self._hint_fd, [slot], futs) != rec:
+                raise OSError(f"{self.bundle}: short read at offset {futs}; is the file truncated?")
+            os.posix_fadvise(self._hint_fd, futs, rec, os.POSIX_FADV_DONTNEED)  # the page cache keeps nothing
         else:
-            st.hits += 1
-        return s
+            for f in futs:
+                f.result()
+        self.wait_s += time.perf_counter() - t0
+        self.cache.pinned.discard(self.cache.slot_of[key])
+
+    def _submit(self, layer: int, experts: list[tuple[int, int]]) -> list:
+        """Start the reads of experts [(e, slot)] into their slots; the futures of their
+        ranges (one per expert from the bundle, else gate, up and down in turn)."""
+        ranges, outs = [], []
+        pool, rec = self.cache.pool, self.cache.item_bytes
+        for e, s in experts:
+            if self.bundle is not None:
+                ranges.append((HEADER + (layer * self.cfg.n_expert + e) * rec, rec))
+                outs.append(pool[s])
+                continue
+            o = 0
+            for t, n in zip(self.stacks[layer], self.part_bytes):
+                ranges.append((t.offset + e * n, n))
+                outs.append(pool[s, o:o + n])
+                o += n
+        self.stats[layer].bytes_read += sum(n for _, n in ranges)
+        return self.engine.submit(ranges, outs)
 
     def begin_layer(self, layer: int, chosen: np.ndarray, probs: np.ndarray, pin: bool = True) -> None:
         """The router chose `chosen` (T, k) for this layer; probs (T, n_expert) feed the
@@ -115,40 +181,60 @@ class StreamedExperts:
             self.cache.observe([(layer, e) for e in range(probs.shape[1])], probs.mean(axis=0))
 
     def prefetch(self, layer: int, ids) -> None:
-        """Start reading layer's experts `ids` (those not cached or in flight)."""
-        if self._bg is None:
+        """Start reading layer's experts `ids` (those not cached or in flight), in
+        parallel, while the caller computes."""
+        if not self.prefetching:
             return
         ids = set(int(e) for e in ids)
         self.predicted[layer] = ids
+        new = []
         for e in sorted(ids):
             key = (layer, e)
             if key in self.cache or key in self.pending:
                 continue
             s = self.cache.insert(key)
             self.cache.pinned.add(s)  # not evicted before the layer uses (or drops) it
-            self.pending[key] = self._bg.submit(self._read, layer, e, s)
+            new.append((e, s))
+        if not new:
+            return
+        if self._hint_fd >= 0:
+            # the kernel reads the records ahead (posix_fadvise WILLNEED: asynchronous, no
+            # thread of ours wakes to finish them); the layer copies them into their slots
+            # and drops the pages. Threads finishing reads preempt the decode's threads on a
+            # small machine: measured on 2 cores, thread prefetch cost more than it hid.
+            rec = self.cache.item_bytes
+            for e, _ in new:
+                off = HEADER + (layer * self.cfg.n_expert + e) * rec
+                os.posix_fadvise(self._hint_fd, off, rec, os.POSIX_FADV_WILLNEED)
+                self.pending[(layer, e)] = off
+            self.stats[layer].bytes_read += len(new) * rec
+            return
+        t0 = time.perf_counter()
+        futs = self._submit(layer, new)
+        per = len(futs) // len(new)  # ranges per expert
+        for i, (e, _) in enumerate(new):  # each expert waits for the reads of its ranges
+            self.pending[(layer, e)] = set(futs[per * i:per * (i + 1)])
+        self._batches.append((t0, set(futs)))
 
     def end_layer(self, layer: int) -> None:
         """Unpin this layer's experts, and the prefetched ones its router did not choose."""
         self.cache.pinned -= self._pins
         self._pins = set()
         for key in [k for k in self.pending if k[0] == layer]:
-            self.pending.pop(key).result()
-            self.cache.pinned.discard(self.cache.slot_of[key])
+            self._reap(key)
+        self._account()
+
+    def _account(self) -> None:
+        """Add the wall time of finished prefetch batches to io_s (submit to last read)."""
+        keep = []
+        for t0, futs in self._batches:
+            if all(f.done() for f in futs):
+                self.io_s += max(f.result() for f in futs) - t0
+            else:
+                keep.append((t0, futs))
+        self._batches = keep
 
     # -- internals ----------------------------------------------------------------------
-
-    def _read(self, layer: int, e: int, s: int) -> None:
-        slot = self.cache.pool[s]
-        ranges, outs, o = [], [], 0
-        for t, n in zip(self.stacks[layer], self.part_bytes):
-            ranges.append((t.offset + e * n, n))
-            outs.append(slot[o:o + n])
-            o += n
-        t0 = time.perf_counter()
-        self.engine.read_ranges(ranges, outs)
-        self.io_s += time.perf_counter() - t0
-        self.stats[layer].bytes_read += sum(self.part_bytes)
 
     def _refs(self, layer: int, e: int, s: int) -> tuple[TensorRef, TensorRef, TensorRef]:
         slot, o, out = self.cache.pool[s], 0, []
@@ -168,13 +254,14 @@ class StreamedExperts:
         chosen = sum(s.chosen for s in layers)
         return dict(layers=layers, hits=sum(s.hits for s in layers), misses=sum(s.misses for s in layers),
                     bytes_read=sum(s.bytes_read for s in layers), io_s=io, wait_s=wait,
-                    hidden=1.0 - wait / io if io > 0 else 0.0,
+                    hidden=1.0 - wait / io if io > 0 and self._hint_fd < 0 else None,
                     precision=used / pred if pred else None, recall=used / chosen if chosen else None)
 
     def close(self) -> None:
-        if self._bg is not None:
-            self._bg.shutdown(wait=True)
         self.engine.close()
+        if self._hint_fd >= 0:
+            os.close(self._hint_fd)
+            self._hint_fd = -1
 
 
 @dataclass
@@ -186,7 +273,7 @@ class ExpertPlan:
     resident: int
     kv: int
     buffers: int
-    expert_bytes: int  # one expert's gate, up and down slices
+    expert_bytes: int  # one expert's cache slot: its gate, up and down slices, 4 KiB-aligned
     n_slots: int  # experts the cache holds
     n_experts: int  # experts in the model (all layers)
     minimum: int
@@ -219,7 +306,7 @@ def plan_experts(model_file, cfg, budget: int, n_ctx: int, tokenizer: int, prefe
 
     stacked = {f"blk.{i}.{p}.weight" for i in range(cfg.n_layer) for p in PARTS}
     resident = sum(t.nbytes for t in model_file.tensors.values() if t.name not in stacked)
-    expert = sum(model_file.tensors[f"blk.0.{p}.weight"].nbytes for p in PARTS) // cfg.n_expert
+    expert = record_bytes(part_sizes(model_file, cfg))  # a cache slot: one bundle record
     kv = n_ctx * cfg.kv_bytes_per_token // 2
     buffers = tokenizer + io_threads * max_read + 8 * cfg.n_vocab + SLACK + resident // 100
     fixed = resident + kv + buffers

@@ -21,7 +21,7 @@ import mmap
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -123,6 +123,8 @@ class ReadEngine:
     def _read_one(self, start: int, length: int, members: list[int], ranges, outs) -> None:
         end = min(start + length, _round_up(self.size)) if self.direct else min(start + length, self.size)
         n = end - start
+        if len(members) == 1 and self._straight(start, n, ranges[members[0]], outs[members[0]]):
+            return time.perf_counter()
         stage = self._staging(n)[:n]
         got = 0
         while got < n:  # preadv may return short counts; at EOF it returns 0
@@ -138,10 +140,14 @@ class ReadEngine:
             if a + ln > got:
                 raise OSError(f"{self.path}: short read at offset {off} ({got - a} of {ln} bytes); is the file truncated?")
             outs[i][:ln] = stage[a:a + ln]
+        if not self.direct:  # keep the page cache from holding (and hiding) what we stream
+            os.posix_fadvise(self.fd, start, n, os.POSIX_FADV_DONTNEED)
+        return time.perf_counter()
 
-    def read_ranges(self, ranges: list[tuple[int, int]], outs: list[np.ndarray]) -> None:
-        """Fill outs[i][:n_i] with the file's bytes [off_i, off_i + n_i)."""
-        t0 = time.perf_counter()
+    def submit(self, ranges: list[tuple[int, int]], outs: list[np.ndarray]) -> list[Future]:
+        """Start filling outs[i][:n_i] with the file's bytes [off_i, off_i + n_i). Returns
+        range i's future (ranges coalesced into one read share it), done when its bytes
+        are in outs; its result is the time.perf_counter() at which the read finished."""
         for off, n in ranges:
             if off < 0 or n < 0 or off + n > self.size:
                 raise ValueError(f"range ({off}, {n}) is outside {self.path} ({self.size} bytes)")
@@ -150,18 +156,43 @@ class ReadEngine:
         else:
             a = ALIGN if self.direct else 1
             reads = [(off // a * a, _round_up(off + n, a) - off // a * a, [i]) for i, (off, n) in enumerate(ranges)]
-        jobs = [self.pool.submit(self._read_one, s, n, m, ranges, outs) for s, n, m in reads]
-        for j in jobs:
-            j.result()
-        if not self.direct:  # keep the page cache from holding (and hiding) what we stream
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        dt = time.perf_counter() - t0
         st = self.stats
         st.requests += len(ranges)
         st.reads += len(reads)
         st.bytes_requested += sum(n for _, n in ranges)
         st.bytes_read += sum(n for _, n, _ in reads)
-        st.seconds += dt
+        futs = [None] * len(ranges)
+        for s, n, m in reads:
+            f = self.pool.submit(self._read_one, s, n, m, ranges, outs)
+            for i in m:
+                futs[i] = f
+        return futs
+
+    def _straight(self, start: int, n: int, rng, out: np.ndarray) -> bool:
+        """Read one range straight into its buffer, with no staging copy, where it can be:
+        for direct I/O the range and the buffer must be page-aligned (a bundle record into
+        its cache slot). False if it cannot."""
+        off, ln = rng
+        if off != start or ln != n or out.shape[0] < n:
+            return False
+        if self.direct and (n % ALIGN or out.ctypes.data % ALIGN):
+            return False
+        got = 0
+        while got < n:
+            k = os.preadv(self.fd, [out[got:n]], start + got)
+            if k <= 0:
+                raise OSError(f"{self.path}: short read at offset {start} ({got} of {n} bytes); is the file truncated?")
+            got += k
+        if not self.direct:
+            os.posix_fadvise(self.fd, start, n, os.POSIX_FADV_DONTNEED)
+        return True
+
+    def read_ranges(self, ranges: list[tuple[int, int]], outs: list[np.ndarray]) -> None:
+        """Fill outs[i][:n_i] with the file's bytes [off_i, off_i + n_i), waiting."""
+        t0 = time.perf_counter()
+        for f in set(self.submit(ranges, outs)):
+            f.result()
+        self.stats.seconds += time.perf_counter() - t0
 
     def reset_stats(self) -> IOStats:
         old, self.stats = self.stats, IOStats()

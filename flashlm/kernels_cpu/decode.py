@@ -14,9 +14,9 @@ Inputs are packed by runtime/fused.py:
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from .qdot import f16_bits, matvec_rows, quantize_q8_serial, round_f16
+from .qdot import _quantize_q8_token, f16_bits, matvec_rows, quantize_q8_serial, round_f16, rows4
 from .quants import _BF16, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q4_K, _Q5_K, _Q6_K, dequant_row, h2f
 
 SLOTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -362,26 +362,160 @@ def _head(x, arena, mats, qt, vecs, ip, fp, lut, all_rows, logits):
             logits[i] = np.float32(np.tanh(logits[i] / c)) * c
 
 
+@njit(inline="always")
+def _prep(qtype, x, t, xr, xq, xd, xs, isum):
+    """Row t of x (T, n) in the form a matvec on qtype's weights reads: quantized to 8
+    bits with the format's activation block (xq, xd, xs, isum), or for float formats
+    rounded as llama.cpp rounds it (xr)."""
+    block = _act_block(qtype)
+    if block:
+        _quantize_q8_token(x, t, block, xq, xd, xs, isum)
+        return
+    for i in range(x.shape[1]):
+        if qtype == _F16:
+            xr[t, i] = round_f16(x[t, i])
+        elif qtype == _BF16:
+            b = np.array([x[t, i]]).view(np.uint32)
+            b[0] = (b[0] + np.uint32(0x7FFF) + ((b[0] >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+            xr[t, i] = b.view(np.float32)[0]
+        else:
+            xr[t, i] = x[t, i]
+
+
+@njit(inline="always")
+def _n_blocks(qtype, n):
+    block = _act_block(qtype)
+    return n // block if block else 0
+
+
+@njit(inline="always")
+def _n_sums(qtype, n):
+    block = _act_block(qtype)
+    return n // 16 if block == 256 else (n // block if block else 0)
+
+
 @njit(nogil=True, cache=True)
+def moe_route(w, qtype, x, sigmoid, norm, scale, lut, all_rows, ids, wts, p):
+    """One token's routing, as experts/moe.route: p = softmax (or sigmoid) of the router
+    W (n_expert, row_bytes) times x; ids (k,) the k most probable experts, best first
+    (ties: the lower id); wts their probabilities, / their sum if norm, * scale if set."""
+    n = w.shape[0]
+    _mv(qtype, w, x, p, lut, 1, all_rows)
+    if sigmoid:
+        for i in range(n):
+            p[i] = np.float32(1.0) / (np.float32(1.0) + np.float32(np.exp(-p[i])))
+    else:
+        m = p[0]
+        for i in range(1, n):
+            m = max(m, p[i])
+        tot = np.float32(0.0)
+        for i in range(n):
+            p[i] = np.float32(np.exp(p[i] - m))
+            tot += p[i]
+        for i in range(n):
+            p[i] = p[i] / tot
+    order = np.argsort(-p, kind="mergesort")
+    tot = np.float32(0.0)
+    for j in range(ids.shape[0]):
+        ids[j] = order[j]
+        wts[j] = p[order[j]]
+        tot += wts[j]
+    if norm:
+        d = max(tot, np.float32(6.103515625e-5))  # llama.cpp's clamp
+        for j in range(ids.shape[0]):
+            wts[j] = wts[j] / d
+    if scale != 0.0:
+        for j in range(ids.shape[0]):
+            wts[j] = wts[j] * np.float32(scale)
+
+
+@njit(nogil=True, cache=True, parallel=True)
 def moe_decode(buf, offs, shapes, qts, x, w, gelu, lut, nt, all_rows, out):
     """out += sum_j w[j] * down_j(act(gate_j x) * up_j x): one token's routed experts in one
     call. Expert j's gate, up and down matrices start at byte offsets offs[j] of buf;
-    shapes[p] = (rows, row_bytes) and qts[p] = GGML type of part p (gate, up, down)."""
+    shapes[p] = (rows, row_bytes) and qts[p] = GGML type of part p (gate, up, down).
+
+    Three parallel loops, not three per expert: every expert's gate and up rows, then
+    each expert's activation (quantized for down's type), then each output row summed
+    over the experts in order (as adding each expert's down product to out would)."""
+    k = offs.shape[0]
+    n_in = x.shape[0]
     n_ff = shapes[0, 0]
-    g = np.empty(n_ff, dtype=np.float32)
-    u = np.empty(n_ff, dtype=np.float32)
-    y = np.empty(out.shape[0], dtype=np.float32)
-    for j in range(offs.shape[0]):
-        _mv(qts[0], _part(buf, offs[j, 0], shapes[0]), x, g, lut, nt, all_rows)
-        _mv(qts[1], _part(buf, offs[j, 1], shapes[1]), x, u, lut, nt, all_rows)
+    n_out = shapes[2, 0]
+    # x as gate (0) and up (1) read it
+    xx = np.empty((2, n_in), dtype=np.float32)
+    xx[0] = x
+    xx[1] = x
+    xr = np.empty((2, n_in), dtype=np.float32)
+    xq = np.empty((2, n_in), dtype=np.int8)
+    xd = np.empty((2, n_in // 32 + 1), dtype=np.float32)
+    xs = np.empty((2, n_in // 32 + 1), dtype=np.float32)
+    xi = np.empty((2, n_in // 16 + 1), dtype=np.int32)
+    for p in range(2):
+        _prep(qts[p], xx, p, xr, xq, xd, xs, xi)
+    nb0, nb1 = _n_blocks(qts[0], n_in), _n_blocks(qts[1], n_in)
+    ns0, ns1 = _n_sums(qts[0], n_in), _n_sums(qts[1], n_in)
+    gu = np.empty((2, k, n_ff), dtype=np.float32)
+    groups = (n_ff + 3) // 4
+    tasks = 2 * k * groups
+    n_chunks = max(1, min(tasks, 4 * nt))
+    step = (tasks + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        r4 = np.empty(4, dtype=np.int64)
+        p4 = np.empty(4, dtype=np.int64)
+        o4 = np.empty(4, dtype=np.float32)
+        scratch = np.empty(n_in, dtype=np.float32)
+        for t in range(c * step, min(tasks, (c + 1) * step)):
+            p = t // (k * groups)
+            j = t // groups % k
+            i0 = 4 * (t % groups)
+            for q in range(4):
+                r4[q] = min(i0 + q, n_ff - 1)
+                p4[q] = min(i0 + 4 + q, n_ff - 1)
+            qt = qts[p]
+            nb = nb0 if p == 0 else nb1
+            ns = ns0 if p == 0 else ns1
+            rows4(qt, _part(buf, offs[j, p], shapes[p]), r4, p4, xr[p], xq[p], xd[p, :nb], xs[p, :nb],
+                  xi[p, :ns], o4, scratch, lut, _act_block(qt) == 0)
+            for q in range(min(4, n_ff - i0)):
+                gu[p, j, i0 + q] = o4[q]
+    # each expert's activation, as down reads it
+    qd = qts[2]
+    a = np.empty((k, n_ff), dtype=np.float32)
+    ar = np.empty((k, n_ff), dtype=np.float32)
+    aq = np.empty((k, n_ff), dtype=np.int8)
+    ad = np.empty((k, n_ff // 32 + 1), dtype=np.float32)
+    as_ = np.empty((k, n_ff // 32 + 1), dtype=np.float32)
+    ai = np.empty((k, n_ff // 16 + 1), dtype=np.int32)
+    for j in prange(k):
         for i in range(n_ff):
-            gi = g[i]
-            a = _gelu(gi) if gelu else gi / (np.float32(1.0) + np.float32(np.exp(-gi)))
-            g[i] = a * u[i]
-        _mv(qts[2], _part(buf, offs[j, 2], shapes[2]), g, y, lut, nt, all_rows)
-        wj = w[j]
-        for i in range(out.shape[0]):
-            out[i] += wj * y[i]
+            gi = gu[0, j, i]
+            act = _gelu(gi) if gelu else gi / (np.float32(1.0) + np.float32(np.exp(-gi)))
+            a[j, i] = act * gu[1, j, i]
+        _prep(qd, a, j, ar, aq, ad, as_, ai)
+    nbd, nsd = _n_blocks(qd, n_ff), _n_sums(qd, n_ff)
+    groups = (n_out + 3) // 4
+    n_chunks = max(1, min(groups, 4 * nt))
+    step = (groups + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        r4 = np.empty(4, dtype=np.int64)
+        p4 = np.empty(4, dtype=np.int64)
+        o4 = np.empty(4, dtype=np.float32)
+        acc = np.empty(4, dtype=np.float32)
+        scratch = np.empty(n_ff, dtype=np.float32)
+        for g in range(c * step, min(groups, (c + 1) * step)):
+            i0 = 4 * g
+            for q in range(4):
+                r4[q] = min(i0 + q, n_out - 1)
+                p4[q] = min(i0 + 4 + q, n_out - 1)
+                acc[q] = out[r4[q]]
+            for j in range(k):
+                rows4(qd, _part(buf, offs[j, 2], shapes[2]), r4, p4, ar[j], aq[j], ad[j, :nbd], as_[j, :nbd],
+                      ai[j, :nsd], o4, scratch, lut, nbd == 0)
+                for q in range(4):
+                    acc[q] += w[j] * o4[q]
+            for q in range(min(4, n_out - i0)):
+                out[i0 + q] = acc[q]
 
 
 @njit(inline="always")

@@ -260,6 +260,27 @@ def _float_row(qtype, row, x, scratch, lut):
     return acc
 
 
+@njit(inline="always")
+def rows4(qtype, w, r4, p4, x, xq, xd, xs, isum, o4, scratch, lut, use_float):
+    """o4[k] = W[r4[k]] . x for 4 rows (p4: the rows computed next, fetched meanwhile);
+    the arguments as matvec_rows'."""
+    if use_float:
+        for k in range(4):
+            o4[k] = _float_row(qtype, w[r4[k]], x, scratch, lut)
+    elif qtype == _Q4_K or qtype == _Q5_K:
+        for k in range(4):
+            o4[k] = _vrow_q45_k(qtype, w[r4[k]], w[p4[k]], xq, xd, isum, lut)
+    elif qtype == _Q6_K:
+        for k in range(4):
+            o4[k] = _vrow_q6_k(w[r4[k]], w[p4[k]], xq, xd, isum, lut)
+    elif qtype == _Q4_0 or qtype == _Q4_1 or qtype == _Q5_0 or qtype == _Q5_1 or qtype == _Q8_0:
+        for k in range(4):
+            o4[k] = _vrow_legacy(qtype, w[r4[k]], w[p4[k]], xq, xd, xs, isum, lut)
+    else:
+        for k in range(4):
+            o4[k] = _float_row(qtype, w[r4[k]], x, scratch, lut)
+
+
 @njit(nogil=True, cache=True, parallel=True)
 def matvec_rows(qtype, w, rows, x, xq, xd, xs, isum, out, lut, n_chunks, use_float):
     """out[i] = W[rows[i]] . x for a GGML-typed weight w (n_rows, row_bytes) uint8.
@@ -282,21 +303,7 @@ def matvec_rows(qtype, w, rows, x, xq, xd, xs, isum, out, lut, n_chunks, use_flo
             for k in range(4):  # the last group repeats its last row
                 r4[k] = rows[min(i0 + k, n - 1)]
                 p4[k] = rows[min(i0 + 4 + k, n - 1)]  # the next group's rows, to prefetch
-            if use_float:
-                for k in range(4):
-                    o4[k] = _float_row(qtype, w[r4[k]], x, scratch, lut)
-            elif qtype == _Q4_K or qtype == _Q5_K:
-                for k in range(4):
-                    o4[k] = _vrow_q45_k(qtype, w[r4[k]], w[p4[k]], xq, xd, isum, lut)
-            elif qtype == _Q6_K:
-                for k in range(4):
-                    o4[k] = _vrow_q6_k(w[r4[k]], w[p4[k]], xq, xd, isum, lut)
-            elif qtype == _Q4_0 or qtype == _Q4_1 or qtype == _Q5_0 or qtype == _Q5_1 or qtype == _Q8_0:
-                for k in range(4):
-                    o4[k] = _vrow_legacy(qtype, w[r4[k]], w[p4[k]], xq, xd, xs, isum, lut)
-            else:
-                for k in range(4):
-                    o4[k] = _float_row(qtype, w[r4[k]], x, scratch, lut)
+            rows4(qtype, w, r4, p4, x, xq, xd, xs, isum, o4, scratch, lut, use_float)
             for k in range(min(4, n - i0)):
                 out[i0 + k] = o4[k]
 
