@@ -2,13 +2,13 @@
 disk into a cache of 25%, 50% and 75% of them, against all experts resident, no cache,
 each policy, and the best policy with prefetch; llama.cpp's tok/s on the same GGUF beside.
 
-    python benchmarks/bench_experts.py [-m MOE.gguf] [--fractions 0.25,0.5,0.75] [-n 64] [--repeat 3]
+    python benchmarks/bench_experts.py [-m MOE.gguf] [--fractions 0.25,0.5,0.75] [-n 256] [--repeat 3]
 
 Default model: the synthetic MoE (make_synthetic.py --moe; written if missing), random
 weights and a random router, so tokens spread over experts about uniformly: a worst case
 for any cache. Decoding is fed the tokens of tests/data/eval_text.txt (teacher forcing).
 Each row runs in a fresh process (its memory plan measured as a user's run would be),
---repeat times; the run with the median tok/s is shown. Expert misses are direct reads;
+once per round, for --repeat rounds; the run with the median tok/s is shown. Expert misses are direct reads;
 prefetch is read-ahead hints (experts/store.py). Columns per decoded token (the first
 --skip dropped): tok/s (median over tokens), cache hit rate, MB read, ms the decode
 waited for expert reads, prefetch precision and recall, and I/O hidden: the share of
@@ -28,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "eval_text.txt"
-N_CTX = 256
+N_CTX = 512
+POLICIES = ("lru", "lfu", "score")
 
 ROW = """
 import json, sys, time, statistics
@@ -36,9 +37,9 @@ import numpy as np
 import flashlm
 path, budget, opts, n, skip = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 if budget < 0:  # -N: a budget for N cache slots, from this process's own plan (its tokenizer measured once)
-    with flashlm.load(path, n_ctx=256, memory_budget=1 << 45) as m0:
+    with flashlm.load(path, n_ctx=512, memory_budget=1 << 45) as m0:
         budget = m0.plan.fixed + -budget * m0.plan.expert_bytes
-m = flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=budget or None, experts=opts or None)
+m = flashlm.load(path, n_ctx=512, n_threads=2, memory_budget=budget or None, experts=opts or None)
 tokens = m.tokenize(open(sys.argv[6]).read())
 m._prefill(tokens[:8])
 ex = m.model.experts
@@ -64,7 +65,7 @@ print("ROW " + json.dumps(out))
 
 LLAMA = """
 import sys, time, llama_cpp
-llm = llama_cpp.Llama(sys.argv[1], n_ctx=256, n_threads=2, n_threads_batch=2, verbose=False)
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False)
 toks = llm.tokenize(open(sys.argv[3]).read().encode())[:8 + int(sys.argv[2])]
 llm.eval(toks[:8])
 times = []
@@ -73,12 +74,6 @@ for t in toks[8:]:
 times.sort()
 print("ROW", 1 / times[len(times) // 2])
 """
-
-
-def row(path, budget: int, opts: dict, n: int, skip: int, repeat: int = 1) -> dict:
-    """The row's run with the median tok/s of `repeat` fresh processes."""
-    runs = sorted((_row(path, budget, opts, n, skip) for _ in range(repeat)), key=lambda r: r["tok_s"])
-    return runs[len(runs) // 2]
 
 
 def _row(path, budget: int, opts: dict, n: int, skip: int) -> dict:
@@ -97,7 +92,7 @@ def llama_cpp_tok_s(path, n: int) -> float:
 
 def plan_of(path) -> tuple[int, int, int]:
     """(fixed bytes, expert bytes, experts) of the model's plan with prefetch, in a fresh process."""
-    code = ("import sys, flashlm; m = flashlm.load(sys.argv[1], n_ctx=256, memory_budget=1 << 45); "
+    code = ("import sys, flashlm; m = flashlm.load(sys.argv[1], n_ctx=512, memory_budget=1 << 45); "
             "p = m.plan; print('ROW', p.fixed, p.expert_bytes, p.n_experts)")
     r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     return tuple(int(v) for v in [ln for ln in r.stdout.splitlines() if ln.startswith("ROW")][0].split()[1:])
@@ -111,8 +106,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-m", "--model", default=None, help="a MoE GGUF (default: the synthetic MoE)")
     ap.add_argument("--fractions", default="0.25,0.5,0.75", help="cache sizes as shares of all experts")
-    ap.add_argument("-n", "--n-gen", type=int, default=64)
-    ap.add_argument("--skip", type=int, default=8, help="first decoded tokens left out (cache warm-up)")
+    ap.add_argument("-n", "--n-gen", type=int, default=256)
+    ap.add_argument("--skip", type=int, default=32, help="first decoded tokens left out (cache warm-up)")
     ap.add_argument("--repeat", type=int, default=3, help="fresh processes per row; the median is shown")
     ap.add_argument("--honesty", action="store_true",
                     help="instead: peak RSS of a streamed run at half the experts against budget + an idle process")
@@ -135,25 +130,37 @@ def main(argv=None) -> int:
     print(f"\n{path.name}: {total} experts of {expert / 2**20:.2f} MiB, {k} routed per token and layer; "
           f"fixed part {fixed / 2**20:.0f} MiB; 2 threads, {args.n_gen} tokens (first {args.skip} skipped)\n")
     print(f"llama.cpp (mmap, page cache) on the same file: {llama_cpp_tok_s(path, args.n_gen):.2f} tok/s")
-    n, skip, rep = args.n_gen, args.skip, args.repeat
-    resident = row(path, 0, {}, n, skip, rep)
+    n, skip = args.n_gen, args.skip
+    fractions = [float(x) for x in args.fractions.split(",")]
+    configs = [("resident", 0, {}), ("nocache", -k, dict(policy="lru", prefetch=False))]
+    configs += [((f, p, pf), -int(f * total), dict(policy=p, prefetch=pf))
+                for f in fractions for pf in (False, True) for p in POLICIES]
+    # every row once per round, --repeat rounds: each row's runs sample the same stretches
+    # of this (noisy, shared) machine's time; the run with the median tok/s is shown
+    runs = {name: [] for name, _, _ in configs}
+    for i in range(args.repeat):
+        print(f"  round {i + 1}/{args.repeat}: {len(configs)} rows", file=sys.stderr, flush=True)
+        for name, budget, opts in configs:
+            runs[name].append(_row(path, budget, opts, n, skip))
+    med = {name: sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2] for name, rs in runs.items()}
+    resident, nocache = med["resident"], med["nocache"]
     print(f"all experts resident (flashlm): {resident['tok_s']:.2f} tok/s\n")
     print("| experts cached | configuration | tok/s | / resident | hit rate | MB read/token | read wait ms/token | "
           "prefetch precision | prefetch recall | I/O hidden |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    nocache = row(path, -k, dict(policy="lru", prefetch=False), n, skip, rep)
     _print("k slots", "no cache (every routed expert read)", nocache, resident)
-    for f in (float(x) for x in args.fractions.split(",")):
-        budget = -int(f * total)
-        runs = {p: row(path, budget, dict(policy=p, prefetch=False), n, skip, rep) for p in ("lru", "lfu", "score")}
-        for p, r in runs.items():
-            _print(f"{f:.0%}", p, r, resident)
-        best = max(runs, key=lambda p: runs[p]["hit"])
-        r = row(path, budget, dict(policy=best, prefetch=True), n, skip, rep)
-        r["hidden"] = 1 - r["wait_ms"] / runs[best]["wait_ms"] if runs[best]["wait_ms"] else None
-        _print(f"{f:.0%}", f"{best} + prefetch", r, resident)
-        print(f"|  | best + prefetch / no cache: {r['tok_s'] / nocache['tok_s']:.2f}x |  |  |  |  |  |  |  |  |",
-              flush=True)
+    for f in fractions:
+        alone = {p: med[(f, p, False)] for p in POLICIES}
+        for p in POLICIES:
+            _print(f"{f:.0%}", p, alone[p], resident)
+        best = max(POLICIES, key=lambda p: alone[p]["hit"])
+        for p in POLICIES:
+            r = med[(f, p, True)]
+            r["hidden"] = 1 - r["wait_ms"] / alone[p]["wait_ms"] if alone[p]["wait_ms"] else None
+            _print(f"{f:.0%}", f"{p} + prefetch" + (" (best policy)" if p == best else ""), r, resident)
+        r = med[(f, best, True)]
+        print(f"|  | best + prefetch: {r['tok_s'] / resident['tok_s']:.2f}x resident, "
+              f"{r['tok_s'] / nocache['tok_s']:.2f}x no cache |  |  |  |  |  |  |  |  |", flush=True)
     return 0
 
 
@@ -161,7 +168,7 @@ HONESTY = """
 import resource, sys, numpy as np, psutil, flashlm
 from flashlm.apps.profile import idle_rss
 idle = idle_rss(psutil.Process())
-m = flashlm.load(sys.argv[1], n_ctx=256, n_threads=2, memory_budget=int(sys.argv[2]), experts=dict(policy="lru"))
+m = flashlm.load(sys.argv[1], n_ctx=512, n_threads=2, memory_budget=int(sys.argv[2]), experts=dict(policy="lru"))
 toks = m.tokenize(open(sys.argv[4]).read())[:8 + int(sys.argv[3])]
 m._prefill(toks[:8])
 for pos, t in enumerate(toks[8:], start=8):

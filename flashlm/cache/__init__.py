@@ -72,15 +72,17 @@ class SlotCache:
         return s
 
     def _victim(self) -> int:
-        free = np.ones(self.n_slots, dtype=bool)
-        free[list(self.pinned)] = False
-        cand = np.flatnonzero(free)
-        if not len(cand):
+        """The slot to evict: the lowest key of the policy among slots not pinned; ties go
+        to the least recently used."""
+        key = self.last if self.policy == "lru" else self.uses if self.policy == "lfu" else self.slot_score
+        m = key.astype(np.float64)
+        if self.pinned:
+            m[list(self.pinned)] = np.inf
+        lo = m.min()
+        if lo == np.inf:
             raise RuntimeError("every cache slot is pinned: the plan gave fewer slots than one step uses")
-        if self.policy == "lru":
-            return int(cand[np.argmin(self.last[cand])])
-        first = self.uses[cand] if self.policy == "lfu" else self.slot_score[cand]
-        return int(cand[np.lexsort((self.last[cand], first))[0]])  # ties: the least recent
+        cand = np.flatnonzero(m == lo)
+        return int(cand[0]) if len(cand) == 1 else int(cand[np.argmin(self.last[cand])])
 
     def observe(self, keys, values) -> None:
         """Fold one observation per key into its score (policy "score")."""
