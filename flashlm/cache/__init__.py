@@ -87,7 +87,7 @@ class SlotCache:
     def observe(self, keys, values) -> None:
         """Fold one observation per key into its score (policy "score")."""
         d = self.decay
-        for k, v in zip(keys, values):
+        for k, v in zip(keys, values.tolist() if isinstance(values, np.ndarray) else values):
             s = self.score[k] = d * self.score[k] + (1.0 - d) * float(v)
             slot = self.slot_of.get(k)
             if slot is not None:

@@ -72,7 +72,8 @@ class StreamedExperts:
         else:
             self.engine = ReadEngine(model_file.path, n_threads=io_threads, direct=direct)
         self.prefetching = prefetch
-        self.pending: dict = {}  # key -> futures of its reads
+        self._keys = [[(i, e) for e in range(cfg.n_expert)] for i in range(cfg.n_layer)]
+        self.pending: dict = {}  # key -> futures of its reads (or its offset, hinted)
         self._batches: list = []  # (submit time, futures) of prefetches not yet accounted
         self._pins: set[int] = set()  # slots of the current layer's chosen experts
         self.predicted: dict[int, set] = {}
@@ -121,8 +122,7 @@ class StreamedExperts:
             slots.append(s)
         if missing:
             t0 = time.perf_counter()
-            for f in set(self._submit(layer, missing)):
-                f.result()
+            self._read(layer, missing)
             dt = time.perf_counter() - t0
             self.io_s += dt
             self.wait_s += dt
@@ -148,6 +148,13 @@ class StreamedExperts:
     def _submit(self, layer: int, experts: list[tuple[int, int]]) -> list:
         """Start the reads of experts [(e, slot)] into their slots; the futures of their
         ranges (one per expert from the bundle, else gate, up and down in turn)."""
+        return self.engine.submit(*self._ranges(layer, experts))
+
+    def _read(self, layer: int, experts: list[tuple[int, int]]) -> None:
+        """Read experts [(e, slot)] into their slots now (a single read on this thread)."""
+        self.engine.read_ranges(*self._ranges(layer, experts))
+
+    def _ranges(self, layer: int, experts: list[tuple[int, int]]) -> tuple[list, list]:
         ranges, outs = [], []
         pool, rec = self.cache.pool, self.cache.item_bytes
         for e, s in experts:
@@ -161,13 +168,13 @@ class StreamedExperts:
                 outs.append(pool[s, o:o + n])
                 o += n
         self.stats[layer].bytes_read += sum(n for _, n in ranges)
-        return self.engine.submit(ranges, outs)
+        return ranges, outs
 
     def begin_layer(self, layer: int, chosen: np.ndarray, probs: np.ndarray, pin: bool = True) -> None:
         """The router chose `chosen` (T, k) for this layer; probs (T, n_expert) feed the
         scores. pin: keep the chosen experts already cached from eviction (by the next
         layer's prefetch) until end_layer."""
-        ids = set(np.unique(chosen).tolist())
+        ids = set(chosen.ravel().tolist())
         if pin:
             self._pins = {self.cache.slot_of[(layer, e)] for e in ids if (layer, e) in self.cache}
             self.cache.pinned |= self._pins
@@ -178,7 +185,7 @@ class StreamedExperts:
             st.predicted_used += len(pred & ids)
             st.chosen += len(ids)
         if self.cache.policy == "score":
-            self.cache.observe([(layer, e) for e in range(probs.shape[1])], probs.mean(axis=0))
+            self.cache.observe(self._keys[layer], probs[0] if probs.shape[0] == 1 else probs.mean(axis=0))
 
     def prefetch(self, layer: int, ids) -> None:
         """Start reading layer's experts `ids` (those not cached or in flight), in
