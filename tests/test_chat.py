@@ -137,3 +137,22 @@ def test_chat_in_a_real_terminal(smollm2_path, tmp_path):
             time.sleep(0.3)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+
+
+def test_chat_shows_what_loading_printed(moe_gguf, tmp_path, monkeypatch):
+    """A mixture of experts under a budget whose expert bundle cannot be written: the
+    warning becomes a note in the chat (printed, it would tear the screen), and the
+    model still loads (its experts read from the GGUF)."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("FLASHLM_HOME", str(blocker))  # the cache folder cannot be made
+
+    async def go():
+        app = ChatApp(str(moe_gguf("qwen3moe")), n_ctx=256, memory_budget="200MB")
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _wait(pilot, lambda: app.model is not None and any("ready" in s for _, s in _texts(app)))
+            notes = [s for k, s in _texts(app) if k == "note"]
+            assert any("warning" in n and "bundle" in n for n in notes), notes
+            assert app.model.model.experts.bundle is None
+
+    asyncio.run(go())

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 import time
@@ -138,16 +140,21 @@ class ChatApp(App):
         from .profile import idle_rss
 
         self._idle_rss = idle_rss(psutil.Process())
+        said = io.StringIO()  # what loading prints (a MoE's first bundling, a warning) would tear the screen
         try:
-            model = flashlm.load(self._spec, **self._load_kw)
+            with contextlib.redirect_stderr(said):
+                model = flashlm.load(self._spec, **self._load_kw)
         except FlashLMError as e:
             self._load_error = str(e)
             self.call_from_thread(self.exit, None, 2)
             return
         self.model = model
-        self.call_from_thread(self._model_ready)
+        notes = [ln.strip() for ln in said.getvalue().replace("\r", "\n").splitlines()]
+        self.call_from_thread(self._model_ready, [n for n in notes if "warning" in n or " MiB in " in n])
 
-    def _model_ready(self) -> None:
+    def _model_ready(self, notes=()) -> None:
+        for n in notes:
+            self._show_note(n)
         self._show_note(f"{self.model.name} ready ({self.model.n_ctx} tokens of context). /help lists commands.")
         self._update_footer()
 
