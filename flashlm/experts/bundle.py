@@ -7,9 +7,10 @@ and a copy. A bundle file stores, layer after layer, expert after expert:
     record (layer, e) = gate slice | up slice | down slice | zeros to a 4 KiB multiple
 
 so a miss is one direct read of one record straight into its cache slot (the slots are
-records too). It costs disk space as large as the experts (checked first: a GiB is left
-free) and `bundle=False` / `--no-bundle` opts out. Measured on this machine's disk, two experts of MoEfied SmolLM2 take 0.38
-ms as two aligned reads against 0.66 ms as six (benchmarks/README.md).
+records too). Measured on this machine's disk, two experts of MoEfied SmolLM2 take 0.38
+ms as two aligned reads against 0.66 ms as six (benchmarks/README.md). It costs disk
+space as large as the experts (checked first: a GiB is left free); `bundle=False` /
+`--no-bundle` opts out.
 
 The file is made once per model, beside the models in the user cache
 (~/.cache/flashlm/experts/), the first time the model streams its experts; its header
@@ -30,16 +31,21 @@ from pathlib import Path
 
 import numpy as np
 
-ALIGN = 4096
+from ..flashload.io import ALIGN
+from .moe import PARTS
+
 MAGIC = b"FLMEXPB1"
 HEADER = ALIGN  # the header's bytes: magic, JSON, zeros; records start after it
-PARTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
 def record_bytes(part_bytes) -> int:
     """One expert's record: its parts, rounded up to the 4 KiB direct I/O needs."""
-    n = sum(part_bytes)
-    return (n + ALIGN - 1) // ALIGN * ALIGN
+    return -(-sum(part_bytes) // ALIGN) * ALIGN
+
+
+def record_offset(layer: int, e: int, n_expert: int, record: int) -> int:
+    """Where expert e of layer starts in the bundle."""
+    return HEADER + (layer * n_expert + e) * record
 
 
 def part_sizes(model_file, cfg) -> list[int]:

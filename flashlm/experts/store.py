@@ -28,7 +28,7 @@ import numpy as np
 from ..cache import SlotCache
 from ..flashload.io import ReadEngine
 from ..runtime.modelfile import TensorRef
-from .bundle import HEADER, ensure_bundle, part_sizes, record_bytes
+from .bundle import ensure_bundle, part_sizes, record_bytes, record_offset
 from .moe import PARTS, part_layout
 
 
@@ -159,7 +159,7 @@ class StreamedExperts:
         pool, rec = self.cache.pool, self.cache.item_bytes
         for e, s in experts:
             if self.bundle is not None:
-                ranges.append((HEADER + (layer * self.cfg.n_expert + e) * rec, rec))
+                ranges.append((record_offset(layer, e, self.cfg.n_expert, rec), rec))
                 outs.append(pool[s])
                 continue
             o = 0
@@ -211,7 +211,7 @@ class StreamedExperts:
             # small machine: measured on 2 cores, thread prefetch cost more than it hid.
             rec = self.cache.item_bytes
             for e, _ in new:
-                off = HEADER + (layer * self.cfg.n_expert + e) * rec
+                off = record_offset(layer, e, self.cfg.n_expert, rec)
                 os.posix_fadvise(self._hint_fd, off, rec, os.POSIX_FADV_WILLNEED)
                 self.pending[(layer, e)] = off
             self.stats[layer].bytes_read += len(new) * rec

@@ -120,7 +120,7 @@ class ReadEngine:
             buf = self._local.buf = aligned_empty(max(n, self.max_read))
         return buf
 
-    def _read_one(self, start: int, length: int, members: list[int], ranges, outs) -> None:
+    def _read_one(self, start: int, length: int, members: list[int], ranges, outs) -> float:
         end = min(start + length, _round_up(self.size)) if self.direct else min(start + length, self.size)
         n = end - start
         if len(members) == 1 and self._straight(start, n, ranges[members[0]], outs[members[0]]):
@@ -148,25 +148,31 @@ class ReadEngine:
         """Start filling outs[i][:n_i] with the file's bytes [off_i, off_i + n_i). Returns
         range i's future (ranges coalesced into one read share it), done when its bytes
         are in outs; its result is the time.perf_counter() at which the read finished."""
-        for off, n in ranges:
-            if off < 0 or n < 0 or off + n > self.size:
-                raise ValueError(f"range ({off}, {n}) is outside {self.path} ({self.size} bytes)")
+        self._check(ranges)
         if self.merge:
             reads = coalesce(ranges, self.max_gap, self.max_read, ALIGN if self.direct else 1)
         else:
             a = ALIGN if self.direct else 1
             reads = [(off // a * a, _round_up(off + n, a) - off // a * a, [i]) for i, (off, n) in enumerate(ranges)]
-        st = self.stats
-        st.requests += len(ranges)
-        st.reads += len(reads)
-        st.bytes_requested += sum(n for _, n in ranges)
-        st.bytes_read += sum(n for _, n, _ in reads)
+        self._count(ranges, reads)
         futs = [None] * len(ranges)
         for s, n, m in reads:
             f = self.pool.submit(self._read_one, s, n, m, ranges, outs)
             for i in m:
                 futs[i] = f
         return futs
+
+    def _check(self, ranges) -> None:
+        for off, n in ranges:
+            if off < 0 or n < 0 or off + n > self.size:
+                raise ValueError(f"range ({off}, {n}) is outside {self.path} ({self.size} bytes)")
+
+    def _count(self, ranges, reads) -> None:
+        st = self.stats
+        st.requests += len(ranges)
+        st.reads += len(reads)
+        st.bytes_requested += sum(n for _, n in ranges)
+        st.bytes_read += sum(n for _, n, _ in reads)
 
     def _straight(self, start: int, n: int, rng, out: np.ndarray) -> bool:
         """Read one range straight into its buffer, with no staging copy, where it can be:
@@ -190,14 +196,10 @@ class ReadEngine:
     def read_ranges(self, ranges: list[tuple[int, int]], outs: list[np.ndarray]) -> None:
         """Fill outs[i][:n_i] with the file's bytes [off_i, off_i + n_i), waiting."""
         t0 = time.perf_counter()
-        if len(ranges) == 1 and 0 <= ranges[0][0] and sum(ranges[0]) <= self.size \
-                and self._straight(*ranges[0], ranges[0], outs[0]):
+        self._check(ranges)
+        if len(ranges) == 1 and self._straight(*ranges[0], ranges[0], outs[0]):
             # one read that needs no staging: done on this thread (a pool's handoff costs ~60 us)
-            st = self.stats
-            st.requests += 1
-            st.reads += 1
-            st.bytes_requested += ranges[0][1]
-            st.bytes_read += ranges[0][1]
+            self._count(ranges, [(*ranges[0], [0])])
         else:
             for f in set(self.submit(ranges, outs)):
                 f.result()

@@ -429,6 +429,29 @@ def moe_route(w, qtype, x, sigmoid, norm, scale, lut, all_rows, ids, wts, p):
             wts[j] = wts[j] * np.float32(scale)
 
 
+@njit(inline="always")
+def _act_bufs(t, n):
+    """Room for t activation vectors of n in every form _prep writes: (xr, xq, xd, xs, isum)."""
+    return (np.empty((t, n), dtype=np.float32), np.empty((t, n), dtype=np.int8),
+            np.empty((t, n // 32 + 1), dtype=np.float32), np.empty((t, n // 32 + 1), dtype=np.float32),
+            np.empty((t, n // 16 + 1), dtype=np.int32))
+
+
+@njit(inline="always")
+def _row_bufs(n):
+    """One thread's rows4 arguments: (rows, next rows, results, float scratch of n)."""
+    return (np.empty(4, dtype=np.int64), np.empty(4, dtype=np.int64), np.empty(4, dtype=np.float32),
+            np.empty(n, dtype=np.float32))
+
+
+@njit(inline="always")
+def _group4(i0, n, r4, p4):
+    """Rows i0..i0+3 and the 4 after them (to prefetch), clamped to n rows."""
+    for q in range(4):
+        r4[q] = min(i0 + q, n - 1)
+        p4[q] = min(i0 + 4 + q, n - 1)
+
+
 @njit(nogil=True, cache=True, parallel=True)
 def moe_decode(buf, offs, shapes, qts, x, w, gelu, lut, nt, all_rows, out):
     """out += sum_j w[j] * down_j(act(gate_j x) * up_j x): one token's routed experts in one
@@ -446,11 +469,7 @@ def moe_decode(buf, offs, shapes, qts, x, w, gelu, lut, nt, all_rows, out):
     xx = np.empty((2, n_in), dtype=np.float32)
     xx[0] = x
     xx[1] = x
-    xr = np.empty((2, n_in), dtype=np.float32)
-    xq = np.empty((2, n_in), dtype=np.int8)
-    xd = np.empty((2, n_in // 32 + 1), dtype=np.float32)
-    xs = np.empty((2, n_in // 32 + 1), dtype=np.float32)
-    xi = np.empty((2, n_in // 16 + 1), dtype=np.int32)
+    xr, xq, xd, xs, xi = _act_bufs(2, n_in)
     for p in range(2):
         _prep(qts[p], xx, p, xr, xq, xd, xs, xi)
     nb0, nb1 = _n_blocks(qts[0], n_in), _n_blocks(qts[1], n_in)
@@ -461,17 +480,12 @@ def moe_decode(buf, offs, shapes, qts, x, w, gelu, lut, nt, all_rows, out):
     n_chunks = max(1, min(tasks, 4 * nt))
     step = (tasks + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
-        r4 = np.empty(4, dtype=np.int64)
-        p4 = np.empty(4, dtype=np.int64)
-        o4 = np.empty(4, dtype=np.float32)
-        scratch = np.empty(n_in, dtype=np.float32)
+        r4, p4, o4, scratch = _row_bufs(n_in)
         for t in range(c * step, min(tasks, (c + 1) * step)):
             p = t // (k * groups)
             j = t // groups % k
             i0 = 4 * (t % groups)
-            for q in range(4):
-                r4[q] = min(i0 + q, n_ff - 1)
-                p4[q] = min(i0 + 4 + q, n_ff - 1)
+            _group4(i0, n_ff, r4, p4)
             qt = qts[p]
             nb = nb0 if p == 0 else nb1
             ns = ns0 if p == 0 else ns1
@@ -482,11 +496,7 @@ def moe_decode(buf, offs, shapes, qts, x, w, gelu, lut, nt, all_rows, out):
     # each expert's activation, as down reads it
     qd = qts[2]
     a = np.empty((k, n_ff), dtype=np.float32)
-    ar = np.empty((k, n_ff), dtype=np.float32)
-    aq = np.empty((k, n_ff), dtype=np.int8)
-    ad = np.empty((k, n_ff // 32 + 1), dtype=np.float32)
-    as_ = np.empty((k, n_ff // 32 + 1), dtype=np.float32)
-    ai = np.empty((k, n_ff // 16 + 1), dtype=np.int32)
+    ar, aq, ad, as_, ai = _act_bufs(k, n_ff)
     for j in prange(k):
         for i in range(n_ff):
             gi = gu[0, j, i]
@@ -498,16 +508,12 @@ def moe_decode(buf, offs, shapes, qts, x, w, gelu, lut, nt, all_rows, out):
     n_chunks = max(1, min(groups, 4 * nt))
     step = (groups + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
-        r4 = np.empty(4, dtype=np.int64)
-        p4 = np.empty(4, dtype=np.int64)
-        o4 = np.empty(4, dtype=np.float32)
+        r4, p4, o4, scratch = _row_bufs(n_ff)
         acc = np.empty(4, dtype=np.float32)
-        scratch = np.empty(n_ff, dtype=np.float32)
         for g in range(c * step, min(groups, (c + 1) * step)):
             i0 = 4 * g
+            _group4(i0, n_out, r4, p4)
             for q in range(4):
-                r4[q] = min(i0 + q, n_out - 1)
-                p4[q] = min(i0 + 4 + q, n_out - 1)
                 acc[q] = out[r4[q]]
             for j in range(k):
                 rows4(qd, _part(buf, offs[j, 2], shapes[2]), r4, p4, ar[j], aq[j], ad[j, :nbd], as_[j, :nbd],
