@@ -37,14 +37,28 @@ DEFAULT_CONFIGS = "gate:0.3,gate:0.5,gate:0.7,gate:0.85,lowrank:0.5,lowrank:0.7,
 
 
 def flash_file(model: str) -> Path:
-    """The flash layout of `model`, converted once into the cache folder."""
+    """The flash layout of `model`, converted once into the cache folder (again when
+    the cached file is of another layout version)."""
     src = resolve(model)
     out = home() / "flash" / (src.stem + ".flash.gguf")
+    if out.exists() and _version(out) != layout.VERSION:
+        out.unlink()
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         print(f"converting {src.name} -> {out}", file=sys.stderr)
         layout.convert(src, out)
     return out
+
+
+def _version(path) -> int | None:
+    from flashlm.runtime.modelfile import GGUFModelFile
+
+    mf = GGUFModelFile(path)
+    try:
+        v = mf.metadata.get(layout.KEY + ".version")
+        return None if v is None else int(v)
+    finally:
+        mf.close()
 
 
 class RecallMeter:

@@ -36,13 +36,15 @@ def test_records_hold_each_neurons_gate_up_rows_and_down_column(name, flash_file
         rec = mf.tensors[f"blk.{lb.layer}.ffn_bundles"]
         assert rec.offset % layout.ALIGN == 0 and rec.data.shape == (lb.n_ff, lb.bundle_bytes)
         a, b = lb.gate_bytes, lb.gate_bytes + lb.up_bytes
-        np.testing.assert_array_equal(rec.data[:, :a], gate.data)  # gate and up rows as they were
-        np.testing.assert_array_equal(rec.data[:, a:b], up.data)
-        want = K.dequantize(down).T  # down columns, re-quantized to Q8_0: within its rounding
+        ids = layout.neuron_ids(mf, lb.layer)  # the calibrated order: a permutation, not the identity
+        assert sorted(ids) == list(range(lb.n_ff)) and (ids != np.arange(lb.n_ff)).any()
+        np.testing.assert_array_equal(rec.data[:, :a], gate.data[ids])  # gate and up rows as they were
+        np.testing.assert_array_equal(rec.data[:, a:b], up.data[ids])
+        want = K.dequantize(down).T[ids]  # down columns, re-quantized to Q8_0: within its rounding
         got = K.dequantize(type(rec)("d", lb.types[2], (lb.n_ff, lb.n_embd), np.ascontiguousarray(rec.data[:, b:]), 0))
         step = np.abs(want).reshape(lb.n_ff, -1, 32).max(-1, keepdims=True) / 127  # plus d's own f16 rounding:
         assert (np.abs(got - want).reshape(lb.n_ff, -1, 32) <= step * (0.5 + 127 * 2.0**-11) * 1.001 + 1e-7).all()
-        np.testing.assert_array_equal(mf.tensors[f"blk.{lb.layer}.ffn_gate.weight"].data, gate.data)
+        np.testing.assert_array_equal(mf.tensors[f"blk.{lb.layer}.ffn_gate.weight"].data, gate.data[ids])
         a_lr = K.dequantize(mf.tensors[f"blk.{lb.layer}.ffn_gate_lr_a"])
         assert a_lr.shape == (max(8, lb.n_embd // 8), lb.n_embd)
     for t in src.tensors.values():  # the rest as it was
@@ -143,6 +145,40 @@ def test_predictors_stream_only_the_kept_neurons(predictor, bundled, flash_files
         assert all(s.reads == s.needed * (3 if predictor == "lowrank" else 2) for s in decode)
 
 
+@pytest.mark.parametrize("predictor,prefetch", [("gate", True), ("gate", False), ("lowrank", True)])
+def test_hot_windows_read_only_the_tail_and_equal_records_from_the_mapping(predictor, prefetch, flash_files):
+    # Half the FFN rows fit: each window holds its layer's first (most often needed)
+    # records for good, and a token reads only the ones it needs past them, straight
+    # into a tail buffer (with prefetch, the next layer's start while this one computes).
+    # Bit for bit the run with every record from the mapping.
+    path = flash_files["smollm2"]
+    streaming = dict(predictor=predictor, keep=0.5, prefetch=prefetch)
+    with flashlm.Model(path, n_ctx=64, n_threads=2, memory_budget=1 << 50, streaming=streaming) as m:
+        budget = m.plan.fixed + (m.plan.full - m.plan.fixed) // 2
+    models = [flashlm.Model(path, n_ctx=64, n_threads=2, memory_budget=budget, streaming=streaming) for _ in range(2)]
+    models[1].store.resident = True
+    tokens = models[0].tokenize(PROMPT)
+    logits = []
+    for m in models:
+        m._prefill(tokens[:4])
+        m.store.take_stats()
+        logits.append([m._forward(np.array([t]), pos, m._kv) for pos, t in enumerate(tokens[4:12], start=4)])
+    np.testing.assert_array_equal(np.array(logits[0]), np.array(logits[1]))
+    store = models[0].store
+    caps = [w.cap for w in store.windows]
+    assert 0 < sum(caps) < sum(lb.n_ff for lb in store.plans)
+    assert all((w.ids[:w.n] == np.arange(w.cap)).all() for w in store.windows)  # the first records, in order
+    stats = store.take_stats()
+    assert stats[0].bytes_read >= sum(c * lb.bundle_bytes for c, lb in zip(caps, store.plans))  # the hot set, once
+    tails = sum((lb.n_ff - c) * lb.bundle_bytes + 8192 for c, lb in zip(caps, store.plans))  # at most each tail
+    for s in stats[1:]:
+        assert s.needed == sum(lb.n_ff // 2 for lb in store.plans) and 0 < s.hits < s.needed
+        # a prefetch reads the pages the last token needed; what it missed is read too
+        assert 0 < s.reads and s.bytes_requested <= s.bytes_read <= tails * (2 if prefetch else 1)
+    for m in models:
+        m.close()
+
+
 def test_convert_refuses_to_overwrite_and_rejects_non_flash_files(flash_files, smollm2_path, tmp_path, capsys):
     out = flash_files["smollm2"]
     assert main(["convert", "-m", str(smollm2_path), "--flash", str(out)]) == 2
@@ -166,31 +202,8 @@ def test_memory_plan_fits_the_budget_and_names_the_minimum(flash_files, capsys):
             flashlm.Model(path, n_ctx=256, memory_budget="60MB")
         minima.append(float(re.search(r"minimum ([0-9.]+) MiB", str(e.value)).group(1)))
     minimum = min(minima)
-    # Just above the minimum, hardly any window: a token reads most of its neurons into the
-    # spill buffer, one layer at a time.
-    m = flashlm.Model(path, n_ctx=256, n_threads=2, memory_budget=int((minimum + 2) * 2**20))
-    plan, store = m.plan, m.store
-    need = [int(np.ceil(0.8 * lb.n_ff)) for lb in store.plans]
-    assert all(c < n // 4 for c, n in zip(plan.capacities, need))
-    assert plan.spill == max((n - c) * p for n, c, p in zip(need, plan.capacities, plan.per_neuron))
-    assert plan.fixed + plan.window + plan.spill <= plan.budget
-    assert m.generate(PROMPT, max_tokens=3, temperature=0.0).strip()
-    st = store.take_stats()[-1]
-    assert st.needed == sum(need) and st.hits <= sum(plan.capacities) and st.reads > 0
-    m.close()
-    full_windows = sum(n * p for n, p in zip(need, plan.per_neuron))
-    for extra in (full_windows // 2, full_windows + (4 << 20)):  # windows hold half a token's needs; all, and more
-        m = flashlm.Model(path, n_ctx=256, n_threads=2, memory_budget=int(minimum * 2**20) + extra)
-        plan, store = m.plan, m.store
-        assert plan.fixed + plan.window + plan.spill <= plan.budget
-        for win, cap, n, lb in zip(store.windows, plan.capacities, need, store.plans):
-            assert win.cap == cap <= lb.n_ff
-            assert win.gate.shape[1] == 0  # the gate predictor holds the gate: windows keep up and down rows only
-            assert (0 < cap < n) if extra < full_windows else (cap >= n)
-        assert sum(plan.capacities) < plan.n_ff  # neither holds every neuron
-        text = m.generate(PROMPT, max_tokens=6, temperature=0.0)
-        assert text.strip() and all(w.n <= w.cap for w in store.windows)
-        m.close()
+    for hot in (True, False):
+        _check_plans(path, minimum, hot)
     assert main(["info", "-m", str(path), "--memory-budget", "200MB", "-c", "256"]) == 0
     out = capsys.readouterr().out
     assert "memory plan for a budget of 190.7 MiB" in out and "neuron window" in out and "layout:       flash" in out
@@ -202,6 +215,41 @@ def test_memory_plan_fits_the_budget_and_names_the_minimum(flash_files, capsys):
     assert "keep must be in (0, 1]" in capsys.readouterr().err
     assert main(["run", "-m", str(path), "--window", "-1", "-p", "Hi"]) == 2
     assert "window must be >= 0" in capsys.readouterr().err
+
+
+def _check_plans(path, minimum, hot):
+    # Just above the minimum, hardly any window: a token reads most of its neurons into the
+    # spill buffer, one layer at a time. Hot windows (the first neurons, for good) and
+    # sliding ones (the last tokens' neurons).
+    m = flashlm.Model(path, n_ctx=256, n_threads=2, memory_budget=int((minimum + 2) * 2**20),
+                      streaming=dict(hot=hot))
+    plan, store = m.plan, m.store
+    need = [int(np.ceil(0.8 * lb.n_ff)) for lb in store.plans]
+    assert all(c < n // 4 for c, n in zip(plan.capacities, need))
+    if hot:  # the buffer takes a layer's records past its window, page-aligned at both ends
+        one = max(-(-(lb.n_ff - c) * lb.bundle_bytes // 4096) * 4096 + 8192 for lb, c in zip(store.plans, plan.capacities))
+        assert plan.spill == 2 * one  # two with prefetch: the next layer's reads land in the other
+    else:  # the buffer takes what a token needs beyond the window
+        assert plan.spill == max((n - c) * p for n, c, p in zip(need, plan.capacities, plan.per_neuron))
+    assert plan.fixed + plan.window + plan.spill <= plan.budget
+    assert m.generate(PROMPT, max_tokens=3, temperature=0.0).strip()
+    st = store.take_stats()[-1]
+    assert st.needed == sum(need) and st.hits <= sum(plan.capacities) and st.reads > 0
+    m.close()
+    full_windows = sum(n * p for n, p in zip(need, plan.per_neuron))
+    for extra in (full_windows // 2, full_windows + (4 << 20)):  # windows hold half a token's needs; all, and more
+        m = flashlm.Model(path, n_ctx=256, n_threads=2, memory_budget=int(minimum * 2**20) + extra,
+                          streaming=dict(hot=hot))
+        plan, store = m.plan, m.store
+        assert plan.fixed + plan.window + plan.spill <= plan.budget
+        for win, cap, n, lb in zip(store.windows, plan.capacities, need, store.plans):
+            assert win.cap == cap <= lb.n_ff
+            assert win.gate.shape[1] == 0  # the gate predictor holds the gate: windows keep up and down rows only
+            assert (0 < cap < n) if extra < full_windows else (cap >= n)
+        assert sum(plan.capacities) < plan.n_ff  # neither holds every neuron
+        text = m.generate(PROMPT, max_tokens=6, temperature=0.0)
+        assert text.strip() and all(w.n <= w.cap for w in store.windows)
+        m.close()
 
 
 def test_window_zero_shares_one_buffer_between_layers(flash_files):

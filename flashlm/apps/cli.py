@@ -40,13 +40,17 @@ def _add_model(p: argparse.ArgumentParser):
                    help="which neurons a token loads: gate (exact, gate resident), lowrank (SVD estimate), "
                         "none (all) (default gate)")
     g.add_argument("--keep", type=float, default=None, help="fraction of FFN neurons a token keeps (default 0.8)")
-    g.add_argument("--window", type=int, default=None, help="tokens whose neurons stay in memory (default 16; the budget bounds them too)")
+    g.add_argument("--window", type=int, default=None,
+                   help="tokens whose neurons stay in memory with --sliding; 0 keeps none (default 16)")
+    g.add_argument("--sliding", action="store_true",
+                   help="windows keep the neurons of the last --window tokens (the paper's) instead of each "
+                        "layer's most often needed neurons for good")
     g = p.add_argument_group("mixture-of-experts models under --memory-budget (experts stream into a cache)")
     g.add_argument("--policy", choices=["lru", "lfu", "score"], default="score",
                    help="which cached expert makes room: least recent, least used, or lowest router-probability "
                         "average (default score: the best hit rates on a real model's routing traces)")
     g.add_argument("--no-prefetch", action="store_true",
-                   help="do not read the next layer's predicted experts while a layer computes")
+                   help="do not read the next layer's experts (or a flash model's neurons) while a layer computes")
     g.add_argument("--no-bundle", action="store_true",
                    help="read experts from the GGUF's stacked tensors (3 reads each) instead of writing their "
                         "bundle to the cache folder once (1 aligned read each; as large as the experts)")
@@ -59,6 +63,10 @@ def _streaming(args) -> dict:
         out["keep"] = args.keep
     if args.window is not None:
         out["window"] = args.window
+    if getattr(args, "sliding", False):
+        out["hot"] = False
+    if getattr(args, "no_prefetch", False):
+        out["prefetch"] = False
     return out
 
 

@@ -17,6 +17,8 @@ one row per neuron, re-quantized to Q8_0 (8.5 bits; the added error is measured 
 the tests). Adjacent neurons are adjacent records, so dense selections coalesce into
 large reads.
 
+    blk.N.ffn_neuron_ids     (n_ff,) int32: record k holds the source's neuron ids[k]
+
 Resident beside the bundles, for the sparsity predictors (predictor.py):
     blk.N.ffn_gate.weight    the gate matrix as it was (the "gate" predictor computes
                              the exact gate and keeps the neurons with large |act|)
@@ -24,6 +26,14 @@ Resident beside the bundles, for the sparsity predictors (predictor.py):
 
 Everything else, metadata and tokenizer included, is copied as it is; each layer's
 bundle tensor starts 4096-aligned for direct I/O.
+
+Neuron order (version 3): each layer's neurons are permuted, most often needed first.
+The converter lets the model write a few hundred tokens of its own text from varied
+prompts and counts how often the gate predictor keeps each neuron (`neuron_order`).
+The same permutation applies to the records, the resident gate rows and the low-rank
+factor's rows, so the model computes the same function. A store that keeps the
+first records of a layer in DRAM then keeps its hottest neurons, and the neurons a
+token still has to read are the contiguous tail, which coalesces into large reads.
 """
 
 from __future__ import annotations
@@ -39,12 +49,24 @@ from gguf import quants as gguf_quants
 from .. import kernels_cpu
 from ..errors import FlashLMError, ModelFormatError
 from ..runtime.modelfile import GGUFModelFile
+from .predictor import top_fraction
 
-VERSION = 2
+VERSION = 3
 KEY = "flashlm.flash"
 ALIGN = 4096
 FFN = ("ffn_gate", "ffn_up", "ffn_down")
 DOWN_TYPE = GGMLQuantizationType.Q8_0
+ORDER_KEY = KEY + ".neuron_order"  # "calibrated" (most often needed first) or "identity"
+CALIBRATION_PROMPTS = (
+    "Once upon a time, in a small village by the sea,",
+    "def parse_arguments(argv):",
+    "The mitochondria is the part of the cell that",
+    "Dear members of the committee, I am writing to",
+    "Q: Why is the sky blue?\nA:",
+    "The history of the Roman Empire begins",
+)
+CALIBRATION_TOKENS = 192
+CALIBRATION_KEEP = 0.8
 
 
 @dataclass(frozen=True)
@@ -83,6 +105,11 @@ def plan_layer(mf: GGUFModelFile, i: int) -> LayerBundles:
                         _row_bytes(DOWN_TYPE, n_embd))
 
 
+def neuron_ids(mf: GGUFModelFile, layer: int) -> np.ndarray:
+    """The source's neuron id of each of layer `layer`'s records, (n_ff,) int64."""
+    return np.asarray(mf.tensors[f"blk.{layer}.ffn_neuron_ids"].data).view(np.int32).reshape(-1).astype(np.int64)
+
+
 def split_records(lb: LayerBundles, rec: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Views of records rec (n, bundle_bytes): their gate rows, up rows, down rows."""
     a, b = lb.gate_bytes, lb.gate_bytes + lb.up_bytes
@@ -107,13 +134,15 @@ def lowrank_gate(mf: GGUFModelFile, layer: int, rank: int) -> tuple[np.ndarray, 
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, force: bool = False, progress=None,
-            rank: int | None = None) -> Path:
+            rank: int | None = None, calibration_tokens: int = CALIBRATION_TOKENS) -> Path:
     """Write the flash layout of GGUF model `src` to `out`.
 
     Refuses to overwrite an existing `out` unless force. rank: of the low-rank gate
-    predictor (default n_embd / 8). progress(done, total, what), if given, is called
-    as tensors are written. Writes out + ".partial" and renames it at the end, so a
-    failure leaves nothing half-written under the final name.
+    predictor (default n_embd / 8). calibration_tokens: tokens the model writes to
+    order its neurons by how often they are needed (0: keep the source's order).
+    progress(done, total, what), if given, is called as tensors are written and as
+    calibration goes. Writes out + ".partial" and renames it at the end, so a failure
+    leaves nothing half-written under the final name.
     """
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
@@ -129,14 +158,14 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, force: bool = False,
         n_layer = int(mf.metadata[f"{mf.arch}.block_count"])
         plans = [plan_layer(mf, i) for i in range(n_layer)]
         rank = rank or max(8, plans[0].n_embd // 8)
-        return _write(mf, src, out, plans, rank, progress)
+        return _write(mf, src, out, plans, rank, progress, calibration_tokens)
     except OSError as e:
         raise FlashLMError(f"cannot write {out}: {e.strerror or e}") from e
     finally:
         mf.close()
 
 
-def _write(mf, src, out, plans, rank, progress) -> Path:
+def _write(mf, src, out, plans, rank, progress, calibration_tokens: int) -> Path:
     moved = {f"blk.{lb.layer}.{n}.weight" for lb in plans for n in ("ffn_up", "ffn_down")}
     items = []  # (name, byte shape, raw type, producer)
     for t in mf.tensors.values():
@@ -156,6 +185,8 @@ def _write(mf, src, out, plans, rank, progress) -> Path:
         items.append((f"blk.{i}.ffn_gate_lr_b", (lb.n_ff, rank * 2), GGMLQuantizationType.F16, lambda i=i: lr(i, 1)))
         items.append((f"blk.{i}.ffn_bundles", (lb.n_ff, lb.bundle_bytes), GGMLQuantizationType.I8,
                       lambda lb=lb: layer_bundles(mf, lb)))
+        items.append((f"blk.{i}.ffn_neuron_ids", (lb.n_ff, 4), GGMLQuantizationType.I32,
+                      lambda lb=lb: np.arange(lb.n_ff, dtype=np.int32).view(np.uint8).reshape(lb.n_ff, 4)))
     tmp = out.with_name(out.name + ".partial")
     w = GGUFWriter(str(tmp), mf.arch)
     try:
@@ -163,6 +194,7 @@ def _write(mf, src, out, plans, rank, progress) -> Path:
         w.add_custom_alignment(ALIGN)
         w.add_uint32(KEY + ".version", VERSION)
         w.add_string(KEY + ".source", src.name)
+        w.add_string(ORDER_KEY, "calibrated" if calibration_tokens else "identity")
         w.add_array(KEY + ".up_types", [int(lb.types[1]) for lb in plans])
         for name, shape, qtype, _ in items:
             w.add_tensor_info(name, shape, np.dtype(np.uint8), int(np.prod(shape)), raw_dtype=qtype)
@@ -174,12 +206,70 @@ def _write(mf, src, out, plans, rank, progress) -> Path:
             if progress:
                 progress(k + 1, len(items), name)
         w.close()
+        if calibration_tokens:
+            permute_neurons(tmp, neuron_order(tmp, calibration_tokens, progress=progress))
         os.replace(tmp, out)
     except BaseException:
         w.close()
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def neuron_order(path: str | os.PathLike, n_tokens: int = CALIBRATION_TOKENS, keep: float = CALIBRATION_KEEP,
+                 progress=None) -> list[np.ndarray]:
+    """Each layer's neuron ids of flash file `path`, most often needed first: the model
+    writes about n_tokens of its own text (sampled, fixed seeds) from
+    CALIBRATION_PROMPTS, and each decoded token's gate predictor keeps the top `keep`
+    of the neurons. Ties go to the larger mean |act(gate)| relative to the token's largest."""
+    from ..runtime.model import Model
+
+    with Model(path, n_ctx=512, n_threads=None, streaming=dict(predictor="gate", keep=keep, window=0)) as m:
+        store = m.store
+        store.resident = True  # records from the mapping: nothing streamed, memory stays bounded
+        counts = [np.zeros(lb.n_ff, np.int64) for lb in store.plans]
+        mags = [np.zeros(lb.n_ff, np.float64) for lb in store.plans]
+        inner = store.predictor
+        seen = [0]
+
+        class Counting:
+            reads_gate, nbytes = inner.reads_gate, inner.nbytes
+
+            def select(self, i, x, keep, gelu):
+                score, g = inner.scores(i, x, gelu)
+                idx = top_fraction(score, keep)
+                counts[i][idx] += 1
+                mags[i] += score / max(float(score.max()), 1e-30)
+                if i == 0:
+                    seen[0] += 1
+                    if progress:
+                        progress(min(seen[0], n_tokens), n_tokens, "calibrating the neuron order")
+                return idx, g[idx]
+
+        store.predictor = Counting()
+        per_prompt = -(-n_tokens // len(CALIBRATION_PROMPTS))
+        for seed, prompt in enumerate(CALIBRATION_PROMPTS):
+            m.generate(prompt, max_tokens=per_prompt, temperature=0.8, seed=seed)
+            if seen[0] >= n_tokens:
+                break
+    return [np.lexsort((-mg, -c)) for c, mg in zip(counts, mags)]
+
+
+def permute_neurons(path: str | os.PathLike, orders: list[np.ndarray]) -> None:
+    """Reorder each layer's neurons of flash file `path` in place: records, resident gate
+    rows and the low-rank factor's rows alike (the model's function is unchanged)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path), "r+")
+    tensors = {t.name: t.data for t in reader.tensors}
+    for i, order in enumerate(orders):
+        for name in (f"blk.{i}.ffn_bundles", f"blk.{i}.ffn_gate.weight", f"blk.{i}.ffn_gate_lr_b",
+                     f"blk.{i}.ffn_neuron_ids"):
+            d = tensors[name]
+            if d.shape[0] != len(order):
+                raise FlashLMError(f"{path}: {name} has {d.shape[0]} rows, not {len(order)} neurons")
+            d[:] = d[order]
+    reader.data.flush()
 
 
 def _copy_metadata(mf: GGUFModelFile, w: GGUFWriter) -> None:

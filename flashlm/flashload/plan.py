@@ -90,7 +90,8 @@ def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_voc
     buffers += SLACK + resident // 100  # allocator slack, and pages faulted in around the mapped weights
     need = store.needs()
     fixed = resident + predictor + kv + buffers
-    minimum = fixed + max(n * p for n, p in zip(need, per))  # no window: the spill buffer takes a layer's needs
+    # no window: the spill buffer takes a layer's needs (with hot windows, a layer's records)
+    minimum = fixed + store.spill_bytes([0] * len(plans))
     if budget < minimum:
         raise FlashLMError(f"memory budget {format_size(budget)} is below the minimum {format_size(minimum)} for this "
                            f"model at n_ctx={n_ctx} (resident weights {format_size(resident)}, KV cache "
@@ -99,11 +100,16 @@ def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_voc
     total_ff = sum(lb.n_ff for lb in plans)
 
     def cost(caps):
-        spill = store.spill_capacities(caps)
-        return sum(c * p for c, p in zip(caps, per)) + max(c * p for c, p in zip(spill, per))
+        return sum(c * p for c, p in zip(caps, per)) + store.spill_bytes(caps)
 
     if s.window == 0:  # nothing kept between tokens
         caps = [0] * len(plans)
+    elif store.hot:  # each window holds its layer's first share f of neurons; the buffer takes a tail
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            f = (lo + hi) / 2
+            lo, hi = (f, hi) if cost([int(f * lb.n_ff) for lb in plans]) <= room else (lo, f)
+        caps = [int(lo * lb.n_ff) for lb in plans]
     elif room >= sum(n * p for n, p in zip(need, per)):  # every window holds a token's neurons, and more
         caps = [min(lb.n_ff, max(n, room * lb.n_ff // total_ff // p)) for lb, n, p in zip(plans, need, per)]
     else:  # windows hold a share f of each layer's needs; the spill buffer reads the rest each token
@@ -112,7 +118,7 @@ def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_voc
             f = (lo + hi) / 2
             lo, hi = (f, hi) if cost([int(f * n) for n in need]) <= room else (lo, f)
         caps = [int(lo * n) for n in need]
-    spill = max(c * p for c, p in zip(store.spill_capacities(caps), per))
+    spill = store.spill_bytes(caps)
     held = sum(c * p for c, p in zip(caps, per))
     return MemoryPlan(budget, resident, predictor, kv, buffers, held, spill, caps, [lb.n_ff for lb in plans], per,
                       minimum)

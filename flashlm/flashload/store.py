@@ -25,7 +25,7 @@ from .. import kernels_cpu as K
 from ..errors import FlashLMError, InvalidArgumentError
 from ..runtime.modelfile import TensorRef
 from ..runtime.weights import WeightStore
-from .io import ReadEngine, aligned_empty
+from .io import ALIGN, ReadEngine, aligned_empty
 from .layout import FFN, read_plans, split_records
 from .plan import PREFILL_NEURONS
 from .probe import load_probe, pick_gap, pick_read_size
@@ -151,6 +151,13 @@ class StreamSettings:
                default 0.8 keeps SmolLM2's perplexity within 2% with the gate
                predictor (benchmarks/flash_quality.py)
     window:    tokens whose neurons stay in DRAM (0: none)
+    hot:       with a window, what it holds: True, the layer's first `capacity`
+               neurons for good (in a calibrated flash file, the most often needed:
+               layout.neuron_order), so what a token still reads is the contiguous
+               tail of the records; False, the neurons of the last `window` tokens
+               ("LLM in a flash"'s sliding window), least recently used out first
+    prefetch:  with hot windows, start reading the next layer's tail while this layer
+               computes (the pages its last token needed)
     bundled:   one read per neuron record; False reads gate, up and down rows
                separately (the paper's "no bundling" step)
     capacity:  neurons per layer the window may hold (None: all); what one token needs
@@ -160,6 +167,8 @@ class StreamSettings:
     predictor: str | None = "gate"
     keep: float = 0.8
     window: int = 16
+    hot: bool = True
+    prefetch: bool = True
     bundled: bool = True
     capacity: int | None = None
 
@@ -243,7 +252,22 @@ class FlashStore(WeightStore):
             capacities = [0] * len(capacities)
         with_gate = self.reads_gate
         self.windows = [NeuronWindow(lb, c, None, with_gate) for lb, c in zip(self.plans, capacities)]
-        spill = self.spill_capacities(capacities)
+        self._drain()
+        self.tail_bufs, self._have, self._flip = [], [], 0
+        if self.hot:  # the records past each hot window, read straight from the file into tail buffers
+            spill = [0] * len(capacities)
+            pages = self.spill_bytes(capacities) // (2 if self.settings.prefetch else 1) // ALIGN
+            self.tail_bufs = [aligned_empty(pages * ALIGN) for _ in range(2 if self.settings.prefetch else 1)] * (
+                1 if self.settings.prefetch else 2)  # without prefetch, "both" buffers are one
+            self._have = [np.zeros(pages, dtype=bool) for _ in range(2)]  # pages a buffer holds
+            self.last_pages = []  # per layer, the pages of its tail its last token needed: at first, all
+            for i, (lb, c) in enumerate(zip(self.plans, capacities)):
+                tail = np.zeros(pages, dtype=bool)
+                start = self._records[i].offset + c * lb.bundle_bytes
+                tail[:-(-(start % ALIGN + (lb.n_ff - c) * lb.bundle_bytes) // ALIGN)] = True
+                self.last_pages.append(tail)
+        else:
+            spill = self.spill_capacities(capacities)
         pool = aligned_empty(max(c * self.held_bytes(lb) for lb, c in zip(self.plans, spill)))
         self.spills = [NeuronWindow(lb, c, pool, with_gate) for lb, c in zip(self.plans, spill)]
 
@@ -253,8 +277,26 @@ class FlashStore(WeightStore):
         return [n_keep(s.keep, lb.n_ff) if self.predictor is not None else lb.n_ff for lb in self.plans]
 
     def spill_capacities(self, capacities: list[int]) -> list[int]:
-        """Neurons the spill buffer must take in each layer, for windows of these capacities."""
+        """Neurons the spill buffer must take in each layer, for sliding windows of these
+        capacities."""
         return [max(0, n - c) for n, c in zip(self.needs(), capacities)]
+
+    @property
+    def hot(self) -> bool:
+        """Whether the windows hold hot neurons (StreamSettings.hot, with a window)."""
+        return bool(self.settings.hot and self.settings.window)
+
+    def spill_bytes(self, capacities: list[int]) -> int:
+        """Bytes of the buffer for what one token reads beyond windows of these capacities
+        (the layers take turns with it). Hot windows: a layer's whole tail of records,
+        page-aligned at both ends, which reads land in straight from the file (two with
+        prefetch); sliding
+        windows: the neurons a token needs beyond its window, in window rows."""
+        if self.hot:  # with prefetch, two: the next layer's reads land in the other
+            one = max(-(-((lb.n_ff - c) * lb.bundle_bytes) // ALIGN) * ALIGN + 2 * ALIGN
+                      for lb, c in zip(self.plans, capacities))
+            return one * (2 if self.settings.prefetch else 1)
+        return max(c * self.held_bytes(lb) for lb, c in zip(self.plans, self.spill_capacities(capacities)))
 
     @property
     def reads_gate(self) -> bool:
@@ -284,6 +326,8 @@ class FlashStore(WeightStore):
             needed, g = self.predictor.select(i, x, self.settings.keep, gelu)  # sorted ids; exact gate or None
         t1 = time.perf_counter()
         st.compute_s += t1 - t0
+        if self.hot:
+            return self._ffn_hot(i, x, needed, g, gelu, t1)
         append, spill = win.make_room(needed, self.t, self.settings.window)
         st.needed += len(needed)
         st.hits += len(needed) - len(append) - len(spill)
@@ -297,17 +341,117 @@ class FlashStore(WeightStore):
             st.bookkeeping_s += time.perf_counter() - t3
             self._load(sp, spill)
             kept = win.slot_of[needed] >= 0
-            self._ffn_rows(sp, x, needed[~kept], None if g is None else g[~kept], gelu, out, st)
+            self._ffn_rows(sp.refs(), x, sp.slot_of[needed[~kept]], None if g is None else g[~kept], gelu, out, st)
             needed, g = needed[kept], (None if g is None else g[kept])
-        self._ffn_rows(win, x, needed, g, gelu, out, st)
+        self._ffn_rows(win.refs(), x, win.slot_of[needed], g, gelu, out, st)
         return out.reshape(1, -1)
 
-    def _ffn_rows(self, win, x, neurons, g, gelu: bool, out: np.ndarray, st: TokenStats) -> None:
-        """out += the FFN's part from `neurons` (held in win), given their gate values g
-        (None: computed here from the gate rows)."""
+    def _ffn_hot(self, i: int, x: np.ndarray, needed: np.ndarray, g, gelu: bool, t1: float) -> np.ndarray:
+        """One token's FFN with a hot window: the neurons below its capacity are held (the
+        first use reads them, in one large read, for good); the rest are read straight
+        from the file into the tail buffer and multiplied where they landed."""
+        st, lb, win = self.current, self.plans[i], self.windows[i]
+        first = not win.n and win.cap
+        if first:  # first use: read now, so no hits this token
+            self._load(win, np.arange(win.cap))
+        cut = int(np.searchsorted(needed, win.cap))
+        st.needed += len(needed)
+        st.hits += 0 if first else cut
+        st.bookkeeping_s += time.perf_counter() - t1
+        out = np.zeros(lb.n_embd, dtype=np.float32)
+        if cut < len(needed):
+            tail = self._read_tail(i, needed[cut:])
+            self._ffn_rows(tail, x, needed[cut:] - win.cap, None if g is None else g[cut:], gelu, out, st)
+        self._ffn_rows(win.refs(), x, needed[:cut], None if g is None else g[:cut], gelu, out, st)
+        return out.reshape(1, -1)
+
+    def _read_tail(self, i: int, cold: np.ndarray) -> tuple:
+        """Gate, up and down refs over layer i's records past its hot window (row k:
+        neuron cap + k), with the records of `cold` (sorted ids, all >= cap) read in:
+        spans of them closer than the engine's merge gap, widened to whole pages, each
+        read straight into its place in a tail buffer. With prefetch, the next layer's
+        tail reads start now, into the other buffer: the pages this layer's last token
+        needed there, which (its neurons changing little from token to token) are
+        mostly the ones the next token needs; what they miss is read when it is known."""
+        st, lb, cap = self.current, self.plans[i], self.windows[i].cap
         t0 = time.perf_counter()
-        rows = win.slot_of[neurons]
-        gate, up, down = win.refs()
+        stride, n_tail = lb.bundle_bytes, lb.n_ff - cap
+        if self.resident:
+            recs = self._records[i].data[cap:]
+        else:
+            page0 = self._tail_page0(i)
+            pend, self._pending = self._pending, None
+            if pend is not None and pend[0] != i:  # not this layer's (a prefill came between): drop it
+                self._wait(pend[3], st)
+                pend = None
+            k = pend[1] if pend is not None else self._flip
+            buf = self.tail_bufs[k]
+            start = self._records[i].offset + cap * stride  # the tail's first byte in the file
+            recs = buf[start - page0:start - page0 + n_tail * stride].reshape(n_tail, stride)
+            e = self.engine
+            cuts = np.flatnonzero((np.diff(cold) - 1) * stride > e.max_gap) + 1
+            pa = (start + (cold[np.r_[0, cuts]] - cap) * stride) // ALIGN - page0 // ALIGN  # spans, in pages of buf
+            pb = -(-(start + (cold[np.r_[cuts - 1, len(cold) - 1]] - cap + 1) * stride) // ALIGN) - page0 // ALIGN
+            want = np.zeros(len(self._have[k]) + 1, dtype=np.int32)
+            np.add.at(want, pa, 1)
+            np.add.at(want, pb, -1)
+            want = np.cumsum(want[:-1]) > 0
+            self.last_pages[i] = want
+            if pend is None:
+                self._have[k][:] = False
+            futs = self._submit(i, want & ~self._have[k], k, st)  # what the prefetch did not bring
+            self._flip = 1 - k
+            if self.settings.prefetch:
+                j = (i + 1) % len(self.plans)
+                if self.windows[j].cap < self.plans[j].n_ff:
+                    self._have[self._flip][:] = False
+                    pf = self._submit(j, self.last_pages[j], self._flip, st)
+                    self._pending = (j, self._flip, None, pf)
+            st.bookkeeping_s += time.perf_counter() - t0
+            self._wait(futs + (pend[3] if pend is not None else []), st)
+            st.bytes_requested += len(cold) * stride
+        gt, ut, dt = lb.types
+        a, b = lb.gate_bytes, lb.gate_bytes + lb.up_bytes
+        return (TensorRef(f"blk.{i}.ffn_gate.tail", gt, (n_tail, lb.n_embd), recs[:, :a], -1),
+                TensorRef(f"blk.{i}.ffn_up.tail", ut, (n_tail, lb.n_embd), recs[:, a:b], -1),
+                TensorRef(f"blk.{i}.ffn_down_t.tail", dt, (n_tail, lb.n_embd), recs[:, b:], -1))
+
+    def _tail_page0(self, i: int) -> int:
+        """The file offset of the page where layer i's tail begins (its buffer's byte 0)."""
+        return (self._records[i].offset + self.windows[i].cap * self.plans[i].bundle_bytes) // ALIGN * ALIGN
+
+    def _submit(self, i: int, pages: np.ndarray, k: int, st: TokenStats) -> list:
+        """Start reading the pages marked in `pages` of layer i's tail into tail buffer k
+        (runs of pages cut into reads of at most the engine's read size); their futures."""
+        if not pages.any():
+            return []
+        e, page0, buf = self.engine, self._tail_page0(i), self.tail_bufs[k]
+        edges = np.flatnonzero(np.diff(np.r_[0, pages.view(np.int8), 0]))
+        ranges, outs = [], []
+        for a, b in zip(edges[::2].tolist(), edges[1::2].tolist()):
+            s0, s1 = page0 + a * ALIGN, min(page0 + b * ALIGN, e.size)
+            for p in range(s0, s1, e.max_read):
+                n = min(e.max_read, s1 - p)
+                ranges.append((p, n))
+                outs.append(buf[p - page0:p - page0 + n])
+        self._have[k] |= pages
+        before = e.stats.bytes_read, e.stats.reads
+        futs = e.submit(ranges, outs)
+        st.bytes_read += e.stats.bytes_read - before[0]
+        st.reads += e.stats.reads - before[1]
+        return futs
+
+    def _wait(self, futs: list, st: TokenStats) -> None:
+        t0 = time.perf_counter()
+        for f in set(futs):
+            f.result()
+        st.io_s += time.perf_counter() - t0
+
+    def _ffn_rows(self, refs, x, rows, g, gelu: bool, out: np.ndarray, st: TokenStats) -> None:
+        """out += the FFN's part from rows `rows` of refs (gate, up, down_t), given their
+        gate values g (None: computed here from the gate rows)."""
+        t0 = time.perf_counter()
+        gate, up, down = refs
         if g is None:  # the predictor gave no gate values: compute them from the streamed rows
             g = K.matvec(x, gate, rows)
         coef = act(g, gelu) * K.matvec(x, up, rows)
@@ -349,8 +493,9 @@ class FlashStore(WeightStore):
             win.down[s] = down
         st.bookkeeping_s += time.perf_counter() - t0 - (st.io_s - io0)  # all but the reads
 
-    def _read(self, ranges: list, outs: list, st: TokenStats) -> None:
-        """Read ranges into outs with the engine, adding to st's I/O figures."""
+    def _read(self, ranges: list, outs: list, st: TokenStats, requested: int | None = None) -> None:
+        """Read ranges into outs with the engine, adding to st's I/O figures (requested:
+        the bytes wanted of them, if not all)."""
         if not ranges:
             return
         e = self.engine.stats
@@ -358,7 +503,7 @@ class FlashStore(WeightStore):
         t0 = time.perf_counter()
         self.engine.read_ranges(ranges, outs)
         st.io_s += time.perf_counter() - t0
-        st.bytes_requested += sum(n for _, n in ranges)
+        st.bytes_requested += sum(n for _, n in ranges) if requested is None else requested
         st.bytes_read += e.bytes_read - before[0]
         st.reads += e.reads - before[1]
 
@@ -403,7 +548,15 @@ class FlashStore(WeightStore):
         self.current = TokenStats()
         return out
 
+    def _drain(self) -> None:
+        """Wait for a prefetch in flight (before its buffers are dropped or the engine closed)."""
+        pend, self._pending = getattr(self, "_pending", None), None
+        if pend is not None:
+            for f in set(pend[3]):
+                f.exception()
+
     def close(self):
+        self._drain()
         if self.engine is not None:
             self.engine.close()
             self.engine = None

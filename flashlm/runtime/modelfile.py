@@ -205,7 +205,7 @@ class HFModelFile:
 def check_tensor_types(mf) -> None:
     """Refuse a file whose tensors use a type the kernels cannot decode."""
     for t in mf.tensors.values():
-        if t.name.endswith(".ffn_bundles"):  # the flash layout's neuron records, read as bytes
+        if t.name.endswith((".ffn_bundles", ".ffn_neuron_ids")):  # the flash layout's records and their ids
             continue
         if t.qtype not in SUPPORTED_TYPES:
             names = ", ".join(q.name for q in SUPPORTED_TYPES)
