@@ -30,7 +30,6 @@ from flashlm.flashload import layout  # noqa: E402
 from flashlm.flashload.layout import split_records  # noqa: E402
 from flashlm.flashload.predictor import act, top_fraction  # noqa: E402
 from flashlm.runtime.blocks import KVCache  # noqa: E402
-from flashlm.runtime.registry import home, resolve  # noqa: E402
 
 TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "eval_text.txt"
 DEFAULT_CONFIGS = "gate:0.3,gate:0.5,gate:0.7,gate:0.85,lowrank:0.5,lowrank:0.7,lowrank:0.85"
@@ -39,26 +38,7 @@ DEFAULT_CONFIGS = "gate:0.3,gate:0.5,gate:0.7,gate:0.85,lowrank:0.5,lowrank:0.7,
 def flash_file(model: str) -> Path:
     """The flash layout of `model`, converted once into the cache folder (again when
     the cached file is of another layout version)."""
-    src = resolve(model)
-    out = home() / "flash" / (src.stem + ".flash.gguf")
-    if out.exists() and _version(out) != layout.VERSION:
-        out.unlink()
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        print(f"converting {src.name} -> {out}", file=sys.stderr)
-        layout.convert(src, out)
-    return out
-
-
-def _version(path) -> int | None:
-    from flashlm.runtime.modelfile import GGUFModelFile
-
-    mf = GGUFModelFile(path)
-    try:
-        v = mf.metadata.get(layout.KEY + ".version")
-        return None if v is None else int(v)
-    finally:
-        mf.close()
+    return layout.cached(model)
 
 
 class RecallMeter:

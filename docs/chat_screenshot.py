@@ -17,8 +17,7 @@ from rich.console import Console
 from rich.segment import ControlType
 
 from flashlm.apps.chat import ChatApp, Prompt
-from flashlm.flashload.layout import convert
-from flashlm.runtime import registry
+from flashlm.flashload.layout import cached
 
 DOCS = Path(__file__).resolve().parent
 
@@ -36,10 +35,7 @@ async def _turn(pilot, app, text):
 
 
 async def main():
-    flash = registry.home() / "flash" / "smollm2-135m.flash.gguf"
-    if not flash.exists():
-        flash.parent.mkdir(parents=True, exist_ok=True)
-        convert(registry.pull("smollm2-135m"), flash)
+    flash = cached("smollm2-135m")
     app = ChatApp(str(flash), n_ctx=1024, memory_budget="250MB", temperature=0, max_tokens=120)
     async with app.run_test(size=(100, 34)) as pilot:
         while app.model is None:

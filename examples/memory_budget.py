@@ -2,21 +2,17 @@
 
     python examples/memory_budget.py [BUDGET]      (default 145MB)
 
-Converts the default model to the flash layout once (into the cache folder), then
-generates with its FFN neurons read from disk as the tokens need them.
+Converts the default model to the flash layout once (into the cache folder, again
+after an upgrade that changed the layout), then generates with its FFN neurons read from disk as the tokens need them.
 """
 
 import sys
 
 import flashlm
-from flashlm.flashload.layout import convert
+from flashlm.flashload.layout import cached
 from flashlm.flashload.store import TokenStats
-from flashlm.runtime.registry import home, resolve
 
-flash = home() / "flash" / "smollm2-135m.flash.gguf"
-if not flash.exists():
-    flash.parent.mkdir(parents=True, exist_ok=True)
-    convert(resolve("smollm2-135m"), flash)
+flash = cached("smollm2-135m")
 
 budget = sys.argv[1] if len(sys.argv) > 1 else "145MB"
 with flashlm.load(flash, n_ctx=256, memory_budget=budget, streaming={"keep": 0.8, "window": 16}) as model:

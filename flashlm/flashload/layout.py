@@ -216,6 +216,25 @@ def _write(mf, src, out, plans, rank, progress, calibration_tokens: int) -> Path
     return out
 
 
+def cached(model: str | os.PathLike, progress=None) -> Path:
+    """The flash layout of `model` (a registry name or a GGUF path) in the cache folder,
+    converted when it is missing or was written by another layout version."""
+    from ..runtime.registry import home, resolve
+
+    src = resolve(model)
+    out = home() / "flash" / (Path(src).stem + ".flash.gguf")
+    if out.exists():
+        mf = GGUFModelFile(out)
+        try:
+            current = mf.metadata.get(KEY + ".version") == VERSION
+        finally:
+            mf.close()
+        if current:
+            return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return convert(src, out, force=True, progress=progress)
+
+
 def neuron_order(path: str | os.PathLike, n_tokens: int = CALIBRATION_TOKENS, keep: float = CALIBRATION_KEEP,
                  progress=None) -> list[np.ndarray]:
     """Each layer's neuron ids of flash file `path`, most often needed first: the model

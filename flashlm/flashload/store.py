@@ -359,9 +359,10 @@ class FlashStore(WeightStore):
         st.hits += 0 if first else cut
         st.bookkeeping_s += time.perf_counter() - t1
         out = np.zeros(lb.n_embd, dtype=np.float32)
-        if cut < len(needed):
-            tail = self._read_tail(i, needed[cut:])
-            self._ffn_rows(tail, x, needed[cut:] - win.cap, None if g is None else g[cut:], gelu, out, st)
+        if win.cap < lb.n_ff:
+            tail = self._read_tail(i, needed[cut:])  # also with none needed: it starts the next layer's reads
+            if cut < len(needed):
+                self._ffn_rows(tail, x, needed[cut:] - win.cap, None if g is None else g[cut:], gelu, out, st)
         self._ffn_rows(win.refs(), x, needed[:cut], None if g is None else g[:cut], gelu, out, st)
         return out.reshape(1, -1)
 
@@ -389,12 +390,13 @@ class FlashStore(WeightStore):
             start = self._records[i].offset + cap * stride  # the tail's first byte in the file
             recs = buf[start - page0:start - page0 + n_tail * stride].reshape(n_tail, stride)
             e = self.engine
-            cuts = np.flatnonzero((np.diff(cold) - 1) * stride > e.max_gap) + 1
-            pa = (start + (cold[np.r_[0, cuts]] - cap) * stride) // ALIGN - page0 // ALIGN  # spans, in pages of buf
-            pb = -(-(start + (cold[np.r_[cuts - 1, len(cold) - 1]] - cap + 1) * stride) // ALIGN) - page0 // ALIGN
             want = np.zeros(len(self._have[k]) + 1, dtype=np.int32)
-            np.add.at(want, pa, 1)
-            np.add.at(want, pb, -1)
+            if len(cold):
+                cuts = np.flatnonzero((np.diff(cold) - 1) * stride > e.max_gap) + 1
+                pa = (start + (cold[np.r_[0, cuts]] - cap) * stride) // ALIGN - page0 // ALIGN  # spans, in pages
+                pb = -(-(start + (cold[np.r_[cuts - 1, len(cold) - 1]] - cap + 1) * stride) // ALIGN) - page0 // ALIGN
+                np.add.at(want, pa, 1)
+                np.add.at(want, pb, -1)
             want = np.cumsum(want[:-1]) > 0
             self.last_pages[i] = want
             if pend is None:
