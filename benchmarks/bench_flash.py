@@ -19,7 +19,8 @@ so every model, the random synthetic one too, sees varied inputs. Columns, per
 decoded token (steady state: the first window's tokens skipped):
 bytes the engine read, bytes the device delivered (/proc/self/io), reads and
 their mean size, I/O ms, bookkeeping ms, compute ms (the rest of the token's
-time), tok/s. The budget holds the model's resident part (everything but the FFN
+time), tok/s: medians of --rounds rounds over the rows, with the range of tok/s
+(rows slower than 1 tok/s run once). The budget holds the model's resident part (everything but the FFN
 records), the predictor, the KV cache and buffers, plus --ffn-fraction of the FFN
 records. Streamed reads use direct I/O, so the page cache neither holds nor hides
 them.
@@ -153,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=16, help="tokens whose neurons stay (default 16)")
     ap.add_argument("-n", "--n-gen", type=int, default=24, help="tokens decoded per row (default 24)")
     ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("-r", "--rounds", type=int, default=3,
+                    help="rounds over the rows, each row in a fresh process; medians shown (default 3)")
     ap.add_argument("--rows", help="comma-separated row names to run (default: all), e.g. naive,+ prefetch (all)")
     ap.add_argument("--honesty", action="store_true", help="instead: peak RSS of streamed runs against the budget")
     args = ap.parse_args(argv)
@@ -170,24 +173,33 @@ def main(argv=None) -> int:
         print("| configuration | MB read/token | device MB/token | reads/token | mean read KiB | I/O ms | "
               "bookkeeping ms | compute ms | tok/s | window hit |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        wanted = [(name, st) for name, st in rows(args.predictor, args.keep, args.window)
+                  if not args.rows or name in args.rows.split(",")]
+        runs: dict[str, list] = {name: [] for name, _ in wanted}
+        for rnd in range(args.rounds):  # rounds interleave the rows: the disk's and CPU's drift hits them alike
+            for name, settings in wanted:
+                if rnd and runs[name][0]["tok_s"] < 1:
+                    continue  # a row slower than 1 tok/s runs once (minutes a round; it is not a target)
+                target = src if settings is None else path
+                runs[name].append(run_row(target, dict(settings) if settings else None, budget, args.n_gen,
+                                          args.window + 1, args.threads))
         results = {}
-        for name, settings in rows(args.predictor, args.keep, args.window):
-            if args.rows and name not in args.rows.split(","):
-                continue
-            target = src if settings is None else path
-            r = run_row(target, dict(settings) if settings else None, budget, args.n_gen, args.window + 1, args.threads)
-            results[name] = r
+        for name, rs in runs.items():
+            r = results[name] = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
+            spread = f" ({min(x['tok_s'] for x in rs):.2f}-{max(x['tok_s'] for x in rs):.2f})" if len(rs) > 1 else ""
             if "bytes" in r:
                 print(f"| {name} | {r['bytes'] / 1e6:.2f} | {r['dev'] / 1e6:.2f} | {r['reads']:.0f} | "
                       f"{r['mean_read'] / 1024:.1f} | {r['io']:.1f} | {r['book']:.1f} | {r['compute']:.1f} | "
-                      f"{r['tok_s']:.2f} | {r['hit']:.2f} |", flush=True)
+                      f"{r['tok_s']:.2f}{spread} | {r['hit']:.2f} |", flush=True)
             else:
-                print(f"| {name} | 0 | {r['dev'] / 1e6:.2f} | 0 | - | 0 | 0 | {r['ms']:.1f} | {r['tok_s']:.2f} | - |",
+                print(f"| {name} | 0 | {r['dev'] / 1e6:.2f} | 0 | - | 0 | 0 | {r['ms']:.1f} | {r['tok_s']:.2f}{spread} | - |",
                       flush=True)
         if not {"+ prefetch (all)", "naive", "in-RAM (compiled step)", "in-RAM (flash, layer path)"} <= set(results):
             continue
         allt, naive = results["+ prefetch (all)"], results["naive"]
-        print(f"\nall techniques / naive: {allt['tok_s'] / naive['tok_s']:.2f}x tok/s; "
+        per_round = [a["tok_s"] / b["tok_s"] for a, b in zip(runs["+ prefetch (all)"], runs["naive"])]
+        print(f"\nall techniques / naive: {allt['tok_s'] / naive['tok_s']:.2f}x tok/s (medians; per round "
+              f"{', '.join(f'{x:.2f}x' for x in per_round)}); "
               f"all / in-RAM (compiled): {allt['tok_s'] / results['in-RAM (compiled step)']['tok_s']:.2f}x; "
               f"all / in-RAM (layer path): {allt['tok_s'] / results['in-RAM (flash, layer path)']['tok_s']:.2f}x")
     return 0

@@ -10,7 +10,7 @@ from flashlm.apps.cli import main
 from flashlm.errors import FlashLMError, InvalidArgumentError, ModelFormatError
 from flashlm.flashload import layout
 from flashlm.flashload.predictor import top_fraction
-from flashlm.flashload.store import FlashStore, NeuronWindow
+from flashlm.flashload.store import PREFETCH_LAYERS, FlashStore, NeuronWindow
 from flashlm import kernels_cpu as K
 from flashlm.runtime.modelfile import GGUFModelFile
 
@@ -175,6 +175,7 @@ def test_hot_windows_read_only_the_tail_and_equal_records_from_the_mapping(predi
         assert s.needed == sum(lb.n_ff // (2 if predictor else 1) for lb in store.plans) and 0 < s.hits < s.needed
         # a prefetch reads the pages the last token needed; what it missed is read too
         assert 0 < s.reads and s.bytes_requested <= s.bytes_read <= tails * (2 if prefetch else 1)
+    assert not prefetch or store._pending  # the next layers' reads were in flight
     # the calibrated order at work: the first records are needed more often than the rest
     # (with the source's order, the share of hits would be the share of neurons held: 0.34 here)
     held = sum(caps) / sum(lb.n_ff for lb in store.plans)
@@ -198,17 +199,9 @@ def test_convert_refuses_to_overwrite_and_rejects_non_flash_files(flash_files, s
 
 
 def test_memory_plan_fits_the_budget_and_names_the_minimum(flash_files, capsys):
-    import re
-
     path = flash_files["smollm2"]
-    minima = []
-    for _ in range(2):  # the tokenizer's share is measured as the model loads: its first load counts more
-        with pytest.raises(FlashLMError, match=r"below the minimum [0-9.]+ MiB") as e:
-            flashlm.Model(path, n_ctx=256, memory_budget="60MB")
-        minima.append(float(re.search(r"minimum ([0-9.]+) MiB", str(e.value)).group(1)))
-    minimum = min(minima)
     for hot in (True, False):
-        _check_plans(path, minimum, hot)
+        _check_plans(path, hot)
     assert main(["info", "-m", str(path), "--memory-budget", "200MB", "-c", "256"]) == 0
     out = capsys.readouterr().out
     assert "memory plan for a budget of 190.7 MiB" in out and "neuron window" in out and "layout:       flash" in out
@@ -216,13 +209,23 @@ def test_memory_plan_fits_the_budget_and_names_the_minimum(flash_files, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "minimum" in err
     assert main(["run", "-m", str(path), "--keep", "1", "-p", "Hi", "-n", "2"]) == 0  # keep 1: every neuron
+    for flags in (["--sliding"], ["--no-prefetch"]):  # the paper's sliding window; no prefetch
+        assert main(["run", "-m", str(path), "--memory-budget", "150MB", "-c", "256", "-p", "Hi", "-n", "2", *flags]) == 0
     assert main(["run", "-m", str(path), "--keep", "2", "-p", "Hi"]) == 2
     assert "keep must be in (0, 1]" in capsys.readouterr().err
     assert main(["run", "-m", str(path), "--window", "-1", "-p", "Hi"]) == 2
     assert "window must be >= 0" in capsys.readouterr().err
 
 
-def _check_plans(path, minimum, hot):
+def _check_plans(path, hot):
+    import re
+
+    minima = []
+    for _ in range(2):  # the tokenizer's share is measured as the model loads: its first load counts more
+        with pytest.raises(FlashLMError, match=r"below the minimum [0-9.]+ MiB") as e:
+            flashlm.Model(path, n_ctx=256, memory_budget="60MB", streaming=dict(hot=hot))
+        minima.append(float(re.search(r"minimum ([0-9.]+) MiB", str(e.value)).group(1)))
+    minimum = min(minima)
     # Just above the minimum, hardly any window: a token reads most of its neurons into the
     # spill buffer, one layer at a time. Hot windows (the first neurons, for good) and
     # sliding ones (the last tokens' neurons).
@@ -233,7 +236,7 @@ def _check_plans(path, minimum, hot):
     assert all(c < n // 4 for c, n in zip(plan.capacities, need))
     if hot:  # the buffer takes a layer's records past its window, page-aligned at both ends
         one = max(-(-(lb.n_ff - c) * lb.bundle_bytes // 4096) * 4096 + 8192 for lb, c in zip(store.plans, plan.capacities))
-        assert plan.spill == 2 * one  # two with prefetch: the next layer's reads land in the other
+        assert plan.spill == (1 + PREFETCH_LAYERS) * one  # one more per layer read ahead
     else:  # the buffer takes what a token needs beyond the window
         assert plan.spill == max((n - c) * p for n, c, p in zip(need, plan.capacities, plan.per_neuron))
     assert plan.fixed + plan.window + plan.spill <= plan.budget
@@ -242,7 +245,9 @@ def _check_plans(path, minimum, hot):
     assert st.needed == sum(need) and st.hits <= sum(plan.capacities) and st.reads > 0
     m.close()
     full_windows = sum(n * p for n, p in zip(need, plan.per_neuron))
-    for extra in (full_windows // 2, full_windows + (4 << 20)):  # windows hold half a token's needs; all, and more
+    # the minimum's buffer takes whole layers with hot windows: what the windows take off it is room too
+    freed = store.spill_bytes([0] * len(need)) - store.spill_bytes([n for n in need]) if hot else 0
+    for part, extra in ((True, full_windows // 2), (False, full_windows + (4 << 20) - freed)):  # half a token's needs; all, and more
         m = flashlm.Model(path, n_ctx=256, n_threads=2, memory_budget=int(minimum * 2**20) + extra,
                           streaming=dict(hot=hot))
         plan, store = m.plan, m.store
@@ -250,7 +255,7 @@ def _check_plans(path, minimum, hot):
         for win, cap, n, lb in zip(store.windows, plan.capacities, need, store.plans):
             assert win.cap == cap <= lb.n_ff
             assert win.gate.shape[1] == 0  # the gate predictor holds the gate: windows keep up and down rows only
-            assert (0 < cap < n) if extra < full_windows else (cap >= n)
+            assert (0 < cap < n) if part else (cap >= n)
         assert sum(plan.capacities) < plan.n_ff  # neither holds every neuron
         text = m.generate(PROMPT, max_tokens=6, temperature=0.0)
         assert text.strip() and all(w.n <= w.cap for w in store.windows)

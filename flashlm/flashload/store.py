@@ -31,6 +31,10 @@ from .plan import PREFILL_NEURONS
 from .probe import load_probe, pick_gap, pick_read_size
 from .predictor import PREDICTORS, act, make_predictor, n_keep
 
+# layers whose reads start ahead: measured on Gemma at half its FFN rows, 2 waited less but
+# its buffers came out of the windows (fewer hits, more bytes) and tok/s did not rise
+PREFETCH_LAYERS = 1
+
 
 @dataclass
 class TokenStats:
@@ -253,13 +257,14 @@ class FlashStore(WeightStore):
         with_gate = self.reads_gate
         self.windows = [NeuronWindow(lb, c, None, with_gate) for lb, c in zip(self.plans, capacities)]
         self._drain()
-        self.tail_bufs, self._have, self._flip = [], [], 0
+        self.tail_bufs, self._have, self._free, self._current = [], [], [], None
         if self.hot:  # the records past each hot window, read straight from the file into tail buffers
             spill = [0] * len(capacities)
-            pages = self.spill_bytes(capacities) // (2 if self.settings.prefetch else 1) // ALIGN
-            self.tail_bufs = [aligned_empty(pages * ALIGN) for _ in range(2 if self.settings.prefetch else 1)] * (
-                1 if self.settings.prefetch else 2)  # without prefetch, "both" buffers are one
-            self._have = [np.zeros(pages, dtype=bool) for _ in range(2)]  # pages a buffer holds
+            n_bufs = self.tail_buffers
+            pages = self.spill_bytes(capacities) // n_bufs // ALIGN
+            self.tail_bufs = [aligned_empty(pages * ALIGN) for _ in range(n_bufs)]
+            self._have = [np.zeros(pages, dtype=bool) for _ in range(n_bufs)]  # pages a buffer holds
+            self._free = list(range(n_bufs))
             self.last_pages = []  # per layer, the pages of its tail its last token needed: at first, all
             for i, (lb, c) in enumerate(zip(self.plans, capacities)):
                 tail = np.zeros(pages, dtype=bool)
@@ -286,16 +291,21 @@ class FlashStore(WeightStore):
         """Whether the windows hold hot neurons (StreamSettings.hot, with a window)."""
         return bool(self.settings.hot and self.settings.window)
 
+    @property
+    def tail_buffers(self) -> int:
+        """Tail buffers of hot windows: the layer computing, and one per layer read ahead."""
+        return 1 + (PREFETCH_LAYERS if self.settings.prefetch else 0)
+
     def spill_bytes(self, capacities: list[int]) -> int:
         """Bytes of the buffer for what one token reads beyond windows of these capacities
         (the layers take turns with it). Hot windows: a layer's whole tail of records,
-        page-aligned at both ends, which reads land in straight from the file (two with
-        prefetch); sliding
+        page-aligned at both ends, which reads land in straight from the file (one more
+        for each layer prefetch reads ahead); sliding
         windows: the neurons a token needs beyond its window, in window rows."""
-        if self.hot:  # with prefetch, two: the next layer's reads land in the other
+        if self.hot:  # with prefetch, one more per layer read ahead
             one = max(-(-((lb.n_ff - c) * lb.bundle_bytes) // ALIGN) * ALIGN + 2 * ALIGN
                       for lb, c in zip(self.plans, capacities))
-            return one * (2 if self.settings.prefetch else 1)
+            return one * self.tail_buffers
         return max(c * self.held_bytes(lb) for lb, c in zip(self.plans, self.spill_capacities(capacities)))
 
     @property
@@ -370,10 +380,11 @@ class FlashStore(WeightStore):
         """Gate, up and down refs over layer i's records past its hot window (row k:
         neuron cap + k), with the records of `cold` (sorted ids, all >= cap) read in:
         spans of them closer than the engine's merge gap, widened to whole pages, each
-        read straight into its place in a tail buffer. With prefetch, the next layer's
-        tail reads start now, into the other buffer: the pages this layer's last token
-        needed there, which (its neurons changing little from token to token) are
-        mostly the ones the next token needs; what they miss is read when it is known."""
+        read straight into its place in a tail buffer. With prefetch, the reads of the
+        next PREFETCH_LAYERS layers' tails start now, each into a buffer of its own: the
+        pages their last token needed, which (a layer's needs changing little from token
+        to token) are mostly the ones the next token needs; what they miss is read when
+        it is known."""
         st, lb, cap = self.current, self.plans[i], self.windows[i].cap
         t0 = time.perf_counter()
         stride, n_tail = lb.bundle_bytes, lb.n_ff - cap
@@ -381,11 +392,13 @@ class FlashStore(WeightStore):
             recs = self._records[i].data[cap:]
         else:
             page0 = self._tail_page0(i)
-            pend, self._pending = self._pending, None
-            if pend is not None and pend[0] != i:  # not this layer's (a prefill came between): drop it
-                self._wait(pend[3], st)
-                pend = None
-            k = pend[1] if pend is not None else self._flip
+            if self._current is not None:  # the last layer's buffer: its products are done
+                self._free.append(self._current)
+            k, pf = self._pending.pop(i, (None, []))
+            if k is None:
+                k = self._free.pop()
+                self._have[k][:] = False
+            self._current = k
             buf = self.tail_bufs[k]
             start = self._records[i].offset + cap * stride  # the tail's first byte in the file
             recs = buf[start - page0:start - page0 + n_tail * stride].reshape(n_tail, stride)
@@ -399,18 +412,15 @@ class FlashStore(WeightStore):
                 np.add.at(want, pb, -1)
             want = np.cumsum(want[:-1]) > 0
             self.last_pages[i] = want
-            if pend is None:
-                self._have[k][:] = False
-            futs = self._submit(i, want & ~self._have[k], k, st)  # what the prefetch did not bring
-            self._flip = 1 - k
-            if self.settings.prefetch:
-                j = (i + 1) % len(self.plans)
-                if self.windows[j].cap < self.plans[j].n_ff:
-                    self._have[self._flip][:] = False
-                    pf = self._submit(j, self.last_pages[j], self._flip, st)
-                    self._pending = (j, self._flip, None, pf)
+            futs = self._submit(i, want & ~self._have[k], k, st)  # what a prefetch did not bring
+            for d in range(1, len(self.tail_bufs)):  # the next layers' reads, into the free buffers
+                j = (i + d) % len(self.plans)
+                if j != i and j not in self._pending and self._free and self.windows[j].cap < self.plans[j].n_ff:
+                    kk = self._free.pop()
+                    self._have[kk][:] = False
+                    self._pending[j] = (kk, self._submit(j, self.last_pages[j], kk, st))
             st.bookkeeping_s += time.perf_counter() - t0
-            self._wait(futs + (pend[3] if pend is not None else []), st)
+            self._wait(futs + pf, st)
             st.bytes_requested += len(cold) * stride
         gt, ut, dt = lb.types
         a, b = lb.gate_bytes, lb.gate_bytes + lb.up_bytes
@@ -551,10 +561,10 @@ class FlashStore(WeightStore):
         return out
 
     def _drain(self) -> None:
-        """Wait for a prefetch in flight (before its buffers are dropped or the engine closed)."""
-        pend, self._pending = getattr(self, "_pending", None), None
-        if pend is not None:
-            for f in set(pend[3]):
+        """Wait for the prefetches in flight (before their buffers are dropped or the engine closed)."""
+        pending, self._pending = getattr(self, "_pending", {}), {}
+        for _, futs in pending.values():
+            for f in set(futs):
                 f.exception()
 
     def close(self):
