@@ -42,6 +42,23 @@ def test_read_ranges_returns_the_files_bytes(tmp_path, direct):
             e.read_ranges([(len(data) - 5, 10)], [np.empty(10, np.uint8)])
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_large_range_is_staged_in_pieces(tmp_path, direct):
+    # One range larger than max_read, into a buffer that is not page-aligned (with direct
+    # I/O it goes through staging): read piece by piece, the staging buffer stays at max_read.
+    data = np.random.default_rng(2).integers(0, 256, 1_000_003, dtype=np.uint8)
+    path = tmp_path / "blob.bin"
+    data.tofile(path)
+    with ReadEngine(path, n_threads=1, direct=direct, max_read=64 * 1024) as e:
+        for off, n in ((5, 700_001), (0, 1_000_003), (123_456, 65_537)):
+            out = np.empty(n + 1, np.uint8)[1:]  # off by a byte from any page
+            e.read_ranges([(off, n)], [out])
+            np.testing.assert_array_equal(out, data[off:off + n])
+        stage = e.pool.submit(lambda: getattr(e._local, "buf", None)).result()
+        if direct:  # (without direct I/O, a lone range is read straight into its buffer: no staging)
+            assert stage is not None and stage.shape[0] == 64 * 1024
+
+
 def test_probe_disk_measures_and_cleans_up(tmp_path):
     rows = probe_disk(str(tmp_path), file_mib=16, sizes=(4096, 65536), depths=(1, 2), seconds=0.05)
     assert [(r.read_size, r.depth) for r in rows] == [(4096, 1), (4096, 2), (65536, 1), (65536, 2)]

@@ -125,6 +125,8 @@ class ReadEngine:
         n = end - start
         if len(members) == 1 and self._straight(start, n, ranges[members[0]], outs[members[0]]):
             return time.perf_counter()
+        if n > self.max_read:  # one large range (merged reads stay within max_read): staged piece by piece,
+            return self._read_pieces(start, n, ranges[members[0]], outs[members[0]])  # so staging stays bounded
         stage = self._staging(n)[:n]
         got = 0
         while got < n:  # preadv may return short counts; at EOF it returns 0
@@ -141,6 +143,30 @@ class ReadEngine:
                 raise OSError(f"{self.path}: short read at offset {off} ({got - a} of {ln} bytes); is the file truncated?")
             outs[i][:ln] = stage[a:a + ln]
         if not self.direct:  # keep the page cache from holding (and hiding) what we stream
+            os.posix_fadvise(self.fd, start, n, os.POSIX_FADV_DONTNEED)
+        return time.perf_counter()
+
+    def _read_pieces(self, start: int, n: int, rng, out: np.ndarray) -> float:
+        """Read [start, start + n) in pieces of max_read through this thread's staging
+        buffer, copying the part of range rng = (off, ln) that each piece holds into out."""
+        off, ln = rng
+        stage = self._staging(self.max_read)
+        for p in range(start, start + n, self.max_read):
+            m = min(self.max_read, start + n - p)
+            got = 0
+            while got < m:
+                k = os.preadv(self.fd, [stage[got:m]], p + got)
+                if k <= 0:
+                    break
+                got += k
+                if self.direct and k % ALIGN:
+                    break
+            a, b = max(off, p), min(off + ln, p + m)
+            if a < b:
+                if b > p + got:
+                    raise OSError(f"{self.path}: short read at offset {p} ({got} of {b - p} bytes); is the file truncated?")
+                out[a - off:b - off] = stage[a - p:b - p]
+        if not self.direct:
             os.posix_fadvise(self.fd, start, n, os.POSIX_FADV_DONTNEED)
         return time.perf_counter()
 

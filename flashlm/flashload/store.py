@@ -362,8 +362,9 @@ class FlashStore(WeightStore):
         from the file into the tail buffer and multiplied where they landed."""
         st, lb, win = self.current, self.plans[i], self.windows[i]
         first = not win.n and win.cap
-        if first:  # first use: read now, so no hits this token
-            self._load(win, np.arange(win.cap))
+        if first:  # first use: read now (in prefill-sized chunks: bounded buffers), so no hits this token
+            for c0 in range(0, win.cap, PREFILL_NEURONS):
+                self._load(win, np.arange(c0, min(win.cap, c0 + PREFILL_NEURONS)))
         cut = int(np.searchsorted(needed, win.cap))
         st.needed += len(needed)
         st.hits += 0 if first else cut
