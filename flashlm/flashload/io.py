@@ -125,8 +125,6 @@ class ReadEngine:
         n = end - start
         if len(members) == 1 and self._straight(start, n, ranges[members[0]], outs[members[0]]):
             return time.perf_counter()
-        if n > self.max_read:  # one large range (merged reads stay within max_read): staged piece by piece,
-            return self._read_pieces(start, n, ranges[members[0]], outs[members[0]])  # so staging stays bounded
         stage = self._staging(n)[:n]
         got = 0
         while got < n:  # preadv may return short counts; at EOF it returns 0
@@ -146,28 +144,28 @@ class ReadEngine:
             os.posix_fadvise(self.fd, start, n, os.POSIX_FADV_DONTNEED)
         return time.perf_counter()
 
-    def _read_pieces(self, start: int, n: int, rng, out: np.ndarray) -> float:
-        """Read [start, start + n) in pieces of max_read through this thread's staging
-        buffer, copying the part of range rng = (off, ln) that each piece holds into out."""
+    def _read_piece(self, p: int, m: int, rng, out: np.ndarray) -> float:
+        """Read [p, p + m), one piece of the large range rng = (off, ln), and put the part
+        of rng it holds into out (straight when it can, else through max_read of staging)."""
         off, ln = rng
+        a, b = max(off, p), min(off + ln, p + m)
+        dst = out[a - off:b - off]
+        if a == p and b == p + m and self._straight(p, m, (p, m), dst):
+            return time.perf_counter()
         stage = self._staging(self.max_read)
-        for p in range(start, start + n, self.max_read):
-            m = min(self.max_read, start + n - p)
-            got = 0
-            while got < m:
-                k = os.preadv(self.fd, [stage[got:m]], p + got)
-                if k <= 0:
-                    break
-                got += k
-                if self.direct and k % ALIGN:
-                    break
-            a, b = max(off, p), min(off + ln, p + m)
-            if a < b:
-                if b > p + got:
-                    raise OSError(f"{self.path}: short read at offset {p} ({got} of {b - p} bytes); is the file truncated?")
-                out[a - off:b - off] = stage[a - p:b - p]
+        got = 0
+        while got < m:
+            k = os.preadv(self.fd, [stage[got:m]], p + got)
+            if k <= 0:
+                break
+            got += k
+            if self.direct and k % ALIGN:
+                break
+        if b > p + got:
+            raise OSError(f"{self.path}: short read at offset {p} ({got} of {b - p} bytes); is the file truncated?")
+        dst[:] = stage[a - p:b - p]
         if not self.direct:
-            os.posix_fadvise(self.fd, start, n, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self.fd, p, m, os.POSIX_FADV_DONTNEED)
         return time.perf_counter()
 
     def submit(self, ranges: list[tuple[int, int]], outs: list[np.ndarray]) -> list[Future]:
@@ -180,9 +178,17 @@ class ReadEngine:
         else:
             a = ALIGN if self.direct else 1
             reads = [(off // a * a, _round_up(off + n, a) - off // a * a, [i]) for i, (off, n) in enumerate(ranges)]
-        self._count(ranges, reads)
+        end = _round_up(self.size) if self.direct else self.size
+        pieces = sum(-(-(min(s + n, end) - s) // self.max_read) if n > self.max_read else 1 for s, n, _ in reads)
+        self._count(ranges, reads, pieces)
         futs = [None] * len(ranges)
         for s, n, m in reads:
+            if n > self.max_read:  # one large range (merged reads stay within max_read): in pieces, in
+                i = m[0]  # parallel, so no thread stages more than max_read
+                n = min(s + n, end) - s
+                futs[i] = _all_of([self.pool.submit(self._read_piece, p, min(self.max_read, s + n - p), ranges[i],
+                                                    outs[i]) for p in range(s, s + n, self.max_read)])
+                continue
             f = self.pool.submit(self._read_one, s, n, m, ranges, outs)
             for i in m:
                 futs[i] = f
@@ -193,10 +199,10 @@ class ReadEngine:
             if off < 0 or n < 0 or off + n > self.size:
                 raise ValueError(f"range ({off}, {n}) is outside {self.path} ({self.size} bytes)")
 
-    def _count(self, ranges, reads) -> None:
+    def _count(self, ranges, reads, n_reads: int | None = None) -> None:
         st = self.stats
         st.requests += len(ranges)
-        st.reads += len(reads)
+        st.reads += len(reads) if n_reads is None else n_reads
         st.bytes_requested += sum(n for _, n in ranges)
         st.bytes_read += sum(n for _, n, _ in reads)
 
@@ -246,6 +252,26 @@ class ReadEngine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _all_of(futs: list[Future]) -> Future:
+    """A future done when all of futs are: the first error, else the latest result."""
+    out, left, lock = Future(), [len(futs)], threading.Lock()
+
+    def done(_):
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        errors = [f.exception() for f in futs if f.exception() is not None]
+        if errors:
+            out.set_exception(errors[0])
+        else:
+            out.set_result(max(f.result() for f in futs))
+
+    for f in futs:
+        f.add_done_callback(done)
+    return out
 
 
 def device_read_bytes() -> int:
