@@ -1,5 +1,6 @@
 """The flash layout (flashload/layout.py) and streaming its FFN neurons (store.py)."""
 
+import os
 import re
 
 import numpy as np
@@ -155,6 +156,9 @@ def test_hot_windows_read_only_the_tail_and_equal_records_from_the_mapping(predi
     streaming = dict(predictor=predictor, keep=0.5, prefetch=prefetch)
     with flashlm.Model(path, n_ctx=64, n_threads=2, memory_budget=1 << 50, streaming=streaming) as m:
         budget = m.plan.fixed + (m.plan.full - m.plan.fixed) // 2
+        assert m.plan.capacities == [lb.n_ff for lb in m.store.plans]  # room for all: no tails
+    with flashlm.Model(path, n_ctx=64, n_threads=2, memory_budget=m.plan.full, streaming=streaming) as m:
+        assert m.plan.capacities == [lb.n_ff for lb in m.store.plans] and m.plan.spill == 0
     models = [flashlm.Model(path, n_ctx=64, n_threads=2, memory_budget=budget, streaming=streaming) for _ in range(2)]
     models[1].store.resident = True
     tokens = models[0].tokenize(PROMPT)
@@ -183,6 +187,20 @@ def test_hot_windows_read_only_the_tail_and_equal_records_from_the_mapping(predi
         assert np.median([s.hits / s.needed for s in stats[1:]]) > 1.15 * held
     for m in models:
         m.close()
+
+
+def test_cached_converts_again_when_the_source_or_the_layout_changes(random_gguf, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("FLASHLM_HOME", str(tmp_path / "home"))
+    src = tmp_path / "tiny.gguf"
+    shutil.copy(random_gguf("llama"), src)
+    first = layout.cached(src)
+    made = first.stat().st_mtime_ns
+    assert layout.cached(src) == first and first.stat().st_mtime_ns == made  # reused
+    os.utime(src, ns=(made, made + 10**9))  # the source changed: converted again
+    assert layout.cached(src) == first and first.stat().st_mtime_ns != made
+    assert not list(first.parent.glob("*.partial"))
 
 
 def test_convert_refuses_to_overwrite_and_rejects_non_flash_files(flash_files, smollm2_path, tmp_path, capsys):

@@ -141,8 +141,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, force: bool = False,
     predictor (default n_embd / 8). calibration_tokens: tokens the model writes to
     order its neurons by how often they are needed (0: keep the source's order).
     progress(done, total, what), if given, is called as tensors are written and as
-    calibration goes. Writes out + ".partial" and renames it at the end, so a failure
-    leaves nothing half-written under the final name.
+    calibration goes. Writes a ".partial" file beside out and renames it at the end, so a
+    failure leaves nothing half-written under the final name.
     """
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
@@ -187,13 +187,16 @@ def _write(mf, src, out, plans, rank, progress, calibration_tokens: int) -> Path
                       lambda lb=lb: layer_bundles(mf, lb)))
         items.append((f"blk.{i}.ffn_neuron_ids", (lb.n_ff, 4), GGMLQuantizationType.I32,
                       lambda lb=lb: np.arange(lb.n_ff, dtype=np.int32).view(np.uint8).reshape(lb.n_ff, 4)))
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.partial")  # a process's own: two may convert at once
     w = GGUFWriter(str(tmp), mf.arch)
     try:
         _copy_metadata(mf, w)
         w.add_custom_alignment(ALIGN)
         w.add_uint32(KEY + ".version", VERSION)
         w.add_string(KEY + ".source", src.name)
+        st = src.stat()
+        w.add_uint64(KEY + ".source_size", st.st_size)
+        w.add_uint64(KEY + ".source_mtime_ns", st.st_mtime_ns)
         w.add_string(ORDER_KEY, "calibrated" if calibration_tokens else "identity")
         w.add_array(KEY + ".up_types", [int(lb.types[1]) for lb in plans])
         for name, shape, qtype, _ in items:
@@ -218,15 +221,18 @@ def _write(mf, src, out, plans, rank, progress, calibration_tokens: int) -> Path
 
 def cached(model: str | os.PathLike, progress=None) -> Path:
     """The flash layout of `model` (a registry name or a GGUF path) in the cache folder,
-    converted when it is missing or was written by another layout version."""
+    converted when it is missing, was written by another layout version, or was made
+    from another file (size or modification time not the source's)."""
     from ..runtime.registry import home, resolve
 
-    src = resolve(model)
-    out = home() / "flash" / (Path(src).stem + ".flash.gguf")
+    src = Path(resolve(model))
+    out = home() / "flash" / (src.stem + ".flash.gguf")
     if out.exists():
         mf = GGUFModelFile(out)
         try:
-            current = mf.metadata.get(KEY + ".version") == VERSION
+            md, st = mf.metadata, src.stat()
+            current = (md.get(KEY + ".version") == VERSION and md.get(KEY + ".source_size") == st.st_size
+                       and md.get(KEY + ".source_mtime_ns") == st.st_mtime_ns)
         finally:
             mf.close()
         if current:

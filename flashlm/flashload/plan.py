@@ -104,6 +104,8 @@ def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_voc
 
     if s.window == 0:  # nothing kept between tokens
         caps = [0] * len(plans)
+    elif store.hot and cost([lb.n_ff for lb in plans]) <= room:  # every neuron held: no tails
+        caps = [lb.n_ff for lb in plans]
     elif store.hot:  # each window holds its layer's first share f of neurons; the buffer takes a tail
         lo, hi = 0.0, 1.0
         for _ in range(40):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from concurrent.futures import wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -303,7 +304,7 @@ class FlashStore(WeightStore):
         for each layer prefetch reads ahead); sliding
         windows: the neurons a token needs beyond its window, in window rows."""
         if self.hot:  # with prefetch, one more per layer read ahead
-            one = max(-(-((lb.n_ff - c) * lb.bundle_bytes) // ALIGN) * ALIGN + 2 * ALIGN
+            one = max(-(-((lb.n_ff - c) * lb.bundle_bytes) // ALIGN) * ALIGN + 2 * ALIGN if c < lb.n_ff else 0
                       for lb, c in zip(self.plans, capacities))
             return one * self.tail_buffers
         return max(c * self.held_bytes(lb) for lb, c in zip(self.plans, self.spill_capacities(capacities)))
@@ -361,9 +362,9 @@ class FlashStore(WeightStore):
         first use reads them, in one large read, for good); the rest are read straight
         from the file into the tail buffer and multiplied where they landed."""
         st, lb, win = self.current, self.plans[i], self.windows[i]
-        first = not win.n and win.cap
-        if first:  # first use: read now (in prefill-sized chunks: bounded buffers), so no hits this token
-            for c0 in range(0, win.cap, PREFILL_NEURONS):
+        first = win.n < win.cap
+        if first:  # first use (or one that failed): read now, in prefill-sized chunks (bounded buffers)
+            for c0 in range(win.n, win.cap, PREFILL_NEURONS):
                 self._load(win, np.arange(c0, min(win.cap, c0 + PREFILL_NEURONS)))
         cut = int(np.searchsorted(needed, win.cap))
         st.needed += len(needed)
@@ -395,6 +396,7 @@ class FlashStore(WeightStore):
             page0 = self._tail_page0(i)
             if self._current is not None:  # the last layer's buffer: its products are done
                 self._free.append(self._current)
+                self._current = None
             k, pf = self._pending.pop(i, (None, []))
             if k is None:
                 k = self._free.pop()
@@ -419,9 +421,17 @@ class FlashStore(WeightStore):
                 if j != i and j not in self._pending and self._free and self.windows[j].cap < self.plans[j].n_ff:
                     kk = self._free.pop()
                     self._have[kk][:] = False
-                    self._pending[j] = (kk, self._submit(j, self.last_pages[j], kk, st))
+                    try:
+                        self._pending[j] = (kk, self._submit(j, self.last_pages[j], kk, st))
+                    except BaseException:
+                        self._free.append(kk)
+                        raise
             st.bookkeeping_s += time.perf_counter() - t0
-            self._wait(futs + pf, st)
+            try:
+                self._wait(futs + pf, st)
+            except BaseException:  # every read into buffer k has ended (see _wait); none can be trusted
+                self._have[k][:] = False
+                raise
             st.bytes_requested += len(cold) * stride
         gt, ut, dt = lb.types
         a, b = lb.gate_bytes, lb.gate_bytes + lb.up_bytes
@@ -455,10 +465,14 @@ class FlashStore(WeightStore):
         return futs
 
     def _wait(self, futs: list, st: TokenStats) -> None:
+        """Wait for every one of futs (so no read still lands in a buffer), then raise the
+        first error, if any."""
         t0 = time.perf_counter()
-        for f in set(futs):
-            f.result()
+        futs = set(futs)
+        wait(futs)
         st.io_s += time.perf_counter() - t0
+        for f in futs:
+            f.result()
 
     def _ffn_rows(self, refs, x, rows, g, gelu: bool, out: np.ndarray, st: TokenStats) -> None:
         """out += the FFN's part from rows `rows` of refs (gate, up, down_t), given their
