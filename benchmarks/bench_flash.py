@@ -222,16 +222,17 @@ m.generate("The history of the city begins in the early years of the century, wh
 
 
 def peak_rss(code: str, *argv) -> int:
-    """Peak RSS (bytes) of `code` run in a fresh interpreter."""
-    import os
+    """Peak RSS (bytes) of `code` run in a fresh interpreter: its VmHWM as it ends. (Not
+    the child's ru_maxrss, which on Linux keeps the high-water mark of the process it
+    was forked from: after this process converted a model, a child's peak read 1-3 GB.)"""
     import subprocess
 
-    p = subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(p.pid, 0)
-    if status:
-        raise RuntimeError(f"child failed ({status})")
-    return usage.ru_maxrss * 1024
+    probe = code + "\nprint('VmHWM', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
+    r = subprocess.run([sys.executable, "-c", probe, *map(str, argv)], capture_output=True, text=True)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("VmHWM ")]
+    if r.returncode or not line:
+        raise RuntimeError(f"child failed ({r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
+    return int(line[0].split()[1]) * 1024
 
 
 def honesty(models, fraction: float, predictor: str, keep: float, window: int, n_gen: int) -> None:
