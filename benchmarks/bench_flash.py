@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flashlm  # noqa: E402
 from flashlm.flashload.io import device_read_bytes  # noqa: E402
 from flashlm.units import format_size  # noqa: E402
-from flash_quality import TEXT, flash_file  # noqa: E402
+from flash_quality import TEXT  # noqa: E402
+from flashlm.flashload.layout import cached  # noqa: E402
 
 N_CTX = 256
 
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
         return 0
     for model in args.model or ["smollm2-135m"]:
         src = flashlm.runtime.registry.resolve(model)
-        path = flash_file(model)
+        path = cached(model)
         budget, ffn = budget_for(path, args.ffn_fraction, args.predictor, args.keep, args.window)
         print(f"\n{src.name}: budget {format_size(budget)} = {budget / src.stat().st_size:.0%} of the source file "
               f"({format_size(src.stat().st_size)}); {args.ffn_fraction:.0%} of the {format_size(ffn)} of streamed FFN "
@@ -244,7 +245,7 @@ def honesty(models, fraction: float, predictor: str, keep: float, window: int, n
     print("| model | budget | peak RSS | budget + idle | within |")
     print("|---|---:|---:|---:|---|")
     for model in models:
-        path = flash_file(model)
+        path = cached(model)
         budget, _ = budget_for(path, fraction, predictor, keep, window)
         peak = peak_rss(STREAMED, path, N_CTX, budget, predictor, keep, window, n_gen)
         print(f"| {Path(path).name} | {format_size(budget)} | {format_size(peak)} | {format_size(budget + idle)} | "

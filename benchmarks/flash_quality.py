@@ -35,12 +35,6 @@ TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "eval_text.tx
 DEFAULT_CONFIGS = "gate:0.3,gate:0.5,gate:0.7,gate:0.85,lowrank:0.5,lowrank:0.7,lowrank:0.85"
 
 
-def flash_file(model: str) -> Path:
-    """The flash layout of `model`, converted once into the cache folder (again when
-    the cached file is of another layout version)."""
-    return layout.cached(model)
-
-
 class RecallMeter:
     """Wraps a store's predictor: per layer and token, the share of the neurons that
     matter (top keep by |act(g) * u| * |down row|) that the predictor chose."""
@@ -89,7 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"predictor:keep,... (default {DEFAULT_CONFIGS})")
     ap.add_argument("-t", "--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    path = flash_file(args.model)
+    path = layout.cached(args.model)
     configs = [(None, 1.0)] + [(p, float(k)) for p, k in (c.split(":") for c in args.configs.split(","))]
     models, meters = [], []
     for pred, keep in configs:

@@ -126,14 +126,7 @@ class ReadEngine:
         if len(members) == 1 and self._straight(start, n, ranges[members[0]], outs[members[0]]):
             return time.perf_counter()
         stage = self._staging(n)[:n]
-        got = 0
-        while got < n:  # preadv may return short counts; at EOF it returns 0
-            k = os.preadv(self.fd, [stage[got:]], start + got)
-            if k <= 0:
-                break
-            got += k
-            if self.direct and k % ALIGN:  # only the end of the file gives an unaligned count,
-                break  # and a direct read from the unaligned offset after it would fail
+        got = self._pread(stage, start)
         for i in members:
             off, ln = ranges[i]
             a = off - start
@@ -144,6 +137,18 @@ class ReadEngine:
             os.posix_fadvise(self.fd, start, n, os.POSIX_FADV_DONTNEED)
         return time.perf_counter()
 
+    def _pread(self, buf: np.ndarray, start: int) -> int:
+        """Fill buf from the file at start; the bytes read (fewer only at the file's end)."""
+        got = 0
+        while got < len(buf):  # preadv may return short counts; at EOF it returns 0
+            k = os.preadv(self.fd, [buf[got:]], start + got)
+            if k <= 0:
+                break
+            got += k
+            if self.direct and k % ALIGN:  # only the end of the file gives an unaligned count,
+                break  # and a direct read from the unaligned offset after it would fail
+        return got
+
     def _read_piece(self, p: int, m: int, rng, out: np.ndarray) -> float:
         """Read [p, p + m), one piece of the large range rng = (off, ln), and put the part
         of rng it holds into out (straight when it can, else through max_read of staging)."""
@@ -152,15 +157,8 @@ class ReadEngine:
         dst = out[a - off:b - off]
         if a == p and b == p + m and self._straight(p, m, (p, m), dst):
             return time.perf_counter()
-        stage = self._staging(self.max_read)
-        got = 0
-        while got < m:
-            k = os.preadv(self.fd, [stage[got:m]], p + got)
-            if k <= 0:
-                break
-            got += k
-            if self.direct and k % ALIGN:
-                break
+        stage = self._staging(self.max_read)[:m]
+        got = self._pread(stage, p)
         if b > p + got:
             raise OSError(f"{self.path}: short read at offset {p} ({got} of {b - p} bytes); is the file truncated?")
         dst[:] = stage[a - p:b - p]

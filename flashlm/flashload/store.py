@@ -140,11 +140,16 @@ class NeuronWindow:
         return s
 
     def refs(self) -> tuple[TensorRef, TensorRef, TensorRef]:
-        lb = self.lb
-        gt, ut, dt = lb.types
-        return (TensorRef(f"blk.{lb.layer}.ffn_gate.weight", gt, (self.cap, lb.n_embd), self.gate, -1),
-                TensorRef(f"blk.{lb.layer}.ffn_up.weight", ut, (self.cap, lb.n_embd), self.up, -1),
-                TensorRef(f"blk.{lb.layer}.ffn_down_t", dt, (self.cap, lb.n_embd), self.down, -1))
+        return row_refs(self.lb, self.gate, self.up, self.down)
+
+
+def row_refs(lb, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> tuple[TensorRef, TensorRef, TensorRef]:
+    """Gate, up and transposed-down refs over layer lb's neuron rows (any row stride)."""
+    gt, ut, dt = lb.types
+    n = gate.shape[0]
+    return (TensorRef(f"blk.{lb.layer}.ffn_gate.weight", gt, (n, lb.n_embd), gate, -1),
+            TensorRef(f"blk.{lb.layer}.ffn_up.weight", ut, (n, lb.n_embd), up, -1),
+            TensorRef(f"blk.{lb.layer}.ffn_down_t", dt, (n, lb.n_embd), down, -1))
 
 
 @dataclass
@@ -269,8 +274,7 @@ class FlashStore(WeightStore):
             self.last_pages = []  # per layer, the pages of its tail its last token needed: at first, all
             for i, (lb, c) in enumerate(zip(self.plans, capacities)):
                 tail = np.zeros(pages, dtype=bool)
-                start = self._records[i].offset + c * lb.bundle_bytes
-                tail[:-(-(start % ALIGN + (lb.n_ff - c) * lb.bundle_bytes) // ALIGN)] = True
+                tail[:-(-(self._tail_start(i) % ALIGN + (lb.n_ff - c) * lb.bundle_bytes) // ALIGN)] = True
                 self.last_pages.append(tail)
         else:
             spill = self.spill_capacities(capacities)
@@ -403,7 +407,7 @@ class FlashStore(WeightStore):
                 self._have[k][:] = False
             self._current = k
             buf = self.tail_bufs[k]
-            start = self._records[i].offset + cap * stride  # the tail's first byte in the file
+            start = self._tail_start(i)
             recs = buf[start - page0:start - page0 + n_tail * stride].reshape(n_tail, stride)
             e = self.engine
             want = np.zeros(len(self._have[k]) + 1, dtype=np.int32)
@@ -433,19 +437,19 @@ class FlashStore(WeightStore):
                 self._have[k][:] = False
                 raise
             st.bytes_requested += len(cold) * stride
-        gt, ut, dt = lb.types
-        a, b = lb.gate_bytes, lb.gate_bytes + lb.up_bytes
-        return (TensorRef(f"blk.{i}.ffn_gate.tail", gt, (n_tail, lb.n_embd), recs[:, :a], -1),
-                TensorRef(f"blk.{i}.ffn_up.tail", ut, (n_tail, lb.n_embd), recs[:, a:b], -1),
-                TensorRef(f"blk.{i}.ffn_down_t.tail", dt, (n_tail, lb.n_embd), recs[:, b:], -1))
+        return row_refs(lb, *split_records(lb, recs))
+
+    def _tail_start(self, i: int) -> int:
+        """The file offset of layer i's first record past its window."""
+        return self._records[i].offset + self.windows[i].cap * self.plans[i].bundle_bytes
 
     def _tail_page0(self, i: int) -> int:
         """The file offset of the page where layer i's tail begins (its buffer's byte 0)."""
-        return (self._records[i].offset + self.windows[i].cap * self.plans[i].bundle_bytes) // ALIGN * ALIGN
+        return self._tail_start(i) // ALIGN * ALIGN
 
     def _submit(self, i: int, pages: np.ndarray, k: int, st: TokenStats) -> list:
-        """Start reading the pages marked in `pages` of layer i's tail into tail buffer k
-        (runs of pages cut into reads of at most the engine's read size); their futures."""
+        """Start reading the pages marked in `pages` of layer i's tail into tail buffer k,
+        a range per run of pages (the engine reads large ones in pieces); their futures."""
         if not pages.any():
             return []
         e, page0, buf = self.engine, self._tail_page0(i), self.tail_bufs[k]
@@ -453,10 +457,8 @@ class FlashStore(WeightStore):
         ranges, outs = [], []
         for a, b in zip(edges[::2].tolist(), edges[1::2].tolist()):
             s0, s1 = page0 + a * ALIGN, min(page0 + b * ALIGN, e.size)
-            for p in range(s0, s1, e.max_read):
-                n = min(e.max_read, s1 - p)
-                ranges.append((p, n))
-                outs.append(buf[p - page0:p - page0 + n])
+            ranges.append((s0, s1 - s0))
+            outs.append(buf[a * ALIGN:a * ALIGN + s1 - s0])
         self._have[k] |= pages
         before = e.stats.bytes_read, e.stats.reads
         futs = e.submit(ranges, outs)
@@ -520,9 +522,8 @@ class FlashStore(WeightStore):
             win.down[s] = down
         st.bookkeeping_s += time.perf_counter() - t0 - (st.io_s - io0)  # all but the reads
 
-    def _read(self, ranges: list, outs: list, st: TokenStats, requested: int | None = None) -> None:
-        """Read ranges into outs with the engine, adding to st's I/O figures (requested:
-        the bytes wanted of them, if not all)."""
+    def _read(self, ranges: list, outs: list, st: TokenStats) -> None:
+        """Read ranges into outs with the engine, adding to st's I/O figures."""
         if not ranges:
             return
         e = self.engine.stats
@@ -530,7 +531,7 @@ class FlashStore(WeightStore):
         t0 = time.perf_counter()
         self.engine.read_ranges(ranges, outs)
         st.io_s += time.perf_counter() - t0
-        st.bytes_requested += sum(n for _, n in ranges) if requested is None else requested
+        st.bytes_requested += sum(n for _, n in ranges)
         st.bytes_read += e.bytes_read - before[0]
         st.reads += e.reads - before[1]
 
@@ -538,7 +539,6 @@ class FlashStore(WeightStore):
         """Every neuron, for several tokens (prefill): the records are read in chunks of
         PREFILL_NEURONS and each chunk's FFN part added up (bounded buffers)."""
         lb = self.plans[i]
-        gt, ut, dt = lb.types
         out = np.zeros((h.shape[0], lb.n_embd), dtype=np.float32)
         for c0 in range(0, lb.n_ff, PREFILL_NEURONS):
             n = min(PREFILL_NEURONS, lb.n_ff - c0)
@@ -549,9 +549,8 @@ class FlashStore(WeightStore):
                 self._read([(self._records[i].offset + c0 * lb.bundle_bytes, rec.nbytes)], [rec.reshape(-1)], st)
             t1 = time.perf_counter()
             gate, up, down = (np.ascontiguousarray(a) for a in split_records(lb, rec))
-            gate = TensorRef("gate", gt, (n, lb.n_embd), gate, -1)
-            up = TensorRef("up", ut, (n, lb.n_embd), up, -1)
-            down_t = K.dequantize(TensorRef("down_t", dt, (n, lb.n_embd), down, -1))
+            gate, up, down_t = row_refs(lb, gate, up, down)
+            down_t = K.dequantize(down_t)
             t2 = time.perf_counter()
             g, u = K.linear_many(h, [gate, up])
             out += K.glu(g, u, gelu) @ down_t
@@ -578,9 +577,7 @@ class FlashStore(WeightStore):
     def _drain(self) -> None:
         """Wait for the prefetches in flight (before their buffers are dropped or the engine closed)."""
         pending, self._pending = getattr(self, "_pending", {}), {}
-        for _, futs in pending.values():
-            for f in set(futs):
-                f.exception()
+        wait({f for _, futs in pending.values() for f in futs})
 
     def close(self):
         self._drain()
