@@ -57,6 +57,8 @@ def main(argv=None) -> int:
         rates = [tr.simulate(trace, max(k, int(s * k * L)), policy, args.warmup) for s in sizes]
         best[policy] = sum(rates)
         print(f"| {policy} | " + " | ".join(f"{r:.1%}" for r in rates) + " |")
+    rates = [tr.belady(trace, max(k, int(s * k * L)), args.warmup) for s in sizes]
+    print("| oracle (Belady, offline: no policy does better) | " + " | ".join(f"{r:.1%}" for r in rates) + " |")
     print(f"\nhighest mean hit rate over these sizes: {max(best, key=best.get)}")
     return 0
 

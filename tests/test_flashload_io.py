@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flashlm.apps.cli import main
-from flashlm.flashload.io import ALIGN, ReadEngine, coalesce
+from flashlm.flashload.io import ALIGN, NativeAIO, ReadEngine, aligned_empty, coalesce
 from flashlm.flashload.probe import format_probe, pick_read_size, probe_disk
 
 
@@ -57,6 +57,42 @@ def test_a_large_range_is_staged_in_pieces(tmp_path, direct):
         stage = e.pool.submit(lambda: getattr(e._local, "buf", None)).result()
         if direct:  # (without direct I/O, a lone range is read straight into its buffer: no staging)
             assert stage is not None and stage.shape[0] == 64 * 1024
+
+
+def test_native_aio_reads_into_buffers_and_reports_each_tag(tmp_path):
+    data = np.random.default_rng(3).integers(0, 256, 40 * ALIGN + 123, dtype=np.uint8)
+    path = tmp_path / "blob.bin"
+    data.tofile(path)
+    aio = NativeAIO.open(path, depth=4)  # a shallow queue: a batch of 10 waits for room
+    if aio is None:
+        pytest.skip("no native asynchronous direct I/O here (not Linux x86-64/aarch64, or no O_DIRECT)")
+    try:
+        buf = aligned_empty(10 * 2 * ALIGN).reshape(10, 2 * ALIGN)
+        ranges = [((3 * i + 1) * ALIGN, 2 * ALIGN) for i in range(10)]
+        aio.submit(ranges[:4], list(buf[:4]), "a")
+        aio.submit(ranges[4:], list(buf[4:]), [f"b{i}" for i in range(6)])  # a tag per read
+        aio.wait("a")
+        for i in range(4):
+            np.testing.assert_array_equal(buf[i], data[ranges[i][0]:ranges[i][0] + 2 * ALIGN])
+        aio.wait("b5")
+        seen = set()
+        while len(seen) < 7:  # every tag is reported finished once, errors none
+            got = aio.finished()
+            assert all(err is None for _, err in got)
+            seen |= {t for t, _ in got}
+        assert seen == {"a"} | {f"b{i}" for i in range(6)} and aio.finished() == []
+        for i in range(10):
+            np.testing.assert_array_equal(buf[i], data[ranges[i][0]:ranges[i][0] + 2 * ALIGN])
+        assert aio.reads == 10 and aio.bytes_read == 20 * ALIGN
+        aio.submit([(40 * ALIGN, 2 * ALIGN)], [buf[0]], "short")  # past the end: a short read fails its tag
+        with pytest.raises(OSError, match=f"at {40 * ALIGN} gave 123 bytes"):
+            aio.wait("short")
+        aio.wait("short")  # the error is raised once
+        with pytest.raises(ValueError, match="aligned"):
+            aio.submit([(100, ALIGN)], [buf[0]], "x")
+        aio.wait("x")  # nothing was submitted under it
+    finally:
+        aio.close()
 
 
 def test_probe_disk_measures_and_cleans_up(tmp_path):

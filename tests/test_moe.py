@@ -67,27 +67,33 @@ def test_routing_rules():
 def test_slot_cache_policies():
     from flashlm.cache import SlotCache
 
+    a, b, c_, d, e = range(5)
+
     def fill(policy):
-        c = SlotCache(3, 8, policy)
-        for k in "abc":
+        c = SlotCache(3, 8, policy, n_keys=5)
+        for k in (a, b, c_):
             c.insert(k)
         return c
 
     c = fill("lru")
-    c.lookup("a")
-    assert c.key_in[c.insert("d")] == "d" and "b" not in c  # b: least recently used
+    c.lookup(a)
+    assert c.key_in[c.insert(d)] == d and b not in c  # b: least recently used
     c = fill("lfu")
-    c.lookup("a"), c.lookup("a"), c.lookup("c")
-    c.insert("d")
-    assert "b" not in c and {"a", "c", "d"} <= set(c.slot_of)  # b: used least
+    c.lookup(a), c.lookup(a), c.lookup(c_)
+    c.insert(d)
+    assert b not in c and {a, c_, d} == set(c.key_in.tolist())  # b: used least
     c = fill("score")
-    c.observe(["a", "b", "c"], [0.9, 0.5, 0.1])
-    c.insert("d")
-    assert "c" not in c  # c: lowest router-probability average
-    c.pinned.add(c.slot_of["b"])
-    c.observe(["a", "b", "d"], [0.0, 0.0, 1.0])
-    c.insert("e")
-    assert "b" in c and "a" not in c  # pinned b survives though its score is lowest
+    c.observe(0, [0.9, 0.5, 0.1])
+    c.insert(d)
+    assert c_ not in c  # c: lowest router-probability average
+    c.pinned[c.slot_of[b]] = True
+    c.observe(0, [0.0, 0.0, 0.0, 1.0])
+    c.insert(e)
+    assert b in c and a not in c  # pinned b survives though its score is lowest
+    slots, missed = c.assign([b, e, c_], pin=True)  # a batch: hits, then a miss evicting the lowest unpinned
+    assert missed.tolist() == [False, False, True] and c.key_in[slots[2]] == c_ and d not in c
+    with pytest.raises(RuntimeError, match="pinned"):
+        c.assign([a])  # every slot pinned
 
 
 @pytest.mark.parametrize("policy, prefetch, bundle", [("lru", True, True), ("lfu", False, True), ("score", True, False),
@@ -95,6 +101,7 @@ def test_slot_cache_policies():
 def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
     from flashlm.errors import FlashLMError
     from flashlm.experts.store import StreamedExperts
+    from flashlm.flashload.io import NativeAIO
 
     path = moe_gguf("qwen2moe")
     opts = dict(policy=policy, prefetch=prefetch, bundle=bundle)
@@ -112,6 +119,11 @@ def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
         with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=budget, experts=opts) as m:
             assert isinstance(m.model.experts, StreamedExperts) and m.plan.n_slots == 4 * (2 if prefetch else 1) + 3
             assert (m.model.experts.bundle is not None) == bundle
+            if bundle:  # where native asynchronous reads work, misses and prefetches use them
+                probe = NativeAIO.open(m.model.experts.bundle)
+                assert (m.model.experts.aio is not None) == (probe is not None)
+                if probe is not None:
+                    probe.close()
             np.testing.assert_array_equal(m.logits(tokens), want)  # the same bytes, the same math
             m.model.experts.take_stats()
             assert m.generate(PROMPTS[0], max_tokens=12, temperature=0) == text
@@ -179,6 +191,11 @@ def test_traces_and_the_cache_simulator(moe_gguf, tmp_path):
     # LRU, 2 slots: expert 0 hits but for its first use (15 of 32); 1, 2, 3 evict each other
     # and miss, except the 1 that ends one round and starts the next (3 more hits)
     assert tr.simulate(hand, 2, "lru") == 18 / 32
+    assert tr.belady(hand, 2) == 18 / 32  # here LRU is optimal; 1 slot: expert 0's repeats never meet
+    assert tr.belady(hand, 1) == 0.0
+    for n in (2, 3, 4, 16):  # no policy beats the offline optimum
+        assert all(tr.simulate(t, n, p) <= tr.belady(t, n) for p in ("lru", "lfu", "score"))
+    assert tr.belady(t, 16) == pytest.approx(1 - distinct / t.ids.size)
 
 
 def test_cli_on_a_moe_under_a_budget(moe_gguf, capsys):

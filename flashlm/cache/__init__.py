@@ -1,6 +1,6 @@
 """A byte-budgeted cache of equal-sized items in one preallocated pool, with a selectable
 eviction policy. The MoE expert store keeps experts in it (an expert's gate, up and
-down slices side by side in one slot).
+down slices side by side in one slot; expert e of layer N is key N * n_expert + e).
 
 Policies (what is evicted when a new item needs a slot):
     lru    the least recently used item
@@ -10,12 +10,15 @@ Policies (what is evicted when a new item needs a slot):
            HybriMoE's score cache), kept for items not cached too
 
 Items in use (pinned) are never evicted: the caller pins what a step still needs.
+
+Keys are integers 0 .. n_keys-1 and the state is a few arrays, so a step's lookups,
+evictions and pins run in one compiled call (`assign`): a decode step asks for about
+200 experts, and in Python their bookkeeping cost as much as reading them.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-
+import numba
 import numpy as np
 
 from ..errors import InvalidArgumentError
@@ -25,73 +28,96 @@ POLICIES = ("lru", "lfu", "score")
 
 
 class SlotCache:
-    """n_slots slots of item_bytes each; keys are any hashable (an expert: (layer, e))."""
+    """n_slots slots of item_bytes each, for integer keys 0 .. n_keys-1."""
 
-    def __init__(self, n_slots: int, item_bytes: int, policy: str = "lru", decay: float = 0.9):
+    def __init__(self, n_slots: int, item_bytes: int, policy: str = "lru", n_keys: int | None = None,
+                 decay: float = 0.9):
         if policy not in POLICIES:
             raise InvalidArgumentError(f"unknown cache policy {policy!r}; choose from {', '.join(POLICIES)}")
         if n_slots < 1:
             raise InvalidArgumentError("a cache needs at least one slot")
         self.policy, self.decay = policy, decay
+        self._code = POLICIES.index(policy)
         self.item_bytes = item_bytes
         self.pool = aligned_empty(n_slots * item_bytes).reshape(n_slots, item_bytes)
-        self.slot_of: dict = {}
-        self.key_in = [None] * n_slots
-        self.free = list(range(n_slots - 1, -1, -1))
+        n_keys = n_keys or n_slots
+        self.slot_of = np.full(n_keys, -1, dtype=np.int64)  # key -> its slot, or -1
+        self.key_in = np.full(n_slots, -1, dtype=np.int64)  # slot -> its key, or -1 (free)
         self.last = np.zeros(n_slots, dtype=np.int64)  # tick of the last use
         self.uses = np.zeros(n_slots, dtype=np.int64)  # uses since loaded
-        self.slot_score = np.zeros(n_slots, dtype=np.float64)  # score of the key in each slot
-        self.score: dict = defaultdict(float)  # EMA of the observed signal, per key
-        self.pinned: set[int] = set()
-        self.tick = 0
+        self.score = np.zeros(n_keys, dtype=np.float64)  # EMA of the observed signal, per key
+        self.pinned = np.zeros(n_slots, dtype=np.bool_)
+        self._tick = np.zeros(1, dtype=np.int64)
 
     @property
     def n_slots(self) -> int:
         return self.pool.shape[0]
 
-    def lookup(self, key) -> int | None:
-        """The slot holding key (marked used), or None."""
-        s = self.slot_of.get(key)
-        if s is not None:
-            self.tick += 1
-            self.last[s] = self.tick
-            self.uses[s] += 1
-        return s
-
-    def insert(self, key) -> int:
-        """A slot for key (not cached), evicting by the policy; the caller fills it."""
-        if self.free:
-            s = self.free.pop()
-        else:
-            s = self._victim()
-            del self.slot_of[self.key_in[s]]
-        self.slot_of[key], self.key_in[s] = s, key
-        self.tick += 1
-        self.last[s], self.uses[s] = self.tick, 1
-        self.slot_score[s] = self.score[key]
-        return s
-
-    def _victim(self) -> int:
-        """The slot to evict: the lowest key of the policy among slots not pinned; ties go
-        to the least recently used."""
-        key = self.last if self.policy == "lru" else self.uses if self.policy == "lfu" else self.slot_score
-        m = key.astype(np.float64)
-        if self.pinned:
-            m[list(self.pinned)] = np.inf
-        lo = m.min()
-        if lo == np.inf:
+    def assign(self, keys: np.ndarray, pin: bool = True, only_absent: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """For each key: its slot (marked used) if cached, else a slot evicted by the
+        policy for the caller to fill. (slots, missed): int64 slots (-1 where
+        only_absent and the key was cached) and whether each key was missing. pin:
+        pin every slot returned. RuntimeError if every slot is pinned."""
+        keys = np.asarray(keys, dtype=np.int64)
+        slots = np.empty(len(keys), dtype=np.int64)
+        missed = np.empty(len(keys), dtype=np.bool_)
+        if not _assign(keys, self.slot_of, self.key_in, self.last, self.uses, self.score, self.pinned, self._tick,
+                       self._code, pin, only_absent, slots, missed):
             raise RuntimeError("every cache slot is pinned: the plan gave fewer slots than one step uses")
-        cand = np.flatnonzero(m == lo)
-        return int(cand[0]) if len(cand) == 1 else int(cand[np.argmin(self.last[cand])])
+        return slots, missed
 
-    def observe(self, keys, values) -> None:
-        """Fold one observation per key into its score (policy "score")."""
-        d = self.decay
-        for k, v in zip(keys, values.tolist() if isinstance(values, np.ndarray) else values):
-            s = self.score[k] = d * self.score[k] + (1.0 - d) * float(v)
-            slot = self.slot_of.get(k)
-            if slot is not None:
-                self.slot_score[slot] = s
+    def lookup(self, key: int) -> int | None:
+        """The slot holding key (marked used), or None."""
+        if self.slot_of[key] < 0:
+            return None
+        return int(self.assign([key], pin=False)[0][0])
 
-    def __contains__(self, key) -> bool:
-        return key in self.slot_of
+    def insert(self, key: int) -> int:
+        """A slot for key (not cached), evicting by the policy; the caller fills it."""
+        return int(self.assign([key], pin=False, only_absent=True)[0][0])
+
+    def observe(self, first: int, values: np.ndarray) -> None:
+        """Fold one observation per key, for keys first, first+1, ..., into their scores."""
+        s = self.score[first:first + len(values)]
+        s *= self.decay
+        s += (1.0 - self.decay) * np.asarray(values, dtype=np.float64)
+
+    def __contains__(self, key: int) -> bool:
+        return self.slot_of[key] >= 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _assign(keys, slot_of, key_in, last, uses, score, pinned, tick, policy, pin, only_absent, slots, missed):
+    for i in range(len(keys)):
+        k = keys[i]
+        tick[0] += 1
+        s = slot_of[k]
+        missed[i] = s < 0
+        if s >= 0:
+            if only_absent:
+                slots[i] = -1
+                continue
+            last[s] = tick[0]
+            uses[s] += 1
+        else:
+            s = -1
+            best, best_last = np.inf, 0
+            for j in range(len(key_in)):  # a free slot, else the policy's lowest unpinned one
+                if key_in[j] < 0:
+                    s = j
+                    break
+                if pinned[j]:
+                    continue
+                v = last[j] if policy == 0 else uses[j] if policy == 1 else score[key_in[j]]
+                if v < best or (v == best and last[j] < best_last):
+                    s, best, best_last = j, v, last[j]
+            if s < 0:
+                return False
+            if key_in[s] >= 0:
+                slot_of[key_in[s]] = -1
+            slot_of[k], key_in[s] = s, k
+            last[s], uses[s] = tick[0], 1
+        if pin:
+            pinned[s] = True
+        slots[i] = s
+    return True

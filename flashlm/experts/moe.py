@@ -150,11 +150,11 @@ def _moe_decode(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool, on_r
         on_route(layer, ids[None], w[None], p[None])
     if streamed:
         experts.begin_layer(layer, ids[None], p[None], pin=True)
-    buf, offs = experts.locate(layer, ids)  # this layer's misses read (first: they are waited for)
     if streamed and experts.prefetching and layer + 1 < cfg.n_layer:
         # the next layer's router on this layer's input (mixtral-offloading's speculative
-        # loading): its reads run while this layer's experts compute
+        # loading): its reads start with this layer's misses and run while its experts compute
         experts.prefetch(layer + 1, route_one(store, cfg, layer + 1, x)[0])
+    buf, offs = experts.locate(layer, ids)  # this layer's misses read (and waited for)
     shapes, qts = experts.layout(layer)
     out = np.zeros((1, cfg.n_embd), dtype=np.float32)
     D.moe_decode(buf, offs, shapes, qts, x, w, gelu, F16_TABLE, numba.get_num_threads(),

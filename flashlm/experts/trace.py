@@ -65,23 +65,58 @@ def load(path) -> Trace:
 def simulate(trace: Trace, n_slots: int, policy: str, warmup: int = 0) -> float:
     """Hit rate of a cache of n_slots experts under `policy` on the trace (tokens after
     the first `warmup` counted)."""
-    cache = SlotCache(n_slots, 1, policy)
+    T, L, k = trace.ids.shape
+    E = trace.probs.shape[2]
+    cache = SlotCache(n_slots, 1, policy, n_keys=L * E)
     hits = misses = 0
-    T, L, _ = trace.ids.shape
     for t in range(T):
         for layer in range(L):
-            chosen = trace.ids[t, layer].tolist()
             if policy == "score":
-                cache.observe([(layer, e) for e in range(trace.probs.shape[2])], trace.probs[t, layer])
-            pins = set()
-            for e in chosen:
-                s = cache.lookup((layer, e))
-                if s is None:
-                    s = cache.insert((layer, e))
-                    misses += t >= warmup
-                else:
-                    hits += t >= warmup
-                pins.add(s)
-                cache.pinned.add(s)
-            cache.pinned -= pins
+                cache.observe(layer * E, trace.probs[t, layer])
+            slots, missed = cache.assign(trace.ids[t, layer] + layer * E, pin=True)  # pinned while the layer runs
+            cache.pinned[slots] = False
+            if t >= warmup:
+                n = int(np.count_nonzero(missed))
+                misses += n
+                hits += k - n
+    return hits / max(1, hits + misses)
+
+
+def belady(trace: Trace, n_slots: int, warmup: int = 0) -> float:
+    """The hit rate no policy can beat: Belady's offline optimum, which evicts the expert
+    used again furthest in the future (a layer's chosen experts held while it runs)."""
+    import heapq
+
+    T, L, k = trace.ids.shape
+    E = trace.probs.shape[2]
+    keys = (trace.ids + (np.arange(L) * E)[None, :, None]).reshape(-1).tolist()
+    step = np.repeat(np.arange(T * L), k).tolist()  # accesses of one layer and token share a step
+    never = len(keys) + 1
+    nxt, seen = [never] * len(keys), {}
+    for i in range(len(keys) - 1, -1, -1):
+        nxt[i], seen[keys[i]] = seen.get(keys[i], never), i
+    held: dict[int, int] = {}  # key -> its next use
+    used_at: dict[int, int] = {}  # key -> the step of its last use
+    heap: list = []  # (-next use, key), stale entries skipped
+    hits = misses = 0
+    for i, key in enumerate(keys):
+        counted = step[i] // L >= warmup
+        if key in held:
+            hits += counted
+        else:
+            misses += counted
+            if len(held) >= n_slots:
+                skipped = []
+                while True:  # the furthest next use, not of this step (those are pinned)
+                    use, victim = heapq.heappop(heap)
+                    if held.get(victim) != -use:
+                        continue  # stale
+                    if used_at[victim] != step[i]:
+                        break
+                    skipped.append((use, victim))
+                for item in skipped:
+                    heapq.heappush(heap, item)
+                del held[victim]
+        held[key], used_at[key] = nxt[i], step[i]
+        heapq.heappush(heap, (-nxt[i], key))
     return hits / max(1, hits + misses)
