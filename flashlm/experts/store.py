@@ -206,6 +206,8 @@ class StreamedExperts:
         # a slot for each expert not cached, pinned: not evicted before the layer uses (or drops) it
         slots, missed = self.cache.assign(keys, pin=True, only_absent=True)
         if missed.any():
+            if self._queued is not None:  # two prefetches before a locate: the first starts now
+                self._issue()
             self._queued = (keys[missed], slots[missed])
 
     def _issue(self, misses=None) -> None:
