@@ -8,8 +8,8 @@ Default model: the synthetic MoE (make_synthetic.py --moe; written if missing), 
 weights and a random router, so tokens spread over experts about uniformly: a worst case
 for any cache. Decoding is fed the tokens of tests/data/eval_text.txt (teacher forcing).
 Each row runs in a fresh process (its memory plan measured as a user's run would be),
-once per round, for --repeat rounds; the run with the median tok/s is shown. Expert misses are direct reads;
-prefetch is read-ahead hints (experts/store.py). Columns per decoded token (the first
+once per round, for --repeat rounds; the run with the median tok/s is shown. Expert misses and
+prefetches are native asynchronous direct reads into the cache's slots (experts/store.py). Columns per decoded token (the first
 --skip dropped): tok/s (median over tokens), cache hit rate, MB read, ms the decode
 waited for expert reads, prefetch precision and recall, and I/O hidden: the share of
 the wait that prefetch removed, 1 - wait(policy + prefetch) / wait(policy alone).
