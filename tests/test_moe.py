@@ -94,6 +94,10 @@ def test_slot_cache_policies():
     assert missed.tolist() == [False, False, True] and c.key_in[slots[2]] == c_ and d not in c
     with pytest.raises(RuntimeError, match="pinned"):
         c.assign([a])  # every slot pinned
+    c.pinned[c.slot_of[c_]] = False
+    with pytest.raises(RuntimeError, match="pinned"):
+        c.assign([a, d])  # a takes c's slot, then d finds none: undone, a not cached and nothing newly pinned
+    assert a not in c and c_ not in c and c.pinned.sum() == 2
 
 
 @pytest.mark.parametrize("policy, prefetch, bundle", [("lru", True, True), ("lfu", False, True), ("score", True, False),
@@ -133,6 +137,35 @@ def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
         assert st["bytes_read"] == st["misses"] * (expert if bundle else sum(m.model.experts.part_bytes))
     else:
         assert 0 < st["precision"] <= 1 and 0 < st["recall"] <= 1 and st["io_s"] > 0 and st["wait_s"] > 0
+
+
+def test_prefetched_experts_are_read_before_use_even_at_the_minimum_budget(moe_gguf):
+    path = moe_gguf("qwen2moe")
+    with flashlm.load(path, n_ctx=256, n_threads=2) as ref:
+        tokens = ref.tokenize(PROMPTS[1])
+        want = ref.logits(tokens)
+        text = ref.generate(PROMPTS[0], max_tokens=16, temperature=0)
+        rx = ref.model.experts
+        with flashlm.load(path, n_ctx=256, memory_budget=1 << 40, experts=dict(prefetch=True)) as big:
+            minimum = big.plan.minimum
+            # a layer's own experts prefetched, then located at once: read before they are used
+            ex, n = big.model.experts, big.config.n_expert
+            ids = np.array([5, 0, 3, 6])
+            ex.prefetch(1, ids)
+            ex.begin_layer(1, ids[None], np.full((1, n), 1 / n, dtype=np.float32))
+            buf, offs = ex.locate(1, ids)
+            assert not set((ids + n).tolist()) & set(ex.pending)  # none of them still in flight
+            rbuf, roffs = rx.locate(1, ids)
+            for j in range(len(ids)):
+                for p, nb in enumerate(ex.part_bytes):
+                    np.testing.assert_array_equal(buf[offs[j, p]:offs[j, p] + nb], rbuf[roffs[j, p]:roffs[j, p] + nb])
+            ex.end_layer(1)
+        # the smallest budget: the next layer's prefetches and this layer's experts fill every slot
+        with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=minimum, experts=dict(prefetch=True)) as m:
+            assert m.plan.n_slots == 2 * m.config.n_expert_used
+            np.testing.assert_array_equal(m.logits(tokens), want)
+            assert m.generate(PROMPTS[0], max_tokens=16, temperature=0) == text
+            assert not m.model.experts.cache.pinned.any() or m.model.experts.pending  # pins only for reads in flight
 
 
 def test_expert_bundle_records(moe_gguf, tmp_path):

@@ -61,8 +61,14 @@ class SlotCache:
         keys = np.asarray(keys, dtype=np.int64)
         slots = np.empty(len(keys), dtype=np.int64)
         missed = np.empty(len(keys), dtype=np.bool_)
-        if not _assign(keys, self.slot_of, self.key_in, self.last, self.uses, self.score, self.pinned, self._tick,
-                       self._code, pin, only_absent, slots, missed):
+        pinned = self.pinned.copy()
+        stop = _assign(keys, self.slot_of, self.key_in, self.last, self.uses, self.score, self.pinned, self._tick,
+                       self._code, pin, only_absent, slots, missed)
+        if stop >= 0:  # undone: the keys it took slots for are not cached, its pins released
+            for k in keys[:stop][missed[:stop]].tolist():
+                self.key_in[self.slot_of[k]] = -1
+                self.slot_of[k] = -1
+            self.pinned[:] = pinned
             raise RuntimeError("every cache slot is pinned: the plan gave fewer slots than one step uses")
         return slots, missed
 
@@ -88,6 +94,7 @@ class SlotCache:
 
 @numba.njit(cache=True, nogil=True)
 def _assign(keys, slot_of, key_in, last, uses, score, pinned, tick, policy, pin, only_absent, slots, missed):
+    """-1, or the index of the key no slot was left for."""
     for i in range(len(keys)):
         k = keys[i]
         tick[0] += 1
@@ -112,7 +119,7 @@ def _assign(keys, slot_of, key_in, last, uses, score, pinned, tick, policy, pin,
                 if v < best or (v == best and last[j] < best_last):
                     s, best, best_last = j, v, last[j]
             if s < 0:
-                return False
+                return i
             if key_in[s] >= 0:
                 slot_of[key_in[s]] = -1
             slot_of[k], key_in[s] = s, k
@@ -120,4 +127,4 @@ def _assign(keys, slot_of, key_in, last, uses, score, pinned, tick, policy, pin,
         if pin:
             pinned[s] = True
         slots[i] = s
-    return True
+    return -1

@@ -107,51 +107,66 @@ class StreamedExperts:
     def _load(self, layer: int, ids, pin: bool = False) -> np.ndarray:
         """The slots holding layer's experts ids: prefetched ones waited for, missing ones
         read now, in one batch of parallel reads. pin: keep them until end_layer."""
-        keys = np.asarray(ids, dtype=np.int64) + layer * self.cfg.n_expert
+        n_expert = self.cfg.n_expert
+        keys = np.asarray(ids, dtype=np.int64) + layer * n_expert
+        if self._queued is not None and self._queued[0][0] // n_expert == layer:
+            self._issue()  # this layer's own prefetch: its reads start before they are waited for
         if self.pending:
             for k in keys.tolist():
-                if k in self.pending:  # prefetched: wait for its reads if still in flight
-                    self._reap(k)
-        slots, missed = self.cache.assign(keys, pin=True)  # a slot being filled is pinned too
+                if k in self.pending:  # prefetched: wait for its read if still in flight (it stays pinned)
+                    self._reap(k, unpin=False)
+        try:
+            slots, missed = self.cache.assign(keys, pin=True)  # a slot being filled is pinned too
+        except RuntimeError:  # slots pinned by prefetches still in flight: wait for them, then again
+            for k in list(self.pending):
+                self._reap(k)
+            slots, missed = self.cache.assign(keys, pin=True)
         st = self.stats[layer]
         n_miss = int(np.count_nonzero(missed))
         st.misses += n_miss
         st.hits += len(keys) - n_miss
-        if n_miss:
-            t0 = time.perf_counter()
-            self._issue((keys[missed], slots[missed]))
-            dt = time.perf_counter() - t0
-            self.io_s += dt
-            self.wait_s += dt
-        elif self._queued is not None:
-            self._issue()
+        try:
+            if n_miss:
+                t0 = time.perf_counter()
+                self._issue((keys[missed], slots[missed]))
+                dt = time.perf_counter() - t0
+                self.io_s += dt
+                self.wait_s += dt
+            elif self._queued is not None:
+                self._issue()
+        except BaseException:
+            self.cache.pinned[slots] = False
+            raise
         if pin:
             self._pins.append(slots)
         else:
             self.cache.pinned[slots] = False
         return slots
 
-    def _reap(self, key: int) -> None:
-        """Wait for a prefetched expert's reads; it becomes an ordinary cached one."""
+    def _reap(self, key: int, unpin: bool = True) -> None:
+        """Wait for a prefetched expert's read; it becomes an ordinary cached one. A failed
+        read forgets it (a miss reads it again)."""
         futs = self.pending.pop(key)
         t0 = time.perf_counter()
         slot = self.cache.slot_of[key]
-        if futs is None:  # an asynchronous read into its slot
-            try:
+        try:
+            if futs is None:  # an asynchronous read into its slot
                 self.aio.wait(key)
-            except OSError:
-                self._forget(key)
-                raise
-        elif isinstance(futs, int):  # hinted: its record is in (or on its way to) the page cache
-            rec = self.cache.item_bytes
-            if os.preadv(self._hint_fd, [self.cache.pool[slot]], futs) != rec:
-                raise OSError(f"{self.bundle}: short read at offset {futs}; is the file truncated?")
-            os.posix_fadvise(self._hint_fd, futs, rec, os.POSIX_FADV_DONTNEED)  # the page cache keeps nothing
-        else:
-            for f in futs:
-                f.result()
-        self.wait_s += time.perf_counter() - t0
-        self.cache.pinned[slot] = False
+            elif isinstance(futs, int):  # hinted: its record is in (or on its way to) the page cache
+                rec = self.cache.item_bytes
+                if os.preadv(self._hint_fd, [self.cache.pool[slot]], futs) != rec:
+                    raise OSError(f"{self.bundle}: short read at offset {futs}; is the file truncated?")
+                os.posix_fadvise(self._hint_fd, futs, rec, os.POSIX_FADV_DONTNEED)  # the page cache keeps nothing
+            else:
+                for f in futs:
+                    f.result()
+        except OSError:
+            self._forget(key)
+            return
+        finally:
+            self.wait_s += time.perf_counter() - t0
+        if unpin and slot >= 0:
+            self.cache.pinned[slot] = False
 
     def _ranges(self, keys: np.ndarray, slots: np.ndarray) -> tuple[list, list]:
         """The byte ranges of experts (keys, all of one layer) and their slots' buffers to
@@ -204,7 +219,14 @@ class StreamedExperts:
         if self.pending:
             keys = np.array([k for k in keys.tolist() if k not in self.pending], dtype=np.int64)
         # a slot for each expert not cached, pinned: not evicted before the layer uses (or drops) it
-        slots, missed = self.cache.assign(keys, pin=True, only_absent=True)
+        try:
+            slots, missed = self.cache.assign(keys, pin=True, only_absent=True)
+        except RuntimeError:  # every slot pinned (reads in flight at a small budget): best effort
+            self._settle()
+            try:
+                slots, missed = self.cache.assign(keys, pin=True, only_absent=True)
+            except RuntimeError:
+                return
         if missed.any():
             if self._queued is not None:  # two prefetches before a locate: the first starts now
                 self._issue()
@@ -214,6 +236,20 @@ class StreamedExperts:
         """Start the queued prefetch reads; misses (keys, slots): first read these, and
         wait for them."""
         queued, self._queued = self._queued, None
+        try:
+            self._start(misses, queued)
+        except BaseException:  # the slots hold no expert: forgotten, read again when needed
+            for group in (misses, queued):
+                if group is not None:
+                    for k in group[0].tolist():
+                        if self.aio is not None and self.aio.in_flight(k):
+                            self.pending[k] = None  # its slot stays pinned until its read ends
+                            continue
+                        self.pending.pop(k, None)
+                        self._forget(k)
+            raise
+
+    def _start(self, misses, queued) -> None:
         if self.aio is not None:
             # the kernel reads the records straight into their slots while the layer
             # computes; no thread of ours wakes when they are done (on 2 cores, reads
@@ -261,18 +297,24 @@ class StreamedExperts:
         if self._queued is not None:
             self._issue()
         if self.aio is not None:
-            for key, err in self.aio.finished():
-                if key in self.pending:
-                    del self.pending[key]
-                    if err is not None:  # its slot holds no expert: forgotten, read again if needed
-                        self._forget(key)
-                    else:
-                        self.cache.pinned[self.cache.slot_of[key]] = False
+            self._settle()
         elif self.pending:
             lo, hi = layer * self.cfg.n_expert, (layer + 1) * self.cfg.n_expert
             for key in [k for k in self.pending if lo <= k < hi]:
                 self._reap(key)
         self._account()
+
+    def _settle(self) -> None:
+        """Unpin the prefetched experts whose asynchronous reads have ended (without waiting)."""
+        if self.aio is None:
+            return
+        for key, err in self.aio.finished():
+            if key in self.pending:
+                del self.pending[key]
+                if err is not None:  # its slot holds no expert: forgotten, read again if needed
+                    self._forget(key)
+                elif self.cache.slot_of[key] >= 0:
+                    self.cache.pinned[self.cache.slot_of[key]] = False
 
     def _forget(self, key: int) -> None:
         """Drop key from the cache (its slot free, unpinned)."""
@@ -311,7 +353,7 @@ class StreamedExperts:
         chosen = sum(s.chosen for s in layers)
         return dict(layers=layers, hits=sum(s.hits for s in layers), misses=sum(s.misses for s in layers),
                     bytes_read=sum(s.bytes_read for s in layers), io_s=io, wait_s=wait,
-                    hidden=1.0 - wait / io if io > 0 and self._hint_fd < 0 else None,
+                    hidden=1.0 - wait / io if io > 0 and self._hint_fd < 0 and self.aio is None else None,
                     precision=used / pred if pred else None, recall=used / chosen if chosen else None)
 
     def close(self) -> None:

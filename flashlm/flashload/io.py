@@ -312,7 +312,7 @@ class NativeAIO:
         import platform
 
         nums = cls._SYS.get(platform.machine())
-        if nums is None or not hasattr(os, "O_DIRECT") or not os.uname().sysname == "Linux":
+        if nums is None or ctypes.sizeof(ctypes.c_void_p) != 8 or not hasattr(os, "O_DIRECT") or not os.uname().sysname == "Linux":
             return None
         try:
             fd = os.open(os.fspath(path), os.O_RDONLY | os.O_DIRECT)
@@ -344,7 +344,8 @@ class NativeAIO:
         self._tag_of: dict[int, object] = {}  # iocb index -> tag
         self._left: dict = {}  # tag -> reads not yet done
         self._failed: dict = {}  # tag -> the first error
-        self._done: list = []  # tags whose reads all ended, for finished()
+        self._done: dict = {}  # tags whose reads all ended and were not waited for, for finished()
+        self._in_kernel = 0  # reads submitted and not yet reaped
         self._zero = np.zeros(2, dtype=np.int64)  # a zero timespec: io_getevents returns at once
         self._bufs: dict[int, np.ndarray] = {}  # keeps each buffer alive while its read is in flight
         self.reads = self.bytes_read = 0
@@ -358,60 +359,69 @@ class NativeAIO:
         tags: a list, one per range)."""
         n = len(ranges)
         tags = tag if isinstance(tag, list) else [tag] * n
-        if n > self.depth:  # more than the queue holds: in turns
-            for i in range(0, n, self.depth):
-                self.submit(ranges[i:i + self.depth], outs[i:i + self.depth], tags[i:i + self.depth])
-            return
-        while n > len(self._free):  # a full queue: let reads finish first
-            self._collect(1)
-        idx = np.array([self._free.pop() for _ in range(n)], dtype=np.int64)
         offs = np.array([r[0] for r in ranges], dtype=np.int64)
         lens = np.array([r[1] for r in ranges], dtype=np.int64)
         addrs = np.array([o.ctypes.data for o in outs], dtype=np.int64)
         if ((offs | lens | addrs) % ALIGN).any() or any(o.nbytes < m for o, m in zip(outs, lens.tolist())):
-            self._free.extend(idx.tolist())
             raise ValueError("direct reads need 4 KiB-aligned offsets, lengths and buffers")
+        for t in tags:  # counted for the whole batch first: a tag ends only when all its reads have
+            self._left[t] = self._left.get(t, 0) + 1
+        for i in range(0, n, self.depth):  # more than the queue holds: in turns
+            j = min(n, i + self.depth)
+            self._submit(offs[i:j], lens[i:j], addrs[i:j], outs[i:j], tags[i:j])
+        self.reads += n
+        self.bytes_read += int(lens.sum())
+
+    def _submit(self, offs, lens, addrs, outs, tags) -> None:
+        n, c = len(tags), self._c
+        while n > len(self._free):  # a full queue: let reads finish first
+            self._collect(1)
+        idx = np.array([self._free.pop() for _ in range(n)], dtype=np.int64)
         self._f_data[idx], self._f_buf[idx], self._f_nbytes[idx], self._f_offset[idx] = idx, addrs, lens, offs
         for i, out, t in zip(idx.tolist(), outs, tags):
             self._tag_of[i] = t
             self._bufs[i] = out
-            self._left[t] = self._left.get(t, 0) + 1
         self._ptrs[:n] = self._iocbs.ctypes.data + idx * self._IOCB.itemsize
         idx = idx.tolist()
         done = 0
         while done < n:
-            got = self._syscall(3, self._c.c_long(n - done), self._c.c_void_p(self._ptrs.ctypes.data + 8 * done))
+            got = self._syscall(3, c.c_long(n - done), c.c_void_p(self._ptrs.ctypes.data + 8 * done))
             if got < 0:
-                err = self._c.get_errno()
-                if err == 11:  # EAGAIN: the kernel's queue is full; finish some, then go on
+                err = c.get_errno()
+                if err == 11 and self._in_kernel:  # EAGAIN: the kernel's queue is full; finish some, then go on
                     self._collect(1)
                     continue
-                for i in idx[done:]:  # not submitted: fail them under the tag
+                for i in idx[done:]:  # not submitted: fail them under their tags
                     self._finish(i, OSError(err, f"io_submit: {os.strerror(err)}"))
-                break
+                return
             done += got
-        self.reads += n
-        self.bytes_read += int(lens.sum())
+            self._in_kernel += got
 
     def wait(self, tag) -> None:
         """Until all of tag's reads are done; OSError (once) if one of them failed."""
         while tag in self._left:
             self._collect(1)
+        self._done.pop(tag, None)
         err = self._failed.pop(tag, None)
         if err is not None:
             raise err
 
+    def in_flight(self, tag) -> bool:
+        return tag in self._left
+
     def finished(self) -> list:
         """Without blocking: [(tag, OSError or None)] of the tags whose reads all ended
-        since the last call (those waited for included)."""
-        if self._tag_of:
+        since the last call and were not waited for."""
+        if self._in_kernel:
             self._collect(0)
-        done, self._done = self._done, []
+        done, self._done = self._done, {}
         return [(t, self._failed.pop(t, None)) for t in done]
 
     def _collect(self, least: int) -> None:
         """Reap completions, blocking until at least `least` are done."""
-        if not self._tag_of:
+        if not self._in_kernel:
+            if least:
+                raise OSError("no direct read is in flight to wait for (the reader was closed?)")
             return
         ev, c = self._events, self._c
         while True:
@@ -421,6 +431,7 @@ class NativeAIO:
                 break
             if c.get_errno() != 4:  # EINTR: again
                 raise OSError(c.get_errno(), "io_getevents")
+        self._in_kernel -= got
         for d, res in zip(ev["data"][:got].tolist(), ev["res"][:got].tolist()):
             want = int(self._f_nbytes[d])
             self._finish(d, None if res == want else OSError(
@@ -436,15 +447,16 @@ class NativeAIO:
         self._left[tag] -= 1
         if not self._left[tag]:
             del self._left[tag]
-            self._done.append(tag)
+            self._done[tag] = None
 
     def close(self) -> None:
         if self.fd >= 0:
-            self._syscall(1)  # io_destroy waits for the reads still in flight
+            self._syscall(1)  # io_destroy waits for the reads still in flight (Linux >= 4.2)
             os.close(self.fd)
             self.fd = -1
-            self._tag_of.clear()
-            self._bufs.clear()
+            self._in_kernel = 0
+            for d in (self._tag_of, self._bufs, self._left, self._done, self._failed):
+                d.clear()
 
     def __del__(self):
         try:
