@@ -61,16 +61,23 @@ class SlotCache:
         keys = np.asarray(keys, dtype=np.int64)
         slots = np.empty(len(keys), dtype=np.int64)
         missed = np.empty(len(keys), dtype=np.bool_)
-        pinned = self.pinned.copy()
+        was_pinned = np.empty(len(keys), dtype=np.bool_)
         stop = _assign(keys, self.slot_of, self.key_in, self.last, self.uses, self.score, self.pinned, self._tick,
-                       self._code, pin, only_absent, slots, missed)
-        if stop >= 0:  # undone: the keys it took slots for are not cached, its pins released
-            for k in keys[:stop][missed[:stop]].tolist():
-                self.key_in[self.slot_of[k]] = -1
-                self.slot_of[k] = -1
-            self.pinned[:] = pinned
+                       self._code, pin, only_absent, slots, missed, was_pinned)
+        if stop >= 0:  # undone: the keys it took slots for are not cached, the pins it added released
+            for j in range(stop - 1, -1, -1):
+                if slots[j] >= 0 and not was_pinned[j]:
+                    self.pinned[slots[j]] = False
+                if missed[j]:
+                    self.forget(int(keys[j]))
             raise RuntimeError("every cache slot is pinned: the plan gave fewer slots than one step uses")
         return slots, missed
+
+    def forget(self, key: int) -> None:
+        """Drop key (its slot free and unpinned), as if it had never been cached."""
+        s = self.slot_of[key]
+        if s >= 0:
+            self.slot_of[key], self.key_in[s], self.pinned[s] = -1, -1, False
 
     def lookup(self, key: int) -> int | None:
         """The slot holding key (marked used), or None."""
@@ -93,8 +100,10 @@ class SlotCache:
 
 
 @numba.njit(cache=True, nogil=True)
-def _assign(keys, slot_of, key_in, last, uses, score, pinned, tick, policy, pin, only_absent, slots, missed):
-    """-1, or the index of the key no slot was left for."""
+def _assign(keys, slot_of, key_in, last, uses, score, pinned, tick, policy, pin, only_absent, slots, missed,
+            was_pinned):
+    """-1, or the index of the key no slot was left for. was_pinned: each slot's pin
+    before this call pinned it (to undo)."""
     for i in range(len(keys)):
         k = keys[i]
         tick[0] += 1
@@ -124,6 +133,7 @@ def _assign(keys, slot_of, key_in, last, uses, score, pinned, tick, policy, pin,
                 slot_of[key_in[s]] = -1
             slot_of[k], key_in[s] = s, k
             last[s], uses[s] = tick[0], 1
+        was_pinned[i] = pinned[s]
         if pin:
             pinned[s] = True
         slots[i] = s

@@ -161,7 +161,7 @@ class StreamedExperts:
                 for f in futs:
                     f.result()
         except OSError:
-            self._forget(key)
+            self.cache.forget(key)
             return
         finally:
             self.wait_s += time.perf_counter() - t0
@@ -173,7 +173,7 @@ class StreamedExperts:
         read them into: one record each from the bundle, else gate, up and down in turn."""
         pool, rec, n_expert = self.cache.pool, self.cache.item_bytes, self.cfg.n_expert
         if self.bundle is not None:
-            ranges = [(record_offset(0, k, n_expert, rec), rec) for k in keys.tolist()]
+            ranges = [(record_offset(*divmod(k, n_expert), n_expert, rec), rec) for k in keys.tolist()]
             outs = [pool[s] for s in slots.tolist()]
         else:
             ranges, outs = [], []
@@ -246,7 +246,7 @@ class StreamedExperts:
                             self.pending[k] = None  # its slot stays pinned until its read ends
                             continue
                         self.pending.pop(k, None)
-                        self._forget(k)
+                        self.cache.forget(k)
             raise
 
     def _start(self, misses, queued) -> None:
@@ -276,7 +276,7 @@ class StreamedExperts:
             # slots and drops the pages
             rec = self.cache.item_bytes
             for k in keys.tolist():
-                off = record_offset(0, k, self.cfg.n_expert, rec)
+                off = record_offset(*divmod(k, self.cfg.n_expert), self.cfg.n_expert, rec)
                 os.posix_fadvise(self._hint_fd, off, rec, os.POSIX_FADV_WILLNEED)
                 self.pending[k] = off
             self.stats[int(keys[0]) // self.cfg.n_expert].bytes_read += len(keys) * rec
@@ -312,16 +312,9 @@ class StreamedExperts:
             if key in self.pending:
                 del self.pending[key]
                 if err is not None:  # its slot holds no expert: forgotten, read again if needed
-                    self._forget(key)
+                    self.cache.forget(key)
                 elif self.cache.slot_of[key] >= 0:
                     self.cache.pinned[self.cache.slot_of[key]] = False
-
-    def _forget(self, key: int) -> None:
-        """Drop key from the cache (its slot free, unpinned)."""
-        c = self.cache
-        s = c.slot_of[key]
-        if s >= 0:
-            c.slot_of[key], c.key_in[s], c.pinned[s] = -1, -1, False
 
     def _account(self) -> None:
         """Add the wall time of finished prefetch batches to io_s (submit to last read)."""

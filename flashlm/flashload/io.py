@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -54,6 +55,23 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     if hasattr(m, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
         m.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(m, dtype=np.uint8)[:nbytes]
+
+
+def open_direct(path: str | os.PathLike) -> int | None:
+    """A read-only file descriptor of path with direct I/O (O_DIRECT), or None where the
+    platform or file system does not allow it."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return None
+    try:
+        os.preadv(fd, [aligned_empty(ALIGN)], 0)  # some file systems accept the flag, then fail reads
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _round_up(n: int, a: int = ALIGN) -> int:
@@ -97,18 +115,9 @@ class ReadEngine:
         self.size = os.path.getsize(self.path)
         self.max_gap, self.max_read = max_gap, max_read
         self.merge = merge  # False: one read per range, even for ranges sharing a page
-        self.direct = False
-        if direct and hasattr(os, "O_DIRECT"):
-            try:
-                self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
-                probe = aligned_empty(ALIGN)
-                os.preadv(self.fd, [probe], 0)  # some file systems accept the flag, then fail reads
-                self.direct = True
-            except OSError:
-                if getattr(self, "fd", None) is not None:
-                    os.close(self.fd)
-        if not self.direct:
-            self.fd = os.open(self.path, os.O_RDONLY)
+        fd = open_direct(self.path) if direct else None
+        self.direct = fd is not None
+        self.fd = fd if self.direct else os.open(self.path, os.O_RDONLY)
         self.pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="flashlm-io")
         self.n_threads = n_threads
         self.stats = IOStats()
@@ -312,14 +321,12 @@ class NativeAIO:
         import platform
 
         nums = cls._SYS.get(platform.machine())
-        if nums is None or ctypes.sizeof(ctypes.c_void_p) != 8 or not hasattr(os, "O_DIRECT") or not os.uname().sysname == "Linux":
+        if nums is None or ctypes.sizeof(ctypes.c_void_p) != 8 or not sys.platform.startswith("linux"):
+            return None
+        fd = open_direct(path)
+        if fd is None:
             return None
         try:
-            fd = os.open(os.fspath(path), os.O_RDONLY | os.O_DIRECT)
-        except OSError:
-            return None
-        try:
-            os.preadv(fd, [aligned_empty(ALIGN)], 0)  # some file systems accept the flag, then fail reads
             libc = ctypes.CDLL(None, use_errno=True)
             ctx = ctypes.c_ulong(0)
             if libc.syscall(ctypes.c_long(nums[0]), ctypes.c_long(depth), ctypes.byref(ctx)) != 0:

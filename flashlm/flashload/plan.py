@@ -107,20 +107,21 @@ def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_voc
     elif store.hot and cost([lb.n_ff for lb in plans]) <= room:  # every neuron held: no tails
         caps = [lb.n_ff for lb in plans]
     elif store.hot:  # each window holds its layer's first share f of neurons; the buffer takes a tail
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            f = (lo + hi) / 2
-            lo, hi = (f, hi) if cost([int(f * lb.n_ff) for lb in plans]) <= room else (lo, f)
-        caps = [int(lo * lb.n_ff) for lb in plans]
+        caps = _largest_share([lb.n_ff for lb in plans], cost, room)
     elif room >= sum(n * p for n, p in zip(need, per)):  # every window holds a token's neurons, and more
         caps = [min(lb.n_ff, max(n, room * lb.n_ff // total_ff // p)) for lb, n, p in zip(plans, need, per)]
     else:  # windows hold a share f of each layer's needs; the spill buffer reads the rest each token
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            f = (lo + hi) / 2
-            lo, hi = (f, hi) if cost([int(f * n) for n in need]) <= room else (lo, f)
-        caps = [int(lo * n) for n in need]
+        caps = _largest_share(need, cost, room)
     spill = store.spill_bytes(caps)
     held = sum(c * p for c, p in zip(caps, per))
     return MemoryPlan(budget, resident, predictor, kv, buffers, held, spill, caps, [lb.n_ff for lb in plans], per,
                       minimum)
+
+
+def _largest_share(sizes: list[int], cost, room: int) -> list[int]:
+    """Capacities int(f * size) for the largest share f whose cost fits in room (bisection)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        f = (lo + hi) / 2
+        lo, hi = (f, hi) if cost([int(f * n) for n in sizes]) <= room else (lo, f)
+    return [int(lo * n) for n in sizes]
