@@ -123,9 +123,10 @@ def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
         with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=budget, experts=opts) as m:
             assert isinstance(m.model.experts, StreamedExperts) and m.plan.n_slots == 4 * (2 if prefetch else 1) + 3
             assert (m.model.experts.bundle is not None) == bundle
+            aio = bundle and m.model.experts.aio is not None
             if bundle:  # where native asynchronous reads work, misses and prefetches use them
                 probe = NativeAIO.open(m.model.experts.bundle)
-                assert (m.model.experts.aio is not None) == (probe is not None)
+                assert aio == (probe is not None)
                 if probe is not None:
                     probe.close()
             np.testing.assert_array_equal(m.logits(tokens), want)  # the same bytes, the same math
@@ -133,6 +134,8 @@ def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
             assert m.generate(PROMPTS[0], max_tokens=12, temperature=0) == text
             st = m.model.experts.take_stats()
     assert st["misses"] > 0 and st["hits"] > 0
+    # under native AIO a token's cached experts compute while its misses are read (and still equal)
+    assert (st["deferred"] > 0) == aio
     if not prefetch:  # bundled, a miss reads its record (a slot); else the expert's three slices
         assert st["bytes_read"] == st["misses"] * (expert if bundle else sum(m.model.experts.part_bytes))
     else:
@@ -244,3 +247,37 @@ def test_cli_on_a_moe_under_a_budget(moe_gguf, capsys):
     assert "experts: cache hit rate" in err and "prefetch precision" in err
     assert main(["run", "-m", path, "--memory-budget", "2MB", "-p", "Hi"]) == 2
     assert "below the minimum" in capsys.readouterr().err
+
+
+def test_a_failed_expert_read_is_a_clear_error_and_leaves_nothing_pinned(moe_gguf, tmp_path):
+    """A miss whose read fails (the bundle truncated under a running model) raises an
+    OSError naming the read; its slot is forgotten and no slot stays pinned."""
+    import os
+    import shutil
+
+    from flashlm.experts.bundle import HEADER
+
+    path = tmp_path / "m.gguf"
+    shutil.copy(moe_gguf("qwen2moe"), path)
+    with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=1 << 40, experts=dict(prefetch=False)) as big:
+        minimum, expert = big.plan.minimum, big.plan.expert_bytes
+    with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=minimum + 3 * expert,
+                      experts=dict(prefetch=False)) as m:
+        ex = m.model.experts
+        os.truncate(ex.bundle, HEADER + 3 * expert)  # layer 0's first 3 experts only
+        with pytest.raises(OSError, match=r"direct read of \d+ bytes at \d+ gave|short read"):
+            m.generate(PROMPTS[0], max_tokens=8, temperature=0)
+        assert not ex.cache.pinned.any() and ex._missing is None
+        held = ex.cache.key_in[ex.cache.key_in >= 0]
+        assert (held < 3).all()  # only what was read whole is still cached
+        if ex.aio is None:
+            return
+        # a token's misses read while its cached experts compute (locate(wait=False)): the
+        # error comes when they are waited for
+        n, ids = m.config.n_expert, np.array([1, 4, 6])
+        ex.begin_layer(1, ids[None], np.full((1, n), 1 / n, dtype=np.float32))
+        _, _, missed = ex.locate(1, ids, wait=False)
+        assert missed.all() and ex._missing is not None
+        with pytest.raises(OSError, match=r"direct read of \d+ bytes at \d+ gave"):
+            ex.finish_misses()
+        assert not ex.cache.pinned.any() and not ((ex.cache.key_in >= n) & (ex.cache.key_in < 2 * n)).any()

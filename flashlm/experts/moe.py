@@ -154,11 +154,20 @@ def _moe_decode(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool, on_r
         # the next layer's router on this layer's input (mixtral-offloading's speculative
         # loading): its reads start with this layer's misses and run while its experts compute
         experts.prefetch(layer + 1, route_one(store, cfg, layer + 1, x)[0])
-    buf, offs = experts.locate(layer, ids)  # this layer's misses read (and waited for)
     shapes, qts = experts.layout(layer)
     out = np.zeros((1, cfg.n_embd), dtype=np.float32)
-    D.moe_decode(buf, offs, shapes, qts, x, w, gelu, F16_TABLE, numba.get_num_threads(),
-                 _all_rows(max(shapes[0, 0], cfg.n_embd)), out[0])
+    args = (shapes, qts, x, gelu, F16_TABLE, numba.get_num_threads(), _all_rows(max(shapes[0, 0], cfg.n_embd)))
+    buf, offs, *missed = experts.locate(layer, ids, wait=False) if streamed else experts.locate(layer, ids)
+    if not streamed or not missed[0].any():
+        D.moe_decode(buf, offs, *args[:3], w, *args[3:], out[0])
+    else:  # the cached experts compute while the misses are read, then the misses (the same sums)
+        missed = missed[0]
+        y = np.empty((len(ids), shapes[2, 0]), dtype=np.float32)
+        if not missed.all():
+            D.moe_experts(buf, offs, np.flatnonzero(~missed), *args, y)
+        experts.finish_misses()
+        D.moe_experts(buf, offs, np.flatnonzero(missed), *args, y)
+        D.moe_combine(y, w, out[0])
     if streamed:
         experts.end_layer(layer)
     return out

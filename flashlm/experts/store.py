@@ -42,6 +42,7 @@ class LayerStats:
     predicted: int = 0  # experts prefetched for this layer
     predicted_used: int = 0  # of those, chosen by the router
     chosen: int = 0  # experts the router chose (with a prediction made)
+    deferred: int = 0  # locates that returned before their misses were read (cached experts computed meanwhile)
 
     @property
     def hit_rate(self) -> float:
@@ -82,6 +83,7 @@ class StreamedExperts:
         self._batches: list = []  # (submit time, futures) of prefetches not yet accounted
         self._pins: list[np.ndarray] = []  # slots of the current layer's chosen experts
         self._queued = None  # (keys, slots) of prefetches not yet issued
+        self._missing = None  # keys of misses being read for locate(wait=False)
         self.predicted: dict[int, set] = {}
         self.stats = [LayerStats() for _ in range(cfg.n_layer)]
         self.io_s = 0.0  # seconds reads took, prefetched or not
@@ -90,23 +92,49 @@ class StreamedExperts:
     # -- ExpertSource -----------------------------------------------------------------
 
     def get(self, layer: int, e: int) -> tuple[TensorRef, TensorRef, TensorRef]:
-        s = int(self._load(layer, [e])[0])
+        s = int(self._load(layer, [e])[0][0])
         return self._refs(layer, e, s)
 
-    def locate(self, layer: int, ids) -> tuple[np.ndarray, np.ndarray]:
+    def locate(self, layer: int, ids, wait: bool = True):
         """(the cache's pool, (k, 3) byte offsets of experts ids' gate, up and down in it),
         loading the ones not cached (all their reads at once); they stay pinned until
-        end_layer."""
-        slots = self._load(layer, ids, pin=True)
-        return self.cache.pool.reshape(-1), slots[:, None] * self.cache.item_bytes + self._part_offsets
+        end_layer. wait=False: return at once, with a third item, the (k,) mask of the
+        experts still being read; the caller computes the others meanwhile, then calls
+        finish_misses() before it touches these."""
+        slots, missed = self._load(layer, ids, pin=True, wait=wait)
+        offs = slots[:, None] * self.cache.item_bytes + self._part_offsets
+        return (self.cache.pool.reshape(-1), offs) + (() if wait else (missed,))
+
+    def finish_misses(self) -> None:
+        """Wait for the reads a locate(wait=False) started; then start the queued prefetch
+        (after the misses in the disk's queue: it shares its bandwidth among the reads it holds)."""
+        keys, self._missing = self._missing, None
+        if keys is not None:
+            t0 = time.perf_counter()
+            try:
+                self.aio.wait("miss")
+            except BaseException:  # their slots hold no expert: forgotten, read again when needed
+                for k in keys.tolist():
+                    self.cache.forget(k)
+                for s in self._pins:
+                    self.cache.pinned[s] = False
+                self._pins = []
+                raise
+            finally:
+                dt = time.perf_counter() - t0
+                self.io_s += dt
+                self.wait_s += dt
+        if self._queued is not None:
+            self._issue()
 
     def layout(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """((3, 2) rows and row bytes of one expert's gate, up, down; (3,) their types)."""
         return self._layout
 
-    def _load(self, layer: int, ids, pin: bool = False) -> np.ndarray:
-        """The slots holding layer's experts ids: prefetched ones waited for, missing ones
-        read now, in one batch of parallel reads. pin: keep them until end_layer."""
+    def _load(self, layer: int, ids, pin: bool = False, wait: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(The slots holding layer's experts ids, the mask of those missed): prefetched ones
+        waited for, missing ones read now, in one batch of parallel reads (wait=False,
+        native AIO: started, for finish_misses). pin: keep them until end_layer."""
         n_expert = self.cfg.n_expert
         keys = np.asarray(ids, dtype=np.int64) + layer * n_expert
         if self._queued is not None and self._queued[0][0] // n_expert == layer:
@@ -121,6 +149,7 @@ class StreamedExperts:
             for k in list(self.pending):
                 self._reap(k)
             slots, missed = self.cache.assign(keys, pin=True)
+        wait = wait or self.aio is None  # only native AIO reads while the caller computes
         st = self.stats[layer]
         n_miss = int(np.count_nonzero(missed))
         st.misses += n_miss
@@ -128,7 +157,7 @@ class StreamedExperts:
         try:
             if n_miss:
                 t0 = time.perf_counter()
-                self._issue((keys[missed], slots[missed]))
+                self._issue((keys[missed], slots[missed]), wait)
                 dt = time.perf_counter() - t0
                 self.io_s += dt
                 self.wait_s += dt
@@ -141,7 +170,7 @@ class StreamedExperts:
             self._pins.append(slots)
         else:
             self.cache.pinned[slots] = False
-        return slots
+        return slots, (missed if not wait else np.zeros(len(keys), dtype=bool))
 
     def _reap(self, key: int, unpin: bool = True) -> None:
         """Wait for a prefetched expert's read; it becomes an ordinary cached one. A failed
@@ -232,12 +261,14 @@ class StreamedExperts:
                 self._issue()
             self._queued = (keys[missed], slots[missed])
 
-    def _issue(self, misses=None) -> None:
+    def _issue(self, misses=None, wait: bool = True) -> None:
         """Start the queued prefetch reads; misses (keys, slots): first read these, and
-        wait for them."""
+        wait for them (wait=False: start them; the prefetch waits for finish_misses)."""
         queued, self._queued = self._queued, None
+        if not wait:
+            self._queued, queued = queued, None
         try:
-            self._start(misses, queued)
+            self._start(misses, queued, wait)
         except BaseException:  # the slots hold no expert: forgotten, read again when needed
             for group in (misses, queued):
                 if group is not None:
@@ -249,7 +280,7 @@ class StreamedExperts:
                         self.cache.forget(k)
             raise
 
-    def _start(self, misses, queued) -> None:
+    def _start(self, misses, queued, wait: bool = True) -> None:
         if self.aio is not None:
             # the kernel reads the records straight into their slots while the layer
             # computes; no thread of ours wakes when they are done (on 2 cores, reads
@@ -259,6 +290,10 @@ class StreamedExperts:
             # as long as all of them (wait 4.1-5.3 ms a token against 2.7-3.2).
             if misses is not None:
                 self.aio.submit(*self._ranges(*misses), "miss")
+                if not wait:
+                    self._missing = misses[0]
+                    self.stats[int(misses[0][0]) // self.cfg.n_expert].deferred += 1
+                    return
                 self.aio.wait("miss")
             if queued is not None:
                 keys = queued[0].tolist()
@@ -346,6 +381,7 @@ class StreamedExperts:
         chosen = sum(s.chosen for s in layers)
         return dict(layers=layers, hits=sum(s.hits for s in layers), misses=sum(s.misses for s in layers),
                     bytes_read=sum(s.bytes_read for s in layers), io_s=io, wait_s=wait,
+                    deferred=sum(s.deferred for s in layers),
                     hidden=1.0 - wait / io if io > 0 and self._hint_fd < 0 and self.aio is None else None,
                     precision=used / pred if pred else None, recall=used / chosen if chosen else None)
 

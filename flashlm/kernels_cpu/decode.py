@@ -452,16 +452,38 @@ def _group4(i0, n, r4, p4):
         p4[q] = min(i0 + 4 + q, n - 1)
 
 
-@njit(nogil=True, cache=True, parallel=True)
+@njit(nogil=True, cache=True)
 def moe_decode(buf, offs, shapes, qts, x, w, gelu, lut, nt, all_rows, out):
-    """out += sum_j w[j] * down_j(act(gate_j x) * up_j x): one token's routed experts in one
-    call. Expert j's gate, up and down matrices start at byte offsets offs[j] of buf;
-    shapes[p] = (rows, row_bytes) and qts[p] = GGML type of part p (gate, up, down).
+    """out += sum_j w[j] * down_j(act(gate_j x) * up_j x): one token's routed experts.
+    Expert j's gate, up and down matrices start at byte offsets offs[j] of buf;
+    shapes[p] = (rows, row_bytes) and qts[p] = GGML type of part p (gate, up, down)."""
+    k = offs.shape[0]
+    y = np.empty((k, shapes[2, 0]), dtype=np.float32)
+    moe_experts(buf, offs, np.arange(k), shapes, qts, x, gelu, lut, nt, all_rows, y)
+    moe_combine(y, w, out)
+
+
+@njit(nogil=True, cache=True)
+def moe_combine(y, w, out):
+    """out += sum_j w[j] * y[j], each output summed over the experts in order (as
+    adding each expert's down product to out would)."""
+    for i in range(out.shape[0]):
+        acc = out[i]
+        for j in range(y.shape[0]):
+            acc += w[j] * y[j, i]
+        out[i] = acc
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def moe_experts(buf, offs, sel, shapes, qts, x, gelu, lut, nt, all_rows, y):
+    """y[j] = down_j(act(gate_j x) * up_j x) for the experts j in sel (offsets offs[j] of
+    buf, as moe_decode): a token's experts in parts, so the cached ones compute while
+    the others are read; moe_combine then sums them in order, as one call would.
 
     Three parallel loops, not three per expert: every expert's gate and up rows, then
-    each expert's activation (quantized for down's type), then each output row summed
-    over the experts in order (as adding each expert's down product to out would)."""
-    k = offs.shape[0]
+    each expert's activation (quantized for down's type), then each output row's down
+    products for every expert."""
+    k = sel.shape[0]
     n_in = x.shape[0]
     n_ff = shapes[0, 0]
     n_out = shapes[2, 0]
@@ -489,7 +511,7 @@ def moe_decode(buf, offs, shapes, qts, x, w, gelu, lut, nt, all_rows, out):
             qt = qts[p]
             nb = nb0 if p == 0 else nb1
             ns = ns0 if p == 0 else ns1
-            rows4(qt, _part(buf, offs[j, p], shapes[p]), r4, p4, xr[p], xq[p], xd[p, :nb], xs[p, :nb],
+            rows4(qt, _part(buf, offs[sel[j], p], shapes[p]), r4, p4, xr[p], xq[p], xd[p, :nb], xs[p, :nb],
                   xi[p, :ns], o4, scratch, lut, _act_block(qt) == 0)
             for q in range(min(4, n_ff - i0)):
                 gu[p, j, i0 + q] = o4[q]
@@ -509,19 +531,14 @@ def moe_decode(buf, offs, shapes, qts, x, w, gelu, lut, nt, all_rows, out):
     step = (groups + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
         r4, p4, o4, scratch = _row_bufs(n_ff)
-        acc = np.empty(4, dtype=np.float32)
         for g in range(c * step, min(groups, (c + 1) * step)):
             i0 = 4 * g
             _group4(i0, n_out, r4, p4)
-            for q in range(4):
-                acc[q] = out[r4[q]]
             for j in range(k):
-                rows4(qd, _part(buf, offs[j, 2], shapes[2]), r4, p4, ar[j], aq[j], ad[j, :nbd], as_[j, :nbd],
+                rows4(qd, _part(buf, offs[sel[j], 2], shapes[2]), r4, p4, ar[j], aq[j], ad[j, :nbd], as_[j, :nbd],
                       ai[j, :nsd], o4, scratch, lut, nbd == 0)
-                for q in range(4):
-                    acc[q] += w[j] * o4[q]
-            for q in range(min(4, n_out - i0)):
-                out[i0 + q] = acc[q]
+                for q in range(min(4, n_out - i0)):
+                    y[sel[j], i0 + q] = o4[q]
 
 
 @njit(inline="always")
