@@ -152,20 +152,24 @@ def _moe_decode(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool, on_r
         experts.begin_layer(layer, ids[None], p[None], pin=True)
     if streamed and experts.prefetching and layer + 1 < cfg.n_layer:
         # the next layer's router on this layer's input (mixtral-offloading's speculative
-        # loading): its reads start with this layer's misses and run while its experts compute
+        # loading): its reads start once this layer's misses are in (at once if there are
+        # none), and run while the rest of this layer and the next one's attention compute
         experts.prefetch(layer + 1, route_one(store, cfg, layer + 1, x)[0])
     shapes, qts = experts.layout(layer)
     out = np.zeros((1, cfg.n_embd), dtype=np.float32)
     args = (shapes, qts, x, gelu, F16_TABLE, numba.get_num_threads(), _all_rows(max(shapes[0, 0], cfg.n_embd)))
-    buf, offs, *missed = experts.locate(layer, ids, wait=False) if streamed else experts.locate(layer, ids)
-    if not streamed or not missed[0].any():
+    buf, offs, missed = experts.locate(layer, ids, wait=False) if streamed else (*experts.locate(layer, ids), None)
+    if missed is None or not missed.any():
         D.moe_decode(buf, offs, *args[:3], w, *args[3:], out[0])
     else:  # the cached experts compute while the misses are read, then the misses (the same sums)
-        missed = missed[0]
         y = np.empty((len(ids), shapes[2, 0]), dtype=np.float32)
-        if not missed.all():
-            D.moe_experts(buf, offs, np.flatnonzero(~missed), *args, y)
-        experts.finish_misses()
+        try:
+            if not missed.all():
+                D.moe_experts(buf, offs, np.flatnonzero(~missed), *args, y)
+            experts.finish_misses()
+        except BaseException:  # interrupted: the reads end before their slots can be reused
+            experts.abort_misses()
+            raise
         D.moe_experts(buf, offs, np.flatnonzero(missed), *args, y)
         D.moe_combine(y, w, out[0])
     if streamed:

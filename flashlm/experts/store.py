@@ -7,15 +7,19 @@ into its cache slot, all of a layer's misses in parallel. (Where the bundle cann
 written, a miss reads the three ranges from the GGUF through the shared I/O engine.)
 
 Reads from the bundle are Linux native asynchronous direct reads (flashload/io.py,
-NativeAIO): `prefetch(layer, ids)` submits a layer's predicted experts before the current
-layer computes, and the kernel fills their slots with no thread of ours to wake; a slot
-stays pinned until its read is done, and `locate` waits only for the ones it needs.
+NativeAIO). A layer's misses are one submission, and `locate(..., wait=False)` returns
+at once so the caller computes the cached experts while they are read (`finish_misses`
+waits). `prefetch(layer, ids)` queues the next layer's predicted experts; their reads
+start once the current layer's misses are in (sharing the disk with them made the misses
+slower), and the kernel fills their slots with no thread of ours to wake; a slot stays
+pinned until its read is done, and `locate` waits only for the ones it needs.
 Where native AIO is unavailable, prefetch is posix_fadvise(WILLNEED) hints copied into
 the slots when needed, or reads on the engine's threads.
 
 Statistics per layer: hits, misses, bytes read; for prefetch, the experts predicted and
 how many the router then chose (precision and recall); the seconds the decode waited for
-expert reads, and (thread prefetch) the read time it did not wait for.
+expert reads, and (thread prefetch) the read time it did not wait for; how often cached
+experts computed while misses were read.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class LayerStats:
     predicted: int = 0  # experts prefetched for this layer
     predicted_used: int = 0  # of those, chosen by the router
     chosen: int = 0  # experts the router chose (with a prediction made)
-    deferred: int = 0  # locates that returned before their misses were read (cached experts computed meanwhile)
+    overlapped: int = 0  # locates whose misses were read while the cached experts computed
 
     @property
     def hit_rate(self) -> float:
@@ -86,7 +90,7 @@ class StreamedExperts:
         self._missing = None  # keys of misses being read for locate(wait=False)
         self.predicted: dict[int, set] = {}
         self.stats = [LayerStats() for _ in range(cfg.n_layer)]
-        self.io_s = 0.0  # seconds reads took, prefetched or not
+        self.io_s = 0.0  # seconds reads took (thread reads; under native AIO, the submissions and waits)
         self.wait_s = 0.0  # seconds the caller waited for reads
 
     # -- ExpertSource -----------------------------------------------------------------
@@ -114,18 +118,45 @@ class StreamedExperts:
             try:
                 self.aio.wait("miss")
             except BaseException:  # their slots hold no expert: forgotten, read again when needed
-                for k in keys.tolist():
-                    self.cache.forget(k)
-                for s in self._pins:
-                    self.cache.pinned[s] = False
-                self._pins = []
+                self._drop_misses(keys)
                 raise
             finally:
                 dt = time.perf_counter() - t0
                 self.io_s += dt
                 self.wait_s += dt
         if self._queued is not None:
-            self._issue()
+            try:
+                self._issue()
+            except BaseException:
+                self._unpin_layer()
+                raise
+
+    def abort_misses(self) -> None:
+        """After an error between locate(wait=False) and finish_misses: the misses' reads
+        end, their experts are forgotten and the layer's pins released."""
+        keys, self._missing = self._missing, None
+        if keys is not None:
+            self._drop_misses(keys)
+
+    def _drop_misses(self, keys: np.ndarray) -> None:
+        self._drain_misses()
+        for k in keys.tolist():
+            self.cache.forget(k)
+        self._unpin_layer()
+
+    def _drain_misses(self) -> None:
+        """Let the kernel finish the misses' reads (interrupted, say): their slots must not
+        be given to other experts while it still writes into them."""
+        while self.aio is not None and self.aio.in_flight("miss"):
+            try:
+                self.aio.wait("miss")
+            except OSError:
+                pass
+
+    def _unpin_layer(self) -> None:
+        for s in self._pins:
+            self.cache.pinned[s] = False
+        self._pins = []
 
     def layout(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """((3, 2) rows and row bytes of one expert's gate, up, down; (3,) their types)."""
@@ -135,6 +166,8 @@ class StreamedExperts:
         """(The slots holding layer's experts ids, the mask of those missed): prefetched ones
         waited for, missing ones read now, in one batch of parallel reads (wait=False,
         native AIO: started, for finish_misses). pin: keep them until end_layer."""
+        if self._missing is not None:  # a locate(wait=False) not finished
+            self.finish_misses()
         n_expert = self.cfg.n_expert
         keys = np.asarray(ids, dtype=np.int64) + layer * n_expert
         if self._queued is not None and self._queued[0][0] // n_expert == layer:
@@ -161,6 +194,7 @@ class StreamedExperts:
                 dt = time.perf_counter() - t0
                 self.io_s += dt
                 self.wait_s += dt
+                st.overlapped += not wait and n_miss < len(keys)
             elif self._queued is not None:
                 self._issue()
         except BaseException:
@@ -239,7 +273,7 @@ class StreamedExperts:
     def prefetch(self, layer: int, ids) -> None:
         """Read layer's experts `ids` (those not cached or in flight) ahead, in parallel,
         while the caller computes. Called before the current layer's `locate`: the
-        reads start with that layer's misses, after them in the disk's queue."""
+        reads start once that layer's misses are in (at once if it has none)."""
         if not self.prefetching:
             return
         ids = np.unique(np.asarray(ids, dtype=np.int64))
@@ -270,6 +304,7 @@ class StreamedExperts:
         try:
             self._start(misses, queued, wait)
         except BaseException:  # the slots hold no expert: forgotten, read again when needed
+            self._drain_misses()
             for group in (misses, queued):
                 if group is not None:
                     for k in group[0].tolist():
@@ -292,7 +327,6 @@ class StreamedExperts:
                 self.aio.submit(*self._ranges(*misses), "miss")
                 if not wait:
                     self._missing = misses[0]
-                    self.stats[int(misses[0][0]) // self.cfg.n_expert].deferred += 1
                     return
                 self.aio.wait("miss")
             if queued is not None:
@@ -326,9 +360,9 @@ class StreamedExperts:
     def end_layer(self, layer: int) -> None:
         """Unpin this layer's experts, and the prefetched ones its router did not choose
         (asynchronous reads: once they are done; nothing waits for them)."""
-        for s in self._pins:
-            self.cache.pinned[s] = False
-        self._pins = []
+        if self._missing is not None:
+            self.finish_misses()
+        self._unpin_layer()
         if self._queued is not None:
             self._issue()
         if self.aio is not None:
@@ -381,7 +415,7 @@ class StreamedExperts:
         chosen = sum(s.chosen for s in layers)
         return dict(layers=layers, hits=sum(s.hits for s in layers), misses=sum(s.misses for s in layers),
                     bytes_read=sum(s.bytes_read for s in layers), io_s=io, wait_s=wait,
-                    deferred=sum(s.deferred for s in layers),
+                    overlapped=sum(s.overlapped for s in layers),
                     hidden=1.0 - wait / io if io > 0 and self._hint_fd < 0 and self.aio is None else None,
                     precision=used / pred if pred else None, recall=used / chosen if chosen else None)
 

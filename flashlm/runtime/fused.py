@@ -149,3 +149,8 @@ def warm_decode_kernels() -> None:
     for buf in (arena, np.zeros_like(arena)):
         D.moe_decode(buf, offs, shapes, qt[:3].copy(), x, np.ones(1, dtype=np.float32), False, F16_TABLE,
                      numba.get_num_threads(), rows, np.zeros((1, d), dtype=np.float32)[0])
+    # and in parts, as a streamed token computes its cached experts while the others are read
+    y = np.zeros((1, d), dtype=np.float32)
+    D.moe_experts(np.zeros_like(arena), offs, np.zeros(1, dtype=np.int64), shapes, qt[:3].copy(), x, False,
+                  F16_TABLE, numba.get_num_threads(), rows, y)
+    D.moe_combine(y, np.ones(1, dtype=np.float32), np.zeros(d, dtype=np.float32))
