@@ -8,7 +8,7 @@ Default model: the synthetic MoE (make_synthetic.py --moe; written if missing), 
 weights and a random router, so tokens spread over experts about uniformly: a worst case
 for any cache. Decoding is fed the tokens of tests/data/eval_text.txt (teacher forcing).
 Each row runs in a fresh process (its memory plan measured as a user's run would be),
-once per round, for --repeat rounds; the run with the median tok/s is shown. Expert misses and
+once per round, for --repeat rounds; the run with the median tok/s is shown, with the range over runs. Expert misses and
 prefetches are native asynchronous direct reads into the cache's slots (experts/store.py). Columns per decoded token (the first
 --skip dropped): tok/s (median over tokens), cache hit rate, MB read, ms the decode
 waited for expert reads, prefetch precision and recall, and I/O hidden: the share of
@@ -143,9 +143,11 @@ def main(argv=None) -> int:
         for name, budget, opts in configs:
             runs[name].append(_row(path, budget, opts, n, skip))
     med = {name: sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2] for name, rs in runs.items()}
+    for name, rs in runs.items():  # the range beside the median
+        med[name]["range"] = (min(r["tok_s"] for r in rs), max(r["tok_s"] for r in rs))
     resident, nocache = med["resident"], med["nocache"]
-    print(f"all experts resident (flashlm): {resident['tok_s']:.2f} tok/s\n")
-    print("| experts cached | configuration | tok/s | / resident | hit rate | MB read/token | read wait ms/token | "
+    print(f"all experts resident (flashlm): {resident['tok_s']:.2f} tok/s (runs {_range(resident)})\n")
+    print("| experts cached | configuration | tok/s (range) | / resident | hit rate | MB read/token | read wait ms/token | "
           "prefetch precision | prefetch recall | I/O hidden |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     _print("k slots", "no cache (every routed expert read)", nocache, resident)
@@ -188,8 +190,13 @@ def honesty(path, budget: int, n: int) -> int:
     return 0
 
 
+def _range(r) -> str:
+    lo, hi = r["range"]
+    return f"{lo:.1f}-{hi:.1f}"
+
+
 def _print(cached, name, r, resident):
-    print(f"| {cached} | {name} | {r['tok_s']:.2f} | {r['tok_s'] / resident['tok_s']:.2f} | {fmt(r.get('hit'), '.0%')} | "
+    print(f"| {cached} | {name} | {r['tok_s']:.2f} ({_range(r)}) | {r['tok_s'] / resident['tok_s']:.2f} | {fmt(r.get('hit'), '.0%')} | "
           f"{fmt(r.get('mb'), '.1f')} | {fmt(r.get('wait_ms'), '.1f')} | {fmt(r.get('precision'), '.0%')} | {fmt(r.get('recall'), '.0%')} | "
           f"{fmt(r.get('hidden'), '.0%')} |", flush=True)
 
