@@ -121,9 +121,7 @@ class StreamedExperts:
                 self._drop_misses(keys)
                 raise
             finally:
-                dt = time.perf_counter() - t0
-                self.io_s += dt
-                self.wait_s += dt
+                self._waited(t0)
         if self._queued is not None:
             try:
                 self._issue()
@@ -152,6 +150,12 @@ class StreamedExperts:
                 self.aio.wait("miss")
             except OSError:
                 pass
+
+    def _waited(self, t0: float) -> None:
+        """The caller read (and waited) since t0: to io_s and wait_s."""
+        dt = time.perf_counter() - t0
+        self.io_s += dt
+        self.wait_s += dt
 
     def _unpin_layer(self) -> None:
         for s in self._pins:
@@ -191,9 +195,7 @@ class StreamedExperts:
             if n_miss:
                 t0 = time.perf_counter()
                 self._issue((keys[missed], slots[missed]), wait)
-                dt = time.perf_counter() - t0
-                self.io_s += dt
-                self.wait_s += dt
+                self._waited(t0)
                 st.overlapped += not wait and n_miss < len(keys)
             elif self._queued is not None:
                 self._issue()
