@@ -99,15 +99,24 @@ def expert_ffn(x: np.ndarray, gate: TensorRef, up: TensorRef, down: TensorRef, g
     return K.linear(K.glu(g, u, gelu), down)
 
 
-def route_one(store, cfg, layer: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def route_one(store, cfg, layer: int, x: np.ndarray, ahead: bool = False):
     """route() for one token x (n_embd,) float32, in one compiled call: (k,) ids, (k,)
-    weights, (n_expert,) probabilities."""
+    weights, (n_expert,) probabilities. ahead: also the next layer's router on x, its
+    (k,) most probable experts as a fourth item (what to prefetch), in the same call."""
     r = store.get(f"blk.{layer}.ffn_gate_inp.weight")
     k, n = cfg.n_expert_used, r.data.shape[0]
     ids, w, p = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.float32), np.empty(n, dtype=np.float32)
-    D.moe_route(r.data, int(r.qtype), x, cfg.expert_gating == "sigmoid", bool(cfg.expert_weights_norm),
-                float(cfg.expert_weights_scale or 0.0), F16_TABLE, _all_rows(n), ids, w, p)
-    return ids, w, p
+    args = (cfg.expert_gating == "sigmoid", bool(cfg.expert_weights_norm), float(cfg.expert_weights_scale or 0.0),
+            F16_TABLE, _all_rows(n), ids, w, p)
+    if not ahead:
+        D.moe_route(r.data, int(r.qtype), x, *args)
+        return ids, w, p
+    r2 = store.get(f"blk.{layer + 1}.ffn_gate_inp.weight")
+    n2 = r2.data.shape[0]
+    ids2 = np.empty(k, dtype=np.int64)
+    D.moe_route_ahead(r.data, int(r.qtype), x, *args, r2.data, int(r2.qtype), _all_rows(n2), ids2,
+                      np.empty(k, dtype=np.float32), np.empty(n2, dtype=np.float32))
+    return ids, w, p, ids2
 
 
 def moe_ffn(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool = False, on_route=None) -> np.ndarray:
@@ -145,16 +154,17 @@ def moe_ffn(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool = False, 
 def _moe_decode(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool, on_route, streamed: bool) -> np.ndarray:
     """One token's routed experts: routing and the experts' FFNs in two compiled calls."""
     x = np.ascontiguousarray(h[0], dtype=np.float32)
-    ids, w, p = route_one(store, cfg, layer, x)
+    # with prefetch, the next layer's router on this layer's input too (mixtral-offloading's
+    # speculative loading): its reads start once this layer's misses are in (at once if
+    # there are none), and run while the rest of this layer and the next one's attention compute
+    ahead = streamed and experts.prefetching and layer + 1 < cfg.n_layer
+    ids, w, p, *nxt = route_one(store, cfg, layer, x, ahead)
     if on_route is not None:
         on_route(layer, ids[None], w[None], p[None])
     if streamed:
         experts.begin_layer(layer, ids[None], p[None], pin=True)
-    if streamed and experts.prefetching and layer + 1 < cfg.n_layer:
-        # the next layer's router on this layer's input (mixtral-offloading's speculative
-        # loading): its reads start once this layer's misses are in (at once if there are
-        # none), and run while the rest of this layer and the next one's attention compute
-        experts.prefetch(layer + 1, route_one(store, cfg, layer + 1, x)[0])
+    if ahead:
+        experts.prefetch(layer + 1, nxt[0])
     shapes, qts = experts.layout(layer)
     out = np.zeros((1, cfg.n_embd), dtype=np.float32)
     args = (shapes, qts, x, gelu, F16_TABLE, numba.get_num_threads(), _all_rows(max(shapes[0, 0], cfg.n_embd)))

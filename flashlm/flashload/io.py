@@ -294,6 +294,25 @@ def device_read_bytes() -> int:
     return 0
 
 
+def _aio_structs():
+    """The kernel's struct iocb and struct io_event (linux/aio_abi.h, 64-bit little-endian)."""
+    import ctypes as c
+
+    class Iocb(c.Structure):
+        _fields_ = [("data", c.c_uint64), ("key", c.c_uint32), ("rw_flags", c.c_int32), ("opcode", c.c_uint16),
+                    ("reqprio", c.c_int16), ("fildes", c.c_uint32), ("buf", c.c_uint64), ("nbytes", c.c_uint64),
+                    ("offset", c.c_int64), ("reserved2", c.c_uint64), ("flags", c.c_uint32), ("resfd", c.c_uint32)]
+
+    class IoEvent(c.Structure):
+        _fields_ = [("data", c.c_uint64), ("obj", c.c_uint64), ("res", c.c_int64), ("res2", c.c_int64)]
+
+    assert c.sizeof(Iocb) == 64 and c.sizeof(IoEvent) == 32
+    return Iocb, IoEvent
+
+
+_Iocb, _IoEvent = _aio_structs()  # opcode 0: IOCB_CMD_PREAD
+
+
 class NativeAIO:
     """Linux native asynchronous direct reads (io_submit / io_getevents, through libc's
     syscall): the kernel reads each range straight into its buffer while the caller
@@ -304,16 +323,17 @@ class NativeAIO:
     aio = NativeAIO.open(path)   # None where unavailable (not Linux x86-64/aarch64, no
                                  # O_DIRECT on this file system, io_setup refused)
     aio.submit([(offset, n), ...], [buf, ...], tag)   # 4 KiB-aligned offsets, lengths, buffers
+    aio.submit_addrs(offsets, lengths, addresses, tag, keep)   # the same, as ints (keep: what
+                                 # owns the memory, held until the reads end)
     aio.wait(tag)                # until every read submitted with tag is done; OSError if one failed
 
     Callers must keep each buffer alive and unused until its tag has been waited for.
+    A submission's bookkeeping is plain Python on ctypes structures: an expert cache
+    submits one or two reads at a time, tens of times a token, where numpy's per-call
+    costs outweighed the work.
     """
 
     _SYS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}  # setup, destroy, getevents, submit
-    _IOCB = np.dtype([("data", "<u8"), ("key", "<u4"), ("rw_flags", "<i4"), ("opcode", "<u2"), ("reqprio", "<i2"),
-                      ("fildes", "<u4"), ("buf", "<u8"), ("nbytes", "<u8"), ("offset", "<i8"), ("reserved2", "<u8"),
-                      ("flags", "<u4"), ("resfd", "<u4")])
-    _EVENT = np.dtype([("data", "<u8"), ("obj", "<u8"), ("res", "<i8"), ("res2", "<i8")])
 
     @classmethod
     def open(cls, path: str | os.PathLike, depth: int = 256):
@@ -337,64 +357,76 @@ class NativeAIO:
         return cls(fd, libc, ctx, nums, depth)
 
     def __init__(self, fd, libc, ctx, nums, depth):
-        import ctypes
+        import ctypes as c
 
-        self._c = ctypes
-        self.fd, self._libc, self._ctx, self._nums, self.depth = fd, libc, ctx, nums, depth
-        self._iocbs = np.zeros(depth, dtype=self._IOCB)  # one per read in flight, reused
-        self._iocbs["fildes"] = fd
-        cb = self._iocbs
-        self._f_data, self._f_buf, self._f_nbytes, self._f_offset = cb["data"], cb["buf"], cb["nbytes"], cb["offset"]
-        self._events = np.zeros(depth, dtype=self._EVENT)
-        self._ptrs = np.zeros(depth, dtype=np.uint64)
+        self._c = c
+        self.fd, self._ctx, self._nums, self.depth = fd, ctx.value, nums, depth
+        L = c.c_long
+        # syscall(nr, ctx, ...) with its arguments' types fixed, for each call made here
+        self._sys_submit = c.CFUNCTYPE(L, L, c.c_ulong, L, c.c_void_p, use_errno=True)(("syscall", libc))
+        self._sys_events = c.CFUNCTYPE(L, L, c.c_ulong, L, L, c.c_void_p, c.c_void_p, use_errno=True)(("syscall", libc))
+        self._sys_destroy = c.CFUNCTYPE(L, L, c.c_ulong, use_errno=True)(("syscall", libc))
+        self._iocbs = (_Iocb * depth)()  # one per read in flight, reused
+        for cb in self._iocbs:
+            cb.fildes = fd
+        self._cb_addr = [c.addressof(cb) for cb in self._iocbs]
+        self._events = (_IoEvent * depth)()
+        self._ptrs = (c.c_void_p * depth)()
+        self._ptrs_addr = c.addressof(self._ptrs)
         self._free = list(range(depth - 1, -1, -1))
         self._tag_of: dict[int, object] = {}  # iocb index -> tag
         self._left: dict = {}  # tag -> reads not yet done
         self._failed: dict = {}  # tag -> the first error
         self._done: dict = {}  # tags whose reads all ended and were not waited for, for finished()
         self._in_kernel = 0  # reads submitted and not yet reaped
-        self._zero = np.zeros(2, dtype=np.int64)  # a zero timespec: io_getevents returns at once
-        self._bufs: dict[int, np.ndarray] = {}  # keeps each buffer alive while its read is in flight
+        self._zero = (c.c_long * 2)()  # a zero timespec: io_getevents returns at once
+        self._bufs: dict[int, object] = {}  # keeps each buffer alive while its read is in flight
         self.reads = self.bytes_read = 0
-
-    def _syscall(self, i: int, *args) -> int:
-        c = self._c
-        return self._libc.syscall(c.c_long(self._nums[i]), self._ctx, *args)
 
     def submit(self, ranges, outs, tag) -> None:
         """Start reading each (offset, n) into its buffer; they complete under tag (or
         tags: a list, one per range)."""
-        n = len(ranges)
+        if any(o.nbytes < n for o, (_, n) in zip(outs, ranges)):
+            raise ValueError("direct reads need 4 KiB-aligned offsets, lengths and buffers (a buffer is too small)")
+        offs, lens = [r[0] for r in ranges], [r[1] for r in ranges]
+        self.submit_addrs(offs, lens, [o.ctypes.data for o in outs], tag, list(outs))
+
+    def submit_addrs(self, offs, lens, addrs, tag, keep=None) -> None:
+        """submit() with the reads as lists of int offsets, lengths and buffer addresses;
+        keep: the buffers' owner (one object for all, or a list, one per read)."""
+        n = len(offs)
+        for o, m, a in zip(offs, lens, addrs):
+            if (o | m | a) % ALIGN:
+                raise ValueError("direct reads need 4 KiB-aligned offsets, lengths and buffers")
         tags = tag if isinstance(tag, list) else [tag] * n
-        offs = np.array([r[0] for r in ranges], dtype=np.int64)
-        lens = np.array([r[1] for r in ranges], dtype=np.int64)
-        addrs = np.array([o.ctypes.data for o in outs], dtype=np.int64)
-        if ((offs | lens | addrs) % ALIGN).any() or any(o.nbytes < m for o, m in zip(outs, lens.tolist())):
-            raise ValueError("direct reads need 4 KiB-aligned offsets, lengths and buffers")
+        keeps = keep if isinstance(keep, list) else [keep] * n
+        left = self._left
         for t in tags:  # counted for the whole batch first: a tag ends only when all its reads have
-            self._left[t] = self._left.get(t, 0) + 1
+            left[t] = left.get(t, 0) + 1
         for i in range(0, n, self.depth):  # more than the queue holds: in turns
             j = min(n, i + self.depth)
-            self._submit(offs[i:j], lens[i:j], addrs[i:j], outs[i:j], tags[i:j])
+            self._submit(offs[i:j], lens[i:j], addrs[i:j], keeps[i:j], tags[i:j])
         self.reads += n
-        self.bytes_read += int(lens.sum())
+        self.bytes_read += sum(lens)
 
-    def _submit(self, offs, lens, addrs, outs, tags) -> None:
-        n, c = len(tags), self._c
+    def _submit(self, offs, lens, addrs, keeps, tags) -> None:
+        n = len(tags)
         while n > len(self._free):  # a full queue: let reads finish first
             self._collect(1)
-        idx = np.array([self._free.pop() for _ in range(n)], dtype=np.int64)
-        self._f_data[idx], self._f_buf[idx], self._f_nbytes[idx], self._f_offset[idx] = idx, addrs, lens, offs
-        for i, out, t in zip(idx.tolist(), outs, tags):
-            self._tag_of[i] = t
-            self._bufs[i] = out
-        self._ptrs[:n] = self._iocbs.ctypes.data + idx * self._IOCB.itemsize
-        idx = idx.tolist()
+        free, cbs, ptrs, cb_addr, tag_of, bufs = self._free, self._iocbs, self._ptrs, self._cb_addr, self._tag_of, self._bufs
+        idx = []
+        for k in range(n):
+            i = free.pop()
+            cb = cbs[i]
+            cb.data, cb.buf, cb.nbytes, cb.offset = i, addrs[k], lens[k], offs[k]
+            tag_of[i], bufs[i] = tags[k], keeps[k]
+            ptrs[k] = cb_addr[i]
+            idx.append(i)
         done = 0
         while done < n:
-            got = self._syscall(3, c.c_long(n - done), c.c_void_p(self._ptrs.ctypes.data + 8 * done))
+            got = self._sys_submit(self._nums[3], self._ctx, n - done, self._ptrs_addr + 8 * done)
             if got < 0:
-                err = c.get_errno()
+                err = self._c.get_errno()
                 if err == 11 and self._in_kernel:  # EAGAIN: the kernel's queue is full; finish some, then go on
                     self._collect(1)
                     continue
@@ -430,19 +462,22 @@ class NativeAIO:
             if least:
                 raise OSError("no direct read is in flight to wait for (the reader was closed?)")
             return
-        ev, c = self._events, self._c
+        ev = self._events
         while True:
-            got = self._syscall(2, c.c_long(least), c.c_long(len(ev)), c.c_void_p(ev.ctypes.data),
-                                c.c_void_p(self._zero.ctypes.data) if least == 0 else None)
+            got = self._sys_events(self._nums[2], self._ctx, least, len(ev), self._c.addressof(ev),
+                                   self._c.addressof(self._zero) if least == 0 else None)
             if got >= 0:
                 break
-            if c.get_errno() != 4:  # EINTR: again
-                raise OSError(c.get_errno(), "io_getevents")
+            if self._c.get_errno() != 4:  # EINTR: again
+                raise OSError(self._c.get_errno(), "io_getevents")
         self._in_kernel -= got
-        for d, res in zip(ev["data"][:got].tolist(), ev["res"][:got].tolist()):
-            want = int(self._f_nbytes[d])
+        cbs = self._iocbs
+        for k in range(got):
+            e = ev[k]
+            d, res = e.data, e.res
+            want = cbs[d].nbytes
             self._finish(d, None if res == want else OSError(
-                -res if res < 0 else 5, f"direct read of {want} bytes at {int(self._f_offset[d])} gave "
+                -res if res < 0 else 5, f"direct read of {want} bytes at {cbs[d].offset} gave "
                 f"{os.strerror(-res) if res < 0 else f'{res} bytes (a truncated file?)'}"))
 
     def _finish(self, i: int, err) -> None:
@@ -458,7 +493,7 @@ class NativeAIO:
 
     def close(self) -> None:
         if self.fd >= 0:
-            self._syscall(1)  # io_destroy waits for the reads still in flight (Linux >= 4.2)
+            self._sys_destroy(self._nums[1], self._ctx)  # io_destroy waits for the reads still in flight (Linux >= 4.2)
             os.close(self.fd)
             self.fd = -1
             self._in_kernel = 0
