@@ -91,9 +91,11 @@ class SlotCache:
 
     def observe(self, first: int, values: np.ndarray) -> None:
         """Fold one observation per key, for keys first, first+1, ..., into their scores."""
-        s = self.score[first:first + len(values)]
-        s *= self.decay
-        s += (1.0 - self.decay) * np.asarray(values, dtype=np.float64)
+        _observe(self.score, first, np.asarray(values), self.decay)
+
+    def pin_cached(self, keys: np.ndarray) -> np.ndarray:
+        """Pin the slots of those keys that are cached (not marked used); their slots."""
+        return _pin_cached(np.asarray(keys, dtype=np.int64), self.slot_of, self.pinned)
 
     def __contains__(self, key: int) -> bool:
         return self.slot_of[key] >= 0
@@ -138,3 +140,22 @@ def _assign(keys, slot_of, key_in, last, uses, score, pinned, tick, policy, pin,
             pinned[s] = True
         slots[i] = s
     return -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _observe(score, first, values, decay):
+    for i in range(len(values)):
+        score[first + i] = score[first + i] * decay + (1.0 - decay) * np.float64(values[i])
+
+
+@numba.njit(cache=True, nogil=True)
+def _pin_cached(keys, slot_of, pinned):
+    out = np.empty(len(keys), dtype=np.int64)
+    n = 0
+    for k in keys:
+        s = slot_of[k]
+        if s >= 0:
+            pinned[s] = True
+            out[n] = s
+            n += 1
+    return out[:n]

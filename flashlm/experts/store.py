@@ -71,6 +71,7 @@ class StreamedExperts:
                 print(f"flashlm: warning: experts stream from the GGUF's stacked tensors (3 reads each): could not "
                       f"write their bundle ({e})", file=sys.stderr)
         self.cache = SlotCache(n_slots, record_bytes(self.part_bytes), policy, n_keys=cfg.n_layer * cfg.n_expert)
+        self._flat = self.cache.pool.reshape(-1)  # the pool as one buffer, for the kernels
         g, u, _ = self.part_bytes
         self._part_offsets = np.array([0, g, g + u], dtype=np.int64)  # gate, up, down within a slot
         self._hint_fd = -1  # the bundle opened through the page cache, for prefetch hints
@@ -107,7 +108,7 @@ class StreamedExperts:
         finish_misses() before it touches these."""
         slots, missed = self._load(layer, ids, pin=True, wait=wait)
         offs = slots[:, None] * self.cache.item_bytes + self._part_offsets
-        return (self.cache.pool.reshape(-1), offs) + (() if wait else (missed,))
+        return (self._flat, offs) + (() if wait else (missed,))
 
     def finish_misses(self) -> None:
         """Wait for the reads a locate(wait=False) started; then start the queued prefetch
@@ -265,14 +266,12 @@ class StreamedExperts:
         scores. pin: keep the chosen experts already cached from eviction (by the next
         layer's prefetch) until end_layer."""
         base = layer * self.cfg.n_expert
+        chosen = chosen.ravel()
         if pin:
-            s = self.cache.slot_of[chosen.ravel() + base]
-            s = s[s >= 0]
-            self.cache.pinned[s] = True
-            self._pins.append(s)
+            self._pins.append(self.cache.pin_cached(chosen + base))
         pred = self.predicted.pop(layer, None)
         if pred is not None:
-            ids = set(chosen.ravel().tolist())
+            ids = set(chosen.tolist())
             st = self.stats[layer]
             st.predicted += len(pred)
             st.predicted_used += len(pred & ids)
@@ -286,11 +285,10 @@ class StreamedExperts:
         reads start once that layer's misses are in (at once if it has none)."""
         if not self.prefetching:
             return
-        ids = np.unique(np.asarray(ids, dtype=np.int64))
-        self.predicted[layer] = set(ids.tolist())
-        keys = ids + layer * self.cfg.n_expert
-        if self.pending:
-            keys = np.array([k for k in keys.tolist() if k not in self.pending], dtype=np.int64)
+        ids = set(np.asarray(ids).tolist())
+        self.predicted[layer] = ids
+        base, pending = layer * self.cfg.n_expert, self.pending
+        keys = np.array(sorted(base + e for e in ids if base + e not in pending), dtype=np.int64)
         # a slot for each expert not cached, pinned: not evicted before the layer uses (or drops) it
         try:
             slots, missed = self.cache.assign(keys, pin=True, only_absent=True)
