@@ -96,6 +96,14 @@ def test_native_aio_reads_into_buffers_and_reports_each_tag(tmp_path):
         aio.wait("many")
         np.testing.assert_array_equal(many.reshape(-1), data[:9 * ALIGN])
         assert aio.finished() == []  # waited for: not reported again
+        pool = aligned_empty(3 * ALIGN)  # reads as ints into one owner's memory
+        base = pool.ctypes.data
+        aio.submit_addrs([5 * ALIGN, 0], [2 * ALIGN, ALIGN], [base, base + 2 * ALIGN], ["p", "q"], pool)
+        aio.wait("q"), aio.wait("p")
+        np.testing.assert_array_equal(pool, np.concatenate([data[5 * ALIGN:7 * ALIGN], data[:ALIGN]]))
+        with pytest.raises(ValueError, match="aligned"):
+            aio.submit_addrs([0], [ALIGN], [base + 8], "y", pool)
+        assert not aio.in_flight("y")
     finally:
         aio.close()
     with pytest.raises(OSError, match="in flight"):  # closed with a read unreaped: no endless wait

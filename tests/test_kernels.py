@@ -79,6 +79,26 @@ def q8_1_sum_correction(raw, qtype, x):
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_small_matvec_on_the_calling_thread_equals_the_parallel_one(qtype):
+    """_mv with one thread (a MoE router: no parallel region started) gives the
+    parallel matvec's sums bit for bit, float rows (16 partial sums) near float64."""
+    from flashlm.kernels_cpu import decode as D
+
+    rng = np.random.default_rng(300 + int(qtype))
+    raw = random_blocks(qtype, 23, 512, rng)  # 23 rows: the last group of 4 is partial
+    x = rng.standard_normal(512).astype(np.float32)
+    rows = np.arange(23, dtype=np.int64)
+    one, two = np.empty(23, np.float32), np.empty(23, np.float32)
+    D._mv(int(qtype), raw, x, one, K.F16_TABLE, 1, rows)
+    D._mv(int(qtype), raw, x, two, K.F16_TABLE, 2, rows)
+    np.testing.assert_array_equal(one, two)
+    if qtype in (Q.F32, Q.F16, Q.BF16):
+        xr = kernels_cpu.quantize_activations(x[None], int(qtype))[0]
+        want = ref_dequant(raw, qtype, 512).astype(np.float64) @ xr.astype(np.float64)
+        np.testing.assert_allclose(one, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 def test_row_subsets_and_transposed_product(qtype):
     rng = np.random.default_rng(200 + int(qtype))
     raw = random_blocks(qtype, 70, 256, rng)

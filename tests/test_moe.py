@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import flashlm
-from flashlm.experts.moe import route
+from flashlm.experts.moe import route, route_one
 
 from conftest import cosine_rows, llama_cpp_logits, llama_cpp_model
 from parity_prompts import PROMPTS
@@ -98,6 +98,9 @@ def test_slot_cache_policies():
     with pytest.raises(RuntimeError, match="pinned"):
         c.assign([a, d])  # a takes c's slot, then d finds none: undone, a not cached and nothing newly pinned
     assert a not in c and c_ not in c and c.pinned.sum() == 2
+    c.pinned[:] = False
+    got = c.pin_cached([a, b, e])  # (a is not cached): the slots of b and e, pinned, and no others
+    assert sorted(got.tolist()) == sorted([c.slot_of[b], c.slot_of[e]]) and c.pinned.sum() == 2
 
 
 @pytest.mark.parametrize("policy, prefetch, bundle", [("lru", True, True), ("lfu", False, True), ("score", True, False),
@@ -166,6 +169,11 @@ def test_experts_computed_in_parts_sum_as_one_call(moe_gguf):
         args = (shapes, qts, x, False, F16_TABLE, numba.get_num_threads(), _all_rows(max(shapes[0, 0], cfg.n_embd)))
         want = np.full(cfg.n_embd, 0.25, dtype=np.float32)  # out is added to
         D.moe_decode(buf, offs, *args[:3], w, *args[3:], want)
+        # the next layer's router in the same call (what to prefetch) changes nothing
+        r0, r1 = route_one(m.model.store, cfg, 0, x), route_one(m.model.store, cfg, 1, x)
+        both = route_one(m.model.store, cfg, 0, x, ahead=True)
+        for a, b in zip(both, list(r0) + [r1[0]]):
+            np.testing.assert_array_equal(a, b)
         for first in ([], [0], [2, 1], list(range(len(ids)))):
             rest = [j for j in range(len(ids)) if j not in first]
             y = np.full((len(ids), shapes[2, 0]), np.nan, dtype=np.float32)
