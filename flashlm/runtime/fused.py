@@ -6,6 +6,7 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from ..cache import SlotCache
 from ..kernels_cpu import F16_TABLE
 from ..kernels_cpu import decode as D
 from ..runtime.config import ROPE_NEOX
@@ -119,11 +120,11 @@ class LayerDecoder(FusedDecoder):
 
 
 def warm_decode_kernels() -> None:
-    """Run the compiled decode step, its per-layer pieces and the experts' decode once on
-    a tiny all-zero model (one layer, width 32, Q8_0), with the argument types real
-    models pass: their
-    machine code is then loaded (from numba's cache) as part of an idle process, like
-    every other kernel, not at a model's first token."""
+    """Run the compiled decode step, its per-layer pieces, the experts' decode and routing
+    and the expert cache's bookkeeping once on a tiny all-zero model (one layer, width 32,
+    Q8_0), with the argument types real models pass: their machine code is then loaded
+    (from numba's cache) as part of an idle process, like every other kernel, not at a
+    model's first token."""
     d, n = 32, 2 * D.N_SLOTS + 2
     arena = np.zeros(n * d * 34, dtype=np.uint8)
     arena.setflags(write=False)  # as a read-only mapped file
@@ -154,3 +155,16 @@ def warm_decode_kernels() -> None:
     D.moe_experts(np.zeros_like(arena), offs, np.zeros(1, dtype=np.int64), shapes, qt[:3].copy(), x, False,
                   F16_TABLE, numba.get_num_threads(), rows, y)
     D.moe_combine(y, np.ones(1, dtype=np.float32), np.zeros(d, dtype=np.float32))
+    # a token's routing (a mapped float32 router of 2 experts; with the next layer's, to
+    # prefetch) and the expert cache's bookkeeping
+    router = np.zeros((2, 4 * d), dtype=np.uint8)
+    router.setflags(write=False)
+    f32 = int(GGMLQuantizationType.F32)
+    ids, wts, p = np.empty(1, dtype=np.int64), np.empty(1, dtype=np.float32), np.empty(2, dtype=np.float32)
+    D.moe_route(router, f32, x, False, True, 0.0, F16_TABLE, rows, ids, wts, p)
+    D.moe_route_ahead(router, f32, x, False, True, 0.0, F16_TABLE, rows, ids, wts, p, router, f32, rows,
+                      ids.copy(), wts.copy(), p.copy())
+    cache = SlotCache(2, 64, "score", n_keys=2)
+    cache.observe(0, p)
+    cache.assign(ids, pin=True)
+    cache.pin_cached(ids)
