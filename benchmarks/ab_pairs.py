@@ -1,0 +1,104 @@
+"""A change's effect on decode speed, measured in pairs within one process.
+
+Whole runs on this machine move by up to 1.5x from one minute to the next, more than most
+changes are worth. This loads the code at an earlier git revision (as a package of its
+own, `flashlm_base`) beside the working tree's, both on the same model, budget and
+options, and decodes the same tokens with each in turn (alternating which goes first), so
+both see the same machine. It prints each side's median tok/s, read wait and hits, and
+the per-token difference.
+
+    python benchmarks/ab_pairs.py --base 372ada2 -m ~/.cache/flashlm/moe/smollm2-moe-24x64-top6.gguf \
+        --fraction 0.5 --experts '{"policy": "score", "prefetch": true}'
+
+--fraction 0 (the default) runs with every weight resident (no budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def snapshot(rev: str, into: Path) -> None:
+    """The flashlm package at git revision rev, as into/flashlm_base (its imports are relative)."""
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "flashlm"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=tar, check=True)
+    (into / "flashlm").rename(into / "flashlm_base")
+
+
+def load(lib, path: str, fraction: float, experts: dict | None):
+    """lib's model with a budget that holds `fraction` of the experts (the same number of
+    slots on both sides: the plan's fixed part is measured, so it is checked)."""
+    if not fraction:
+        return lib.load(path, n_ctx=512, n_threads=2, experts=experts)
+    with lib.load(path, n_ctx=512, memory_budget=1 << 45) as m0:
+        want = int(fraction * m0.plan.n_experts)
+        budget = m0.plan.fixed + want * m0.plan.expert_bytes
+    for _ in range(3):
+        m = lib.load(path, n_ctx=512, n_threads=2, memory_budget=budget, experts=experts)
+        if m.plan.n_slots == want:
+            return m
+        budget += (want - m.plan.n_slots) * m.plan.expert_bytes
+        m.close()
+    raise SystemExit(f"could not plan {want} expert slots on both sides")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", required=True, help="the git revision to compare against (e.g. HEAD~1)")
+    ap.add_argument("-m", "--model", required=True, help="a GGUF path")
+    ap.add_argument("--fraction", type=float, default=0.0, help="the share of experts the cache holds (0: resident)")
+    ap.add_argument("--experts", default="{}", help='expert options as JSON, e.g. {"policy": "score"}')
+    ap.add_argument("-n", type=int, default=200, help="tokens to decode (each side)")
+    ap.add_argument("--skip", type=int, default=32, help="first tokens left out (warm-up)")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        snapshot(a.base, Path(tmp))
+        sys.path.insert(0, tmp)
+        import flashlm
+
+        base = importlib.import_module("flashlm_base")
+        opts = json.loads(a.experts) or None
+        ms = {"before": load(base, a.model, a.fraction, opts), "after": load(flashlm, a.model, a.fraction, opts)}
+        tokens = ms["after"].tokenize((ROOT / "tests/data/eval_text.txt").read_text())
+        for m in ms.values():
+            m._prefill(tokens[:8])
+        times = {k: [] for k in ms}
+        agg = {k: dict(wait_s=0.0, hits=0, misses=0) for k in ms}
+        names = list(ms)
+        for i, tok in enumerate(tokens[8:8 + a.n]):
+            pos = 8 + i
+            for k in names if i % 2 == 0 else names[::-1]:
+                m = ms[k]
+                t0 = time.perf_counter()
+                m._forward(np.array([tok]), pos, m._kv)
+                times[k].append(time.perf_counter() - t0)
+                st = getattr(m.model.experts, "take_stats", lambda: None)()
+                if st and i >= a.skip:
+                    for f in agg[k]:
+                        agg[k][f] += st[f]
+        for k in names:
+            t, s = times[k][a.skip:], agg[k]
+            hit = s["hits"] / max(1, s["hits"] + s["misses"])
+            print(f"{k:6s} {a.base if k == 'before' else 'working tree':>12}: {1 / statistics.median(t):7.1f} tok/s  "
+                  f"read wait {s['wait_s'] / len(t) * 1e3:.2f} ms/token  hits {hit:.3f}")
+        d = [b - x for x, b in zip(times["before"][a.skip:], times["after"][a.skip:])]
+        print(f"after - before, per token: median {statistics.median(d) * 1e3:+.3f} ms; tok/s ratio "
+              f"{statistics.median(times['before'][a.skip:]) / statistics.median(times['after'][a.skip:]):.3f}")
+        for m in ms.values():
+            m.close()
+
+
+if __name__ == "__main__":
+    main()
