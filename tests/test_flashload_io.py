@@ -103,7 +103,9 @@ def test_native_aio_reads_into_buffers_and_reports_each_tag(tmp_path):
         np.testing.assert_array_equal(pool, np.concatenate([data[5 * ALIGN:7 * ALIGN], data[:ALIGN]]))
         with pytest.raises(ValueError, match="aligned"):
             aio.submit_addrs([0], [ALIGN], [base + 8], "y", pool)
-        assert not aio.in_flight("y")
+        with pytest.raises(ValueError, match="differ in number"):
+            aio.submit_addrs([0, ALIGN], [ALIGN], [base], "z", pool)
+        assert not aio.in_flight("y") and not aio.in_flight("z")
     finally:
         aio.close()
     with pytest.raises(OSError, match="in flight"):  # closed with a read unreaped: no endless wait

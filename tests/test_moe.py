@@ -101,6 +101,10 @@ def test_slot_cache_policies():
     c.pinned[:] = False
     got = c.pin_cached([a, b, e])  # (a is not cached): the slots of b and e, pinned, and no others
     assert sorted(got.tolist()) == sorted([c.slot_of[b], c.slot_of[e]]) and c.pinned.sum() == 2
+    with pytest.raises(IndexError):
+        c.pin_cached([b, 5])  # a key past n_keys: an error, not a write out of bounds
+    with pytest.raises(IndexError):
+        c.observe(3, [0.5, 0.5, 0.5])
 
 
 @pytest.mark.parametrize("policy, prefetch, bundle", [("lru", True, True), ("lfu", False, True), ("score", True, False),

@@ -91,11 +91,18 @@ class SlotCache:
 
     def observe(self, first: int, values: np.ndarray) -> None:
         """Fold one observation per key, for keys first, first+1, ..., into their scores."""
-        _observe(self.score, first, np.asarray(values), self.decay)
+        values = np.asarray(values, dtype=np.float64)
+        if first < 0 or first + len(values) > len(self.score):
+            raise IndexError(f"keys {first}..{first + len(values) - 1} outside 0..{len(self.score) - 1}")
+        _observe(self.score, first, values, self.decay)
 
     def pin_cached(self, keys: np.ndarray) -> np.ndarray:
-        """Pin the slots of those keys that are cached (not marked used); their slots."""
-        return _pin_cached(np.asarray(keys, dtype=np.int64), self.slot_of, self.pinned)
+        """Pin the slots of those keys that are cached; their slots (their recency and
+        use counts are left as they are). IndexError for a key outside 0..n_keys-1."""
+        out = _pin_cached(np.asarray(keys, dtype=np.int64), self.slot_of, self.pinned)
+        if len(out) and out[-1] < 0:
+            raise IndexError(f"a key outside 0..{len(self.slot_of) - 1}: {keys}")
+        return out
 
     def __contains__(self, key: int) -> bool:
         return self.slot_of[key] >= 0
@@ -150,7 +157,12 @@ def _observe(score, first, values, decay):
 
 @numba.njit(cache=True, nogil=True)
 def _pin_cached(keys, slot_of, pinned):
+    """The slots of the cached keys, pinned; ends with -1 at a key out of range (nothing pinned)."""
     out = np.empty(len(keys), dtype=np.int64)
+    for k in keys:
+        if k < 0 or k >= len(slot_of):
+            out[0] = -1
+            return out[:1]
     n = 0
     for k in keys:
         s = slot_of[k]

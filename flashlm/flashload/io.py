@@ -381,7 +381,8 @@ class NativeAIO:
         self._in_kernel = 0  # reads submitted and not yet reaped
         self._zero = (c.c_long * 2)()  # a zero timespec: io_getevents returns at once
         # the completion ring the kernel maps at the context's address (struct aio_ring: id,
-        # nr, head, tail, magic, ...): finished() looks at head and tail before it asks
+        # nr, head, tail, magic, ...): finished() and wait() look at head and tail before
+        # they ask the kernel
         ring = (c.c_uint * 8).from_address(self._ctx)
         self._ring = ring if ring[4] == 0xA10A10A1 else None
         self._bufs: dict[int, object] = {}  # keeps each buffer alive while its read is in flight
@@ -390,6 +391,8 @@ class NativeAIO:
     def submit(self, ranges, outs, tag) -> None:
         """Start reading each (offset, n) into its buffer; they complete under tag (or
         tags: a list, one per range)."""
+        if len(outs) != len(ranges):
+            raise ValueError("submit: a buffer is needed for each range")
         if any(o.nbytes < n for o, (_, n) in zip(outs, ranges)):
             raise ValueError("direct reads need 4 KiB-aligned offsets, lengths and buffers (a buffer is too small)")
         offs, lens = [r[0] for r in ranges], [r[1] for r in ranges]
@@ -399,6 +402,9 @@ class NativeAIO:
         """submit() with the reads as lists of int offsets, lengths and buffer addresses;
         keep: the buffers' owner (one object for all, or a list, one per read)."""
         n = len(offs)
+        if len(lens) != n or len(addrs) != n or (isinstance(tag, list) and len(tag) != n) or (
+                isinstance(keep, list) and len(keep) != n):
+            raise ValueError("submit_addrs: offsets, lengths, addresses (and tags, owners if lists) differ in number")
         for o, m, a in zip(offs, lens, addrs):
             if (o | m | a) % ALIGN:
                 raise ValueError("direct reads need 4 KiB-aligned offsets, lengths and buffers")
@@ -446,7 +452,8 @@ class NativeAIO:
         """Until all of tag's reads are done; OSError (once) if one of them failed.
         It watches the completion ring for up to SPIN_S before it sleeps in io_getevents:
         reads here take 0.1-0.6 ms, and a sleep and wake-up cost about 30 us a wait (a
-        virtual machine's idle CPU halts)."""
+        virtual machine's idle CPU halts). On a disk much slower than that, each wait
+        spends up to SPIN_S of one core (holding the GIL): lower SPIN_S there."""
         ring = self._ring
         while tag in self._left:
             if ring is not None and self._in_kernel:
@@ -509,6 +516,7 @@ class NativeAIO:
     def close(self) -> None:
         if self.fd >= 0:
             self._sys_destroy(self._nums[1], self._ctx)  # io_destroy waits for the reads still in flight (Linux >= 4.2)
+            self._ring = None  # unmapped with the context
             os.close(self.fd)
             self.fd = -1
             self._in_kernel = 0
