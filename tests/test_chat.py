@@ -45,6 +45,9 @@ async def _wait(pilot, cond, timeout=60.0):
 @pytest.fixture(scope="module")
 def chat_model(smollm2_path):
     with flashlm.load(smollm2_path, n_ctx=1024) as m:
+        # the kernels compiled (a fresh checkout's first run compiles them, for a minute or
+        # more) before the tests' waits for the interface start counting
+        m.generate("Hello", max_tokens=2, temperature=0)
         yield m
 
 

@@ -78,24 +78,25 @@ def q8_1_sum_correction(raw, qtype, x):
     return (m[None, :, :] * (xs - xd * isum)[:, None, :]).sum(2)
 
 
-@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
-def test_small_matvec_on_the_calling_thread_equals_the_parallel_one(qtype):
-    """_mv with one thread (a MoE router: no parallel region started) gives the
-    parallel matvec's sums bit for bit, float rows (16 partial sums) near float64."""
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16], ids=lambda t: t.name)
+def test_float_rows_sum_near_float64(qtype):
+    """A float row's dot product (16 partial sums, a MoE router's matvec) within float32
+    rounding of float64, with 23 rows (the last group of 4 partial) and 515 columns (not
+    a multiple of 16)."""
     from flashlm.kernels_cpu import decode as D
 
     rng = np.random.default_rng(300 + int(qtype))
-    raw = random_blocks(qtype, 23, 512, rng)  # 23 rows: the last group of 4 is partial
-    x = rng.standard_normal(512).astype(np.float32)
-    rows = np.arange(23, dtype=np.int64)
-    one, two = np.empty(23, np.float32), np.empty(23, np.float32)
-    D._mv(int(qtype), raw, x, one, K.F16_TABLE, 1, rows)
-    D._mv(int(qtype), raw, x, two, K.F16_TABLE, 2, rows)
-    np.testing.assert_array_equal(one, two)
-    if qtype in (Q.F32, Q.F16, Q.BF16):
-        xr = kernels_cpu.quantize_activations(x[None], int(qtype))[0]
-        want = ref_dequant(raw, qtype, 512).astype(np.float64) @ xr.astype(np.float64)
-        np.testing.assert_allclose(one, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    dense = rng.standard_normal((23, 515)).astype(np.float32)
+    raw = {Q.F32: dense, Q.F16: dense.astype(np.float16)}.get(qtype)
+    if raw is None:  # bf16: the high half of each float32
+        raw = (dense.view(np.uint32) >> 16).astype(np.uint16)
+    raw = np.ascontiguousarray(raw).view(np.uint8)
+    x = rng.standard_normal(515).astype(np.float32)
+    out = np.empty(23, np.float32)
+    D._mv(int(qtype), raw, x, out, K.F16_TABLE, 2, np.arange(23, dtype=np.int64))
+    xr = kernels_cpu.quantize_activations(x[None], int(qtype))[0]
+    want = ref_dequant(raw, qtype, 515).astype(np.float64) @ xr.astype(np.float64)
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)

@@ -16,7 +16,7 @@ Inputs are packed by runtime/fused.py:
 import numpy as np
 from numba import njit, prange
 
-from .qdot import _quantize_q8_token, f16_bits, matvec_rows, matvec_rows_serial, quantize_q8_serial, round_f16, rows4
+from .qdot import _quantize_q8_token, f16_bits, matvec_rows, quantize_q8_serial, round_f16, rows4
 from .quants import _BF16, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q4_K, _Q5_K, _Q6_K, dequant_row, h2f
 
 SLOTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -41,8 +41,7 @@ def _act_block(qtype):
 
 @njit(nogil=True, cache=True)
 def _mv(qtype, w, x, out, lut, n_threads, all_rows):
-    """out = W @ x with llama.cpp's activation handling for W's type, on n_threads
-    (1: on the calling thread, no parallel region started).
+    """out = W @ x with llama.cpp's activation handling for W's type.
     all_rows: 0, 1, 2, ... (at least W's row count), made once by the caller."""
     n = w.shape[0]
     rows = all_rows[:n]
@@ -56,10 +55,7 @@ def _mv(qtype, w, x, out, lut, n_threads, all_rows):
         xs = np.empty((1, nb), dtype=np.float32)
         isum = np.empty((1, x.shape[0] // 16 if block == 256 else nb), dtype=np.int32)
         quantize_q8_serial(x2, block, xq, xd, xs, isum)
-        if n_threads == 1:
-            matvec_rows_serial(qtype, w, rows, x, xq[0], xd[0], xs[0], isum[0], out, lut, False)
-        else:
-            matvec_rows(qtype, w, rows, x, xq[0], xd[0], xs[0], isum[0], out, lut, n_chunks, False)
+        matvec_rows(qtype, w, rows, x, xq[0], xd[0], xs[0], isum[0], out, lut, n_chunks, False)
     else:
         xr = np.empty_like(x)
         for i in range(x.shape[0]):
@@ -73,11 +69,7 @@ def _mv(qtype, w, x, out, lut, n_threads, all_rows):
                 xr[i] = x[i]
         e8 = np.empty(0, dtype=np.int8)
         ef = np.empty(0, dtype=np.float32)
-        ei = np.empty(0, dtype=np.int32)
-        if n_threads == 1:
-            matvec_rows_serial(qtype, w, rows, xr, e8, ef, ef, ei, out, lut, True)
-        else:
-            matvec_rows(qtype, w, rows, xr, e8, ef, ef, ei, out, lut, n_chunks, True)
+        matvec_rows(qtype, w, rows, xr, e8, ef, ef, np.empty(0, dtype=np.int32), out, lut, n_chunks, True)
 
 
 @njit(nogil=True, cache=True)

@@ -302,35 +302,22 @@ def matvec_rows(qtype, w, rows, x, xq, xd, xs, isum, out, lut, n_chunks, use_flo
     any order); out: (len(rows),) float32. use_float: dequantize each row and dot it
     with float x (float formats, or checks of the exact dequantized math).
     """
-    groups = (rows.shape[0] + 3) // 4
+    n = rows.shape[0]
+    groups = (n + 3) // 4
     step = (groups + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
-        _matvec_groups(qtype, w, rows, x, xq, xd, xs, isum, out, lut, use_float, c * step, min(groups, (c + 1) * step))
-
-
-@njit(nogil=True, cache=True)
-def matvec_rows_serial(qtype, w, rows, x, xq, xd, xs, isum, out, lut, use_float):
-    """matvec_rows on the calling thread (the same sums): for small matrices, such as a
-    MoE router, where starting the threads costs more than the rows."""
-    _matvec_groups(qtype, w, rows, x, xq, xd, xs, isum, out, lut, use_float, 0, (rows.shape[0] + 3) // 4)
-
-
-@njit(inline="always")
-def _matvec_groups(qtype, w, rows, x, xq, xd, xs, isum, out, lut, use_float, g0, g1):
-    """matvec_rows for the groups of 4 rows g0 .. g1-1."""
-    n = rows.shape[0]
-    r4 = np.empty(4, dtype=np.int64)
-    p4 = np.empty(4, dtype=np.int64)
-    o4 = np.empty(4, dtype=np.float32)
-    scratch = np.empty(x.shape[0], dtype=np.float32)
-    for g in range(g0, g1):
-        i0 = 4 * g
-        for k in range(4):  # the last group repeats its last row
-            r4[k] = rows[min(i0 + k, n - 1)]
-            p4[k] = rows[min(i0 + 4 + k, n - 1)]  # the next group's rows, to prefetch
-        rows4(qtype, w, r4, p4, x, xq, xd, xs, isum, o4, scratch, lut, use_float)
-        for k in range(min(4, n - i0)):
-            out[i0 + k] = o4[k]
+        r4 = np.empty(4, dtype=np.int64)
+        p4 = np.empty(4, dtype=np.int64)
+        o4 = np.empty(4, dtype=np.float32)
+        scratch = np.empty(x.shape[0], dtype=np.float32)
+        for g in range(c * step, min(groups, (c + 1) * step)):
+            i0 = 4 * g
+            for k in range(4):  # the last group repeats its last row
+                r4[k] = rows[min(i0 + k, n - 1)]
+                p4[k] = rows[min(i0 + 4 + k, n - 1)]  # the next group's rows, to prefetch
+            rows4(qtype, w, r4, p4, x, xq, xd, xs, isum, o4, scratch, lut, use_float)
+            for k in range(min(4, n - i0)):
+                out[i0 + k] = o4[k]
 
 
 @njit(nogil=True, cache=True, parallel=True)
