@@ -239,7 +239,7 @@ class StreamedExperts:
         read them into: one record each from the bundle, else gate, up and down in turn."""
         pool, rec, n_expert = self.cache.pool, self.cache.item_bytes, self.cfg.n_expert
         if self.bundle is not None:
-            ranges = [(record_offset(*divmod(k, n_expert), n_expert, rec), rec) for k in keys.tolist()]
+            ranges = [(self._record(k), rec) for k in keys.tolist()]
             outs = [pool[s] for s in slots.tolist()]
         else:
             ranges, outs = [], []
@@ -253,11 +253,15 @@ class StreamedExperts:
         self.stats[int(keys[0]) // n_expert].bytes_read += sum(n for _, n in ranges)
         return ranges, outs
 
+    def _record(self, key: int) -> int:
+        """Where expert `key` (layer * n_expert + e) starts in the bundle: records are in key order."""
+        return record_offset(0, key, 1, self.cache.item_bytes)
+
     def _submit_records(self, keys: np.ndarray, slots: np.ndarray, tag) -> None:
         """Start the direct reads of experts keys' bundle records into their slots (native AIO)."""
         rec, ks = self.cache.item_bytes, keys.tolist()
         base = self.cache.pool.ctypes.data
-        self.aio.submit_addrs([record_offset(0, k, 1, rec) for k in ks], [rec] * len(ks),
+        self.aio.submit_addrs([self._record(k) for k in ks], [rec] * len(ks),
                               [base + s * rec for s in slots.tolist()], tag, self.cache.pool)
         self.stats[ks[0] // self.cfg.n_expert].bytes_read += rec * len(ks)
 
@@ -353,7 +357,7 @@ class StreamedExperts:
             # slots and drops the pages
             rec = self.cache.item_bytes
             for k in keys.tolist():
-                off = record_offset(*divmod(k, self.cfg.n_expert), self.cfg.n_expert, rec)
+                off = self._record(k)
                 os.posix_fadvise(self._hint_fd, off, rec, os.POSIX_FADV_WILLNEED)
                 self.pending[k] = off
             self.stats[int(keys[0]) // self.cfg.n_expert].bytes_read += len(keys) * rec

@@ -17,6 +17,7 @@ copies the requested bytes out.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import sys
@@ -294,23 +295,17 @@ def device_read_bytes() -> int:
     return 0
 
 
-def _aio_structs():
-    """The kernel's struct iocb and struct io_event (linux/aio_abi.h, 64-bit little-endian)."""
-    import ctypes as c
-
-    class Iocb(c.Structure):
-        _fields_ = [("data", c.c_uint64), ("key", c.c_uint32), ("rw_flags", c.c_int32), ("opcode", c.c_uint16),
-                    ("reqprio", c.c_int16), ("fildes", c.c_uint32), ("buf", c.c_uint64), ("nbytes", c.c_uint64),
-                    ("offset", c.c_int64), ("reserved2", c.c_uint64), ("flags", c.c_uint32), ("resfd", c.c_uint32)]
-
-    class IoEvent(c.Structure):
-        _fields_ = [("data", c.c_uint64), ("obj", c.c_uint64), ("res", c.c_int64), ("res2", c.c_int64)]
-
-    assert c.sizeof(Iocb) == 64 and c.sizeof(IoEvent) == 32
-    return Iocb, IoEvent
+class _Iocb(ctypes.Structure):
+    """The kernel's struct iocb (linux/aio_abi.h, 64-bit little-endian); opcode 0 is IOCB_CMD_PREAD."""
+    _fields_ = [("data", ctypes.c_uint64), ("key", ctypes.c_uint32), ("rw_flags", ctypes.c_int32),
+                ("opcode", ctypes.c_uint16), ("reqprio", ctypes.c_int16), ("fildes", ctypes.c_uint32),
+                ("buf", ctypes.c_uint64), ("nbytes", ctypes.c_uint64), ("offset", ctypes.c_int64),
+                ("reserved2", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("resfd", ctypes.c_uint32)]
 
 
-_Iocb, _IoEvent = _aio_structs()  # opcode 0: IOCB_CMD_PREAD
+class _IoEvent(ctypes.Structure):
+    """The kernel's struct io_event."""
+    _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64), ("res", ctypes.c_int64), ("res2", ctypes.c_int64)]
 
 
 class NativeAIO:
@@ -337,11 +332,11 @@ class NativeAIO:
 
     @classmethod
     def open(cls, path: str | os.PathLike, depth: int = 256):
-        import ctypes
         import platform
 
         nums = cls._SYS.get(platform.machine())
-        if nums is None or ctypes.sizeof(ctypes.c_void_p) != 8 or not sys.platform.startswith("linux"):
+        if nums is None or ctypes.sizeof(ctypes.c_void_p) != 8 or not sys.platform.startswith("linux") or (
+                ctypes.sizeof(_Iocb), ctypes.sizeof(_IoEvent)) != (64, 32):
             return None
         fd = open_direct(path)
         if fd is None:
@@ -357,9 +352,7 @@ class NativeAIO:
         return cls(fd, libc, ctx, nums, depth)
 
     def __init__(self, fd, libc, ctx, nums, depth):
-        import ctypes as c
-
-        self._c = c
+        c = ctypes
         self.fd, self._ctx, self._nums, self.depth = fd, ctx.value, nums, depth
         L = c.c_long
         # syscall(nr, ctx, ...) with its arguments' types fixed, for each call made here
@@ -371,6 +364,7 @@ class NativeAIO:
             cb.fildes = fd
         self._cb_addr = [c.addressof(cb) for cb in self._iocbs]
         self._events = (_IoEvent * depth)()
+        self._events_addr = c.addressof(self._events)
         self._ptrs = (c.c_void_p * depth)()
         self._ptrs_addr = c.addressof(self._ptrs)
         self._free = list(range(depth - 1, -1, -1))
@@ -380,6 +374,7 @@ class NativeAIO:
         self._done: dict = {}  # tags whose reads all ended and were not waited for, for finished()
         self._in_kernel = 0  # reads submitted and not yet reaped
         self._zero = (c.c_long * 2)()  # a zero timespec: io_getevents returns at once
+        self._zero_addr = c.addressof(self._zero)
         # the completion ring the kernel maps at the context's address (struct aio_ring: id,
         # nr, head, tail, magic, ...): finished() and wait() look at head and tail before
         # they ask the kernel
@@ -436,7 +431,7 @@ class NativeAIO:
         while done < n:
             got = self._sys_submit(self._nums[3], self._ctx, n - done, self._ptrs_addr + 8 * done)
             if got < 0:
-                err = self._c.get_errno()
+                err = ctypes.get_errno()
                 if err == 11 and self._in_kernel:  # EAGAIN: the kernel's queue is full; finish some, then go on
                     self._collect(1)
                     continue
@@ -486,12 +481,12 @@ class NativeAIO:
             return
         ev = self._events
         while True:
-            got = self._sys_events(self._nums[2], self._ctx, least, len(ev), self._c.addressof(ev),
-                                   self._c.addressof(self._zero) if least == 0 else None)
+            got = self._sys_events(self._nums[2], self._ctx, least, len(ev), self._events_addr,
+                                   self._zero_addr if least == 0 else None)
             if got >= 0:
                 break
-            if self._c.get_errno() != 4:  # EINTR: again
-                raise OSError(self._c.get_errno(), "io_getevents")
+            if ctypes.get_errno() != 4:  # EINTR: again
+                raise OSError(ctypes.get_errno(), "io_getevents")
         self._in_kernel -= got
         cbs = self._iocbs
         for k in range(got):
