@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "eval_text.txt"
 N_CTX = 512
-POLICIES = ("lru", "lfu", "score")
+from flashlm.cache import POLICIES  # noqa: E402
 
 ROW = """
 import json, sys, time, statistics

@@ -27,7 +27,7 @@ def load(model: str | os.PathLike | None = None, *, n_ctx: int | None = None, n_
     streaming: for a flash-layout file (`flashlm convert --flash`), how its FFN neurons
     are streamed: a flashload.store.StreamSettings or a dict of its fields.
     experts: for a mixture-of-experts model under a memory_budget (its experts stream
-    into a cache): {"policy": "score" (default) | "lru" | "lfu", "prefetch": True}.
+    into a cache): {"policy": "freq" (default) | "score" | "lru" | "lfu", "prefetch": True}.
     """
     from .runtime.registry import resolve
 

@@ -105,9 +105,22 @@ def test_slot_cache_policies():
         c.pin_cached([b, 5])  # a key past n_keys: an error, not a write out of bounds
     with pytest.raises(IndexError):
         c.observe(3, [0.5, 0.5, 0.5])
+    c = fill("freq")  # a decayed count of uses: recent uses weigh more than old ones
+    assert c.decay == 0.95
+    c.observe_used(0, 3, [[a], [a], [a]])
+    c.observe_used(0, 3, [b, c_])
+    np.testing.assert_allclose(c.score[:3], [0.05 * (0.95 ** 3 + 0.95 ** 2 + 0.95), 0.05, 0.05])
+    c.observe_used(0, 3, [[c_]] * 10)
+    c.insert(d)
+    assert b not in c and {a, c_, d} == set(c.key_in.tolist())  # b: chosen least lately (a: 3 uses long ago)
+    before = c.score.copy()
+    for first, n, used in ((3, 3, [0]), (0, 3, [3]), (0, 3, [-1])):  # keys past n_keys, uses outside the range
+        with pytest.raises(IndexError):
+            c.observe_used(first, n, used)
+    assert (c.score == before).all()  # nothing folded in
 
 
-@pytest.mark.parametrize("policy, prefetch, bundle", [("lru", True, True), ("lfu", False, True), ("score", True, False),
+@pytest.mark.parametrize("policy, prefetch, bundle", [("freq", True, True), ("lfu", False, True), ("score", True, False),
                                                       ("lru", False, False)])
 def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
     from flashlm.errors import FlashLMError
@@ -253,6 +266,7 @@ def test_expert_bundle_records(moe_gguf, tmp_path):
 
 
 def test_traces_and_the_cache_simulator(moe_gguf, tmp_path):
+    from flashlm.cache import POLICIES
     from flashlm.experts import trace as tr
 
     with flashlm.load(moe_gguf("mixtral"), n_ctx=64, n_threads=2) as m:
@@ -263,7 +277,7 @@ def test_traces_and_the_cache_simulator(moe_gguf, tmp_path):
     tr.save(t, tmp_path / "t.npz")
     t = tr.load(tmp_path / "t.npz")
     distinct = len({(layer, e) for layer in range(2) for e in t.ids[:, layer].ravel().tolist()})
-    for policy in ("lru", "lfu", "score"):  # every expert fits: only the first use of each misses
+    for policy in POLICIES:  # every expert fits: only the first use of each misses
         assert tr.simulate(t, 16, policy) == pytest.approx(1 - distinct / t.ids.size)
     # a hand-made trace where recency and frequency disagree: expert 0 every other token,
     # 1..3 in turn between; 2 slots of one layer
@@ -277,7 +291,7 @@ def test_traces_and_the_cache_simulator(moe_gguf, tmp_path):
     assert tr.belady(hand, 2) == 18 / 32  # here LRU is optimal; 1 slot: expert 0's repeats never meet
     assert tr.belady(hand, 1) == 0.0
     for n in (2, 3, 4, 16):  # no policy beats the offline optimum
-        assert all(tr.simulate(t, n, p) <= tr.belady(t, n) for p in ("lru", "lfu", "score"))
+        assert all(tr.simulate(t, n, p) <= tr.belady(t, n) for p in POLICIES)
     assert tr.belady(t, 16) == pytest.approx(1 - distinct / t.ids.size)
 
 

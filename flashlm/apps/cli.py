@@ -46,9 +46,10 @@ def _add_model(p: argparse.ArgumentParser):
                    help="windows keep the neurons of the last --window tokens (the paper's) instead of each "
                         "layer's most often needed neurons for good")
     g = p.add_argument_group("mixture-of-experts models under --memory-budget (experts stream into a cache)")
-    g.add_argument("--policy", choices=["lru", "lfu", "score"], default="score",
-                   help="which cached expert makes room: least recent, least used, or lowest router-probability "
-                        "average (default score: the best hit rates on a real model's routing traces)")
+    g.add_argument("--policy", choices=["freq", "score", "lru", "lfu"], default="freq",
+                   help="which cached expert makes room: the least often chosen lately (a moving average), the "
+                        "lowest router-probability average, the least recent, or the least used since loaded "
+                        "(default freq: the best hit rates on a real model's routing traces)")
     g.add_argument("--no-prefetch", action="store_true",
                    help="do not read the next layer's experts (or a flash model's neurons) while a layer computes")
     g.add_argument("--no-bundle", action="store_true",

@@ -8,6 +8,8 @@ Policies (what is evicted when a new item needs a slot):
     score  the lowest score, an exponential moving average of a per-item signal the
            caller observes (for experts: the router's probability each token, as
            HybriMoE's score cache), kept for items not cached too
+    freq   the lowest decayed use frequency: the same moving average of whether each
+           item was used (for experts: chosen by the router) each step
 
 Items in use (pinned) are never evicted: the caller pins what a step still needs.
 
@@ -24,19 +26,20 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from ..flashload.io import aligned_empty
 
-POLICIES = ("lru", "lfu", "score")
+POLICIES = ("lru", "lfu", "score", "freq")
+DECAY = {"score": 0.9, "freq": 0.95}  # per step: the moving averages' weight on the past
 
 
 class SlotCache:
     """n_slots slots of item_bytes each, for integer keys 0 .. n_keys-1."""
 
     def __init__(self, n_slots: int, item_bytes: int, policy: str = "lru", n_keys: int | None = None,
-                 decay: float = 0.9):
+                 decay: float | None = None):
         if policy not in POLICIES:
             raise InvalidArgumentError(f"unknown cache policy {policy!r}; choose from {', '.join(POLICIES)}")
         if n_slots < 1:
             raise InvalidArgumentError("a cache needs at least one slot")
-        self.policy, self.decay = policy, decay
+        self.policy, self.decay = policy, DECAY.get(policy, 0.9) if decay is None else decay
         self._code = POLICIES.index(policy)
         self.item_bytes = item_bytes
         self.pool = aligned_empty(n_slots * item_bytes).reshape(n_slots, item_bytes)
@@ -96,6 +99,14 @@ class SlotCache:
             raise IndexError(f"keys {first}..{first + len(values) - 1} outside 0..{len(self.score) - 1}")
         _observe(self.score, first, values, self.decay)
 
+    def observe_used(self, first: int, n: int, used: np.ndarray) -> None:
+        """Fold one step's uses into the scores of keys first .. first+n-1: 1 for the keys
+        in `used` (offsets from first; a (T, k) array is T steps in turn), 0 for the rest."""
+        used = np.asarray(used, dtype=np.int64)
+        if not _observe_used(self.score, first, n, used[None] if used.ndim == 1 else used, self.decay):
+            raise IndexError(f"keys {first}..{first + n - 1} outside 0..{len(self.score) - 1}, or uses {used.tolist()} "
+                             f"outside 0..{n - 1}")
+
     def pin_cached(self, keys: np.ndarray) -> np.ndarray:
         """Pin the slots of those keys that are cached; their slots (their recency and
         use counts are left as they are). IndexError for a key outside 0..n_keys-1."""
@@ -153,6 +164,22 @@ def _assign(keys, slot_of, key_in, last, uses, score, pinned, tick, policy, pin,
 def _observe(score, first, values, decay):
     for i in range(len(values)):
         score[first + i] = score[first + i] * decay + (1.0 - decay) * np.float64(values[i])
+
+
+@numba.njit(cache=True, nogil=True)
+def _observe_used(score, first, n, used, decay):
+    """False (nothing changed) if a key would be out of range."""
+    if first < 0 or first + n > len(score):
+        return False
+    for e in used.ravel():
+        if e < 0 or e >= n:
+            return False
+    for t in range(used.shape[0]):
+        for i in range(n):
+            score[first + i] *= decay
+        for e in used[t]:
+            score[first + e] += 1.0 - decay
+    return True
 
 
 @numba.njit(cache=True, nogil=True)

@@ -267,10 +267,10 @@ class StreamedExperts:
 
     def begin_layer(self, layer: int, chosen: np.ndarray, probs: np.ndarray, pin: bool = True) -> None:
         """The router chose `chosen` (T, k) for this layer; probs (T, n_expert) feed the
-        scores. pin: keep the chosen experts already cached from eviction (by the next
+        scores (policy score; policy freq counts the choices, each token in turn). pin: keep the chosen experts already cached from eviction (by the next
         layer's prefetch) until end_layer."""
         base = layer * self.cfg.n_expert
-        chosen = chosen.ravel()
+        chosen_rows, chosen = chosen, chosen.ravel()
         if pin:
             self._pins.append(self.cache.pin_cached(chosen + base))
         pred = self.predicted.pop(layer, None)
@@ -282,6 +282,8 @@ class StreamedExperts:
             st.chosen += len(ids)
         if self.cache.policy == "score":
             self.cache.observe(base, probs[0] if probs.shape[0] == 1 else probs.mean(axis=0))
+        elif self.cache.policy == "freq":
+            self.cache.observe_used(base, self.cfg.n_expert, chosen_rows)
 
     def prefetch(self, layer: int, ids) -> None:
         """Read layer's experts `ids` (those not cached or in flight) ahead, in parallel,

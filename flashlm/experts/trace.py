@@ -71,10 +71,15 @@ def simulate(trace: Trace, n_slots: int, policy: str, warmup: int = 0) -> float:
     hits = misses = 0
     for t in range(T):
         for layer in range(L):
+            keys = trace.ids[t, layer] + layer * E
             if policy == "score":
                 cache.observe(layer * E, trace.probs[t, layer])
-            slots, missed = cache.assign(trace.ids[t, layer] + layer * E, pin=True)  # pinned while the layer runs
+            elif policy == "freq":
+                cache.observe_used(layer * E, E, trace.ids[t, layer])
+            pins = cache.pin_cached(keys)  # as the store's begin_layer: no miss of the layer evicts its hits
+            slots, missed = cache.assign(keys, pin=True)  # pinned while the layer runs
             cache.pinned[slots] = False
+            cache.pinned[pins] = False
             if t >= warmup:
                 n = int(np.count_nonzero(missed))
                 misses += n

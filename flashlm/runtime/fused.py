@@ -166,5 +166,6 @@ def warm_decode_kernels() -> None:
                       ids.copy(), wts.copy(), p.copy())
     cache = SlotCache(2, 64, "score", n_keys=2)
     cache.observe(0, p)
+    cache.observe_used(0, 2, ids[None])
     cache.assign(ids, pin=True)
     cache.pin_cached(ids)

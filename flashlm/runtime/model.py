@@ -47,11 +47,11 @@ _SAMPLING_KEYS = {f for f in SamplingParams.__dataclass_fields__}
 
 
 def _expert_options(experts: dict | None) -> dict:
-    """A mixture-of-experts model's streaming options: policy ("score", the default: the
+    """A mixture-of-experts model's streaming options: policy ("freq", the default: the
     best hit rates on MoEfied SmolLM2's routing traces, benchmarks/expert_traces.py;
-    "lru"; "lfu"), prefetch (the next layer's experts read while a layer computes) and
+    "score"; "lru"; "lfu"), prefetch (the next layer's experts read while a layer computes) and
     bundle (write the experts' bundle once and read each expert in one read; experts/bundle.py)."""
-    opts = {"policy": "score", "prefetch": True, "bundle": True, **(experts or {})}
+    opts = {"policy": "freq", "prefetch": True, "bundle": True, **(experts or {})}
     unknown = set(opts) - {"policy", "prefetch", "bundle"}
     if unknown:
         raise InvalidArgumentError(f"unknown expert option(s): {', '.join(sorted(unknown))}")
