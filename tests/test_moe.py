@@ -112,15 +112,19 @@ def test_slot_cache_policies():
     np.testing.assert_allclose(c.score[:3], [0.05 * (0.95 ** 3 + 0.95 ** 2 + 0.95), 0.05, 0.05])
     c.observe_used(0, 3, [[c_]] * 10)
     c.insert(d)
-    assert b not in c and {a, c_, d} == set(c.key_in.tolist())  # b: chosen least lately (a: 3 uses long ago)
+    # b: the lowest decayed count (a's 3 older uses outweigh b's 1)
+    assert b not in c and {a, c_, d} == set(c.key_in.tolist())
     before = c.score.copy()
     for first, n, used in ((3, 3, [0]), (0, 3, [3]), (0, 3, [-1])):  # keys past n_keys, uses outside the range
         with pytest.raises(IndexError):
             c.observe_used(first, n, used)
+    with pytest.raises(IndexError):
+        c.observe_used(0, 3, [[0], [3]])  # the second step's use is out of range: the first is not folded in either
     assert (c.score == before).all()  # nothing folded in
+    assert SlotCache(1, 8, "score").decay == 0.9 and SlotCache(1, 8, "freq", decay=0.5).decay == 0.5
 
 
-@pytest.mark.parametrize("policy, prefetch, bundle", [("freq", True, True), ("lfu", False, True), ("score", True, False),
+@pytest.mark.parametrize("policy, prefetch, bundle", [("freq", True, True), ("lru", True, True), ("lfu", False, True), ("score", True, False),
                                                       ("lru", False, False)])
 def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
     from flashlm.errors import FlashLMError

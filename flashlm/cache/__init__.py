@@ -101,11 +101,15 @@ class SlotCache:
 
     def observe_used(self, first: int, n: int, used: np.ndarray) -> None:
         """Fold one step's uses into the scores of keys first .. first+n-1: 1 for the keys
-        in `used` (offsets from first; a (T, k) array is T steps in turn), 0 for the rest."""
-        used = np.asarray(used, dtype=np.int64)
+        in `used` (distinct offsets from first; a (T, k) array is T steps in turn), 0 for
+        the rest. IndexError (nothing folded in) for keys or uses out of range."""
+        used = np.ascontiguousarray(used, dtype=np.int64)  # one compiled variant (prefill's ids are a slice)
+        if used.ndim not in (1, 2):
+            raise ValueError(f"uses are (k,) or (T, k) offsets, not shape {used.shape}")
+        if first < 0 or n < 0 or first + n > len(self.score):
+            raise IndexError(f"keys {first}..{first + n - 1} outside 0..{len(self.score) - 1}")
         if not _observe_used(self.score, first, n, used[None] if used.ndim == 1 else used, self.decay):
-            raise IndexError(f"keys {first}..{first + n - 1} outside 0..{len(self.score) - 1}, or uses {used.tolist()} "
-                             f"outside 0..{n - 1}")
+            raise IndexError(f"a use outside 0..{n - 1} (min {used.min()}, max {used.max()})")
 
     def pin_cached(self, keys: np.ndarray) -> np.ndarray:
         """Pin the slots of those keys that are cached; their slots (their recency and
@@ -168,9 +172,7 @@ def _observe(score, first, values, decay):
 
 @numba.njit(cache=True, nogil=True)
 def _observe_used(score, first, n, used, decay):
-    """False (nothing changed) if a key would be out of range."""
-    if first < 0 or first + n > len(score):
-        return False
+    """False (nothing changed) if a use is outside 0..n-1."""
     for e in used.ravel():
         if e < 0 or e >= n:
             return False

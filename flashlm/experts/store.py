@@ -267,8 +267,9 @@ class StreamedExperts:
 
     def begin_layer(self, layer: int, chosen: np.ndarray, probs: np.ndarray, pin: bool = True) -> None:
         """The router chose `chosen` (T, k) for this layer; probs (T, n_expert) feed the
-        scores (policy score; policy freq counts the choices, each token in turn). pin: keep the chosen experts already cached from eviction (by the next
-        layer's prefetch) until end_layer."""
+        scores (policy score; policy freq counts the choices, each token in turn). pin:
+        keep the chosen experts already cached from eviction (by the next layer's
+        prefetch) until end_layer."""
         base = layer * self.cfg.n_expert
         chosen_rows, chosen = chosen, chosen.ravel()
         if pin:

@@ -6,8 +6,9 @@
 
 A trace holds, per decoded token and layer, the chosen experts (T, L, k) and the
 router's probabilities (T, L, E). The simulator replays it through the same SlotCache
-the expert store uses (a layer's chosen experts pinned while it runs, scores fed the
-probabilities), so the policy it picks is the one the runtime has.
+the expert store uses (a layer's cached chosen experts pinned before its misses take
+slots, all of them while it runs; scores fed the probabilities (score) or the choices
+(freq)), so the policy it picks is the one the runtime has.
 """
 
 from __future__ import annotations
