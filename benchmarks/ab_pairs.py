@@ -11,6 +11,11 @@ the per-token difference.
         --fraction 0.5 --experts '{"policy": "score", "prefetch": true}'
 
 --fraction 0 (the default) runs with every weight resident (no budget).
+
+Two configurations of the working tree instead of two revisions: --vs gives the first
+side's expert options, --experts the second's.
+
+    python benchmarks/ab_pairs.py --vs '{"policy": "score"}' --experts '{"policy": "freq"}' -m MOE.gguf --fraction 0.5
 """
 
 from __future__ import annotations
@@ -56,7 +61,9 @@ def load(lib, path: str, fraction: float, experts: dict | None):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", required=True, help="the git revision to compare against (e.g. HEAD~1)")
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--base", help="the git revision to compare against (e.g. HEAD~1)")
+    g.add_argument("--vs", help="instead: the working tree with these expert options (JSON) against --experts")
     ap.add_argument("-m", "--model", required=True, help="a GGUF path")
     ap.add_argument("--fraction", type=float, default=0.0, help="the share of experts the cache holds (0: resident)")
     ap.add_argument("--experts", default="{}", help='expert options as JSON, e.g. {"policy": "score"}')
@@ -64,13 +71,15 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=32, help="first tokens left out (warm-up)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        snapshot(a.base, Path(tmp))
-        sys.path.insert(0, tmp)
+        if a.base:
+            snapshot(a.base, Path(tmp))
+            sys.path.insert(0, tmp)
         import flashlm
 
-        base = importlib.import_module("flashlm_base")
+        base = importlib.import_module("flashlm_base") if a.base else flashlm
         opts = json.loads(a.experts) or None
-        ms = {"before": load(base, a.model, a.fraction, opts), "after": load(flashlm, a.model, a.fraction, opts)}
+        ms = {"before": load(base, a.model, a.fraction, json.loads(a.vs) or None if a.vs else opts),
+              "after": load(flashlm, a.model, a.fraction, opts)}
         tokens = ms["after"].tokenize((ROOT / "tests/data/eval_text.txt").read_text())
         for m in ms.values():
             m._prefill(tokens[:8])
@@ -91,7 +100,8 @@ def main() -> None:
         for k in names:
             t, s = times[k][a.skip:], agg[k]
             hit = s["hits"] / max(1, s["hits"] + s["misses"])
-            print(f"{k:6s} {a.base if k == 'before' else 'working tree':>12}: {1 / statistics.median(t):7.1f} tok/s  "
+            name = (a.base or a.vs) if k == "before" else ("working tree" if a.base else a.experts)
+            print(f"{k:6s} {name:>12}: {1 / statistics.median(t):7.1f} tok/s  "
                   f"read wait {s['wait_s'] / len(t) * 1e3:.2f} ms/token  hits {hit:.3f}")
         d = [b - x for x, b in zip(times["before"][a.skip:], times["after"][a.skip:])]
         print(f"after - before, per token: median {statistics.median(d) * 1e3:+.3f} ms; tok/s ratio "
