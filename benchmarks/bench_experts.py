@@ -170,7 +170,7 @@ HONESTY = """
 import resource, sys, numpy as np, psutil, flashlm
 from flashlm.apps.profile import idle_rss
 idle = idle_rss(psutil.Process())
-m = flashlm.load(sys.argv[1], n_ctx=512, n_threads=2, memory_budget=int(sys.argv[2]), experts=dict(policy="lru"))
+m = flashlm.load(sys.argv[1], n_ctx=512, n_threads=2, memory_budget=int(sys.argv[2]))  # the default policy and prefetch
 toks = m.tokenize(open(sys.argv[4]).read())[:8 + int(sys.argv[3])]
 m._prefill(toks[:8])
 for pos, t in enumerate(toks[8:], start=8):
