@@ -111,6 +111,15 @@ class SlotCache:
         if not _observe_used(self.score, first, n, used[None] if used.ndim == 1 else used, self.decay):
             raise IndexError(f"a use outside 0..{n - 1} (min {used.min()}, max {used.max()})")
 
+    def observe_step(self, first: int, used: np.ndarray, probs: np.ndarray) -> None:
+        """A routing step over keys first .. first+E-1, as the policy scores it: score folds
+        in probs (T, E) (their mean over T), freq the uses (T, k) (offsets from first, each
+        row in turn); lru and lfu keep no score."""
+        if self.policy == "score":
+            self.observe(first, probs[0] if probs.shape[0] == 1 else probs.mean(axis=0))
+        elif self.policy == "freq":
+            self.observe_used(first, probs.shape[1], used)
+
     def pin_cached(self, keys: np.ndarray) -> np.ndarray:
         """Pin the slots of those keys that are cached; their slots (their recency and
         use counts are left as they are). IndexError for a key outside 0..n_keys-1."""

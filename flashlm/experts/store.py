@@ -271,7 +271,8 @@ class StreamedExperts:
         keep the chosen experts already cached from eviction (by the next layer's
         prefetch) until end_layer."""
         base = layer * self.cfg.n_expert
-        chosen_rows, chosen = chosen, chosen.ravel()
+        self.cache.observe_step(base, chosen, probs)
+        chosen = chosen.ravel()
         if pin:
             self._pins.append(self.cache.pin_cached(chosen + base))
         pred = self.predicted.pop(layer, None)
@@ -281,10 +282,6 @@ class StreamedExperts:
             st.predicted += len(pred)
             st.predicted_used += len(pred & ids)
             st.chosen += len(ids)
-        if self.cache.policy == "score":
-            self.cache.observe(base, probs[0] if probs.shape[0] == 1 else probs.mean(axis=0))
-        elif self.cache.policy == "freq":
-            self.cache.observe_used(base, self.cfg.n_expert, chosen_rows)
 
     def prefetch(self, layer: int, ids) -> None:
         """Read layer's experts `ids` (those not cached or in flight) ahead, in parallel,

@@ -73,10 +73,7 @@ def simulate(trace: Trace, n_slots: int, policy: str, warmup: int = 0) -> float:
     for t in range(T):
         for layer in range(L):
             keys = trace.ids[t, layer] + layer * E
-            if policy == "score":
-                cache.observe(layer * E, trace.probs[t, layer])
-            elif policy == "freq":
-                cache.observe_used(layer * E, E, trace.ids[t, layer])
+            cache.observe_step(layer * E, trace.ids[t, layer:layer + 1], trace.probs[t, layer:layer + 1])
             pins = cache.pin_cached(keys)  # as the store's begin_layer: no miss of the layer evicts its hits
             slots, missed = cache.assign(keys, pin=True)  # pinned while the layer runs
             cache.pinned[slots] = False
