@@ -58,7 +58,8 @@ class SlotCache:
 
     def assign(self, keys: np.ndarray, pin: bool = True, only_absent: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """For each key: its slot (marked used) if cached, else a slot evicted by the
-        policy for the caller to fill. (slots, missed): int64 slots (-1 where
+        policy for the caller to fill (the cached keys are looked up first: no miss
+        evicts a key of the same batch). (slots, missed): int64 slots (-1 where
         only_absent and the key was cached) and whether each key was missing. pin:
         pin every slot returned. RuntimeError if every slot is pinned."""
         keys = np.asarray(keys, dtype=np.int64)
@@ -68,10 +69,10 @@ class SlotCache:
         stop = _assign(keys, self.slot_of, self.key_in, self.last, self.uses, self.score, self.pinned, self._tick,
                        self._code, pin, only_absent, slots, missed, was_pinned)
         if stop >= 0:  # undone: the keys it took slots for are not cached, the pins it added released
-            for j in range(stop - 1, -1, -1):
+            for j in range(len(keys) - 1, -1, -1):
                 if slots[j] >= 0 and not was_pinned[j]:
                     self.pinned[slots[j]] = False
-                if missed[j]:
+                if missed[j] and slots[j] >= 0:
                     self.forget(int(keys[j]))
             raise RuntimeError("every cache slot is pinned: the plan gave fewer slots than one step uses")
         return slots, missed
@@ -120,14 +121,6 @@ class SlotCache:
         elif self.policy == "freq":
             self.observe_used(first, probs.shape[1], used)
 
-    def pin_cached(self, keys: np.ndarray) -> np.ndarray:
-        """Pin the slots of those keys that are cached; their slots (their recency and
-        use counts are left as they are). IndexError for a key outside 0..n_keys-1."""
-        out = _pin_cached(np.asarray(keys, dtype=np.int64), self.slot_of, self.pinned)
-        if len(out) and out[-1] < 0:
-            raise IndexError(f"a key outside 0..{len(self.slot_of) - 1}: {keys}")
-        return out
-
     def __contains__(self, key: int) -> bool:
         return self.slot_of[key] >= 0
 
@@ -135,42 +128,61 @@ class SlotCache:
 @numba.njit(cache=True, nogil=True)
 def _assign(keys, slot_of, key_in, last, uses, score, pinned, tick, policy, pin, only_absent, slots, missed,
             was_pinned):
-    """-1, or the index of the key no slot was left for. was_pinned: each slot's pin
-    before this call pinned it (to undo)."""
+    """-1, or the index of the key no slot was left for (the keys given no slot have
+    slots -1). was_pinned: each slot's pin before this call pinned it (to undo). The
+    cached keys are looked up first, then the missing ones take slots in turn: with pin,
+    no key of the batch evicts another one."""
     for i in range(len(keys)):
-        k = keys[i]
-        tick[0] += 1
-        s = slot_of[k]
+        slots[i] = -1
+        was_pinned[i] = True
+        s = slot_of[keys[i]]
         missed[i] = s < 0
-        if s >= 0:
-            if only_absent:
-                slots[i] = -1
+        if s >= 0 and not only_absent:
+            _use(s, i, last, uses, pinned, tick, pin, slots, was_pinned)
+    for i in range(len(keys)):
+        if not missed[i]:
+            continue
+        k = keys[i]
+        if slot_of[k] >= 0:  # the same key twice in one batch: its first copy took the slot
+            missed[i] = False
+            if not only_absent:
+                _use(slot_of[k], i, last, uses, pinned, tick, pin, slots, was_pinned)
+            continue
+        tick[0] += 1
+        s = -1
+        best, best_last = np.inf, 0
+        for j in range(len(key_in)):  # a free slot, else the policy's lowest unpinned one
+            if key_in[j] < 0:
+                s = j
+                break
+            if pinned[j]:
                 continue
-            last[s] = tick[0]
-            uses[s] += 1
-        else:
-            s = -1
-            best, best_last = np.inf, 0
-            for j in range(len(key_in)):  # a free slot, else the policy's lowest unpinned one
-                if key_in[j] < 0:
-                    s = j
-                    break
-                if pinned[j]:
-                    continue
-                v = last[j] if policy == 0 else uses[j] if policy == 1 else score[key_in[j]]
-                if v < best or (v == best and last[j] < best_last):
-                    s, best, best_last = j, v, last[j]
-            if s < 0:
-                return i
-            if key_in[s] >= 0:
-                slot_of[key_in[s]] = -1
-            slot_of[k], key_in[s] = s, k
-            last[s], uses[s] = tick[0], 1
+            v = last[j] if policy == 0 else uses[j] if policy == 1 else score[key_in[j]]
+            if v < best or (v == best and last[j] < best_last):
+                s, best, best_last = j, v, last[j]
+        if s < 0:
+            return i
+        if key_in[s] >= 0:
+            slot_of[key_in[s]] = -1
+        slot_of[k], key_in[s] = s, k
+        last[s], uses[s] = tick[0], 1
         was_pinned[i] = pinned[s]
         if pin:
             pinned[s] = True
         slots[i] = s
     return -1
+
+
+@numba.njit(inline="always")
+def _use(s, i, last, uses, pinned, tick, pin, slots, was_pinned):
+    """Key i of a batch found in slot s: marked used (and pinned)."""
+    tick[0] += 1
+    last[s] = tick[0]
+    uses[s] += 1
+    was_pinned[i] = pinned[s]
+    if pin:
+        pinned[s] = True
+    slots[i] = s
 
 
 @numba.njit(cache=True, nogil=True)
@@ -191,21 +203,3 @@ def _observe_used(score, first, n, used, decay):
         for e in used[t]:
             score[first + e] += 1.0 - decay
     return True
-
-
-@numba.njit(cache=True, nogil=True)
-def _pin_cached(keys, slot_of, pinned):
-    """The slots of the cached keys, pinned; ends with -1 at a key out of range (nothing pinned)."""
-    out = np.empty(len(keys), dtype=np.int64)
-    for k in keys:
-        if k < 0 or k >= len(slot_of):
-            out[0] = -1
-            return out[:1]
-    n = 0
-    for k in keys:
-        s = slot_of[k]
-        if s >= 0:
-            pinned[s] = True
-            out[n] = s
-            n += 1
-    return out[:n]

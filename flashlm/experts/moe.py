@@ -13,6 +13,8 @@ blk.N.ffn_{gate,up,down}_exps (expert e is one contiguous byte range in each).
 
 from __future__ import annotations
 
+import weakref
+
 import numba
 import numpy as np
 
@@ -99,24 +101,39 @@ def expert_ffn(x: np.ndarray, gate: TensorRef, up: TensorRef, down: TensorRef, g
     return K.linear(K.glu(g, u, gelu), down)
 
 
+_ROUTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # store -> {layer: moe_route's arguments}
+
+
+def _router(store, cfg, layer: int) -> tuple:
+    """Layer's router as moe_route takes it: (weights, type, gating flags, lut, rows),
+    looked up once per store (a token's routing is tens of calls; their lookups cost as
+    much as the routing)."""
+    per = _ROUTERS.get(store)
+    if per is None:
+        per = _ROUTERS[store] = {}
+    r = per.get(layer)
+    if r is None:
+        t = store.get(f"blk.{layer}.ffn_gate_inp.weight")
+        r = per[layer] = (t.data, int(t.qtype), cfg.expert_gating == "sigmoid", bool(cfg.expert_weights_norm),
+                          float(cfg.expert_weights_scale or 0.0), F16_TABLE, _all_rows(t.data.shape[0]))
+    return r
+
+
 def route_one(store, cfg, layer: int, x: np.ndarray, ahead: bool = False):
     """route() for one token x (n_embd,) float32, in one compiled call: (k,) ids, (k,)
     weights, (n_expert,) probabilities. ahead: also the next layer's router on x, its
     (k,) most probable experts as a fourth item (what to prefetch), in the same call."""
-    r = store.get(f"blk.{layer}.ffn_gate_inp.weight")
-    k, n = cfg.n_expert_used, r.data.shape[0]
-    ids, w, p = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.float32), np.empty(n, dtype=np.float32)
-    args = (cfg.expert_gating == "sigmoid", bool(cfg.expert_weights_norm), float(cfg.expert_weights_scale or 0.0),
-            F16_TABLE, _all_rows(n), ids, w, p)
+    w, qt, sig, norm, scale, lut, rows = _router(store, cfg, layer)
+    k, n = cfg.n_expert_used, len(rows)
+    ids, wts, p = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.float32), np.empty(n, dtype=np.float32)
     if not ahead:
-        D.moe_route(r.data, int(r.qtype), x, *args)
-        return ids, w, p
-    r2 = store.get(f"blk.{layer + 1}.ffn_gate_inp.weight")
-    n2 = r2.data.shape[0]
+        D.moe_route(w, qt, x, sig, norm, scale, lut, rows, ids, wts, p)
+        return ids, wts, p
+    w2, qt2, _, _, _, _, rows2 = _router(store, cfg, layer + 1)
     ids2 = np.empty(k, dtype=np.int64)
-    D.moe_route_ahead(r.data, int(r.qtype), x, *args, r2.data, int(r2.qtype), _all_rows(n2), ids2,
-                      np.empty(k, dtype=np.float32), np.empty(n2, dtype=np.float32))
-    return ids, w, p, ids2
+    D.moe_route_ahead(w, qt, x, sig, norm, scale, lut, rows, ids, wts, p, w2, qt2, rows2, ids2,
+                      np.empty(k, dtype=np.float32), np.empty(len(rows2), dtype=np.float32))
+    return ids, wts, p, ids2
 
 
 def moe_ffn(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool = False, on_route=None) -> np.ndarray:
@@ -132,7 +149,7 @@ def moe_ffn(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool = False, 
         if on_route is not None:
             on_route(layer, ids, w, p)
         if streamed:
-            experts.begin_layer(layer, ids, p, pin=False)
+            experts.begin_layer(layer, ids, p)
         out = np.zeros((h.shape[0], cfg.n_embd), dtype=np.float32)
         for e in np.unique(ids).tolist():
             tok, slot = np.nonzero(ids == e)
@@ -162,13 +179,13 @@ def _moe_decode(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool, on_r
     if on_route is not None:
         on_route(layer, ids[None], w[None], p[None])
     if streamed:
-        experts.begin_layer(layer, ids[None], p[None], pin=True)
-    if ahead:
-        experts.prefetch(layer + 1, nxt[0])
+        experts.begin_layer(layer, ids[None], p[None])
     shapes, qts = experts.layout(layer)
     out = np.zeros((1, cfg.n_embd), dtype=np.float32)
     args = (shapes, qts, x, gelu, F16_TABLE, numba.get_num_threads(), _all_rows(max(shapes[0, 0], cfg.n_embd)))
     buf, offs, missed = experts.locate(layer, ids, wait=False) if streamed else (*experts.locate(layer, ids), None)
+    if ahead:  # after locate, which pinned this layer's experts: the prefetch evicts none of them
+        experts.prefetch(layer + 1, nxt[0])
     if missed is None or not missed.any():
         D.moe_decode(buf, offs, *args[:3], w, *args[3:], out[0])
     else:  # the cached experts compute while the misses are read, then the misses (the same sums)

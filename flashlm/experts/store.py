@@ -265,19 +265,14 @@ class StreamedExperts:
                               [base + s * rec for s in slots.tolist()], tag, self.cache.pool)
         self.stats[ks[0] // self.cfg.n_expert].bytes_read += rec * len(ks)
 
-    def begin_layer(self, layer: int, chosen: np.ndarray, probs: np.ndarray, pin: bool = True) -> None:
+    def begin_layer(self, layer: int, chosen: np.ndarray, probs: np.ndarray) -> None:
         """The router chose `chosen` (T, k) for this layer; probs (T, n_expert) feed the
-        scores (policy score; policy freq counts the choices, each token in turn). pin:
-        keep the chosen experts already cached from eviction (by the next layer's
-        prefetch) until end_layer."""
+        scores (policy score; policy freq counts the choices, each token in turn)."""
         base = layer * self.cfg.n_expert
         self.cache.observe_step(base, chosen, probs)
-        chosen = chosen.ravel()
-        if pin:
-            self._pins.append(self.cache.pin_cached(chosen + base))
         pred = self.predicted.pop(layer, None)
         if pred is not None:
-            ids = set(chosen.tolist())
+            ids = set(chosen.ravel().tolist())
             st = self.stats[layer]
             st.predicted += len(pred)
             st.predicted_used += len(pred & ids)
@@ -285,8 +280,9 @@ class StreamedExperts:
 
     def prefetch(self, layer: int, ids) -> None:
         """Read layer's experts `ids` (those not cached or in flight) ahead, in parallel,
-        while the caller computes. Called before the current layer's `locate`: the
-        reads start once that layer's misses are in (at once if it has none)."""
+        while the caller computes. Called after the current layer's `locate` (which pins
+        its experts): the reads start once that layer's misses are in (at once if it has
+        none)."""
         if not self.prefetching:
             return
         ids = set(np.asarray(ids).tolist())
@@ -306,6 +302,8 @@ class StreamedExperts:
             if self._queued is not None:  # two prefetches before a locate: the first starts now
                 self._issue()
             self._queued = (keys[missed], slots[missed])
+            if self._missing is None:  # no misses being read: the reads start now
+                self._issue()
 
     def _issue(self, misses=None, wait: bool = True) -> None:
         """Start the queued prefetch reads; misses (keys, slots): first read these, and

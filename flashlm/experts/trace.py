@@ -74,10 +74,8 @@ def simulate(trace: Trace, n_slots: int, policy: str, warmup: int = 0) -> float:
         for layer in range(L):
             keys = trace.ids[t, layer] + layer * E
             cache.observe_step(layer * E, trace.ids[t, layer:layer + 1], trace.probs[t, layer:layer + 1])
-            pins = cache.pin_cached(keys)  # as the store's begin_layer: no miss of the layer evicts its hits
-            slots, missed = cache.assign(keys, pin=True)  # pinned while the layer runs
+            slots, missed = cache.assign(keys, pin=True)  # pinned while the layer runs (no miss evicts its hits)
             cache.pinned[slots] = False
-            cache.pinned[pins] = False
             if t >= warmup:
                 n = int(np.count_nonzero(missed))
                 misses += n

@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from .qdot import _quantize_q8_token, f16_bits, matvec_rows, quantize_q8_serial, round_f16, rows4
-from .quants import _BF16, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q4_K, _Q5_K, _Q6_K, dequant_row, h2f
+from .quants import _BF16, _F16, _F32, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q4_K, _Q5_K, _Q6_K, dequant_row, h2f
 
 SLOTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 N_SLOTS = len(SLOTS)
@@ -400,7 +400,10 @@ def moe_route(w, qtype, x, sigmoid, norm, scale, lut, all_rows, ids, wts, p):
     W (n_expert, row_bytes) times x; ids (k,) the k most probable experts, best first
     (ties: the lower id); wts their probabilities, / their sum if norm, * scale if set."""
     n = w.shape[0]
-    _mv(qtype, w, x, p, lut, 1, all_rows)
+    if qtype == _F32 and x.shape[0] % 16 == 0:  # a float32 router (the usual): rows straight from the mapping
+        _f32_rows(w, x, p)
+    else:
+        _mv(qtype, w, x, p, lut, 1, all_rows)
     if sigmoid:
         for i in range(n):
             p[i] = np.float32(1.0) / (np.float32(1.0) + np.float32(np.exp(-p[i])))
@@ -414,11 +417,16 @@ def moe_route(w, qtype, x, sigmoid, norm, scale, lut, all_rows, ids, wts, p):
             tot += p[i]
         for i in range(n):
             p[i] = p[i] / tot
-    order = np.argsort(-p, kind="mergesort")
+    taken = np.zeros(n, dtype=np.bool_)
     tot = np.float32(0.0)
-    for j in range(ids.shape[0]):
-        ids[j] = order[j]
-        wts[j] = p[order[j]]
+    for j in range(ids.shape[0]):  # the k largest in turn, ties to the lower id (a stable sort's order; NaN last)
+        b = -1
+        for i in range(n):
+            if not taken[i] and (b < 0 or p[i] > p[b] or (p[b] != p[b] and p[i] == p[i])):
+                b = i
+        taken[b] = True
+        ids[j] = b
+        wts[j] = p[b]
         tot += wts[j]
     if norm:
         d = max(tot, np.float32(6.103515625e-5))  # llama.cpp's clamp
@@ -427,6 +435,27 @@ def moe_route(w, qtype, x, sigmoid, norm, scale, lut, all_rows, ids, wts, p):
     if scale != 0.0:
         for j in range(ids.shape[0]):
             wts[j] = wts[j] * np.float32(scale)
+
+
+@njit(inline="always")
+def _f32_rows(w, x, out):
+    """out = W @ x for a float32 W (rows of bytes), as _float_row sums: 16 partial sums
+    added pairwise (the same float32 result), with no copy of the row."""
+    d = x.shape[0]
+    acc = np.empty(16, dtype=np.float32)
+    for r in range(w.shape[0]):
+        row = w[r].view(np.float32)
+        for j in range(16):
+            acc[j] = np.float32(0.0)
+        for k in range(0, d, 16):
+            for j in range(16):
+                acc[j] += row[k + j] * x[k + j]
+        h = 8
+        while h:
+            for j in range(h):
+                acc[j] += acc[j + h]
+            h //= 2
+        out[r] = acc[0]
 
 
 @njit(nogil=True, cache=True)

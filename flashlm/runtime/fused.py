@@ -168,4 +168,3 @@ def warm_decode_kernels() -> None:
     cache.observe(0, p)
     cache.observe_used(0, 2, ids[None])
     cache.assign(ids, pin=True)
-    cache.pin_cached(ids)
