@@ -142,7 +142,7 @@ def moe_ffn(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool = False, 
     expert's router probability; for traces)."""
     streamed = hasattr(experts, "prefetch")
     if h.shape[0] == 1:
-        out = _moe_decode(store, experts, cfg, layer, h, gelu, on_route, streamed)
+        out, shared = _moe_decode(store, experts, cfg, layer, h, gelu, on_route, streamed)
     else:
         router = store.get(f"blk.{layer}.ffn_gate_inp.weight")
         ids, w, p = route(K.linear(h, router), cfg)
@@ -157,19 +157,31 @@ def moe_ffn(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool = False, 
             out[tok] += w[tok, slot][:, None] * y
         if streamed:
             experts.end_layer(layer)
-    if cfg.n_ff_shexp:  # the shared expert, every token
-        s = store.get
-        y = expert_ffn(h, s(f"blk.{layer}.ffn_gate_shexp.weight"), s(f"blk.{layer}.ffn_up_shexp.weight"),
-                       s(f"blk.{layer}.ffn_down_shexp.weight"), gelu)
-        gate = store.vector(f"blk.{layer}.ffn_gate_inp_shexp.weight")  # qwen2moe: scaled by a sigmoid gate
-        if gate is not None:
-            y *= np.float32(1.0) / (np.float32(1.0) + np.exp(-(h @ gate)))[:, None]
-        out += y
+        shared = _shared_expert(store, cfg, layer, h, gelu)
+    if shared is not None:
+        out += shared
     return out
 
 
-def _moe_decode(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool, on_route, streamed: bool) -> np.ndarray:
-    """One token's routed experts: routing and the experts' FFNs in two compiled calls."""
+def _shared_expert(store, cfg, layer: int, h: np.ndarray, gelu: bool):
+    """The shared expert's output for rows h (every token; qwen2moe's scaled by a sigmoid
+    gate), or None where the model has none."""
+    if not cfg.n_ff_shexp:
+        return None
+    s = store.get
+    y = expert_ffn(h, s(f"blk.{layer}.ffn_gate_shexp.weight"), s(f"blk.{layer}.ffn_up_shexp.weight"),
+                   s(f"blk.{layer}.ffn_down_shexp.weight"), gelu)
+    gate = store.vector(f"blk.{layer}.ffn_gate_inp_shexp.weight")
+    if gate is not None:
+        y *= np.float32(1.0) / (np.float32(1.0) + np.exp(-(h @ gate)))[:, None]
+    return y
+
+
+def _moe_decode(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool, on_route, streamed: bool):
+    """One token's routed experts, routing and the experts' FFNs in two compiled calls,
+    and its shared expert's output (None without one): (routed (1, n_embd), shared). A
+    streamed token computes its cached experts and the shared expert while its misses
+    are read."""
     x = np.ascontiguousarray(h[0], dtype=np.float32)
     # with prefetch, the next layer's router on this layer's input too (mixtral-offloading's
     # speculative loading): its reads start once this layer's misses are in (at once if
@@ -186,13 +198,15 @@ def _moe_decode(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool, on_r
     buf, offs, missed = experts.locate(layer, ids, wait=False) if streamed else (*experts.locate(layer, ids), None)
     if ahead:  # after locate, which pinned this layer's experts: the prefetch evicts none of them
         experts.prefetch(layer + 1, nxt[0])
+    shared = None
     if missed is None or not missed.any():
         D.moe_decode(buf, offs, *args[:3], w, *args[3:], out[0])
-    else:  # the cached experts compute while the misses are read, then the misses (the same sums)
+    else:  # the cached and shared experts compute while the misses are read, then the misses (the same sums)
         y = np.empty((len(ids), shapes[2, 0]), dtype=np.float32)
         try:
             if not missed.all():
                 D.moe_experts(buf, offs, np.flatnonzero(~missed), *args, y)
+            shared = _shared_expert(store, cfg, layer, h, gelu)
             experts.finish_misses()
         except BaseException:  # interrupted: the reads end before their slots can be reused
             experts.abort_misses()
@@ -201,4 +215,6 @@ def _moe_decode(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool, on_r
         D.moe_combine(y, w, out[0])
     if streamed:
         experts.end_layer(layer)
-    return out
+    if shared is None:
+        shared = _shared_expert(store, cfg, layer, h, gelu)
+    return out, shared
