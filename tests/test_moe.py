@@ -270,6 +270,41 @@ def test_prefetched_experts_are_read_before_use_even_at_the_minimum_budget(moe_g
             assert not m.model.experts.cache.pinned.any() or m.model.experts.pending  # pins only for reads in flight
 
 
+def test_a_streamed_moe_maps_none_of_its_expert_stacks(moe_gguf):
+    """Budget honesty where the page cache holds the whole file: the process maps the
+    resident weights and no page of the expert stacks (they stream into the cache), even
+    where a fault on a neighbouring weight could map cached pages around it, and after
+    writing the bundle (which reads every stack once)."""
+    import mmap
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/pagemap")
+    path = moe_gguf("qwen2moe")
+    opts = dict(n_ctx=256, n_threads=2, memory_budget=1 << 40, experts=dict(prefetch=True))
+    with flashlm.load(path, **opts):  # writes the experts' bundle, reading the stacks once
+        pass
+    with open(path, "rb") as f:
+        while f.read(1 << 20):  # the whole file in the page cache
+            pass
+    with flashlm.load(path, **opts) as m:
+        m.generate(PROMPTS[0], max_tokens=8, temperature=0)
+        mm, page = m.file.reader.data, mmap.PAGESIZE
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(mm.ctypes.data // page * 8)
+            raw = f.read(-(-mm.nbytes // page) * 8)
+        present = (np.frombuffer(raw, dtype=np.uint64) >> np.uint64(63)).astype(bool)
+        stacked = 0
+        for layer in m.model.experts.stacks:
+            for t in layer:
+                lo, hi = -(-t.offset // page), (t.offset + t.nbytes) // page
+                stacked += hi - lo
+                assert not present[lo:hi].any(), f"{t.name}: {present[lo:hi].sum()} pages mapped"
+        assert stacked > 0
+        embd = m.file.tensors["token_embd.weight"]
+        assert present[embd.offset // page:(embd.offset + embd.nbytes - 1) // page + 1].all()  # resident: mapped
+
+
 def test_expert_bundle_records(moe_gguf, tmp_path):
     """Each record is the expert's gate, up and down slices from the GGUF, then zeros to
     4 KiB; a changed source gets a new bundle, a truncated bundle is written again."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -51,6 +52,23 @@ def record_offset(layer: int, e: int, n_expert: int, record: int) -> int:
 def part_sizes(model_file, cfg) -> list[int]:
     """Bytes of one expert's gate, up and down slices."""
     return [model_file.tensors[f"blk.0.{p}.weight"].nbytes // cfg.n_expert for p in PARTS]
+
+
+def unmap(model_file, tensors) -> None:
+    """Unmap the pages wholly inside these tensors of the model file's mapping from this
+    process (the page cache keeps them; a later read maps them again)."""
+    mm = getattr(getattr(getattr(model_file, "reader", None), "data", None), "_mmap", None)
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    for t in tensors:
+        lo = -(-t.offset // page) * page
+        hi = (t.offset + t.nbytes) // page * page
+        if hi > lo:
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            except (OSError, ValueError):  # left mapped: RSS counts them
+                return
 
 
 def bundle_path(src: str | os.PathLike) -> Path:
@@ -111,10 +129,11 @@ def ensure_bundle(model_file, cfg, quiet: bool = False) -> Path:
             for i in range(cfg.n_layer):
                 layer = np.zeros((cfg.n_expert, rec), dtype=np.uint8)
                 o = 0
-                for p, n in zip(PARTS, parts):
-                    data = np.asarray(model_file.tensors[f"blk.{i}.{p}.weight"].data).reshape(-1)
-                    layer[:, o:o + n] = data.view(np.uint8).reshape(cfg.n_expert, n)
+                stacks = [model_file.tensors[f"blk.{i}.{p}.weight"] for p in PARTS]
+                for t, n in zip(stacks, parts):
+                    layer[:, o:o + n] = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(cfg.n_expert, n)
                     o += n
+                unmap(model_file, stacks)  # read once: the process keeps none of it mapped (RSS within budget)
                 f.write(layer.data)
                 if not quiet and total > 64 << 20:
                     print(f"\rflashlm: bundling experts for streaming (once): layer {i + 1}/{cfg.n_layer}",

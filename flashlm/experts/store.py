@@ -24,6 +24,7 @@ experts computed while misses were read.
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ import numpy as np
 from ..cache import SlotCache
 from ..flashload.io import NativeAIO, ReadEngine
 from ..runtime.modelfile import TensorRef
-from .bundle import ensure_bundle, part_sizes, record_bytes, record_offset
+from .bundle import ensure_bundle, part_sizes, record_bytes, record_offset, unmap
 from .moe import PARTS, part_layout
 
 
@@ -54,6 +55,37 @@ class LayerStats:
         return self.hits / n if n else 0.0
 
 
+def map_resident_only(model_file, stacks) -> None:
+    """Leave this process mapping the model file's resident weights and none of its
+    expert stacks (those stream through the cache). Where the page cache holds the file
+    in large folios (after a sequential read of it, say), a first touch of a weight next
+    to an expert stack maps up to a whole folio of the stack with it: 32 MiB on the
+    synthetic MoE, 20 MiB over budget + idle. So every page of the other weights is
+    touched now (the plan counts them resident), and the stacks' pages unmapped after
+    (the page cache keeps them; nothing here reads them through the mapping)."""
+    mm = getattr(getattr(getattr(model_file, "reader", None), "data", None), "_mmap", None)
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # PTEs, not 2 MiB entries (which unmapping part of unmaps whole)
+        try:
+            mm.madvise(mmap.MADV_NOHUGEPAGE)
+        except OSError:
+            pass
+    stacked = {t.name for layer in stacks for t in layer}
+    page = mmap.PAGESIZE
+    resident = [np.asarray(t.data).reshape(-1).view(np.uint8) for t in model_file.tensors.values()
+                if t.name not in stacked and t.nbytes]
+    _touch(resident, page)
+    unmap(model_file, [t for layer in stacks for t in layer])
+    _touch(resident, page)  # again: a 2 MiB entry mapped before this call was unmapped whole
+
+
+def _touch(arrays, page: int) -> None:
+    """Read a byte of every page of these arrays (mapping them)."""
+    for a in arrays:
+        int(a[::page].sum()) + int(a[-1])
+
+
 class StreamedExperts:
     """An ExpertSource (see moe.py) that reads experts on demand into a SlotCache."""
 
@@ -70,6 +102,7 @@ class StreamedExperts:
             except OSError as e:
                 print(f"flashlm: warning: experts stream from the GGUF's stacked tensors (3 reads each): could not "
                       f"write their bundle ({e})", file=sys.stderr)
+        map_resident_only(model_file, self.stacks)
         self.cache = SlotCache(n_slots, record_bytes(self.part_bytes), policy, n_keys=cfg.n_layer * cfg.n_expert)
         self._flat = self.cache.pool.reshape(-1)  # the pool as one buffer, for the kernels
         g, u, _ = self.part_bytes
