@@ -140,6 +140,14 @@ def test_slot_cache_policies():
     slots, missed = c.assign([a, b, e], pin=True)  # the miss comes first, yet evicts d, not e (lowest score, cached)
     assert missed.tolist() == [True, False, False] and d not in c and {a, b, e} == set(c.key_in.tolist())
     assert c.pinned.sum() == 3
+    c.pinned[:] = False
+    slots, missed = c.assign([d, e], pin=True, only_absent=True)  # a prefetch: d evicts a or b, never e
+    assert missed.tolist() == [True, False] and slots[1] == -1 and e in c and d in c
+    assert c.pinned.tolist().count(True) == 1 and c.pinned[c.slot_of[d]]  # only the new one stays pinned
+    before = (c.slot_of.copy(), c.pinned.copy())
+    with pytest.raises(IndexError):
+        c.assign([d, 5])  # a key past n_keys: an error, not a write out of bounds, and nothing changed
+    assert (c.slot_of == before[0]).all() and (c.pinned == before[1]).all()
     with pytest.raises(IndexError):
         c.observe(3, [0.5, 0.5, 0.5])
     c = fill("freq")  # a decayed count of uses: recent uses weigh more than old ones

@@ -61,13 +61,16 @@ class SlotCache:
         policy for the caller to fill (the cached keys are looked up first: no miss
         evicts a key of the same batch). (slots, missed): int64 slots (-1 where
         only_absent and the key was cached) and whether each key was missing. pin:
-        pin every slot returned. RuntimeError if every slot is pinned."""
+        pin every slot returned. RuntimeError if every slot is pinned; IndexError (nothing
+        changed) for a key outside 0..n_keys-1."""
         keys = np.asarray(keys, dtype=np.int64)
         slots = np.empty(len(keys), dtype=np.int64)
         missed = np.empty(len(keys), dtype=np.bool_)
         was_pinned = np.empty(len(keys), dtype=np.bool_)
         stop = _assign(keys, self.slot_of, self.key_in, self.last, self.uses, self.score, self.pinned, self._tick,
                        self._code, pin, only_absent, slots, missed, was_pinned)
+        if stop == -2:
+            raise IndexError(f"a key outside 0..{len(self.slot_of) - 1}: {keys.min()}..{keys.max()}")
         if stop >= 0:  # undone: the keys it took slots for are not cached, the pins it added released
             for j in range(len(keys) - 1, -1, -1):
                 if slots[j] >= 0 and not was_pinned[j]:
@@ -128,17 +131,27 @@ class SlotCache:
 @numba.njit(cache=True, nogil=True)
 def _assign(keys, slot_of, key_in, last, uses, score, pinned, tick, policy, pin, only_absent, slots, missed,
             was_pinned):
-    """-1, or the index of the key no slot was left for (the keys given no slot have
-    slots -1). was_pinned: each slot's pin before this call pinned it (to undo). The
-    cached keys are looked up first, then the missing ones take slots in turn: with pin,
-    no key of the batch evicts another one."""
+    """-1; or the index of the key no slot was left for (the keys given no slot have
+    slots -1); or -2, nothing changed, for a key outside 0..n_keys-1. was_pinned: each
+    slot's pin before this call pinned it (to undo). The cached keys are looked up
+    first, then the missing ones take slots in turn: no key of the batch evicts another
+    one (with only_absent, the cached ones are held only while the batch is placed)."""
+    for i in range(len(keys)):
+        if keys[i] < 0 or keys[i] >= len(slot_of):
+            return -2
     for i in range(len(keys)):
         slots[i] = -1
         was_pinned[i] = True
         s = slot_of[keys[i]]
         missed[i] = s < 0
-        if s >= 0 and not only_absent:
+        if s < 0:
+            continue
+        if only_absent:  # not returned, but no miss of the batch evicts it
+            was_pinned[i] = pinned[s]
+            pinned[s] = True
+        else:
             _use(s, i, last, uses, pinned, tick, pin, slots, was_pinned)
+    stop = -1
     for i in range(len(keys)):
         if not missed[i]:
             continue
@@ -161,7 +174,8 @@ def _assign(keys, slot_of, key_in, last, uses, score, pinned, tick, policy, pin,
             if v < best or (v == best and last[j] < best_last):
                 s, best, best_last = j, v, last[j]
         if s < 0:
-            return i
+            stop = i
+            break
         if key_in[s] >= 0:
             slot_of[key_in[s]] = -1
         slot_of[k], key_in[s] = s, k
@@ -170,7 +184,11 @@ def _assign(keys, slot_of, key_in, last, uses, score, pinned, tick, policy, pin,
         if pin:
             pinned[s] = True
         slots[i] = s
-    return -1
+    if only_absent:  # the cached keys' holds released
+        for i in range(len(keys)):
+            if not missed[i] and slots[i] < 0 and not was_pinned[i]:
+                pinned[slot_of[keys[i]]] = False
+    return stop
 
 
 @numba.njit(inline="always")

@@ -101,21 +101,20 @@ def expert_ffn(x: np.ndarray, gate: TensorRef, up: TensorRef, down: TensorRef, g
     return K.linear(K.glu(g, u, gelu), down)
 
 
-_ROUTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # store -> {layer: moe_route's arguments}
+_ROUTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # store -> {layer: (weights, type, rows)}
 
 
-def _router(store, cfg, layer: int) -> tuple:
-    """Layer's router as moe_route takes it: (weights, type, gating flags, lut, rows),
-    looked up once per store (a token's routing is tens of calls; their lookups cost as
-    much as the routing)."""
+def _router(store, layer: int) -> tuple:
+    """Layer's router as moe_route takes it: (weights, GGML type, 0..n_expert-1), looked
+    up once per store (a token's routing is tens of calls; their lookups cost as much as
+    the routing)."""
     per = _ROUTERS.get(store)
     if per is None:
         per = _ROUTERS[store] = {}
     r = per.get(layer)
     if r is None:
         t = store.get(f"blk.{layer}.ffn_gate_inp.weight")
-        r = per[layer] = (t.data, int(t.qtype), cfg.expert_gating == "sigmoid", bool(cfg.expert_weights_norm),
-                          float(cfg.expert_weights_scale or 0.0), F16_TABLE, _all_rows(t.data.shape[0]))
+        r = per[layer] = (t.data, int(t.qtype), _all_rows(t.data.shape[0]))
     return r
 
 
@@ -123,13 +122,14 @@ def route_one(store, cfg, layer: int, x: np.ndarray, ahead: bool = False):
     """route() for one token x (n_embd,) float32, in one compiled call: (k,) ids, (k,)
     weights, (n_expert,) probabilities. ahead: also the next layer's router on x, its
     (k,) most probable experts as a fourth item (what to prefetch), in the same call."""
-    w, qt, sig, norm, scale, lut, rows = _router(store, cfg, layer)
-    k, n = cfg.n_expert_used, len(rows)
+    w, qt, rows = _router(store, layer)
+    sig, norm, scale = cfg.expert_gating == "sigmoid", bool(cfg.expert_weights_norm), float(cfg.expert_weights_scale or 0.0)
+    k, n, lut = cfg.n_expert_used, len(rows), F16_TABLE
     ids, wts, p = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.float32), np.empty(n, dtype=np.float32)
     if not ahead:
         D.moe_route(w, qt, x, sig, norm, scale, lut, rows, ids, wts, p)
         return ids, wts, p
-    w2, qt2, _, _, _, _, rows2 = _router(store, cfg, layer + 1)
+    w2, qt2, rows2 = _router(store, layer + 1)
     ids2 = np.empty(k, dtype=np.int64)
     D.moe_route_ahead(w, qt, x, sig, norm, scale, lut, rows, ids, wts, p, w2, qt2, rows2, ids2,
                       np.empty(k, dtype=np.float32), np.empty(len(rows2), dtype=np.float32))
@@ -196,21 +196,23 @@ def _moe_decode(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool, on_r
     out = np.zeros((1, cfg.n_embd), dtype=np.float32)
     args = (shapes, qts, x, gelu, F16_TABLE, numba.get_num_threads(), _all_rows(max(shapes[0, 0], cfg.n_embd)))
     buf, offs, missed = experts.locate(layer, ids, wait=False) if streamed else (*experts.locate(layer, ids), None)
-    if ahead:  # after locate, which pinned this layer's experts: the prefetch evicts none of them
-        experts.prefetch(layer + 1, nxt[0])
     shared = None
-    if missed is None or not missed.any():
-        D.moe_decode(buf, offs, *args[:3], w, *args[3:], out[0])
-    else:  # the cached and shared experts compute while the misses are read, then the misses (the same sums)
-        y = np.empty((len(ids), shapes[2, 0]), dtype=np.float32)
-        try:
+    try:
+        if ahead:  # after locate, which pinned this layer's experts: the prefetch evicts none of them
+            experts.prefetch(layer + 1, nxt[0])
+        if missed is not None and missed.any():  # the cached and shared experts compute while the misses are read
+            y = np.empty((len(ids), shapes[2, 0]), dtype=np.float32)
             if not missed.all():
                 D.moe_experts(buf, offs, np.flatnonzero(~missed), *args, y)
             shared = _shared_expert(store, cfg, layer, h, gelu)
             experts.finish_misses()
-        except BaseException:  # interrupted: the reads end before their slots can be reused
+    except BaseException:  # interrupted: the reads end before their slots can be reused
+        if streamed:
             experts.abort_misses()
-            raise
+        raise
+    if missed is None or not missed.any():
+        D.moe_decode(buf, offs, *args[:3], w, *args[3:], out[0])
+    else:  # then the misses (the same sums as one call)
         D.moe_experts(buf, offs, np.flatnonzero(missed), *args, y)
         D.moe_combine(y, w, out[0])
     if streamed:

@@ -169,6 +169,8 @@ class StreamedExperts:
         keys, self._missing = self._missing, None
         if keys is not None:
             self._drop_misses(keys)
+        else:
+            self._unpin_layer()
 
     def _drop_misses(self, keys: np.ndarray) -> None:
         self._drain_misses()
@@ -326,6 +328,8 @@ class StreamedExperts:
         try:
             slots, missed = self.cache.assign(keys, pin=True, only_absent=True)
         except RuntimeError:  # every slot pinned (reads in flight at a small budget): best effort
+            if self._missing is not None:  # misses in flight: settling would take their tag's end (and error)
+                return
             self._settle()
             try:
                 slots, missed = self.cache.assign(keys, pin=True, only_absent=True)
