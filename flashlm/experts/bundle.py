@@ -54,11 +54,18 @@ def part_sizes(model_file, cfg) -> list[int]:
     return [model_file.tensors[f"blk.0.{p}.weight"].nbytes // cfg.n_expert for p in PARTS]
 
 
+def file_mapping(model_file):
+    """The mmap of a GGUF model file (gguf's reader maps it whole, at offset 0), or None
+    where there is none or it cannot be told to drop pages (not Linux, say)."""
+    mm = getattr(getattr(getattr(model_file, "reader", None), "data", None), "_mmap", None)
+    return mm if mm is not None and hasattr(mmap, "MADV_DONTNEED") else None
+
+
 def unmap(model_file, tensors) -> None:
     """Unmap the pages wholly inside these tensors of the model file's mapping from this
     process (the page cache keeps them; a later read maps them again)."""
-    mm = getattr(getattr(getattr(model_file, "reader", None), "data", None), "_mmap", None)
-    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+    mm = file_mapping(model_file)
+    if mm is None:
         return
     page = mmap.PAGESIZE
     for t in tensors:

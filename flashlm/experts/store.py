@@ -35,7 +35,7 @@ import numpy as np
 from ..cache import SlotCache
 from ..flashload.io import NativeAIO, ReadEngine
 from ..runtime.modelfile import TensorRef
-from .bundle import ensure_bundle, part_sizes, record_bytes, record_offset, unmap
+from .bundle import ensure_bundle, file_mapping, part_sizes, record_bytes, record_offset, unmap
 from .moe import PARTS, part_layout
 
 
@@ -63,8 +63,8 @@ def map_resident_only(model_file, stacks) -> None:
     synthetic MoE, 20 MiB over budget + idle. So every page of the other weights is
     touched now (the plan counts them resident), and the stacks' pages unmapped after
     (the page cache keeps them; nothing here reads them through the mapping)."""
-    mm = getattr(getattr(getattr(model_file, "reader", None), "data", None), "_mmap", None)
-    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+    mm = file_mapping(model_file)
+    if mm is None:
         return
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # PTEs, not 2 MiB entries (which unmapping part of unmaps whole)
         try:

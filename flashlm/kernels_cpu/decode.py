@@ -16,7 +16,7 @@ Inputs are packed by runtime/fused.py:
 import numpy as np
 from numba import njit, prange
 
-from .qdot import _quantize_q8_token, f16_bits, matvec_rows, quantize_q8_serial, round_f16, rows4
+from .qdot import _quantize_q8_token, dot16, f16_bits, matvec_rows, quantize_q8_serial, round_f16, rows4
 from .quants import _BF16, _F16, _F32, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q4_K, _Q5_K, _Q6_K, dequant_row, h2f
 
 SLOTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -400,7 +400,7 @@ def moe_route(w, qtype, x, sigmoid, norm, scale, lut, all_rows, ids, wts, p):
     W (n_expert, row_bytes) times x; ids (k,) the k most probable experts, best first
     (ties: the lower id); wts their probabilities, / their sum if norm, * scale if set."""
     n = w.shape[0]
-    if qtype == _F32 and x.shape[0] % 16 == 0:  # a float32 router (the usual): rows straight from the mapping
+    if qtype == _F32:  # a float32 router (the usual): rows straight from the mapping
         _f32_rows(w, x, p)
     else:
         _mv(qtype, w, x, p, lut, 1, all_rows)
@@ -439,23 +439,11 @@ def moe_route(w, qtype, x, sigmoid, norm, scale, lut, all_rows, ids, wts, p):
 
 @njit(inline="always")
 def _f32_rows(w, x, out):
-    """out = W @ x for a float32 W (rows of bytes), as _float_row sums: 16 partial sums
-    added pairwise (the same float32 result), with no copy of the row."""
-    d = x.shape[0]
+    """out = W @ x for a float32 W (rows of bytes) read in place, each row as _float_row
+    sums it (dot16: the same float32 result), with no copy of the row."""
     acc = np.empty(16, dtype=np.float32)
     for r in range(w.shape[0]):
-        row = w[r].view(np.float32)
-        for j in range(16):
-            acc[j] = np.float32(0.0)
-        for k in range(0, d, 16):
-            for j in range(16):
-                acc[j] += row[k + j] * x[k + j]
-        h = 8
-        while h:
-            for j in range(h):
-                acc[j] += acc[j + h]
-            h //= 2
-        out[r] = acc[0]
+        out[r] = dot16(w[r].view(np.float32), x, acc)
 
 
 @njit(nogil=True, cache=True)

@@ -253,17 +253,23 @@ def _vrow_q6_k(row, prow, xq, xd, bsum, lut):
 
 @njit(nogil=True, cache=True)
 def _float_row(qtype, row, x, scratch, lut):
-    """The decoded row . x, in 16 partial sums (one sum's chain of dependent adds made
-    a small float matrix, a MoE router, latency-bound), added pairwise at the end."""
+    """The decoded row . x (dot16)."""
     dequant_row(qtype, row, scratch, lut)
+    return dot16(scratch, x, np.empty(16, dtype=np.float32))
+
+
+@njit(inline="always")
+def dot16(a, x, acc):
+    """a . x in 16 partial sums (one sum's chain of dependent adds made a small float
+    matrix, a MoE router, latency-bound), added pairwise at the end; acc: room for them."""
     n = x.shape[0]
-    acc = np.zeros(16, dtype=np.float32)
+    acc[:] = 0.0
     m = n - n % 16
     for k in range(0, m, 16):
         for j in range(16):
-            acc[j] += scratch[k + j] * x[k + j]
+            acc[j] += a[k + j] * x[k + j]
     for k in range(m, n):
-        acc[k - m] += scratch[k] * x[k]
+        acc[k - m] += a[k] * x[k]
     w = 8
     while w:
         for j in range(w):
