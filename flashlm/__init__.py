@@ -27,7 +27,8 @@ def load(model: str | os.PathLike | None = None, *, n_ctx: int | None = None, n_
     streaming: for a flash-layout file (`flashlm convert --flash`), how its FFN neurons
     are streamed: a flashload.store.StreamSettings or a dict of its fields.
     experts: for a mixture-of-experts model under a memory_budget (its experts stream
-    into a cache): {"policy": "freq" (default) | "score" | "lru" | "lfu", "prefetch": True}.
+    into a cache): {"policy": "freq" (default) | "score" | "lru" | "lfu", "prefetch": "auto" (default:
+    on or off, whichever decodes faster here, measured while decoding) | True | False}.
     """
     from .runtime.registry import resolve
 

@@ -169,7 +169,7 @@ def test_slot_cache_policies():
     assert SlotCache(1, 8, "score").decay == 0.9 and SlotCache(1, 8, "freq", decay=0.5).decay == 0.5
 
 
-@pytest.mark.parametrize("policy, prefetch, bundle", [("freq", True, True), ("lru", True, True), ("lfu", False, True), ("score", True, False),
+@pytest.mark.parametrize("policy, prefetch, bundle", [("freq", "auto", True), ("lru", True, True), ("lfu", False, True), ("score", True, False),
                                                       ("lru", False, False)])
 def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
     from flashlm.errors import FlashLMError
@@ -180,7 +180,8 @@ def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
     opts = dict(policy=policy, prefetch=prefetch, bundle=bundle)
     with pytest.raises(FlashLMError, match=r"below the minimum") as e:
         flashlm.load(path, n_ctx=256, memory_budget="1MB", experts=opts)
-    assert f"{4 * (2 if prefetch else 1)} experts" in str(e.value)  # qwen2moe's fixture uses 4 of 8
+    per = 2 if prefetch is True else 1  # auto: prefetch only where the cache holds two layers' experts
+    assert f"{4 * per} experts" in str(e.value)  # qwen2moe's fixture uses 4 of 8
     with flashlm.load(path, n_ctx=256, n_threads=2) as ref:
         tokens = ref.tokenize(PROMPTS[1])
         want = ref.logits(tokens)
@@ -188,9 +189,13 @@ def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
         minimum = None
         with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=1 << 40, experts=opts) as big:
             minimum, expert = big.plan.minimum, big.plan.expert_bytes
-        budget = minimum + 3 * expert  # a cache of k (+k) + 3 of the 16 experts: mostly misses
+        if prefetch == "auto":  # too small a cache for prefetch: auto turns it off
+            with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=minimum + 3 * expert, experts=opts) as m:
+                assert m.model.experts.auto is None and not m.model.experts.prefetching
+        extra = 3 + 4 * (prefetch == "auto")
+        budget = minimum + extra * expert  # a cache of k (+k) + 3 of the 16 experts: mostly misses
         with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=budget, experts=opts) as m:
-            assert isinstance(m.model.experts, StreamedExperts) and m.plan.n_slots == 4 * (2 if prefetch else 1) + 3
+            assert isinstance(m.model.experts, StreamedExperts) and m.plan.n_slots == 4 * per + extra
             assert (m.model.experts.bundle is not None) == bundle
             aio = bundle and m.model.experts.aio is not None
             if bundle:  # where native asynchronous reads work, misses and prefetches use them
@@ -207,6 +212,12 @@ def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
                                               ref._forward(np.array([t]), pos, ref._kv))
             assert m.generate(PROMPTS[0], max_tokens=12, temperature=0) == text
             st = m.model.experts.take_stats()
+            auto = m.model.experts.auto
+            if prefetch == "auto":  # every decode token timed (prefill's are not), prefetch switched as told
+                assert auto.tokens >= len(tokens) - 1 + 11 and st["prefetch"].startswith("auto")
+                assert m.model.experts.prefetching == auto.on
+            else:
+                assert auto is None and st["prefetch"] == ("on" if prefetch else "off")
     assert st["misses"] > 0 and st["hits"] > 0
     # under native AIO a token's cached experts computed while its misses were read (and equal above)
     assert (st["overlapped"] > 0) == aio
@@ -214,6 +225,36 @@ def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
         assert st["bytes_read"] == st["misses"] * (expert if bundle else sum(m.model.experts.part_bytes))
     else:
         assert 0 < st["precision"] <= 1 and 0 < st["recall"] <= 1 and st["io_s"] > 0 and st["wait_s"] > 0
+
+
+def test_auto_prefetch_keeps_the_faster_side():
+    from flashlm.experts.autoprefetch import AutoPrefetch
+
+    def run(auto, on_s, off_s, n):
+        sides = []
+        for _ in range(n):
+            sides.append(auto.on)
+            auto.record(on_s if auto.on else off_s)
+        return sides
+
+    W = AutoPrefetch.WINDOW
+    a = AutoPrefetch()
+    sides = run(a, 1.0, 2.0, 4 * W)  # prefetch twice as fast: decided after two pairs of windows
+    assert sides == [True] * W + [False] * 2 * W + [True] * W  # ABBA
+    assert not a.measuring and a.on and a.ratio == 0.5 and a.measurements == 1
+    assert run(a, 1.0, 2.0, AutoPrefetch.HOLD) == [True] * AutoPrefetch.HOLD and a.measuring  # held, then again
+    assert "on" in a.describe() and "measuring again" in a.describe()
+    b = AutoPrefetch()
+    sides = run(b, 1.0, 0.9, 2 * AutoPrefetch.PAIRS * W)  # 10% slower with it: within EARLY, all six pairs
+    assert sides.count(True) == sides.count(False) and not b.measuring and not b.on
+    assert b.ratio == pytest.approx(1 / 0.9)
+    c = AutoPrefetch()  # a median: one stalled token (a page fault, another process) does not decide
+    times = iter([1.0] * W + [0.9] * (W - 1) + [50.0] + [0.9] * 2 * W + [1.0] * W)
+    for _ in range(4 * W):
+        c.record(next(times))
+    assert c.measuring  # a mean would have put prefetch 4x ahead and decided; the median sees 10% behind
+    run(c, 1.0, 0.9, 2 * (AutoPrefetch.PAIRS - 2) * W)
+    assert not c.measuring and not c.on and c.ratio == pytest.approx(1 / 0.9)
 
 
 def test_experts_computed_in_parts_sum_as_one_call(moe_gguf):
@@ -387,7 +428,11 @@ def test_cli_on_a_moe_under_a_budget(moe_gguf, capsys):
     assert main(["run", "-m", path, "--memory-budget", "200MB", "-c", "256", "-p", "Hello", "-n", "4", "--temp", "0",
                  "--stats", "--policy", "score"]) == 0
     err = capsys.readouterr().err
-    assert "experts: cache hit rate" in err and "prefetch precision" in err
+    assert "experts: cache hit rate" in err and "prefetch precision" in err and "prefetch auto (measuring)" in err
+    assert main(["run", "-m", path, "--memory-budget", "200MB", "-c", "256", "-p", "Hello", "-n", "2", "--temp", "0",
+                 "--stats", "--prefetch", "off"]) == 0
+    err = capsys.readouterr().err
+    assert "experts: cache hit rate" in err and "prefetch off" in err and "precision" not in err
     assert main(["run", "-m", path, "--memory-budget", "2MB", "-p", "Hi"]) == 2
     assert "below the minimum" in capsys.readouterr().err
 

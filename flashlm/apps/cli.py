@@ -50,8 +50,11 @@ def _add_model(p: argparse.ArgumentParser):
                    help="which cached expert makes room: the least often chosen lately (a moving average), the "
                         "lowest router-probability average, the least recent, or the least used since loaded "
                         "(default freq: the best hit rates on a real model's routing traces)")
-    g.add_argument("--no-prefetch", action="store_true",
-                   help="do not read the next layer's experts (or a flash model's neurons) while a layer computes")
+    g.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto",
+                   help="read the next layer's predicted experts while a layer computes: auto (the default) "
+                        "measures while decoding whether that is faster here, and keeps whichever is; off "
+                        "also stops a flash model's neuron prefetch")
+    g.add_argument("--no-prefetch", action="store_true", help="the same as --prefetch off")
     g.add_argument("--no-bundle", action="store_true",
                    help="read experts from the GGUF's stacked tensors (3 reads each) instead of writing their "
                         "bundle to the cache folder once (1 aligned read each; as large as the experts)")
@@ -66,14 +69,21 @@ def _streaming(args) -> dict:
         out["window"] = args.window
     if getattr(args, "sliding", False):
         out["hot"] = False
-    if getattr(args, "no_prefetch", False):
+    if _prefetch(args) is False:
         out["prefetch"] = False
     return out
 
 
 def _experts(args) -> dict:
     """The expert-cache options the command line set."""
-    return {"policy": args.policy, "prefetch": not args.no_prefetch, "bundle": not args.no_bundle}
+    return {"policy": args.policy, "prefetch": _prefetch(args), "bundle": not args.no_bundle}
+
+
+def _prefetch(args) -> bool | str:
+    """--prefetch (and --no-prefetch) as the expert option: True, False or "auto"."""
+    if getattr(args, "no_prefetch", False):
+        return False
+    return {"on": True, "off": False}.get(getattr(args, "prefetch", "auto"), "auto")
 
 
 def cmd_chat(args) -> int:
@@ -134,6 +144,7 @@ def cmd_run(args) -> int:
                 e = ex()
                 pf = (f", prefetch precision {e['precision']:.0%} recall {e['recall']:.0%}"
                       if e["precision"] is not None else "")
+                pf += f", prefetch {e['prefetch']}"
                 if e["hidden"] is not None:
                     pf += f", {e['hidden']:.0%} of read time hidden"
                 print(f"experts: cache hit rate {e['hits'] / max(1, e['hits'] + e['misses']):.0%}, "

@@ -35,6 +35,7 @@ import numpy as np
 from ..cache import SlotCache
 from ..flashload.io import NativeAIO, ReadEngine
 from ..runtime.modelfile import TensorRef
+from .autoprefetch import AutoPrefetch
 from .bundle import ensure_bundle, file_mapping, part_sizes, record_bytes, record_offset, unmap
 from .moe import PARTS, part_layout
 
@@ -89,8 +90,10 @@ def _touch(arrays, page: int) -> None:
 class StreamedExperts:
     """An ExpertSource (see moe.py) that reads experts on demand into a SlotCache."""
 
-    def __init__(self, model_file, cfg, n_slots: int, policy: str = "lru", prefetch: bool = True,
+    def __init__(self, model_file, cfg, n_slots: int, policy: str = "lru", prefetch: bool | str = True,
                  io_threads: int = 8, direct: bool = True, bundle: bool = True):
+        """prefetch: True, False, or "auto" (on or off, whichever decodes faster here, as
+        measured while decoding: autoprefetch.py)."""
         self.cfg = cfg
         self.stacks = [[model_file.tensors[f"blk.{i}.{p}.weight"] for p in PARTS] for i in range(cfg.n_layer)]
         self.part_bytes = part_sizes(model_file, cfg)
@@ -116,7 +119,9 @@ class StreamedExperts:
                 self._hint_fd = os.open(self.bundle, os.O_RDONLY)
         else:
             self.engine = ReadEngine(model_file.path, n_threads=io_threads, direct=direct)
-        self.prefetching = prefetch
+        self.prefetching = bool(prefetch)
+        self.auto = AutoPrefetch() if prefetch == "auto" else None
+        self._token_t0 = None  # when the decode token being timed (for auto) entered layer 0
         self.pending: dict = {}  # key (layer * n_expert + e) -> futures of its reads (its offset, hinted; None, asynchronous)
         self._batches: list = []  # (submit time, futures) of prefetches not yet accounted
         self._pins: list[np.ndarray] = []  # slots of the current layer's chosen experts
@@ -304,6 +309,8 @@ class StreamedExperts:
         """The router chose `chosen` (T, k) for this layer; probs (T, n_expert) feed the
         scores (policy score; policy freq counts the choices, each token in turn)."""
         base = layer * self.cfg.n_expert
+        if layer == 0 and self.auto is not None:
+            self._token_t0 = time.perf_counter() if chosen.shape[0] == 1 else None
         self.cache.observe_step(base, chosen, probs)
         pred = self.predicted.pop(layer, None)
         if pred is not None:
@@ -419,6 +426,9 @@ class StreamedExperts:
             for key in [k for k in self.pending if lo <= k < hi]:
                 self._reap(key)
         self._account()
+        if self._token_t0 is not None and layer == self.cfg.n_layer - 1:  # a decode token's layers done
+            self.prefetching = self.auto.record(time.perf_counter() - self._token_t0)
+            self._token_t0 = None
 
     def _settle(self) -> None:
         """Unpin the prefetched experts whose asynchronous reads have ended (without waiting)."""
@@ -460,7 +470,8 @@ class StreamedExperts:
         pred = sum(s.predicted for s in layers)
         used = sum(s.predicted_used for s in layers)
         chosen = sum(s.chosen for s in layers)
-        return dict(layers=layers, hits=sum(s.hits for s in layers), misses=sum(s.misses for s in layers),
+        prefetch = self.auto.describe() if self.auto is not None else "on" if self.prefetching else "off"
+        return dict(layers=layers, prefetch=prefetch, hits=sum(s.hits for s in layers), misses=sum(s.misses for s in layers),
                     bytes_read=sum(s.bytes_read for s in layers), io_s=io, wait_s=wait,
                     overlapped=sum(s.overlapped for s in layers),
                     hidden=1.0 - wait / io if io > 0 and self._hint_fd < 0 and self.aio is None else None,

@@ -49,12 +49,16 @@ _SAMPLING_KEYS = {f for f in SamplingParams.__dataclass_fields__}
 def _expert_options(experts: dict | None) -> dict:
     """A mixture-of-experts model's streaming options: policy ("freq", the default: the
     best hit rates on MoEfied SmolLM2's routing traces, benchmarks/expert_traces.py;
-    "score"; "lru"; "lfu"), prefetch (the next layer's experts read while a layer computes) and
-    bundle (write the experts' bundle once and read each expert in one read; experts/bundle.py)."""
-    opts = {"policy": "freq", "prefetch": True, "bundle": True, **(experts or {})}
+    "score"; "lru"; "lfu"), prefetch (the next layer's experts read while a layer computes:
+    True, False, or "auto", the default: whichever decodes faster on this machine, measured
+    while decoding; experts/autoprefetch.py) and bundle (write the experts' bundle once and
+    read each expert in one read; experts/bundle.py)."""
+    opts = {"policy": "freq", "prefetch": "auto", "bundle": True, **(experts or {})}
     unknown = set(opts) - {"policy", "prefetch", "bundle"}
     if unknown:
         raise InvalidArgumentError(f"unknown expert option(s): {', '.join(sorted(unknown))}")
+    if opts["prefetch"] not in (True, False, "auto"):
+        raise InvalidArgumentError(f"expert prefetch must be True, False or \"auto\", not {opts['prefetch']!r}")
     from ..cache import POLICIES
 
     if opts["policy"] not in POLICIES:
@@ -118,9 +122,11 @@ class Model:
                 if cfg.n_expert and not isinstance(self.store, FlashStore):  # experts stream into a cache
                     from ..experts.store import plan_experts
 
-                    opts = _expert_options(experts)
+                    opts = self._expert_opts = _expert_options(experts)
                     self.plan = plan_experts(self.file, cfg, self.memory_budget, n_ctx, tokenizer_bytes,
-                                             opts["prefetch"])
+                                             opts["prefetch"] is True)
+                    if opts["prefetch"] == "auto" and self.plan.n_slots < 2 * cfg.n_expert_used:
+                        opts["prefetch"] = False  # no room for the next layer's experts beside a layer's own
                 elif isinstance(self.store, FlashStore):
                     self.plan = make_plan(self.store, self.memory_budget, n_ctx, cfg.kv_bytes_per_token // 2,
                                           cfg.n_vocab, tokenizer_bytes)
@@ -136,10 +142,10 @@ class Model:
             self.store.close()
             raise
         self.model = model_class(cfg.arch)(cfg, self.store)
-        if cfg.n_expert and self.plan is not None:
+        if cfg.n_expert and self.plan is not None and not isinstance(self.store, FlashStore):
             from ..experts.store import StreamedExperts
 
-            self.model.experts = StreamedExperts(self.file, cfg, self.plan.n_slots, **_expert_options(experts))
+            self.model.experts = StreamedExperts(self.file, cfg, self.plan.n_slots, **self._expert_opts)
         self._kv = KVCache(cfg, n_ctx)
         self._kv_tokens: list[int] = []  # tokens whose keys/values _kv holds, in order
         self.load_seconds = time.perf_counter() - t0
