@@ -163,7 +163,8 @@ def main(argv=None) -> int:
             r["hidden"] = 1 - r["wait_ms"] / alone[p]["wait_ms"] if alone[p]["wait_ms"] else None
             _print(f"{f:.0%}", f"{p} + prefetch" + (" (best policy)" if p == best else ""), r, resident)
         r = med[(f, "default")]
-        _print(f"{f:.0%}", f"the default: freq, prefetch {r['prefetch']}", r, resident)
+        _print(f"{f:.0%}", f"the default: freq, prefetch {r['prefetch']}; the tokens it measured on and off "
+               "counted", r, resident)
         for name, r in (("best + prefetch", med[(f, best, True)]), ("the default", r)):
             print(f"|  | {name}: {r['tok_s'] / resident['tok_s']:.2f}x resident, "
                   f"{r['tok_s'] / nocache['tok_s']:.2f}x no cache |  |  |  |  |  |  |  |  |", flush=True)

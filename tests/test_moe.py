@@ -192,6 +192,7 @@ def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
         if prefetch == "auto":  # too small a cache for prefetch: auto turns it off
             with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=minimum + 3 * expert, experts=opts) as m:
                 assert m.model.experts.auto is None and not m.model.experts.prefetching
+                assert m.model.experts.take_stats()["prefetch"] == "auto: off (the cache holds fewer than two layers' experts)"
         extra = 3 + 4 * (prefetch == "auto")
         budget = minimum + extra * expert  # a cache of k (+k) + 3 of the 16 experts: mostly misses
         with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=budget, experts=opts) as m:
@@ -212,10 +213,21 @@ def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
                                               ref._forward(np.array([t]), pos, ref._kv))
             assert m.generate(PROMPTS[0], max_tokens=12, temperature=0) == text
             st = m.model.experts.take_stats()
-            auto = m.model.experts.auto
-            if prefetch == "auto":  # every decode token timed (prefill's are not), prefetch switched as told
-                assert auto.tokens >= len(tokens) - 1 + 11 and st["prefetch"].startswith("auto")
-                assert m.model.experts.prefetching == auto.on
+            ex = m.model.experts
+            auto = ex.auto
+            if prefetch == "auto":  # every one-token step timed (a longer prompt's not), prefetch switched as told
+                n = auto.tokens
+                m.logits(tokens)
+                assert auto.tokens == n
+                for pos, t in enumerate(tokens[:5]):
+                    m._forward(np.array([t]), pos, m._kv)
+                assert auto.tokens == n + 5 and ex.prefetching == auto.on
+                auto.on, auto._times = False, None  # decided: off
+                m._forward(np.array([tokens[5]]), 5, m._kv)
+                ex.take_stats()
+                m._forward(np.array([tokens[6]]), 6, m._kv)
+                s = ex.take_stats()
+                assert not ex.prefetching and s["precision"] is None and s["prefetch"].startswith("auto: off")
             else:
                 assert auto is None and st["prefetch"] == ("on" if prefetch else "off")
     assert st["misses"] > 0 and st["hits"] > 0
@@ -237,24 +249,43 @@ def test_auto_prefetch_keeps_the_faster_side():
             auto.record(on_s if auto.on else off_s)
         return sides
 
-    W = AutoPrefetch.WINDOW
+    W, WARM = AutoPrefetch.WINDOW, AutoPrefetch.WARM
     a = AutoPrefetch()
-    sides = run(a, 1.0, 2.0, 4 * W)  # prefetch twice as fast: decided after two pairs of windows
-    assert sides == [True] * W + [False] * 2 * W + [True] * W  # ABBA
+    sides = run(a, 1.0, 2.0, WARM + 4 * W)  # prefetch twice as fast: decided after two pairs of windows
+    assert sides == [True] * (WARM + W) + [False] * 2 * W + [True] * W  # ABBA, after the warm-up
     assert not a.measuring and a.on and a.ratio == 0.5 and a.measurements == 1
     assert run(a, 1.0, 2.0, AutoPrefetch.HOLD) == [True] * AutoPrefetch.HOLD and a.measuring  # held, then again
     assert "on" in a.describe() and "measuring again" in a.describe()
     b = AutoPrefetch()
-    sides = run(b, 1.0, 0.9, 2 * AutoPrefetch.PAIRS * W)  # 10% slower with it: within EARLY, all six pairs
-    assert sides.count(True) == sides.count(False) and not b.measuring and not b.on
+    sides = run(b, 1.0, 0.9, WARM + 2 * AutoPrefetch.PAIRS * W)  # 10% slower with it: within EARLY, all pairs
+    assert sides.count(True) - WARM == sides.count(False) and not b.measuring and not b.on
     assert b.ratio == pytest.approx(1 / 0.9)
     c = AutoPrefetch()  # a median: one stalled token (a page fault, another process) does not decide
-    times = iter([1.0] * W + [0.9] * (W - 1) + [50.0] + [0.9] * 2 * W + [1.0] * W)
-    for _ in range(4 * W):
+    times = iter([1.0] * (WARM + W) + [0.9] * (W - 1) + [50.0] + [0.9] * W + [1.0] * W)
+    for _ in range(WARM + 4 * W):
         c.record(next(times))
     assert c.measuring  # a mean would have put prefetch 4x ahead and decided; the median sees 10% behind
     run(c, 1.0, 0.9, 2 * (AutoPrefetch.PAIRS - 2) * W)
     assert not c.measuring and not c.on and c.ratio == pytest.approx(1 / 0.9)
+    d = AutoPrefetch()  # the first tokens (compiling, the cache after the prompt) and each window's first
+    for i in range(WARM + 4 * W):  # ones (the cache as the other side left it) are not counted
+        counted = i >= WARM and (i - WARM) % W >= AutoPrefetch.SETTLE
+        d.record(1.0 if counted else 50.0)  # what is counted: a tie, kept measuring
+    assert d.measuring and d.tokens == WARM + 4 * W
+    assert d._times == {True: [1.0] * 2 * (W - AutoPrefetch.SETTLE), False: [1.0] * 2 * (W - AutoPrefetch.SETTLE)}
+
+
+def test_auto_prefetch_is_off_in_a_one_layer_moe(smollm2_path, tmp_path, monkeypatch):
+    import moe_fixtures
+
+    monkeypatch.setitem(moe_fixtures.MOE_SPECS, "mixtral", {**moe_fixtures.MOE_SPECS["mixtral"], "n_layer": 1})
+    path = moe_fixtures.write_random_moe_gguf(tmp_path / "one-layer.gguf", "mixtral", smollm2_path)
+    with flashlm.load(path, n_ctx=64, n_threads=2, memory_budget=1 << 40) as m:
+        ex = m.model.experts
+        assert m.config.n_layer == 1 and ex.auto is None and not ex.prefetching
+        m.generate("Hello", max_tokens=3, temperature=0)
+        st = ex.take_stats()
+        assert st["prefetch"] == "auto: off (one layer: no next layer to read ahead)" and st["precision"] is None
 
 
 def test_experts_computed_in_parts_sum_as_one_call(moe_gguf):
@@ -433,6 +464,12 @@ def test_cli_on_a_moe_under_a_budget(moe_gguf, capsys):
                  "--stats", "--prefetch", "off"]) == 0
     err = capsys.readouterr().err
     assert "experts: cache hit rate" in err and "prefetch off" in err and "precision" not in err
+    with pytest.raises(SystemExit):  # two answers to one question
+        main(["run", "-m", path, "--prefetch", "on", "--no-prefetch", "-p", "Hi"])
+    assert "not allowed with" in capsys.readouterr().err
+    for bad in (1, "on", None):
+        with pytest.raises(flashlm.errors.InvalidArgumentError, match="prefetch must be"):
+            flashlm.load(path, memory_budget="200MB", experts={"prefetch": bad})
     assert main(["run", "-m", path, "--memory-budget", "2MB", "-p", "Hi"]) == 2
     assert "below the minimum" in capsys.readouterr().err
 

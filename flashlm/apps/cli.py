@@ -50,11 +50,12 @@ def _add_model(p: argparse.ArgumentParser):
                    help="which cached expert makes room: the least often chosen lately (a moving average), the "
                         "lowest router-probability average, the least recent, or the least used since loaded "
                         "(default freq: the best hit rates on a real model's routing traces)")
-    g.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto",
+    pf = g.add_mutually_exclusive_group()
+    pf.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto",
                    help="read the next layer's predicted experts while a layer computes: auto (the default) "
                         "measures while decoding whether that is faster here, and keeps whichever is; off "
                         "also stops a flash model's neuron prefetch")
-    g.add_argument("--no-prefetch", action="store_true", help="the same as --prefetch off")
+    pf.add_argument("--no-prefetch", action="store_true", help="the same as --prefetch off")
     g.add_argument("--no-bundle", action="store_true",
                    help="read experts from the GGUF's stacked tensors (3 reads each) instead of writing their "
                         "bundle to the cache folder once (1 aligned read each; as large as the experts)")

@@ -10,17 +10,18 @@ synthetic MoE (0.84 MiB) alike; it paid only where misses were many and large (s
 a quarter of the experts: lfu 29.1 -> 37.1 tok/s). A disk whose submissions cost less
 can tip it the other way. So by default (prefetch "auto") the store times its decode
 steps with prefetch on and off, in alternating windows of tokens, keeps whichever was
-faster, and measures again every HOLD tokens (the routing and the cache drift along a
-long generation).
+faster, and measures again HOLD tokens after each decision (the routing and the cache
+drift along a long generation).
 
     auto = AutoPrefetch()
-    on = auto.record(seconds)   # after each decoded token: whether to prefetch for the next one
+    on = auto.record(seconds)   # after each decoded token (the time of its layers, from the
+                                # first router on): whether to prefetch for the next one
 
 The windows go in ABBA order (on, off, off, on, on, off, ...) so that a slow drift
-(the context growing, the cache filling) weighs on both sides alike; each side's figure is
-the median of its tokens' times. It decides after PAIRS pairs of windows, or after two
-when one side is EARLY times faster (the synthetic MoE at half its experts decided in
-32 tokens, MoEfied SmolLM2 in 96).
+(the context growing, the cache filling) weighs on both sides alike. Each side's figure
+is the median of its tokens' times, leaving out the first SETTLE tokens of each window
+(the cache as the other side left it) and the first WARM tokens of all. It decides after
+PAIRS pairs of windows, or after two when one side is EARLY times faster.
 """
 
 from __future__ import annotations
@@ -30,15 +31,18 @@ import statistics
 
 class AutoPrefetch:
     WINDOW = 8  # tokens per window
+    SETTLE = 2  # of each window's tokens, the first ones are not counted (the other side's cache)
+    WARM = 8  # tokens not counted before the first measurement (compiling, the cache after the prompt)
     PAIRS = 6  # pairs of windows (one on, one off) before deciding: 96 tokens
     EARLY = 1.25  # decide after two pairs when one side is this much faster
-    HOLD = 1024  # tokens between measurements
+    HOLD = 1024  # tokens from a decision to the next measurement
 
     def __init__(self):
         self.on = True
         self.ratio = None  # the last measurement: median time per token with prefetch / without
         self.measurements = 0
         self.tokens = 0  # tokens recorded
+        self._warm = self.WARM
         self._measure()
 
     @property
@@ -54,12 +58,16 @@ class AutoPrefetch:
         """One decoded token took `seconds` with prefetch self.on: whether to prefetch for
         the next one."""
         self.tokens += 1
+        if self._warm:
+            self._warm -= 1
+            return self.on
         self._n += 1
         if self._times is None:  # holding a decision
             if self._n >= self.HOLD:
                 self._measure()
             return self.on
-        self._times[self.on].append(seconds)
+        if (self._n - 1) % self.WINDOW >= self.SETTLE:
+            self._times[self.on].append(seconds)
         if self._n % self.WINDOW:
             return self.on
         window = self._n // self.WINDOW  # windows done
@@ -68,7 +76,7 @@ class AutoPrefetch:
             r = on / off
             pairs = window // 2
             if pairs >= self.PAIRS or (pairs >= 2 and not 1 / self.EARLY < r < self.EARLY):
-                self.ratio, self.on = r, r <= 1.0
+                self.ratio, self.on = r, r < 1.0  # a tie: off (fewer reads)
                 self.measurements += 1
                 self._times, self._n = None, 0
                 return self.on
@@ -80,5 +88,5 @@ class AutoPrefetch:
         if self.ratio is None:
             return "auto (measuring)"
         state = "on" if self.on else "off"
-        return f"auto: {state} (a token took {self.ratio:.2f}x as long with it as without)" + (
+        return f"auto: {state} (a token's layers took {self.ratio:.2f}x as long with it as without)" + (
             ", measuring again" if self.measuring else "")

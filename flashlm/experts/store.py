@@ -120,7 +120,16 @@ class StreamedExperts:
         else:
             self.engine = ReadEngine(model_file.path, n_threads=io_threads, direct=direct)
         self.prefetching = bool(prefetch)
-        self.auto = AutoPrefetch() if prefetch == "auto" else None
+        self.auto = None  # prefetch "auto": the measurement that turns it on and off
+        self._why_off = None  # why "auto" was turned off from the start
+        if prefetch == "auto":
+            if cfg.n_layer < 2:
+                self._why_off = "one layer: no next layer to read ahead"
+            elif n_slots < 2 * cfg.n_expert_used:
+                self._why_off = "the cache holds fewer than two layers' experts"
+            else:
+                self.auto = AutoPrefetch()
+            self.prefetching = self.auto is not None
         self._token_t0 = None  # when the decode token being timed (for auto) entered layer 0
         self.pending: dict = {}  # key (layer * n_expert + e) -> futures of its reads (its offset, hinted; None, asynchronous)
         self._batches: list = []  # (submit time, futures) of prefetches not yet accounted
@@ -470,7 +479,8 @@ class StreamedExperts:
         pred = sum(s.predicted for s in layers)
         used = sum(s.predicted_used for s in layers)
         chosen = sum(s.chosen for s in layers)
-        prefetch = self.auto.describe() if self.auto is not None else "on" if self.prefetching else "off"
+        prefetch = (self.auto.describe() if self.auto is not None else f"auto: off ({self._why_off})"
+                    if self._why_off else "on" if self.prefetching else "off")
         return dict(layers=layers, prefetch=prefetch, hits=sum(s.hits for s in layers), misses=sum(s.misses for s in layers),
                     bytes_read=sum(s.bytes_read for s in layers), io_s=io, wait_s=wait,
                     overlapped=sum(s.overlapped for s in layers),

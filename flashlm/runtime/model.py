@@ -57,8 +57,10 @@ def _expert_options(experts: dict | None) -> dict:
     unknown = set(opts) - {"policy", "prefetch", "bundle"}
     if unknown:
         raise InvalidArgumentError(f"unknown expert option(s): {', '.join(sorted(unknown))}")
-    if opts["prefetch"] not in (True, False, "auto"):
-        raise InvalidArgumentError(f"expert prefetch must be True, False or \"auto\", not {opts['prefetch']!r}")
+    pf = opts["prefetch"]
+    if not (isinstance(pf, (bool, np.bool_)) or (isinstance(pf, str) and pf == "auto")):
+        raise InvalidArgumentError(f"expert prefetch must be True, False or \"auto\", not {pf!r}")
+    opts["prefetch"] = pf if isinstance(pf, str) else bool(pf)
     from ..cache import POLICIES
 
     if opts["policy"] not in POLICIES:
@@ -124,9 +126,7 @@ class Model:
 
                     opts = self._expert_opts = _expert_options(experts)
                     self.plan = plan_experts(self.file, cfg, self.memory_budget, n_ctx, tokenizer_bytes,
-                                             opts["prefetch"] is True)
-                    if opts["prefetch"] == "auto" and self.plan.n_slots < 2 * cfg.n_expert_used:
-                        opts["prefetch"] = False  # no room for the next layer's experts beside a layer's own
+                                             opts["prefetch"] is True)  # auto: off in a cache too small
                 elif isinstance(self.store, FlashStore):
                     self.plan = make_plan(self.store, self.memory_budget, n_ctx, cfg.kv_bytes_per_token // 2,
                                           cfg.n_vocab, tokenizer_bytes)
