@@ -108,8 +108,10 @@ class StreamedExperts:
         map_resident_only(model_file, self.stacks)
         self.cache = SlotCache(n_slots, record_bytes(self.part_bytes), policy, n_keys=cfg.n_layer * cfg.n_expert)
         self._flat = self.cache.pool.reshape(-1)  # the pool as one buffer, for the kernels
+        self._pool_addr = self.cache.pool.ctypes.data
         g, u, _ = self.part_bytes
-        self._part_offsets = np.array([0, g, g + u], dtype=np.int64)  # gate, up, down within a slot
+        # each slot's gate, up and down: byte offsets in the pool
+        self._slot_offs = np.arange(n_slots, dtype=np.int64)[:, None] * self.cache.item_bytes + [0, g, g + u]
         self._hint_fd = -1  # the bundle opened through the page cache, for prefetch hints
         self.aio = None  # asynchronous direct reads of bundle records into their slots
         if self.bundle is not None:
@@ -154,7 +156,7 @@ class StreamedExperts:
         experts still being read; the caller computes the others meanwhile, then calls
         finish_misses() before it touches these."""
         slots, missed = self._load(layer, ids, pin=True, wait=wait)
-        offs = slots[:, None] * self.cache.item_bytes + self._part_offsets
+        offs = self._slot_offs[slots]
         return (self._flat, offs) + (() if wait else (missed,))
 
     def finish_misses(self) -> None:
@@ -308,11 +310,10 @@ class StreamedExperts:
 
     def _submit_records(self, keys: np.ndarray, slots: np.ndarray, tag) -> None:
         """Start the direct reads of experts keys' bundle records into their slots (native AIO)."""
-        rec, ks = self.cache.item_bytes, keys.tolist()
-        base = self.cache.pool.ctypes.data
-        self.aio.submit_addrs([self._record(k) for k in ks], [rec] * len(ks),
-                              [base + s * rec for s in slots.tolist()], tag, self.cache.pool)
-        self.stats[ks[0] // self.cfg.n_expert].bytes_read += rec * len(ks)
+        rec = self.cache.item_bytes
+        self.aio.submit_addrs((keys * rec + self._record(0)).tolist(), rec, (slots * rec + self._pool_addr).tolist(),
+                              tag, self.cache.pool)
+        self.stats[int(keys[0]) // self.cfg.n_expert].bytes_read += rec * len(keys)
 
     def begin_layer(self, layer: int, chosen: np.ndarray, probs: np.ndarray) -> None:
         """The router chose `chosen` (T, k) for this layer; probs (T, n_expert) feed the

@@ -25,6 +25,8 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import reduce
+from operator import or_
 
 import numpy as np
 
@@ -394,37 +396,52 @@ class NativeAIO:
         self.submit_addrs(offs, lens, [o.ctypes.data for o in outs], tag, list(outs))
 
     def submit_addrs(self, offs, lens, addrs, tag, keep=None) -> None:
-        """submit() with the reads as lists of int offsets, lengths and buffer addresses;
-        keep: the buffers' owner (one object for all, or a list, one per read)."""
+        """submit() with the reads as lists of int offsets, lengths (or one int, every
+        read's) and buffer addresses; keep: the buffers' owner (one object for all, or a
+        list, one per read). An expert cache submits a few reads at a time, tens of times
+        a token: this is plain Python on lists and ctypes structures, no numpy."""
         n = len(offs)
+        if isinstance(lens, int):
+            aligned = lens
+            lens = [lens] * n
+        else:
+            aligned = reduce(or_, lens, 0)
         if len(lens) != n or len(addrs) != n or (isinstance(tag, list) and len(tag) != n) or (
                 isinstance(keep, list) and len(keep) != n):
             raise ValueError("submit_addrs: offsets, lengths, addresses (and tags, owners if lists) differ in number")
-        for o, m, a in zip(offs, lens, addrs):
-            if (o | m | a) % ALIGN:
-                raise ValueError("direct reads need 4 KiB-aligned offsets, lengths and buffers")
-        tags = tag if isinstance(tag, list) else [tag] * n
-        keeps = keep if isinstance(keep, list) else [keep] * n
+        if reduce(or_, addrs, reduce(or_, offs, aligned)) % ALIGN:
+            raise ValueError("direct reads need 4 KiB-aligned offsets, lengths and buffers")
         left = self._left
-        for t in tags:  # counted for the whole batch first: a tag ends only when all its reads have
-            left[t] = left.get(t, 0) + 1
-        for i in range(0, n, self.depth):  # more than the queue holds: in turns
-            j = min(n, i + self.depth)
-            self._submit(offs[i:j], lens[i:j], addrs[i:j], keeps[i:j], tags[i:j])
+        if isinstance(tag, list):  # counted for the whole batch first: a tag ends only when all its reads have
+            for t in tag:
+                left[t] = left.get(t, 0) + 1
+        else:
+            left[tag] = left.get(tag, 0) + n
+        if n <= len(self._free):
+            self._submit(offs, lens, addrs, keep, tag)
+        else:  # more than the queue holds: in turns
+            for i in range(0, n, self.depth):
+                j = min(n, i + self.depth)
+                self._submit(offs[i:j], lens[i:j], addrs[i:j], keep[i:j] if isinstance(keep, list) else keep,
+                             tag[i:j] if isinstance(tag, list) else tag)
         self.reads += n
         self.bytes_read += sum(lens)
 
-    def _submit(self, offs, lens, addrs, keeps, tags) -> None:
-        n = len(tags)
+    def _submit(self, offs, lens, addrs, keep, tag) -> None:
+        """Submit reads (keep, tag: one for all, or lists, one per read)."""
+        n = len(offs)
         while n > len(self._free):  # a full queue: let reads finish first
             self._collect(1)
         free, cbs, ptrs, cb_addr, tag_of, bufs = self._free, self._iocbs, self._ptrs, self._cb_addr, self._tag_of, self._bufs
+        tags = tag if isinstance(tag, list) else None
+        keeps = keep if isinstance(keep, list) else None
         idx = []
         for k in range(n):
             i = free.pop()
             cb = cbs[i]
             cb.data, cb.buf, cb.nbytes, cb.offset = i, addrs[k], lens[k], offs[k]
-            tag_of[i], bufs[i] = tags[k], keeps[k]
+            tag_of[i] = tag if tags is None else tags[k]
+            bufs[i] = keep if keeps is None else keeps[k]
             ptrs[k] = cb_addr[i]
             idx.append(i)
         done = 0
