@@ -106,6 +106,17 @@ def test_native_aio_reads_into_buffers_and_reports_each_tag(tmp_path):
         with pytest.raises(ValueError, match="differ in number"):
             aio.submit_addrs([0, ALIGN], [ALIGN], [base], "z", pool)
         assert not aio.in_flight("y") and not aio.in_flight("z")
+        aio.submit_addrs([3 * ALIGN, 0, ALIGN], ALIGN, [base, base + ALIGN, base + 2 * ALIGN], "w", pool)  # one length
+        aio.wait("w")
+        np.testing.assert_array_equal(pool, np.concatenate([data[3 * ALIGN:4 * ALIGN], data[:2 * ALIGN]]))
+        with pytest.raises(ValueError, match="aligned"):
+            aio.submit_addrs([0], ALIGN + 1, [base], "v", pool)
+        ints = [i * ALIGN for i in range(9)]  # more reads than the queue holds, as ints
+        many[:] = 0
+        aio.submit_addrs(ints, ALIGN, [many.ctypes.data + o for o in ints], "many2", many)
+        aio.wait("many2")
+        np.testing.assert_array_equal(many.reshape(-1), data[:9 * ALIGN])
+        assert not aio.in_flight("v") and aio.reads == 10 + 1 + 9 + 2 + 3 + 9
     finally:
         aio.close()
     with pytest.raises(OSError, match="in flight"):  # closed with a read unreaped: no endless wait
