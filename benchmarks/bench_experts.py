@@ -13,7 +13,9 @@ once per round, for --repeat rounds; the run with the median tok/s is shown, wit
 prefetches are native asynchronous direct reads into the cache's slots (experts/store.py). Columns per decoded token (the first
 --skip dropped): tok/s (median over tokens), cache hit rate, MB read, ms the decode
 waited for expert reads, prefetch precision and recall, and I/O hidden: the share of
-the wait that prefetch removed, 1 - wait(policy + prefetch) / wait(policy alone).
+the wait that prefetch removed, 1 - wait(policy + prefetch) / wait(policy alone). The
+ratios to all resident and to no cache are each round's run over the same round's
+resident (no-cache) run, the median over rounds.
 """
 
 from __future__ import annotations
@@ -147,27 +149,32 @@ def main(argv=None) -> int:
     med = {name: sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2] for name, rs in runs.items()}
     for name, rs in runs.items():  # the range beside the median
         med[name]["range"] = (min(r["tok_s"] for r in rs), max(r["tok_s"] for r in rs))
+    # the ratios: each round's run over the same round's resident (or no-cache) run, the
+    # median over rounds (the machine's speed drifts between rounds more than within one)
+    for name, rs in runs.items():
+        for key, ref in (("x_res", "resident"), ("x_nc", "nocache")):
+            med[name][key] = statistics.median(r["tok_s"] / b["tok_s"] for r, b in zip(rs, runs[ref]))
     resident, nocache = med["resident"], med["nocache"]
     print(f"all experts resident (flashlm): {resident['tok_s']:.2f} tok/s (runs {_range(resident)})\n")
-    print("| experts cached | configuration | tok/s (range) | / resident | hit rate | MB read/token | read wait ms/token | "
+    print("| experts cached | configuration | tok/s (range) | / resident (per round) | hit rate | MB read/token | read wait ms/token | "
           "prefetch precision | prefetch recall | I/O hidden |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    _print("k slots", "no cache (every routed expert read)", nocache, resident)
+    _print("k slots", "no cache (every routed expert read)", nocache)
     for f in fractions:
         alone = {p: med[(f, p, False)] for p in POLICIES}
         for p in POLICIES:
-            _print(f"{f:.0%}", p, alone[p], resident)
+            _print(f"{f:.0%}", p, alone[p])
         best = max(POLICIES, key=lambda p: alone[p]["hit"])
         for p in POLICIES:
             r = med[(f, p, True)]
             r["hidden"] = 1 - r["wait_ms"] / alone[p]["wait_ms"] if alone[p]["wait_ms"] else None
-            _print(f"{f:.0%}", f"{p} + prefetch" + (" (best policy)" if p == best else ""), r, resident)
+            _print(f"{f:.0%}", f"{p} + prefetch" + (" (best policy)" if p == best else ""), r)
         r = med[(f, "default")]
         _print(f"{f:.0%}", f"the default: freq, prefetch {r['prefetch']}; the tokens it measured on and off "
-               "counted", r, resident)
+               "counted", r)
         for name, r in (("best + prefetch", med[(f, best, True)]), ("the default", r)):
-            print(f"|  | {name}: {r['tok_s'] / resident['tok_s']:.2f}x resident, "
-                  f"{r['tok_s'] / nocache['tok_s']:.2f}x no cache |  |  |  |  |  |  |  |  |", flush=True)
+            print(f"|  | {name}: {r['x_res']:.2f}x resident, {r['x_nc']:.2f}x no cache |  |  |  |  |  |  |  |  |",
+                  flush=True)
     return 0
 
 
@@ -200,8 +207,8 @@ def _range(r) -> str:
     return f"{lo:.1f}-{hi:.1f}"
 
 
-def _print(cached, name, r, resident):
-    print(f"| {cached} | {name} | {r['tok_s']:.2f} ({_range(r)}) | {r['tok_s'] / resident['tok_s']:.2f} | {fmt(r.get('hit'), '.0%')} | "
+def _print(cached, name, r):
+    print(f"| {cached} | {name} | {r['tok_s']:.2f} ({_range(r)}) | {r['x_res']:.2f} | {fmt(r.get('hit'), '.0%')} | "
           f"{fmt(r.get('mb'), '.1f')} | {fmt(r.get('wait_ms'), '.1f')} | {fmt(r.get('precision'), '.0%')} | {fmt(r.get('recall'), '.0%')} | "
           f"{fmt(r.get('hidden'), '.0%')} |", flush=True)
 

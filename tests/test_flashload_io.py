@@ -110,7 +110,9 @@ def test_native_aio_reads_into_buffers_and_reports_each_tag(tmp_path):
         aio.wait("w")
         np.testing.assert_array_equal(pool, np.concatenate([data[3 * ALIGN:4 * ALIGN], data[:2 * ALIGN]]))
         with pytest.raises(ValueError, match="aligned"):
-            aio.submit_addrs([0], ALIGN + 1, [base], "v", pool)
+            aio.submit_addrs([0], np.int64(ALIGN + 1), [base], "v", pool)
+        aio.submit_addrs([], ALIGN, [], "none", pool)  # an empty batch: nothing to wait for
+        assert not aio.in_flight("none") and aio.finished() == []
         ints = [i * ALIGN for i in range(9)]  # more reads than the queue holds, as ints
         many[:] = 0
         aio.submit_addrs(ints, ALIGN, [many.ctypes.data + o for o in ints], "many2", many)

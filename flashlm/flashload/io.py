@@ -320,8 +320,9 @@ class NativeAIO:
     aio = NativeAIO.open(path)   # None where unavailable (not Linux x86-64/aarch64, no
                                  # O_DIRECT on this file system, io_setup refused)
     aio.submit([(offset, n), ...], [buf, ...], tag)   # 4 KiB-aligned offsets, lengths, buffers
-    aio.submit_addrs(offsets, lengths, addresses, tag, keep)   # the same, as ints (keep: what
-                                 # owns the memory, held until the reads end)
+    aio.submit_addrs(offsets, lengths, addresses, tag, keep)   # the same, as ints (lengths: a
+                                 # list, or one int for all; keep: what owns the memory,
+                                 # held until the reads end)
     aio.wait(tag)                # until every read submitted with tag is done; OSError if one failed
 
     Callers must keep each buffer alive and unused until its tag has been waited for.
@@ -401,8 +402,8 @@ class NativeAIO:
         list, one per read). An expert cache submits a few reads at a time, tens of times
         a token: this is plain Python on lists and ctypes structures, no numpy."""
         n = len(offs)
-        if isinstance(lens, int):
-            aligned = lens
+        if isinstance(lens, (int, np.integer)):
+            aligned = lens = int(lens)
             lens = [lens] * n
         else:
             aligned = reduce(or_, lens, 0)
@@ -411,6 +412,8 @@ class NativeAIO:
             raise ValueError("submit_addrs: offsets, lengths, addresses (and tags, owners if lists) differ in number")
         if reduce(or_, addrs, reduce(or_, offs, aligned)) % ALIGN:
             raise ValueError("direct reads need 4 KiB-aligned offsets, lengths and buffers")
+        if not n:  # nothing to read: no tag to wait for
+            return
         left = self._left
         if isinstance(tag, list):  # counted for the whole batch first: a tag ends only when all its reads have
             for t in tag:
