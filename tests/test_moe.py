@@ -1,6 +1,8 @@
 """Mixture-of-experts architectures against llama.cpp, on small random-weight GGUFs
 (tests/moe_fixtures.py), and the routing rules they use."""
 
+import json
+
 import numba
 import numpy as np
 import pytest
@@ -449,7 +451,7 @@ def test_traces_and_the_cache_simulator(moe_gguf, tmp_path):
     assert tr.belady(t, 16) == pytest.approx(1 - distinct / t.ids.size)
 
 
-def test_cli_on_a_moe_under_a_budget(moe_gguf, capsys):
+def test_cli_on_a_moe_under_a_budget(moe_gguf, capsys, tmp_path):
     from flashlm.apps.cli import main
 
     path = str(moe_gguf("qwen3moe"))
@@ -464,6 +466,18 @@ def test_cli_on_a_moe_under_a_budget(moe_gguf, capsys):
                  "--stats", "--prefetch", "off"]) == 0
     err = capsys.readouterr().err
     assert "experts: cache hit rate" in err and "prefetch off" in err and "precision" not in err
+    # the profile report: the expert cache's hits and reads per token, its plan
+    assert main(["profile", "-m", path, "--memory-budget", "200MB", "-c", "256", "-n", "4", "-o", str(tmp_path),
+                 "--prefetch", "off"]) == 0
+    out = capsys.readouterr().out
+    assert "expert cache hits" in out and "expert cache: 16 of 16 experts; prefetch off" in out
+    prof = json.loads((tmp_path / "profile.json").read_text())
+    assert prof["experts"] and prof["plan"]["n_slots"] == 16 and prof["summary"]["window_hit_rate"] is None
+    rows = prof["tokens"]
+    assert len(rows) == 4 and all(r["needed"] == 2 * 2 for r in rows)  # 2 layers, 2 of 8 experts routed
+    assert sum(r["hits"] for r in rows) > 0 and prof["summary"]["expert_hit_rate"] == pytest.approx(
+        sum(r["hits"] for r in rows) / 16)
+    assert all(r["bytes_read"] == (r["needed"] - r["hits"]) * prof["plan"]["expert_bytes"] for r in rows)
     with pytest.raises(SystemExit):  # two answers to one question
         main(["run", "-m", path, "--prefetch", "on", "--no-prefetch", "-p", "Hi"])
     assert "not allowed with" in capsys.readouterr().err

@@ -273,7 +273,7 @@ def cmd_profile(args) -> int:
         print(f"wrote {out}/sweep.json and {out}/sweep.png")
         return 0
     prof = profile_run(args.model, out, args.prompt, args.n_predict, args.memory_budget, args.ctx_size, args.threads,
-                       _streaming(args))
+                       _streaming(args), experts=_experts(args))
     print(summary_table(prof))
     print(f"wrote {out}/profile.json and {out}/profile.png")
     return 0

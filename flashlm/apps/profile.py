@@ -1,7 +1,8 @@
 """`flashlm profile`: what a model does token by token under a memory budget.
 
 Writes DIR/profile.json (per decoded token: latency split into compute, I/O wait and
-bookkeeping; bytes and reads from disk; window hits; RSS), DIR/profile.png (latency
+bookkeeping; bytes and reads from disk; window hits, or expert cache hits for a
+mixture of experts; RSS), DIR/profile.png (latency
 stacked by part; RSS against the budget) and prints a summary. With a sweep, runs
 several budgets and plots tok/s against the budget (DIR/sweep.json, DIR/sweep.png).
 """
@@ -23,15 +24,20 @@ MIB = 2**20
 
 
 def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n_ctx=None, n_threads=None,
-                streaming=None, plot: bool = True) -> dict:
-    """Profile one run; returns the profile dict (also written to out_dir)."""
+                streaming=None, plot: bool = True, experts: dict | None = None) -> dict:
+    """Profile one run; returns the profile dict (also written to out_dir). A
+    mixture-of-experts model under a budget reports its expert cache instead of
+    windows: hits are cached experts, I/O the wait for expert reads."""
     import flashlm
 
     proc = psutil.Process()
     base = idle_rss(proc)
     with flashlm.load(spec, n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget,
-                      streaming=streaming) as m:
+                      streaming=streaming, experts=experts) as m:
         take = getattr(m.store, "take_stats", lambda: [])
+        ex = getattr(m.model.experts, "take_stats", None)  # experts streamed into a cache
+        if ex is not None:
+            take = _expert_stats(ex, m.plan.expert_bytes)
         tokens = m.tokenize(prompt)
         if len(tokens) + n_tokens > m.n_ctx:
             raise InvalidArgumentError(f"{len(tokens)} prompt tokens + {n_tokens} do not fit n_ctx={m.n_ctx}; "
@@ -52,11 +58,17 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
                              reads=st.reads, needed=st.needed, hits=st.hits, rss_mib=proc.memory_info().rss / MIB))
             tok, pos = int(np.argmax(logits)), pos + 1
         plan = m.plan
-        out = dict(model=m.name, path=str(m.path), streamed=hasattr(m.store, "plans"),
-                   memory_budget=m.memory_budget, n_ctx=m.n_ctx, n_threads=m.n_threads,
-                   plan=None if plan is None else dict(resident=plan.resident, predictor=plan.predictor, kv=plan.kv,
-                                                       buffers=plan.buffers, window=plan.window,
-                                                       minimum=plan.minimum),
+        if plan is None:
+            plan_out = None
+        elif ex is not None:
+            plan_out = dict(resident=plan.resident, kv=plan.kv, buffers=plan.buffers, expert_bytes=plan.expert_bytes,
+                            n_slots=plan.n_slots, n_experts=plan.n_experts, minimum=plan.minimum,
+                            prefetch=m.model.experts.take_stats()["prefetch"])
+        else:
+            plan_out = dict(resident=plan.resident, predictor=plan.predictor, kv=plan.kv, buffers=plan.buffers,
+                            window=plan.window, minimum=plan.minimum)
+        out = dict(model=m.name, path=str(m.path), streamed=hasattr(m.store, "plans"), experts=ex is not None,
+                   memory_budget=m.memory_budget, n_ctx=m.n_ctx, n_threads=m.n_threads, plan=plan_out,
                    idle_rss_mib=base / MIB, prompt_tokens=len(tokens), prefill_ms=1e3 * prefill_s,
                    prefill_bytes_read=TokenStats.total(prefill).bytes_read, tokens=rows)
     lat = [r["latency_ms"] for r in rows]
@@ -65,7 +77,9 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
                           median_latency_ms=float(np.median(lat)) if lat else 0.0,
                           io_share=sum(r["io_ms"] for r in rows) / max(1e-9, sum(lat)),
                           mb_read_per_token=sum(r["bytes_read"] for r in rows) / max(1, len(rows)) / 1e6,
-                          window_hit_rate=sum(r["hits"] for r in rows) / needed if needed else None,
+                          window_hit_rate=sum(r["hits"] for r in rows) / needed if needed and not out["experts"]
+                          else None,
+                          expert_hit_rate=sum(r["hits"] for r in rows) / needed if needed and out["experts"] else None,
                           peak_rss_mib=max([r["rss_mib"] for r in rows], default=proc.memory_info().rss / MIB))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,6 +87,17 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
     if plot:
         _plot(out, out_dir / "profile.png")
     return out
+
+
+def _expert_stats(take, expert_bytes: int):
+    """The expert store's statistics since the last call, as the flash store's
+    per-pass TokenStats (hits: cached experts, needed: experts routed, io: the wait for
+    expert reads, reads: experts read)."""
+    def stats():
+        e = take()
+        return [TokenStats(tokens=1, needed=e["hits"] + e["misses"], hits=e["hits"], bytes_requested=e["bytes_read"],
+                           bytes_read=e["bytes_read"], reads=e["bytes_read"] // expert_bytes, io_s=e["wait_s"])]
+    return stats
 
 
 def idle_rss(proc) -> int:
@@ -182,14 +207,19 @@ def parse_fractions(text: str) -> list[float]:
 
 def summary_table(prof: dict) -> str:
     s = prof["summary"]
+    hits = s["expert_hit_rate"] if prof.get("experts") else s["window_hit_rate"]
     lines = [f"{prof['model']}: {len(prof['tokens'])} tokens after a {prof['prompt_tokens']}-token prompt "
              f"({prof['prefill_ms']:.0f} ms)",
-             "| tok/s | median ms | I/O share | MB read/token | window hits | peak RSS MiB |",
+             f"| tok/s | median ms | I/O share | MB read/token | {'expert cache hits' if prof.get('experts') else 'window hits'}"
+             " | peak RSS MiB |",
              "|---:|---:|---:|---:|---:|---:|",
              f"| {s['tokens_per_second']:.1f} | {s['median_latency_ms']:.1f} | {s['io_share']:.0%} | "
              f"{s['mb_read_per_token']:.2f} | "
-             f"{'-' if s['window_hit_rate'] is None else format(s['window_hit_rate'], '.0%')} | "
+             f"{'-' if hits is None else format(hits, '.0%')} | "
              f"{s['peak_rss_mib']:.0f} |"]
+    if prof.get("experts") and prof["plan"]:
+        p = prof["plan"]
+        lines.append(f"expert cache: {p['n_slots']:,} of {p['n_experts']:,} experts; prefetch {p['prefetch']}")
     return "\n".join(lines)
 
 
