@@ -478,6 +478,13 @@ def test_cli_on_a_moe_under_a_budget(moe_gguf, capsys, tmp_path):
     assert sum(r["hits"] for r in rows) > 0 and prof["summary"]["expert_hit_rate"] == pytest.approx(
         sum(r["hits"] for r in rows) / 16)
     assert all(r["bytes_read"] == (r["needed"] - r["hits"]) * prof["plan"]["expert_bytes"] for r in rows)
+    # a sweep of budgets: shares of what holds every expert, below the minimum recorded as such
+    assert main(["profile", "-m", path, "-c", "256", "-n", "2", "--sweep", "1%,100%", "-o", str(tmp_path / "sw"),
+                 "--prefetch", "off"]) == 0
+    out = capsys.readouterr().out
+    assert "expert cache hits" in out and "below the minimum" in out
+    runs = json.loads((tmp_path / "sw" / "sweep.json").read_text())["runs"]
+    assert "minimum" in runs[0]["error"] and runs[1]["expert_hit_rate"] is not None and runs[1]["tokens_per_second"] > 0
     with pytest.raises(SystemExit):  # two answers to one question
         main(["run", "-m", path, "--prefetch", "on", "--no-prefetch", "-p", "Hi"])
     assert "not allowed with" in capsys.readouterr().err

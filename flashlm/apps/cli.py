@@ -260,14 +260,16 @@ def cmd_profile(args) -> int:
         raise InvalidArgumentError("-n must be at least 1")
     if args.sweep:
         runs = sweep(args.model, out, parse_fractions(args.sweep), args.prompt, args.n_predict, args.ctx_size,
-                     args.threads, _streaming(args))
-        print("| budget % | budget MiB | tok/s | MB read/token | window hits |")
+                     args.threads, _streaming(args), experts=_experts(args))
+        moe = any(r.get("expert_hit_rate") is not None for r in runs)
+        print(f"| budget % | budget MiB | tok/s | MB read/token | {'expert cache hits' if moe else 'window hits'} |")
         print("|---:|---:|---:|---:|---:|")
         for r in runs:
             if "error" in r:
                 print(f"| {r['fraction']:.0%} | {r['budget'] / 2**20:.0f} | below the minimum | | |")
             else:
-                hits = "-" if r["window_hit_rate"] is None else f"{r['window_hit_rate']:.0%}"
+                rate = r["expert_hit_rate"] if moe else r["window_hit_rate"]
+                hits = "-" if rate is None else f"{rate:.0%}"
                 print(f"| {r['fraction']:.0%} | {r['budget'] / 2**20:.0f} | {r['tokens_per_second']:.1f} | "
                       f"{r['mb_read_per_token']:.2f} | {hits} |")
         print(f"wrote {out}/sweep.json and {out}/sweep.png")
@@ -364,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-predict", type=int, default=32, help="tokens to decode (default 32)")
     p.add_argument("-o", "--output", required=True, help="folder for profile.json and profile.png")
     p.add_argument("--sweep", default=None,
-                   help="budgets as percentages of what holds every streamed neuron, e.g. 80%%,90%%,100%%")
+                   help="budgets as percentages of what holds every streamed neuron (or every expert of a "
+                        "mixture of experts), e.g. 80%%,90%%,100%%")
     p.set_defaults(func=cmd_profile)
     p = sub.add_parser("probe-disk", help="measure this disk's read curve (direct I/O) for flashload",
                        epilog="examples:\n  flashlm probe-disk\n  flashlm probe-disk --dir /mnt/ssd --seconds 1",

@@ -157,22 +157,25 @@ def _plot(prof: dict, path: Path) -> None:
 
 
 def sweep(spec, out_dir, fractions: list[float], prompt: str, n_tokens: int, n_ctx=None, n_threads=None,
-          streaming=None) -> list[dict]:
-    """Profile at budgets that are `fractions` of what holds every streamed neuron;
-    budgets below the minimum are recorded as such."""
+          streaming=None, experts: dict | None = None) -> list[dict]:
+    """Profile at budgets that are `fractions` of what holds every streamed neuron (or,
+    for a mixture of experts, every expert); budgets below the minimum are recorded as such."""
     import flashlm
 
-    with flashlm.load(spec, n_ctx=n_ctx, n_threads=1, memory_budget=1 << 50, streaming=streaming) as m:
+    with flashlm.load(spec, n_ctx=n_ctx, n_threads=1, memory_budget=1 << 50, streaming=streaming,
+                      experts=experts) as m:
         if m.plan is None:
-            raise FlashLMError("--sweep needs a model in the flash layout (flashlm convert --flash OUT)")
-        full = m.plan.full
+            raise FlashLMError("--sweep needs a model in the flash layout (flashlm convert --flash OUT) or a "
+                               "mixture of experts")
+        p = m.plan
+        full = p.full if hasattr(p, "full") else p.fixed + p.n_experts * p.expert_bytes
     out_dir = Path(out_dir)
     results = []
     for f in fractions:
         budget = int(f * full)
         try:
             prof = profile_run(spec, out_dir / f"budget-{f:.0%}", prompt, n_tokens, budget, n_ctx, n_threads,
-                               streaming)
+                               streaming, experts=experts)
             results.append(dict(fraction=f, budget=budget, **prof["summary"]))
         except FlashLMError as e:
             results.append(dict(fraction=f, budget=budget, error=str(e)))
