@@ -73,13 +73,13 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
                    prefill_bytes_read=TokenStats.total(prefill).bytes_read, tokens=rows)
     lat = [r["latency_ms"] for r in rows]
     needed = sum(r["needed"] for r in rows)
+    hit_rate = sum(r["hits"] for r in rows) / needed if needed else None
     out["summary"] = dict(tokens_per_second=1e3 / float(np.median(lat)) if lat else 0.0,
                           median_latency_ms=float(np.median(lat)) if lat else 0.0,
                           io_share=sum(r["io_ms"] for r in rows) / max(1e-9, sum(lat)),
                           mb_read_per_token=sum(r["bytes_read"] for r in rows) / max(1, len(rows)) / 1e6,
-                          window_hit_rate=sum(r["hits"] for r in rows) / needed if needed and not out["experts"]
-                          else None,
-                          expert_hit_rate=sum(r["hits"] for r in rows) / needed if needed and out["experts"] else None,
+                          window_hit_rate=None if out["experts"] else hit_rate,
+                          expert_hit_rate=hit_rate if out["experts"] else None,
                           peak_rss_mib=max([r["rss_mib"] for r in rows], default=proc.memory_info().rss / MIB))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -167,8 +167,7 @@ def sweep(spec, out_dir, fractions: list[float], prompt: str, n_tokens: int, n_c
         if m.plan is None:
             raise FlashLMError("--sweep needs a model in the flash layout (flashlm convert --flash OUT) or a "
                                "mixture of experts")
-        p = m.plan
-        full = p.full if hasattr(p, "full") else p.fixed + p.n_experts * p.expert_bytes
+        full = m.plan.full
     out_dir = Path(out_dir)
     results = []
     for f in fractions:

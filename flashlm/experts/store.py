@@ -515,6 +515,11 @@ class ExpertPlan:
     def fixed(self) -> int:
         return self.resident + self.kv + self.buffers
 
+    @property
+    def full(self) -> int:
+        """The budget that holds every expert (as flashload's plan.full holds every neuron)."""
+        return self.fixed + self.n_experts * self.expert_bytes
+
     def table(self) -> str:
         from ..units import format_size
 
