@@ -1,12 +1,13 @@
 """The I/O engine shared by flashload and experts, and the disk probe."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flashlm.apps.cli import main
-from flashlm.flashload.io import ALIGN, NativeAIO, ReadEngine, aligned_empty, coalesce
+from flashlm.flashload.io import ALIGN, HUGE, NativeAIO, ReadEngine, aligned_empty, coalesce
 from flashlm.flashload.probe import format_probe, pick_read_size, probe_disk
 
 
@@ -141,3 +142,48 @@ def test_probe_disk_bad_arguments(capsys, argv, needle):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("flashlm: error:") and needle in err and "Traceback" not in err
+
+
+def _thp_eligible(addr: int) -> bool | None:
+    """Whether the mapping holding addr may take transparent huge pages, from
+    /proc/self/smaps (None where the kernel does not say)."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and head == "THPeligible:":
+            return line.split()[1] == "1"
+    return None
+
+
+def test_a_huge_buffer_is_aligned_zeroed_and_takes_huge_pages_where_the_kernel_has_them(tmp_path):
+    n = 3 * HUGE + 5 * ALIGN  # whole huge pages, then a tail of 4 KiB pages
+    buf = aligned_empty(n, huge=True)
+    assert buf.shape == (n,) and buf.ctypes.data % HUGE == 0 and not buf.any()
+    buf[:] = 7
+    assert (buf == 7).all()
+    small = aligned_empty(n)
+    assert small.ctypes.data % ALIGN == 0
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("this kernel offers no transparent huge pages")
+    assert _thp_eligible(buf.ctypes.data) is True
+    assert _thp_eligible(buf.ctypes.data + 3 * HUGE) is not True  # the tail: not advised
+    assert _thp_eligible(small.ctypes.data) is not True  # the default: 4 KiB pages
+    data = np.random.default_rng(5).integers(0, 256, 4 * ALIGN, dtype=np.uint8)
+    (tmp_path / "blob.bin").write_bytes(data.tobytes())
+    aio = NativeAIO.open(tmp_path / "blob.bin", depth=4)
+    if aio is None:
+        pytest.skip("no native asynchronous direct I/O here")
+    try:
+        aio.submit([(0, 4 * ALIGN)], [buf[HUGE - 2 * ALIGN:HUGE + 2 * ALIGN]], "x")  # across a huge page's end
+        aio.wait("x")
+        np.testing.assert_array_equal(buf[HUGE - 2 * ALIGN:HUGE + 2 * ALIGN], data)
+    finally:
+        aio.close()

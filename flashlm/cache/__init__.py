@@ -42,7 +42,7 @@ class SlotCache:
         self.policy, self.decay = policy, DECAY.get(policy, 0.9) if decay is None else decay
         self._code = POLICIES.index(policy)
         self.item_bytes = item_bytes
-        self.pool = aligned_empty(n_slots * item_bytes).reshape(n_slots, item_bytes)
+        self.pool = aligned_empty(n_slots * item_bytes, huge=True).reshape(n_slots, item_bytes)
         n_keys = n_keys or n_slots
         self.slot_of = np.full(n_keys, -1, dtype=np.int64)  # key -> its slot, or -1
         self.key_in = np.full(n_slots, -1, dtype=np.int64)  # slot -> its key, or -1 (free)
