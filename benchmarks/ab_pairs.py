@@ -15,6 +15,11 @@ the per-token difference.
 Two configurations of the working tree instead of two revisions: --vs gives the first
 side's expert options, --experts the second's.
 
+A dense model streamed by flashload: --flash names a row of bench_flash.py (gate
+predictor, keep 0.8, window 16), with a budget that holds --fraction of the FFN records.
+
+    python benchmarks/ab_pairs.py --base HEAD -m smollm2-135m --flash "+ prefetch (all)" --fraction 0.5
+
     python benchmarks/ab_pairs.py --vs '{"policy": "score"}' --experts '{"policy": "freq"}' -m MOE.gguf --fraction 0.5
 """
 
@@ -42,6 +47,19 @@ def snapshot(rev: str, into: Path) -> None:
     (into / "flashlm").rename(into / "flashlm_base")
 
 
+def load_flash(lib, name: str, fraction: float, row: str):
+    """lib's model streamed as bench_flash's row `row`, its budget holding `fraction` of the FFN records."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_flash
+
+    settings = dict(bench_flash.rows("gate", 0.8, 16)).get(row)
+    if not settings:
+        raise SystemExit(f"--flash: no streamed row {row!r} in bench_flash.py")
+    path = bench_flash.cached(name)
+    budget, _ = bench_flash.budget_for(path, fraction, "gate", 0.8, 16)
+    return lib.Model(str(path), n_ctx=bench_flash.N_CTX, n_threads=2, memory_budget=budget, streaming=dict(settings))
+
+
 def load(lib, path: str, fraction: float, experts: dict | None):
     """lib's model with a budget that holds `fraction` of the experts (the same number of
     slots on both sides: the plan's fixed part is measured, so it is checked)."""
@@ -64,9 +82,10 @@ def main() -> None:
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--base", help="the git revision to compare against (e.g. HEAD~1)")
     g.add_argument("--vs", help="instead: the working tree with these expert options (JSON) against --experts")
-    ap.add_argument("-m", "--model", required=True, help="a GGUF path")
+    ap.add_argument("-m", "--model", required=True, help="a GGUF path (with --flash, also a registry name)")
     ap.add_argument("--fraction", type=float, default=0.0, help="the share of experts the cache holds (0: resident)")
     ap.add_argument("--experts", default="{}", help='expert options as JSON, e.g. {"policy": "score"}')
+    ap.add_argument("--flash", metavar="ROW", help="instead: a dense model streamed as this row of bench_flash.py")
     ap.add_argument("-n", type=int, default=200, help="tokens to decode (each side)")
     ap.add_argument("--skip", type=int, default=32, help="first tokens left out (warm-up)")
     a = ap.parse_args()
@@ -78,8 +97,12 @@ def main() -> None:
 
         base = importlib.import_module("flashlm_base") if a.base else flashlm
         opts = json.loads(a.experts) or None
-        ms = {"before": load(base, a.model, a.fraction, json.loads(a.vs) or None if a.vs else opts),
-              "after": load(flashlm, a.model, a.fraction, opts)}
+        if a.flash:
+            ms = {"before": load_flash(base, a.model, a.fraction or 0.5, a.flash),
+                  "after": load_flash(flashlm, a.model, a.fraction or 0.5, a.flash)}
+        else:
+            ms = {"before": load(base, a.model, a.fraction, json.loads(a.vs) or None if a.vs else opts),
+                  "after": load(flashlm, a.model, a.fraction, opts)}
         tokens = ms["after"].tokenize((ROOT / "tests/data/eval_text.txt").read_text())
         for m in ms.values():
             m._prefill(tokens[:8])
@@ -93,7 +116,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 m._forward(np.array([tok]), pos, m._kv)
                 times[k].append(time.perf_counter() - t0)
-                st = getattr(m.model.experts, "take_stats", lambda: None)()
+                st = getattr(getattr(m.model, "experts", None), "take_stats", lambda: None)()
                 if st and i >= a.skip:
                     for f in agg[k]:
                         agg[k][f] += st[f]
@@ -101,8 +124,8 @@ def main() -> None:
             t, s = times[k][a.skip:], agg[k]
             hit = s["hits"] / max(1, s["hits"] + s["misses"])
             name = (a.base or a.vs) if k == "before" else ("working tree" if a.base else a.experts)
-            print(f"{k:6s} {name:>12}: {1 / statistics.median(t):7.1f} tok/s  "
-                  f"read wait {s['wait_s'] / len(t) * 1e3:.2f} ms/token  hits {hit:.3f}")
+            experts = "" if a.flash else f"  read wait {s['wait_s'] / len(t) * 1e3:.2f} ms/token  hits {hit:.3f}"
+            print(f"{k:6s} {name:>12}: {1 / statistics.median(t):7.1f} tok/s{experts}")
         d = [b - x for x, b in zip(times["before"][a.skip:], times["after"][a.skip:])]
         print(f"after - before, per token: median {statistics.median(d) * 1e3:+.3f} ms; tok/s ratio "
               f"{statistics.median(times['before'][a.skip:]) / statistics.median(times['after'][a.skip:]):.3f}")

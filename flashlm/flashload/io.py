@@ -56,10 +56,11 @@ def aligned_empty(nbytes: int, huge: bool = False) -> np.ndarray:
     By default it becomes resident 4 KiB at a time as it is used: no transparent huge
     pages, which would make a buffer's first touched byte cost 2 MiB (and the neuron
     windows exceed their memory plan). huge: 2 MiB-aligned and backed by transparent huge
-    pages where the kernel has them, for a pool that is filled whole anyway (the expert
-    cache): a direct read into one physically contiguous buffer is one DMA segment, not
-    one per 4 KiB page, and on a virtual disk that makes each read cheaper to submit and
-    quicker to end."""
+    pages where the kernel has them, for a buffer that reads fill and that the memory
+    plan counts whole (the expert cache, staging, hot windows' tails): a direct read into
+    physically contiguous memory is one DMA segment, not one per 4 KiB page. On this
+    machine's virtual disk that made an 84 KiB read end in 68 us against 100, a 1 MiB one
+    in 0.62 ms against 1.36."""
     if huge and hasattr(mmap, "MADV_HUGEPAGE"):
         m = mmap.mmap(-1, _round_up(nbytes) + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory has no THP
         start = -np.frombuffer(m, dtype=np.uint8).ctypes.data % HUGE
@@ -140,11 +141,23 @@ class ReadEngine:
         self.n_threads = n_threads
         self.stats = IOStats()
         self._local = threading.local()
+        self._slab, self._slabs_taken, self._slab_lock = None, 0, threading.Lock()  # staging (_staging)
 
     def _staging(self, n: int) -> np.ndarray:
+        """This thread's staging buffer of at least n bytes: max_read of one slab that the
+        threads share, on huge pages (a direct read into it is one DMA segment), taken
+        the first time a thread stages."""
         buf = getattr(self._local, "buf", None)
         if buf is None or buf.shape[0] < n:
-            buf = self._local.buf = aligned_empty(max(n, self.max_read))
+            with self._slab_lock:
+                if n > self.max_read or self._slabs_taken == self.n_threads:  # (a caller's own thread)
+                    buf = aligned_empty(max(n, self.max_read))
+                else:
+                    if self._slab is None:
+                        self._slab = aligned_empty(self.n_threads * self.max_read, huge=True).reshape(self.n_threads, -1)
+                    buf = self._slab[self._slabs_taken]
+                    self._slabs_taken += 1
+            self._local.buf = buf
         return buf
 
     def _read_one(self, start: int, length: int, members: list[int], ranges, outs) -> float:

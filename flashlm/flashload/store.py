@@ -268,7 +268,7 @@ class FlashStore(WeightStore):
             spill = [0] * len(capacities)
             n_bufs = self.tail_buffers
             pages = self.spill_bytes(capacities) // n_bufs // ALIGN
-            self.tail_bufs = [aligned_empty(pages * ALIGN) for _ in range(n_bufs)]
+            self.tail_bufs = [aligned_empty(pages * ALIGN, huge=True) for _ in range(n_bufs)]
             self._have = [np.zeros(pages, dtype=bool) for _ in range(n_bufs)]  # pages a buffer holds
             self._free = list(range(n_bufs))
             self.last_pages = []  # per layer, the pages of its tail its last token needed: at first, all
