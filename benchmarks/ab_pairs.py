@@ -47,17 +47,18 @@ def snapshot(rev: str, into: Path) -> None:
     (into / "flashlm").rename(into / "flashlm_base")
 
 
-def load_flash(lib, name: str, fraction: float, row: str):
-    """lib's model streamed as bench_flash's row `row`, its budget holding `fraction` of the FFN records."""
+def flash_setup(name: str, fraction: float, row: str) -> tuple[str, int, dict]:
+    """(the flash GGUF, one budget for both sides holding `fraction` of the FFN records,
+    bench_flash's streaming settings for row `row`)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_flash
 
     settings = dict(bench_flash.rows("gate", 0.8, 16)).get(row)
-    if not settings:
-        raise SystemExit(f"--flash: no streamed row {row!r} in bench_flash.py")
-    path = bench_flash.cached(name)
+    if not settings or settings.get("resident"):
+        raise SystemExit(f"--flash: {row!r} is not a streamed row of bench_flash.py")
+    path = bench_flash.cached(name)  # (the working tree's converter, for both sides)
     budget, _ = bench_flash.budget_for(path, fraction, "gate", 0.8, 16)
-    return lib.Model(str(path), n_ctx=bench_flash.N_CTX, n_threads=2, memory_budget=budget, streaming=dict(settings))
+    return str(path), budget, settings
 
 
 def load(lib, path: str, fraction: float, experts: dict | None):
@@ -89,6 +90,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=200, help="tokens to decode (each side)")
     ap.add_argument("--skip", type=int, default=32, help="first tokens left out (warm-up)")
     a = ap.parse_args()
+    if a.flash and a.vs:
+        ap.error("--flash compares two revisions (--base), not expert options (--vs)")
     with tempfile.TemporaryDirectory() as tmp:
         if a.base:
             snapshot(a.base, Path(tmp))
@@ -98,8 +101,17 @@ def main() -> None:
         base = importlib.import_module("flashlm_base") if a.base else flashlm
         opts = json.loads(a.experts) or None
         if a.flash:
-            ms = {"before": load_flash(base, a.model, a.fraction or 0.5, a.flash),
-                  "after": load_flash(flashlm, a.model, a.fraction or 0.5, a.flash)}
+            import llama_cpp  # noqa: F401  (loaded before either side: each plan measures its tokenizer's memory)
+
+            path, budget, settings = flash_setup(a.model, a.fraction or 0.5, a.flash)
+            ms = {}
+            for k, lib in (("before", base), ("after", flashlm)):
+                if ms:  # the tokenizer's memory as the first side measured it (a second load looks cheaper)
+                    importlib.import_module(f"{lib.__name__}.runtime.model")._TOKENIZER_BYTES.update(
+                        importlib.import_module(f"{base.__name__}.runtime.model")._TOKENIZER_BYTES)
+                ms[k] = lib.Model(path, n_ctx=256, n_threads=2, memory_budget=budget, streaming=dict(settings))
+            if ms["before"].plan.capacities != ms["after"].plan.capacities:
+                raise SystemExit("the two sides planned different windows for one budget: not comparable")
         else:
             ms = {"before": load(base, a.model, a.fraction, json.loads(a.vs) or None if a.vs else opts),
                   "after": load(flashlm, a.model, a.fraction, opts)}

@@ -1,7 +1,8 @@
 """The I/O engine shared by flashload and experts, and the disk probe."""
 
+import mmap
 import os
-from pathlib import Path
+import threading
 
 import numpy as np
 import pytest
@@ -144,25 +145,27 @@ def test_probe_disk_bad_arguments(capsys, argv, needle):
     assert err.startswith("flashlm: error:") and needle in err and "Traceback" not in err
 
 
-def _thp_eligible(addr: int) -> bool | None:
-    """Whether the mapping holding addr may take transparent huge pages, from
-    /proc/self/smaps (None where the kernel does not say)."""
+def _region(addr: int) -> tuple[int, int, set] | None:
+    """(start, end, VmFlags) of the mapping that holds addr, from /proc/self/smaps (None
+    where the kernel does not say)."""
     try:
         lines = open("/proc/self/smaps").read().splitlines()
     except OSError:
         return None
-    inside = False
+    inside = None
     for line in lines:
-        head = line.split()[0]
+        head = line.split()[0] if line.split() else ""
         if "-" in head and not head.endswith(":"):
             lo, hi = (int(x, 16) for x in head.split("-"))
-            inside = lo <= addr < hi
-        elif inside and head == "THPeligible:":
-            return line.split()[1] == "1"
+            inside = (lo, hi) if lo <= addr < hi else None
+        elif inside and head == "VmFlags:":
+            return (*inside, set(line.split()[1:]))
     return None
 
 
-def test_a_huge_buffer_is_aligned_zeroed_and_takes_huge_pages_where_the_kernel_has_them(tmp_path):
+def test_a_huge_buffer_is_aligned_zeroed_and_advised_for_huge_pages_on_whole_ones_only(tmp_path):
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no transparent huge pages on this platform")
     n = 3 * HUGE + 5 * ALIGN  # whole huge pages, then a tail of 4 KiB pages
     buf = aligned_empty(n, huge=True)
     assert buf.shape == (n,) and buf.ctypes.data % HUGE == 0 and not buf.any()
@@ -170,12 +173,12 @@ def test_a_huge_buffer_is_aligned_zeroed_and_takes_huge_pages_where_the_kernel_h
     assert (buf == 7).all()
     small = aligned_empty(n)
     assert small.ctypes.data % ALIGN == 0
-    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if not thp.exists() or "[never]" in thp.read_text():
-        pytest.skip("this kernel offers no transparent huge pages")
-    assert _thp_eligible(buf.ctypes.data) is True
-    assert _thp_eligible(buf.ctypes.data + 3 * HUGE) is not True  # the tail: not advised
-    assert _thp_eligible(small.ctypes.data) is not True  # the default: 4 KiB pages
+    head, tail, rows = _region(buf.ctypes.data), _region(buf.ctypes.data + 3 * HUGE), _region(small.ctypes.data)
+    if head is None or "hg" not in head[2]:
+        pytest.skip("this kernel keeps no huge-page advice (no THP, or smaps without VmFlags)")
+    assert head[:2] == (buf.ctypes.data, buf.ctypes.data + 3 * HUGE)  # exactly the whole huge pages
+    assert "nh" in tail[2] and "hg" not in tail[2]  # the tail: 4 KiB pages, whatever the system's THP setting
+    assert "nh" in rows[2]  # the default buffer: 4 KiB pages
     data = np.random.default_rng(5).integers(0, 256, 4 * ALIGN, dtype=np.uint8)
     (tmp_path / "blob.bin").write_bytes(data.tobytes())
     aio = NativeAIO.open(tmp_path / "blob.bin", depth=4)
@@ -187,3 +190,23 @@ def test_a_huge_buffer_is_aligned_zeroed_and_takes_huge_pages_where_the_kernel_h
         np.testing.assert_array_equal(buf[HUGE - 2 * ALIGN:HUGE + 2 * ALIGN], data)
     finally:
         aio.close()
+
+
+def test_staging_rows_are_page_aligned_and_each_thread_has_its_own(tmp_path):
+    data = np.random.default_rng(6).integers(0, 256, 64 * ALIGN, dtype=np.uint8)
+    path = tmp_path / "blob.bin"
+    data.tofile(path)
+    with ReadEngine(path, n_threads=3, max_read=3 * ALIGN + 100, max_gap=1 << 20) as e:  # an unaligned max_read
+        outs = [np.zeros(50, dtype=np.uint8) for _ in range(12)]
+        ranges = [(i * 5 * ALIGN + 7, 50) for i in range(12)]  # each read its own, staged
+        for _ in range(3):
+            e.read_ranges(ranges, outs)
+            for (off, n), out in zip(ranges, outs):
+                np.testing.assert_array_equal(out, data[off:off + n])
+        held = {}  # thread -> the address of its staging buffer
+        for _ in range(30):
+            ident, buf = e.pool.submit(lambda: (threading.get_ident(), getattr(e._local, "buf", None))).result()
+            if buf is not None:
+                held[ident] = buf.ctypes.data
+        assert held and len(set(held.values())) == len(held) <= 3  # one row each
+        assert all(a % ALIGN == 0 for a in held.values())
