@@ -63,7 +63,7 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
         elif ex is not None:
             plan_out = dict(resident=plan.resident, kv=plan.kv, buffers=plan.buffers, expert_bytes=plan.expert_bytes,
                             n_slots=plan.n_slots, n_experts=plan.n_experts, minimum=plan.minimum,
-                            prefetch=m.model.experts.take_stats()["prefetch"])
+                            prefetch=m.model.experts.prefetch_state())
         else:
             plan_out = dict(resident=plan.resident, predictor=plan.predictor, kv=plan.kv, buffers=plan.buffers,
                             window=plan.window, minimum=plan.minimum)

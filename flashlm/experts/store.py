@@ -472,6 +472,12 @@ class StreamedExperts:
             o += n
         return tuple(out)
 
+    def prefetch_state(self) -> str:
+        """Whether prefetch is on, and for "auto" what it measured (or why it is off)."""
+        if self.auto is not None:
+            return self.auto.describe()
+        return f"auto: off ({self._why_off})" if self._why_off else "on" if self.prefetching else "off"
+
     def take_stats(self) -> dict:
         """Per-layer figures and the prefetch totals since the last call; starts afresh."""
         layers, self.stats = self.stats, [LayerStats() for _ in range(self.cfg.n_layer)]
@@ -480,9 +486,7 @@ class StreamedExperts:
         pred = sum(s.predicted for s in layers)
         used = sum(s.predicted_used for s in layers)
         chosen = sum(s.chosen for s in layers)
-        prefetch = (self.auto.describe() if self.auto is not None else f"auto: off ({self._why_off})"
-                    if self._why_off else "on" if self.prefetching else "off")
-        return dict(layers=layers, prefetch=prefetch, hits=sum(s.hits for s in layers), misses=sum(s.misses for s in layers),
+        return dict(layers=layers, prefetch=self.prefetch_state(), hits=sum(s.hits for s in layers), misses=sum(s.misses for s in layers),
                     bytes_read=sum(s.bytes_read for s in layers), io_s=io, wait_s=wait,
                     overlapped=sum(s.overlapped for s in layers),
                     hidden=1.0 - wait / io if io > 0 and self._hint_fd < 0 and self.aio is None else None,
