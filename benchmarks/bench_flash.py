@@ -39,10 +39,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import flashlm  # noqa: E402
-from flashlm.flashload.io import device_read_bytes  # noqa: E402
+from flashlm.io import device_read_bytes  # noqa: E402
 from flashlm.units import format_size  # noqa: E402
 from flash_quality import TEXT  # noqa: E402
-from flashlm.flashload.layout import cached  # noqa: E402
+from flashlm.runtime.convert import cached  # noqa: E402
 
 N_CTX = 256
 
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         honesty(args.model or ["smollm2-135m"], args.ffn_fraction, args.predictor, args.keep, args.window, args.n_gen)
         return 0
     for model in args.model or ["smollm2-135m"]:
-        src = flashlm.runtime.registry.resolve(model)
+        src = flashlm.formats.registry.resolve(model)
         path = cached(model)
         budget, ffn = budget_for(path, args.ffn_fraction, args.predictor, args.keep, args.window)
         print(f"\n{src.name}: budget {format_size(budget)} = {budget / src.stat().st_size:.0%} of the source file "

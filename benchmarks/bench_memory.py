@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("-n", "--n-gen", type=int, default=128)
     ap.add_argument("-r", "--reps", type=int, default=3)
     a = ap.parse_args()
-    from flashlm.runtime.registry import resolve
+    from flashlm.formats.registry import resolve
 
     path = str(resolve(a.model))
     runs = {"flashlm": [], "llama.cpp": []}

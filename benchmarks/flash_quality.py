@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import flashlm  # noqa: E402
 from flashlm import kernels_cpu as K  # noqa: E402
-from flashlm.flashload import layout  # noqa: E402
+from flashlm.runtime import convert  # noqa: E402
 from flashlm.flashload.layout import split_records  # noqa: E402
 from flashlm.flashload.predictor import act, top_fraction  # noqa: E402
 from flashlm.runtime.blocks import KVCache  # noqa: E402
@@ -64,7 +64,7 @@ class RecallMeter:
 
 
 def layout_ref(lb, data, part):
-    from flashlm.runtime.modelfile import TensorRef
+    from flashlm.formats.modelfile import TensorRef
 
     return TensorRef("x", lb.types[part], (lb.n_ff, lb.n_embd), data, -1)
 
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"predictor:keep,... (default {DEFAULT_CONFIGS})")
     ap.add_argument("-t", "--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    path = layout.cached(args.model)
+    path = convert.cached(args.model)
     configs = [(None, 1.0)] + [(p, float(k)) for p, k in (c.split(":") for c in args.configs.split(","))]
     models, meters = [], []
     for pred, keep in configs:

@@ -23,8 +23,8 @@ from gguf import GGMLQuantizationType as Q
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flashlm.runtime.modelfile import GGUFModelFile  # noqa: E402
-from flashlm.runtime.registry import home, resolve  # noqa: E402
+from flashlm.formats.modelfile import GGUFModelFile  # noqa: E402
+from flashlm.formats.registry import home, resolve  # noqa: E402
 
 D, FF, HEADS, KV_HEADS = 2048, 8192, 16, 4
 

@@ -69,8 +69,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import flashlm  # noqa: E402
 from flashlm import kernels_cpu as K  # noqa: E402
-from flashlm.runtime import registry  # noqa: E402
-from flashlm.runtime.modelfile import GGUFModelFile  # noqa: E402
+from flashlm.formats import registry  # noqa: E402
+from flashlm.formats.modelfile import GGUFModelFile  # noqa: E402
 from parity_prompts import PROMPTS  # noqa: E402  (the parity tests' prompts)
 
 TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "eval_text.txt"

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.segment import ControlType
 
 from flashlm.apps.chat import ChatApp, Prompt
-from flashlm.flashload.layout import cached
+from flashlm.runtime.convert import cached
 
 DOCS = Path(__file__).resolve().parent
 

@@ -9,7 +9,7 @@ after an upgrade that changed the layout), then generates with its FFN neurons r
 import sys
 
 import flashlm
-from flashlm.flashload.layout import cached
+from flashlm.runtime.convert import cached
 from flashlm.flashload.store import TokenStats
 
 flash = cached("smollm2-135m")

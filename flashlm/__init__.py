@@ -12,7 +12,7 @@ import os
 from .errors import (ContextLengthError, FlashLMError, InvalidArgumentError, ModelFetchError,  # noqa: F401
                      ModelFormatError, ModelNotFoundError, UnsupportedModelError)
 from .runtime.model import Chunk, Model  # noqa: F401
-from .runtime.registry import DEFAULT_MODEL, MODELS  # noqa: F401
+from .formats.registry import DEFAULT_MODEL, MODELS  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -30,7 +30,7 @@ def load(model: str | os.PathLike | None = None, *, n_ctx: int | None = None, n_
     into a cache): {"policy": "freq" (default) | "score" | "lru" | "lfu", "prefetch": "auto" (default:
     on or off, whichever decodes faster here, measured while decoding) | True | False}.
     """
-    from .runtime.registry import resolve
+    from .formats.registry import resolve
 
     return Model(resolve(model), n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget,
                  streaming=streaming, experts=experts)

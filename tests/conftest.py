@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import flashlm
-from flashlm.runtime import registry
+from flashlm.formats import registry
 from flashlm.runtime.tokenizer import quiet_stderr
 
 

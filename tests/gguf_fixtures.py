@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from flashlm.runtime.modelfile import GGUFModelFile
+from flashlm.formats.modelfile import GGUFModelFile
 
 # Per architecture: dims, the features that define it, and a mix of quant types.
 SPECS = {

@@ -15,8 +15,8 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from flashlm import kernels_cpu
-from flashlm.runtime.hf import hf_name
-from flashlm.runtime.modelfile import GGUFModelFile
+from flashlm.formats.hf import hf_name
+from flashlm.formats.modelfile import GGUFModelFile
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

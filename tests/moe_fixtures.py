@@ -39,7 +39,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from flashlm.runtime.modelfile import GGUFModelFile
+from flashlm.formats.modelfile import GGUFModelFile
 
 from gguf_fixtures import add_vocab, new_writer, random_writers
 

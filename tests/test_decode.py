@@ -59,7 +59,7 @@ def test_fused_decode_on_the_default_model(smollm2):
 def test_streamed_decode_step_matches_layer_path(arch, random_gguf, tmp_path):
     # A flash-layout model decodes through fused.LayerDecoder: compiled attention per
     # layer around the store's own FFN. It must compute what the layer path computes.
-    from flashlm.flashload.layout import convert
+    from flashlm.runtime.convert import convert
     from flashlm.runtime.fused import LayerDecoder
 
     flash = convert(random_gguf(arch), tmp_path / f"{arch}.flash.gguf")

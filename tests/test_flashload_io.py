@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from flashlm.apps.cli import main
-from flashlm.flashload.io import ALIGN, HUGE, NativeAIO, ReadEngine, aligned_empty, coalesce
-from flashlm.flashload.probe import format_probe, pick_read_size, probe_disk
+from flashlm.io import ALIGN, HUGE, NativeAIO, ReadEngine, aligned_empty, coalesce
+from flashlm.io.probe import format_probe, pick_read_size, probe_disk
 
 
 def test_coalesce_merges_near_ranges_within_limits():

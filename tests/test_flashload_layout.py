@@ -10,10 +10,11 @@ import flashlm
 from flashlm.apps.cli import main
 from flashlm.errors import FlashLMError, InvalidArgumentError, ModelFormatError
 from flashlm.flashload import layout
+from flashlm.runtime import convert
 from flashlm.flashload.predictor import top_fraction
 from flashlm.flashload.store import PREFETCH_LAYERS, FlashStore, NeuronWindow
 from flashlm import kernels_cpu as K
-from flashlm.runtime.modelfile import GGUFModelFile
+from flashlm.formats.modelfile import GGUFModelFile
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 
@@ -21,7 +22,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 @pytest.fixture(scope="module")
 def flash_files(tmp_path_factory, smollm2_path, gemma3_path):
     d = tmp_path_factory.mktemp("flash")
-    return {name: layout.convert(path, d / f"{name}.flash.gguf")
+    return {name: convert.convert(path, d / f"{name}.flash.gguf")
             for name, path in (("smollm2", smollm2_path), ("gemma3", gemma3_path))}
 
 
@@ -195,11 +196,11 @@ def test_cached_converts_again_when_the_source_or_the_layout_changes(random_gguf
     monkeypatch.setenv("FLASHLM_HOME", str(tmp_path / "home"))
     src = tmp_path / "tiny.gguf"
     shutil.copy(random_gguf("llama"), src)
-    first = layout.cached(src)
+    first = convert.cached(src)
     made = first.stat().st_mtime_ns
-    assert layout.cached(src) == first and first.stat().st_mtime_ns == made  # reused
+    assert convert.cached(src) == first and first.stat().st_mtime_ns == made  # reused
     os.utime(src, ns=(made, made + 10**9))  # the source changed: converted again
-    assert layout.cached(src) == first and first.stat().st_mtime_ns != made
+    assert convert.cached(src) == first and first.stat().st_mtime_ns != made
     assert not list(first.parent.glob("*.partial"))
 
 
@@ -289,7 +290,7 @@ def test_window_zero_shares_one_buffer_between_layers(flash_files):
 
 
 def test_unbundled_reads_are_one_per_range(tmp_path):
-    from flashlm.flashload.io import ReadEngine
+    from flashlm.io import ReadEngine
 
     path = tmp_path / "f.bin"
     data = np.random.default_rng(0).integers(0, 256, 1 << 16, dtype=np.uint8)

@@ -7,7 +7,7 @@ from gguf import GGML_QUANT_SIZES, quants
 
 from flashlm import kernels_cpu
 from flashlm.kernels_cpu import quants as K
-from flashlm.runtime.modelfile import GGUFModelFile, TensorRef
+from flashlm.formats.modelfile import GGUFModelFile, TensorRef
 
 ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
@@ -300,7 +300,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from flashlm import kernels_cpu
 from flashlm.kernels_cpu import simd
-from flashlm.runtime.modelfile import TensorRef
+from flashlm.formats.modelfile import TensorRef
 assert simd.MODE == "generic", simd.MODE
 d = np.load({str(tmp_path / "w.npz")!r})
 assert kernels_cpu.INT8_GEMM

@@ -6,7 +6,7 @@ import pytest
 
 import flashlm
 from flashlm.errors import FlashLMError, ModelFormatError, ModelNotFoundError, UnsupportedModelError
-from flashlm.runtime.modelfile import GGUFModelFile
+from flashlm.formats.modelfile import GGUFModelFile
 
 
 def test_gguf_tensors_are_views_into_the_mapped_file(smollm2_path):

@@ -176,7 +176,7 @@ def test_slot_cache_policies():
 def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
     from flashlm.errors import FlashLMError
     from flashlm.experts.store import StreamedExperts
-    from flashlm.flashload.io import NativeAIO
+    from flashlm.io import NativeAIO
 
     path = moe_gguf("qwen2moe")
     opts = dict(policy=policy, prefetch=prefetch, bundle=bundle)
@@ -394,7 +394,7 @@ def test_expert_bundle_records(moe_gguf, tmp_path):
 
     from flashlm.experts.bundle import HEADER, PARTS, bundle_path, ensure_bundle, read_header, record_bytes
     from flashlm.runtime.config import config_from_gguf
-    from flashlm.runtime.modelfile import GGUFModelFile
+    from flashlm.formats.modelfile import GGUFModelFile
 
     src = tmp_path / "m.gguf"
     src.write_bytes(moe_gguf("mixtral").read_bytes())

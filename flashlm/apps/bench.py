@@ -101,7 +101,7 @@ def run_bench(model=None, threads: int = 2, pp: int = 128, tg: int = 128, reps: 
               engines=("flashlm", "llama.cpp"), progress=None) -> list[BenchRow]:
     """Measure each engine on each test, reps times, engines interleaved per repetition
     so that machine noise hits both alike. Returns one BenchRow per (engine, test)."""
-    from ..runtime.registry import resolve
+    from ..formats.registry import resolve
 
     path = resolve(model)
     size_mib = path.stat().st_size / 2**20
@@ -178,7 +178,7 @@ def random_weight(qtype_name: str, rows: int, cols: int, rng):
     from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as T
 
-    from ..runtime.modelfile import TensorRef
+    from ..formats.modelfile import TensorRef
 
     qt = T[qtype_name]
     bs, ts = GGML_QUANT_SIZES[qt]

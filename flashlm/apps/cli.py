@@ -88,7 +88,7 @@ def _prefetch(args) -> bool | str:
 
 
 def cmd_chat(args) -> int:
-    from ..runtime.registry import resolve
+    from ..formats.registry import resolve
     from .chat import run_chat
 
     from ..runtime.sampler import SamplingParams
@@ -109,7 +109,7 @@ def cmd_chat(args) -> int:
 def cmd_run(args) -> int:
     import flashlm
 
-    from ..flashload.io import device_read_bytes
+    from ..io import device_read_bytes
 
     read0 = device_read_bytes()
     model = flashlm.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
@@ -234,8 +234,8 @@ def cmd_convert(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..flashload.layout import convert
-    from ..runtime.registry import resolve
+    from ..runtime.convert import convert
+    from ..formats.registry import resolve
 
     src = resolve(args.model)
     if not args.flash:
@@ -282,7 +282,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_probe_disk(args) -> int:
-    from ..flashload.probe import format_probe, probe_disk, save_probe
+    from ..io.probe import format_probe, probe_disk, save_probe
 
     if args.size_mib < 16 or args.seconds <= 0:
         raise InvalidArgumentError("--size-mib must be at least 16 and --seconds positive")

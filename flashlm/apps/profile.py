@@ -107,7 +107,7 @@ def idle_rss(proc) -> int:
     import llama_cpp  # noqa: F401  (the tokenizer's library: fixed, whatever the model)
 
     from .. import kernels_cpu as K
-    from ..runtime.modelfile import TensorRef
+    from ..formats.modelfile import TensorRef
 
     from gguf import GGMLQuantizationType
 

@@ -24,7 +24,7 @@ import numba
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from ..flashload.io import aligned_empty
+from ..io import aligned_empty
 
 POLICIES = ("lru", "lfu", "score", "freq")
 DECAY = {"score": 0.9, "freq": 0.95}  # per step: the moving averages' weight on the past

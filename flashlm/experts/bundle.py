@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..flashload.io import ALIGN
+from ..io import ALIGN
 from .moe import PARTS
 
 MAGIC = b"FLMEXPB1"
@@ -79,7 +79,7 @@ def unmap(model_file, tensors) -> None:
 
 
 def bundle_path(src: str | os.PathLike) -> Path:
-    from ..runtime.registry import home
+    from ..paths import home
 
     src = Path(src).resolve()
     st = src.stat()

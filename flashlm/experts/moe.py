@@ -21,7 +21,7 @@ import numpy as np
 from .. import kernels_cpu as K
 from ..kernels_cpu import F16_TABLE, _all_rows
 from ..kernels_cpu import decode as D
-from ..runtime.modelfile import TensorRef
+from ..formats.modelfile import TensorRef
 
 PARTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 

@@ -6,7 +6,7 @@ in one 4 KiB-aligned record), and a miss is then one direct read of its record s
 into its cache slot, all of a layer's misses in parallel. (Where the bundle cannot be
 written, a miss reads the three ranges from the GGUF through the shared I/O engine.)
 
-Reads from the bundle are Linux native asynchronous direct reads (flashload/io.py,
+Reads from the bundle are Linux native asynchronous direct reads (flashlm/io/aio.py,
 NativeAIO). A layer's misses are one submission, and `locate(..., wait=False)` returns
 at once so the caller computes the cached experts while they are read (`finish_misses`
 waits). `prefetch(layer, ids)` queues the next layer's predicted experts; their reads
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cache import SlotCache
-from ..flashload.io import NativeAIO, ReadEngine
-from ..runtime.modelfile import TensorRef
+from ..io import NativeAIO, ReadEngine
+from ..formats.modelfile import TensorRef
 from .autoprefetch import AutoPrefetch
 from .bundle import ensure_bundle, file_mapping, part_sizes, record_bytes, record_offset, unmap
 from .moe import PARTS, part_layout

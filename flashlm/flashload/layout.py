@@ -28,7 +28,7 @@ Everything else, metadata and tokenizer included, is copied as it is; each layer
 bundle tensor starts 4096-aligned for direct I/O.
 
 Neuron order (version 3): each layer's neurons are permuted, most often needed first.
-The converter lets the model write a few hundred tokens of its own text from varied
+The converter (runtime/convert.py) lets the model write a few hundred tokens of its own text from varied
 prompts and counts how often the gate predictor keeps each neuron (`neuron_order`).
 The same permutation applies to the records, the resident gate rows and the low-rank
 factor's rows, so the model computes the same function. A store that keeps the
@@ -48,8 +48,7 @@ from gguf import quants as gguf_quants
 
 from .. import kernels_cpu
 from ..errors import FlashLMError, ModelFormatError
-from ..runtime.modelfile import GGUFModelFile
-from .predictor import top_fraction
+from ..formats.modelfile import GGUFModelFile
 
 VERSION = 3
 KEY = "flashlm.flash"
@@ -57,16 +56,6 @@ ALIGN = 4096
 FFN = ("ffn_gate", "ffn_up", "ffn_down")
 DOWN_TYPE = GGMLQuantizationType.Q8_0
 ORDER_KEY = KEY + ".neuron_order"  # "calibrated" (most often needed first) or "identity"
-CALIBRATION_PROMPTS = (
-    "Once upon a time, in a small village by the sea,",
-    "def parse_arguments(argv):",
-    "The mitochondria is the part of the cell that",
-    "Dear members of the committee, I am writing to",
-    "Q: Why is the sky blue?\nA:",
-    "The history of the Roman Empire begins",
-)
-CALIBRATION_TOKENS = 192
-CALIBRATION_KEEP = 0.8
 
 
 @dataclass(frozen=True)
@@ -133,39 +122,17 @@ def lowrank_gate(mf: GGUFModelFile, layer: int, rank: int) -> tuple[np.ndarray, 
     return vt[:rank].astype(np.float16), (u[:, :rank] * s[:rank]).astype(np.float16)
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, force: bool = False, progress=None,
-            rank: int | None = None, calibration_tokens: int = CALIBRATION_TOKENS) -> Path:
-    """Write the flash layout of GGUF model `src` to `out`.
-
-    Refuses to overwrite an existing `out` unless force. rank: of the low-rank gate
-    predictor (default n_embd / 8). calibration_tokens: tokens the model writes to
-    order its neurons by how often they are needed (0: keep the source's order).
-    progress(done, total, what), if given, is called as tensors are written and as
-    calibration goes. Writes a ".partial" file beside out and renames it at the end, so a
-    failure leaves nothing half-written under the final name.
-    """
-    src, out = Path(src), Path(out)
-    if out.resolve() == src.resolve():
-        raise FlashLMError("the output must be a different file from the model")
-    if out.exists() and not force:
-        raise FlashLMError(f"{out} already exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise FlashLMError(f"{out.parent}: no such folder")
-    mf = GGUFModelFile(src)
-    try:
-        if KEY + ".version" in mf.metadata:
-            raise FlashLMError(f"{src} is already in the flash layout")
-        n_layer = int(mf.metadata[f"{mf.arch}.block_count"])
-        plans = [plan_layer(mf, i) for i in range(n_layer)]
-        rank = rank or max(8, plans[0].n_embd // 8)
-        return _write(mf, src, out, plans, rank, progress, calibration_tokens)
-    except OSError as e:
-        raise FlashLMError(f"cannot write {out}: {e.strerror or e}") from e
-    finally:
-        mf.close()
-
-
-def _write(mf, src, out, plans, rank, progress, calibration_tokens: int) -> Path:
+def write_layout(mf: GGUFModelFile, src: Path, tmp: Path, rank: int | None = None, progress=None,
+                 calibrated: bool = False) -> list[LayerBundles]:
+    """Write the flash layout of the GGUF `mf` (read from `src`) to `tmp`, its neurons in
+    the source's order (`calibrated` records that the caller will permute them;
+    permute_neurons). rank: of the low-rank gate predictor (default n_embd / 8).
+    progress(done, total, what) is called as tensors are written. Returns the plans."""
+    if KEY + ".version" in mf.metadata:
+        raise FlashLMError(f"{src} is already in the flash layout")
+    n_layer = int(mf.metadata[f"{mf.arch}.block_count"])
+    plans = [plan_layer(mf, i) for i in range(n_layer)]
+    rank = rank or max(8, plans[0].n_embd // 8)
     moved = {f"blk.{lb.layer}.{n}.weight" for lb in plans for n in ("ffn_up", "ffn_down")}
     items = []  # (name, byte shape, raw type, producer)
     for t in mf.tensors.values():
@@ -187,7 +154,6 @@ def _write(mf, src, out, plans, rank, progress, calibration_tokens: int) -> Path
                       lambda lb=lb: layer_bundles(mf, lb)))
         items.append((f"blk.{i}.ffn_neuron_ids", (lb.n_ff, 4), GGMLQuantizationType.I32,
                       lambda lb=lb: np.arange(lb.n_ff, dtype=np.int32).view(np.uint8).reshape(lb.n_ff, 4)))
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.partial")  # a process's own: two may convert at once
     w = GGUFWriter(str(tmp), mf.arch)
     try:
         _copy_metadata(mf, w)
@@ -197,7 +163,7 @@ def _write(mf, src, out, plans, rank, progress, calibration_tokens: int) -> Path
         st = src.stat()
         w.add_uint64(KEY + ".source_size", st.st_size)
         w.add_uint64(KEY + ".source_mtime_ns", st.st_mtime_ns)
-        w.add_string(ORDER_KEY, "calibrated" if calibration_tokens else "identity")
+        w.add_string(ORDER_KEY, "calibrated" if calibrated else "identity")
         w.add_array(KEY + ".up_types", [int(lb.types[1]) for lb in plans])
         for name, shape, qtype, _ in items:
             w.add_tensor_info(name, shape, np.dtype(np.uint8), int(np.prod(shape)), raw_dtype=qtype)
@@ -208,76 +174,21 @@ def _write(mf, src, out, plans, rank, progress, calibration_tokens: int) -> Path
             w.write_tensor_data(make())
             if progress:
                 progress(k + 1, len(items), name)
+    finally:
         w.close()
-        if calibration_tokens:
-            permute_neurons(tmp, neuron_order(tmp, calibration_tokens, progress=progress))
-        os.replace(tmp, out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return plans
 
 
-def cached(model: str | os.PathLike, progress=None) -> Path:
-    """The flash layout of `model` (a registry name or a GGUF path) in the cache folder,
-    converted when it is missing, was written by another layout version, or was made
-    from another file (size or modification time not the source's)."""
-    from ..runtime.registry import home, resolve
-
-    src = Path(resolve(model))
-    out = home() / "flash" / (src.stem + ".flash.gguf")
-    if out.exists():
-        mf = GGUFModelFile(out)
-        try:
-            md, st = mf.metadata, src.stat()
-            current = (md.get(KEY + ".version") == VERSION and md.get(KEY + ".source_size") == st.st_size
-                       and md.get(KEY + ".source_mtime_ns") == st.st_mtime_ns)
-        finally:
-            mf.close()
-        if current:
-            return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return convert(src, out, force=True, progress=progress)
-
-
-def neuron_order(path: str | os.PathLike, n_tokens: int = CALIBRATION_TOKENS, keep: float = CALIBRATION_KEEP,
-                 progress=None) -> list[np.ndarray]:
-    """Each layer's neuron ids of flash file `path`, most often needed first: the model
-    writes about n_tokens of its own text (sampled, fixed seeds) from
-    CALIBRATION_PROMPTS, and each decoded token's gate predictor keeps the top `keep`
-    of the neurons. Ties go to the larger mean |act(gate)| relative to the token's largest."""
-    from ..runtime.model import Model
-
-    with Model(path, n_ctx=512, n_threads=None, streaming=dict(predictor="gate", keep=keep, window=0)) as m:
-        store = m.store
-        store.resident = True  # records from the mapping: nothing streamed, memory stays bounded
-        counts = [np.zeros(lb.n_ff, np.int64) for lb in store.plans]
-        mags = [np.zeros(lb.n_ff, np.float64) for lb in store.plans]
-        inner = store.predictor
-        seen = [0]
-
-        class Counting:
-            reads_gate, nbytes = inner.reads_gate, inner.nbytes
-
-            def select(self, i, x, keep, gelu):
-                score, g = inner.scores(i, x, gelu)
-                idx = top_fraction(score, keep)
-                counts[i][idx] += 1
-                mags[i] += score / max(float(score.max()), 1e-30)
-                if i == 0:
-                    seen[0] += 1
-                    if progress:
-                        progress(min(seen[0], n_tokens), n_tokens, "calibrating the neuron order")
-                return idx, g[idx]
-
-        store.predictor = Counting()
-        per_prompt = -(-n_tokens // len(CALIBRATION_PROMPTS))
-        for seed, prompt in enumerate(CALIBRATION_PROMPTS):
-            m.generate(prompt, max_tokens=per_prompt, temperature=0.8, seed=seed)
-            if seen[0] >= n_tokens:
-                break
-    return [np.lexsort((-mg, -c)) for c, mg in zip(counts, mags)]
+def is_current(out: Path, src: Path) -> bool:
+    """Whether flash file `out` was written by this layout version from `src` as it is now
+    (its size and modification time)."""
+    mf = GGUFModelFile(out)
+    try:
+        md, st = mf.metadata, src.stat()
+        return (md.get(KEY + ".version") == VERSION and md.get(KEY + ".source_size") == st.st_size
+                and md.get(KEY + ".source_mtime_ns") == st.st_mtime_ns)
+    finally:
+        mf.close()
 
 
 def permute_neurons(path: str | os.PathLike, orders: list[np.ndarray]) -> None:

@@ -97,7 +97,7 @@ class LowRankPredictor:
 
 def _q8_rows(m: np.ndarray):
     """A float factor as Q8_0 rows for the int8 kernels (a quarter of float32's bytes)."""
-    from ..runtime.modelfile import TensorRef
+    from ..formats.modelfile import TensorRef
 
     data = np.ascontiguousarray(gguf_quants.quantize(np.ascontiguousarray(m, np.float32), Q8_0))
     return TensorRef("lowrank", Q8_0, m.shape, data, -1)

@@ -24,12 +24,12 @@ import numpy as np
 
 from .. import kernels_cpu as K
 from ..errors import FlashLMError, InvalidArgumentError
-from ..runtime.modelfile import TensorRef
-from ..runtime.weights import WeightStore
-from .io import ALIGN, ReadEngine, aligned_empty
+from ..formats.modelfile import TensorRef
+from ..formats.weights import WeightStore
+from ..io import ALIGN, ReadEngine, aligned_empty
 from .layout import FFN, read_plans, split_records
 from .plan import PREFILL_NEURONS
-from .probe import load_probe, pick_gap, pick_read_size
+from ..io.probe import load_probe, pick_gap, pick_read_size
 from .predictor import PREDICTORS, act, make_predictor, n_keep
 
 # layers whose reads start ahead: measured on Gemma at half its FFN rows, 2 waited less but

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..runtime.config import ROPE_NEOX
+ROPE_NORM = "norm"  # rotate pairs (2i, 2i+1): llama.cpp's LLAMA_ROPE_TYPE_NORM
+ROPE_NEOX = "neox"  # rotate pairs (i, i + d/2): GPT-NeoX / HF rotate_half
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

@@ -127,7 +127,7 @@ class DecoderLM:
     # -- one layer ---------------------------------------------------------------
 
     def _attention(self, i: int, h: np.ndarray, pos0: int, kv: KVCache) -> np.ndarray:
-        cfg, s, vec = self.cfg, self.store, self.layers[i]
+        cfg, vec = self.cfg, self.layers[i]
         T = h.shape[0]
         q, k, v = self._proj(h, i, ("attn_q", "attn_k", "attn_v"))
         q = q.reshape(T, cfg.n_head, cfg.head_dim)

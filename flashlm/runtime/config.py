@@ -6,9 +6,8 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import ModelFormatError, UnsupportedModelError
+from ..kernels_cpu.ops import ROPE_NEOX, ROPE_NORM
 
-ROPE_NORM = "norm"  # rotate pairs (2i, 2i+1): llama.cpp's LLAMA_ROPE_TYPE_NORM
-ROPE_NEOX = "neox"  # rotate pairs (i, i + d/2): GPT-NeoX / HF rotate_half
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType
 from ..cache import SlotCache
 from ..kernels_cpu import F16_TABLE
 from ..kernels_cpu import decode as D
-from ..runtime.config import ROPE_NEOX
+from ..kernels_cpu.ops import ROPE_NEOX
 
 
 def root_buffer(a: np.ndarray) -> np.ndarray:

@@ -17,14 +17,14 @@ from ..flashload.plan import make_plan
 from ..flashload.store import FlashStore, StreamSettings
 from ..errors import ContextLengthError, FlashLMError, InvalidArgumentError
 from ..units import format_size, parse_size
-from . import hf, registry
+from ..formats import hf
 from .blocks import Cancelled, KVCache
 from .config import config_from_gguf, config_from_hf
-from .modelfile import GGUFModelFile, HFModelFile, check_tensor_types
+from ..formats.modelfile import GGUFModelFile, HFModelFile, check_tensor_types
 from .models import model_class
 from .sampler import Sampler, SamplingParams
 from .tokenizer import HFTokenizer, LlamaCppTokenizer
-from .weights import WeightStore
+from ..formats.weights import WeightStore
 
 PREFILL_CHUNK = 128  # tokens per prefill forward pass
 

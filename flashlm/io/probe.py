@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .io import ALIGN, aligned_empty
+from .buffers import ALIGN, aligned_empty
 
 SIZES = (4 << 10, 32 << 10, 128 << 10, 1 << 20)
 DEPTHS = (1, 4, 16)
@@ -58,7 +58,7 @@ def probe_disk(folder: str | None = None, file_mib: int = 256, sizes=SIZES, dept
     """Random aligned reads of each size at each queue depth for about `seconds` each,
     on a scratch file of file_mib MiB written in `folder` (default: the model cache
     folder, so the disk measured is the one models stream from), deleted afterwards."""
-    from ..runtime.registry import home
+    from ..paths import home
 
     folder = folder or str(home())
     os.makedirs(folder, exist_ok=True)
@@ -134,7 +134,7 @@ DEFAULT_GAP = 32 << 10
 
 
 def probe_file() -> str:
-    from ..runtime.registry import home
+    from ..paths import home
 
     return str(home() / "disk-probe.json")
 

