@@ -47,6 +47,18 @@ def snapshot(rev: str, into: Path) -> None:
     (into / "flashlm").rename(into / "flashlm_base")
 
 
+def tokenizer_bytes(lib) -> dict:
+    """The table where revision lib keeps each model file's measured tokenizer memory."""
+    for name in ("runtime.loader", "runtime.model"):
+        try:
+            mod = importlib.import_module(f"{lib.__name__}.{name}")
+        except ImportError:
+            continue
+        if hasattr(mod, "_TOKENIZER_BYTES"):
+            return mod._TOKENIZER_BYTES
+    raise SystemExit(f"{lib.__name__}: no tokenizer memory table")
+
+
 def flash_setup(name: str, fraction: float, row: str) -> tuple[str, int, dict]:
     """(the flash GGUF, one budget for both sides holding `fraction` of the FFN records,
     bench_flash's streaming settings for row `row`)."""
@@ -107,9 +119,8 @@ def main() -> None:
             ms = {}
             for k, lib in (("before", base), ("after", flashlm)):
                 if ms:  # the tokenizer's memory as the first side measured it (a second load looks cheaper)
-                    importlib.import_module(f"{lib.__name__}.runtime.model")._TOKENIZER_BYTES.update(
-                        importlib.import_module(f"{base.__name__}.runtime.model")._TOKENIZER_BYTES)
-                ms[k] = lib.Model(path, n_ctx=256, n_threads=2, memory_budget=budget, streaming=dict(settings))
+                    tokenizer_bytes(lib).update(tokenizer_bytes(base))
+                ms[k] = lib.load(path, n_ctx=256, n_threads=2, memory_budget=budget, streaming=dict(settings))
             if ms["before"].plan.capacities != ms["after"].plan.capacities:
                 raise SystemExit("the two sides planned different windows for one budget: not comparable")
         else:
@@ -128,7 +139,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 m._forward(np.array([tok]), pos, m._kv)
                 times[k].append(time.perf_counter() - t0)
-                st = getattr(getattr(m.model, "experts", None), "take_stats", lambda: None)()
+                ex = m.experts if hasattr(m, "experts") else getattr(m.model, "experts", None)  # (older revisions)
+                st = getattr(ex, "take_stats", lambda: None)()
                 if st and i >= a.skip:
                     for f in agg[k]:
                         agg[k][f] += st[f]

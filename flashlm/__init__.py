@@ -12,6 +12,7 @@ import os
 from .errors import (ContextLengthError, FlashLMError, InvalidArgumentError, ModelFetchError,  # noqa: F401
                      ModelFormatError, ModelNotFoundError, UnsupportedModelError)
 from .runtime.model import Chunk, Model  # noqa: F401
+from .stats import TokenStats  # noqa: F401
 from .formats.registry import DEFAULT_MODEL, MODELS  # noqa: F401
 
 __version__ = "0.1.0"
@@ -25,12 +26,13 @@ def load(model: str | os.PathLike | None = None, *, n_ctx: int | None = None, n_
     n_ctx: context length (default min(4096, the model's)); n_threads: kernel threads
     (default: physical cores); memory_budget: bytes or a size like "800MB".
     streaming: for a flash-layout file (`flashlm convert --flash`), how its FFN neurons
-    are streamed: a flashload.store.StreamSettings or a dict of its fields.
+    are streamed: a flashload.settings.StreamSettings or a dict of its fields.
     experts: for a mixture-of-experts model under a memory_budget (its experts stream
     into a cache): {"policy": "freq" (default) | "score" | "lru" | "lfu", "prefetch": "auto" (default:
     on or off, whichever decodes faster here, measured while decoding) | True | False}.
     """
     from .formats.registry import resolve
+    from .runtime.loader import load_model
 
-    return Model(resolve(model), n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget,
-                 streaming=streaming, experts=experts)
+    return load_model(resolve(model), n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget,
+                      streaming=streaming, experts=experts)

@@ -7,8 +7,11 @@
             + sigmoid(shexp_gate . x) * shared_expert(x)   (qwen2moe; granite's shared expert has no gate)
 
 Experts come from an `ExpertSource`: `get(layer, e)` returns expert e's (gate, up,
-down) TensorRefs. `ResidentExperts` slices them from the mapped stacked tensors
-blk.N.ffn_{gate,up,down}_exps (expert e is one contiguous byte range in each).
+down) TensorRefs, `locate(layer, ids, wait)` where a token's experts lie for the
+compiled kernels, and begin_layer / end_layer / prefetch / finish_misses /
+abort_misses let a streamed source read while the layer computes. `ResidentExperts`
+slices them from the mapped stacked tensors blk.N.ffn_{gate,up,down}_exps (expert e is
+one contiguous byte range in each); store.StreamedExperts reads them into a cache.
 """
 
 from __future__ import annotations
@@ -34,19 +37,44 @@ def expert_slice(t: TensorRef, e: int) -> TensorRef:
 
 
 class ResidentExperts:
-    """Every expert read from the mapped file (the page cache holds what was touched)."""
+    """Every expert read from the mapped file (the page cache holds what was touched).
+    Nothing is ever read ahead or waited for: the streaming hooks do nothing."""
+
+    prefetching = False
 
     def __init__(self, store):
         self.store = store
         self._tables: dict = {}  # layer -> (the mapped buffer, (n_expert, 3) byte offsets)
         self._layouts: dict = {}
 
+    def begin_layer(self, layer: int, chosen: np.ndarray, probs: np.ndarray) -> None:
+        pass
+
+    def end_layer(self, layer: int) -> None:
+        pass
+
+    def prefetch(self, layer: int, ids) -> None:
+        pass
+
+    def finish_misses(self) -> None:
+        pass
+
+    def abort_misses(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def prefetch_state(self) -> str:
+        return "off (every expert resident)"
+
     def get(self, layer: int, e: int) -> tuple[TensorRef, TensorRef, TensorRef]:
         return tuple(expert_slice(self.store.get(f"blk.{layer}.{p}.weight"), e) for p in PARTS)
 
-    def locate(self, layer: int, ids) -> tuple[np.ndarray, np.ndarray]:
+    def locate(self, layer: int, ids, wait: bool = True) -> tuple:
         """(buffer, (k, 3) byte offsets of experts ids' gate, up and down in it): the
-        mapped file, for the compiled decode of one token's experts."""
+        mapped file, for the compiled decode of one token's experts; wait=False adds
+        None: no expert is being read."""
         t = self._tables.get(layer)
         if t is None:
             stacks = [self.store.get(f"blk.{layer}.{p}.weight") for p in PARTS]
@@ -56,7 +84,7 @@ class ResidentExperts:
             offs = np.array([[t.data.ctypes.data - base + e * t.data.shape[0] // n * t.data.shape[1]
                               for t in stacks] for e in range(n)], dtype=np.int64)
             t = self._tables[layer] = (buf, offs)
-        return t[0], t[1][np.asarray(ids, dtype=np.int64)]
+        return (t[0], t[1][np.asarray(ids, dtype=np.int64)]) + (() if wait else (None,))
 
     def layout(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         if layer not in self._layouts:
@@ -136,31 +164,88 @@ def route_one(store, cfg, layer: int, x: np.ndarray, ahead: bool = False):
     return ids, wts, p, ids2
 
 
-def moe_ffn(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool = False, on_route=None) -> np.ndarray:
-    """Layer `layer`'s MoE FFN of h (T, n_embd). on_route(layer, ids, weights, probs):
-    called with each routing decision (the chosen experts, their weights, every
-    expert's router probability; for traces)."""
-    streamed = hasattr(experts, "prefetch")
-    if h.shape[0] == 1:
-        out, shared = _moe_decode(store, experts, cfg, layer, h, gelu, on_route, streamed)
-    else:
-        router = store.get(f"blk.{layer}.ffn_gate_inp.weight")
-        ids, w, p = route(K.linear(h, router), cfg)
-        if on_route is not None:
-            on_route(layer, ids, w, p)
-        if streamed:
-            experts.begin_layer(layer, ids, p)
-        out = np.zeros((h.shape[0], cfg.n_embd), dtype=np.float32)
+class MoEFFN:
+    """Layer `layer`'s mixture-of-experts FFN (runtime/ffn.py's interface): the router
+    picks each token's experts from `experts`, an ExpertSource (ResidentExperts, or
+    store.StreamedExperts reading them into a cache). on_route(layer, ids, weights,
+    probs), if set, sees each routing decision (the chosen experts, their weights,
+    every expert's router probability; for traces)."""
+
+    on_route = None
+
+    def __init__(self, store, experts, cfg, layer: int, gelu: bool):
+        self.store, self.experts, self.cfg, self.layer, self.gelu = store, experts, cfg, layer, gelu
+
+    def weights(self) -> None:
+        return None
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        if h.shape[0] == 1:
+            out, shared = self._decode(h)
+        else:
+            out = self._prefill(h)
+            shared = _shared_expert(self.store, self.cfg, self.layer, h, self.gelu)
+        if shared is not None:
+            out += shared
+        return out
+
+    def _prefill(self, h: np.ndarray) -> np.ndarray:
+        """Several tokens: each chosen expert once, over the tokens that chose it."""
+        store, experts, layer = self.store, self.experts, self.layer
+        ids, w, p = route(K.linear(h, store.get(f"blk.{layer}.ffn_gate_inp.weight")), self.cfg)
+        if self.on_route is not None:
+            self.on_route(layer, ids, w, p)
+        experts.begin_layer(layer, ids, p)
+        out = np.zeros((h.shape[0], self.cfg.n_embd), dtype=np.float32)
         for e in np.unique(ids).tolist():
             tok, slot = np.nonzero(ids == e)
-            y = expert_ffn(np.ascontiguousarray(h[tok]), *experts.get(layer, e), gelu=gelu)
+            y = expert_ffn(np.ascontiguousarray(h[tok]), *experts.get(layer, e), gelu=self.gelu)
             out[tok] += w[tok, slot][:, None] * y
-        if streamed:
-            experts.end_layer(layer)
-        shared = _shared_expert(store, cfg, layer, h, gelu)
-    if shared is not None:
-        out += shared
-    return out
+        experts.end_layer(layer)
+        return out
+
+    def _decode(self, h: np.ndarray):
+        """One token's routed experts, routing and the experts' FFNs in two compiled calls,
+        and its shared expert's output (None without one): (routed (1, n_embd), shared).
+        A token whose experts are being read computes its cached experts and the shared
+        expert meanwhile."""
+        store, experts, cfg, layer, gelu = self.store, self.experts, self.cfg, self.layer, self.gelu
+        x = np.ascontiguousarray(h[0], dtype=np.float32)
+        # with prefetch, the next layer's router on this layer's input too (mixtral-offloading's
+        # speculative loading): its reads start once this layer's misses are in (at once if
+        # there are none), and run while the rest of this layer and the next one's attention compute
+        ahead = experts.prefetching and layer + 1 < cfg.n_layer
+        ids, w, p, *nxt = route_one(store, cfg, layer, x, ahead)
+        if self.on_route is not None:
+            self.on_route(layer, ids[None], w[None], p[None])
+        experts.begin_layer(layer, ids[None], p[None])
+        shapes, qts = experts.layout(layer)
+        out = np.zeros((1, cfg.n_embd), dtype=np.float32)
+        args = (shapes, qts, x, gelu, F16_TABLE, numba.get_num_threads(), _all_rows(max(shapes[0, 0], cfg.n_embd)))
+        buf, offs, missed = experts.locate(layer, ids, wait=False)  # missed: None where nothing is read
+        reading = missed is not None and missed.any()
+        shared = None
+        try:
+            if ahead:  # after locate, which pinned this layer's experts: the prefetch evicts none of them
+                experts.prefetch(layer + 1, nxt[0])
+            if reading:  # the cached and shared experts compute while the misses are read
+                y = np.empty((len(ids), shapes[2, 0]), dtype=np.float32)
+                if not missed.all():
+                    D.moe_experts(buf, offs, np.flatnonzero(~missed), *args, y)
+                shared = _shared_expert(store, cfg, layer, h, gelu)
+                experts.finish_misses()
+        except BaseException:  # interrupted: the reads end before their slots can be reused
+            experts.abort_misses()
+            raise
+        if not reading:
+            D.moe_decode(buf, offs, *args[:3], w, *args[3:], out[0])
+        else:  # then the misses (the same sums as one call)
+            D.moe_experts(buf, offs, np.flatnonzero(missed), *args, y)
+            D.moe_combine(y, w, out[0])
+        experts.end_layer(layer)
+        if shared is None:
+            shared = _shared_expert(store, cfg, layer, h, gelu)
+        return out, shared
 
 
 def _shared_expert(store, cfg, layer: int, h: np.ndarray, gelu: bool):
@@ -175,48 +260,3 @@ def _shared_expert(store, cfg, layer: int, h: np.ndarray, gelu: bool):
     if gate is not None:
         y *= np.float32(1.0) / (np.float32(1.0) + np.exp(-(h @ gate)))[:, None]
     return y
-
-
-def _moe_decode(store, experts, cfg, layer: int, h: np.ndarray, gelu: bool, on_route, streamed: bool):
-    """One token's routed experts, routing and the experts' FFNs in two compiled calls,
-    and its shared expert's output (None without one): (routed (1, n_embd), shared). A
-    streamed token computes its cached experts and the shared expert while its misses
-    are read."""
-    x = np.ascontiguousarray(h[0], dtype=np.float32)
-    # with prefetch, the next layer's router on this layer's input too (mixtral-offloading's
-    # speculative loading): its reads start once this layer's misses are in (at once if
-    # there are none), and run while the rest of this layer and the next one's attention compute
-    ahead = streamed and experts.prefetching and layer + 1 < cfg.n_layer
-    ids, w, p, *nxt = route_one(store, cfg, layer, x, ahead)
-    if on_route is not None:
-        on_route(layer, ids[None], w[None], p[None])
-    if streamed:
-        experts.begin_layer(layer, ids[None], p[None])
-    shapes, qts = experts.layout(layer)
-    out = np.zeros((1, cfg.n_embd), dtype=np.float32)
-    args = (shapes, qts, x, gelu, F16_TABLE, numba.get_num_threads(), _all_rows(max(shapes[0, 0], cfg.n_embd)))
-    buf, offs, missed = experts.locate(layer, ids, wait=False) if streamed else (*experts.locate(layer, ids), None)
-    shared = None
-    try:
-        if ahead:  # after locate, which pinned this layer's experts: the prefetch evicts none of them
-            experts.prefetch(layer + 1, nxt[0])
-        if missed is not None and missed.any():  # the cached and shared experts compute while the misses are read
-            y = np.empty((len(ids), shapes[2, 0]), dtype=np.float32)
-            if not missed.all():
-                D.moe_experts(buf, offs, np.flatnonzero(~missed), *args, y)
-            shared = _shared_expert(store, cfg, layer, h, gelu)
-            experts.finish_misses()
-    except BaseException:  # interrupted: the reads end before their slots can be reused
-        if streamed:
-            experts.abort_misses()
-        raise
-    if missed is None or not missed.any():
-        D.moe_decode(buf, offs, *args[:3], w, *args[3:], out[0])
-    else:  # then the misses (the same sums as one call)
-        D.moe_experts(buf, offs, np.flatnonzero(missed), *args, y)
-        D.moe_combine(y, w, out[0])
-    if streamed:
-        experts.end_layer(layer)
-    if shared is None:
-        shared = _shared_expert(store, cfg, layer, h, gelu)
-    return out, shared

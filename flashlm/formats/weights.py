@@ -1,7 +1,8 @@
-"""WeightStore: where model code gets its weights, without knowing where they live.
+"""WeightStore: the model file's tensors as model code asks for them by name.
 
-The resident store hands out zero-copy views into the mapped model file. A streaming
-store (flashload, experts) implements the same `get` / `vector` / `has` interface.
+It hands out zero-copy views into the mapped file (`get`) and small vectors as float32
+copies (`vector`). flashload's FlashStore extends it for a flash layout, whose FFN
+tensors are not in the file as such.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from ..errors import ModelFormatError
 
 class WeightStore:
     """Every tensor resident: views into the mmapped file (the page cache holds them)."""
-
-    fusable = True  # every weight is addressable: the compiled decode step may run
 
     def __init__(self, model_file):
         self.file = model_file

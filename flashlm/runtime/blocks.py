@@ -1,7 +1,8 @@
 """Shared blocks of decoder-only transformers; each architecture file picks its options.
 
-Tensor names are GGUF's (`blk.{i}.attn_q.weight`), and the weights come from a
-WeightStore, so a model never knows whether they are resident or streamed.
+Tensor names are GGUF's (`blk.{i}.attn_q.weight`). Attention, norms and embeddings come
+from the weight store (resident: the mapped file); each layer's FFN is a strategy the
+loader chose (ffn.py), which the model calls without asking whether it streams.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import threading
 import numpy as np
 
 from .. import kernels_cpu as K
+from ..kernels_cpu.ops import ROPE_NEOX
 from .config import ModelConfig
 
 
@@ -76,44 +78,67 @@ class KVCache:
 
 
 class DecoderLM:
-    """A decoder-only LM built from the options below; architecture files set them.
+    """A decoder-only LM; each architecture file subclasses it and sets its facts.
 
-    qk_norm:    RMSNorm on each q and k head before RoPE (qwen3, gemma3)
-    post_norms: RMSNorm on the attention and FFN outputs before the residual (gemma3)
-    activation: gate activation of the gated FFN, "silu" (SwiGLU) or "gelu" (GeGLU)
-    scale_q:    multiply q by the attention scale before q.k (gemma3) rather than after
+    The layer's math:
+    qk_norm:      RMSNorm on each q and k head before RoPE (qwen3, gemma3)
+    qk_norm_full: RMSNorm over the whole q and k projections (olmoe)
+    post_norms:   RMSNorm on the attention and FFN outputs before the residual (gemma3)
+    activation:   gate activation of the gated FFN, "silu" (SwiGLU) or "gelu" (GeGLU)
+    scale_q:      multiply q by the attention scale before q.k (gemma3) rather than after
     Biases on q/k/v/o (qwen2) are used wherever the file has them.
+
+    How llama.cpp reads the architecture's GGUF (runtime/config.py):
+    rope:                 the RoPE pair order: ROPE_NORM (2i, 2i+1) or ROPE_NEOX (i, i + d/2)
+    moe_weights_norm:     a mixture's top-k weights renormalised to sum 1
+    expert_width_key:     the expert width is expert_feed_forward_length (else n_ff / k)
+    always_shared_expert: a shared expert as wide as feed_forward_length when the file
+                          names none (qwen2moe)
+    gguf_config(get, n_layer, n_embd): settings from architecture-specific keys
     """
 
-    qk_norm = False  # RMSNorm on each q and k head
-    qk_norm_full = False  # RMSNorm over the whole q and k projections (olmoe)
+    qk_norm = False
+    qk_norm_full = False
     post_norms = False
     activation = "silu"
     scale_q = False
+    rope = ROPE_NEOX
+    moe_weights_norm = False
+    expert_width_key = False
+    always_shared_expert = False
 
-    def __init__(self, cfg: ModelConfig, store):
+    @staticmethod
+    def gguf_config(get, n_layer: int, n_embd: int) -> dict:
+        """ModelConfig fields this architecture reads from its own GGUF keys (get(key, default))."""
+        return {}
+
+    def __init__(self, cfg: ModelConfig, store, ffn: list):
         self.cfg = cfg
         self.store = store
+        self.ffn = ffn  # one FFN strategy per layer (ffn.py)
         self.cancel_event = threading.Event()
         self.tok_embd = store.get("token_embd.weight")
         self.output = store.get("output.weight") if store.has("output.weight") else self.tok_embd
         self.output_norm = store.vector("output_norm.weight")
         self.layers = [self._layer_vectors(i) for i in range(cfg.n_layer)]
-        self.experts = None
-        if cfg.n_expert:
-            from ..experts.moe import ResidentExperts
+        from .fused import FusedDecoder, LayerDecoder, fusable, weight_refs
 
-            self.experts = ResidentExperts(store)
-        self.on_route = None  # called with each MoE routing decision (traces, cache scores)
+        # every FFN's weights addressable: the whole token in one compiled call; else the
+        # compiled attention around FFNs that run in Python (streamed, or routed per token)
+        whole = all(f.weights() is not None for f in ffn)
         self.fused = None
-        if getattr(store, "fusable", False) or hasattr(store, "ffn_forward"):
-            from .fused import FusedDecoder, LayerDecoder, fusable, weight_refs
+        if fusable(weight_refs(self, ffn=whole)):
+            self.fused = FusedDecoder(self) if whole else LayerDecoder(self)
 
-            # flashload's store runs the FFN itself, and an MoE FFN picks its experts per token:
-            # both decode with compiled attention around the FFN in Python
-            streamed = hasattr(store, "ffn_forward") or cfg.n_expert > 0
-            if fusable(weight_refs(self, ffn=not streamed)):
-                self.fused = LayerDecoder(self) if streamed else FusedDecoder(self)
+    @property
+    def on_route(self):
+        """None, or a function called with each MoE routing decision (traces, tests)."""
+        return self.ffn[0].on_route if self.ffn else None
+
+    @on_route.setter
+    def on_route(self, fn):
+        for f in self.ffn:
+            f.on_route = fn
 
     def _layer_vectors(self, i: int) -> dict:
         s = self.store
@@ -157,22 +182,10 @@ class DecoderLM:
         return o
 
     def _ffn(self, i: int, h: np.ndarray) -> np.ndarray:
-        d = self.ffn_core(i, h)
+        d = self.ffn[i](h)
         if self.post_norms:
             d = K.rmsnorm(d, self.layers[i]["post_ffw_norm"], self.cfg.rms_eps)
         return d
-
-    def ffn_core(self, i: int, h: np.ndarray) -> np.ndarray:
-        """Layer i's FFN of h (T, n_embd), before any post-norm."""
-        s, gelu = self.store, self.activation == "gelu"
-        if self.experts is not None:  # mixture of experts: the ones the router picks per token
-            from ..experts.moe import moe_ffn
-
-            return moe_ffn(s, self.experts, self.cfg, i, h, gelu, self.on_route)
-        if hasattr(s, "ffn_forward"):  # streamed (flashload): the neurons this token needs
-            return s.ffn_forward(i, h, gelu)
-        g, u = K.linear_many(h, [s.get(f"blk.{i}.ffn_gate.weight"), s.get(f"blk.{i}.ffn_up.weight")])
-        return K.linear(K.glu(g, u, gelu), s.get(f"blk.{i}.ffn_down.weight"))
 
     def _proj(self, x: np.ndarray, i: int, names: tuple[str, ...]) -> list[np.ndarray]:
         """x through layer i's projections `names` (one pass), biases added."""

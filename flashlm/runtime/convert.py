@@ -83,9 +83,9 @@ def neuron_order(path: str | os.PathLike, n_tokens: int = CALIBRATION_TOKENS, ke
     writes about n_tokens of its own text (sampled, fixed seeds) from
     CALIBRATION_PROMPTS, and each decoded token's gate predictor keeps the top `keep`
     of the neurons. Ties go to the larger mean |act(gate)| relative to the token's largest."""
-    from .model import Model
+    from .loader import load_model
 
-    with Model(path, n_ctx=512, n_threads=None, streaming=dict(predictor="gate", keep=keep, window=0)) as m:
+    with load_model(path, n_ctx=512, n_threads=None, streaming=dict(predictor="gate", keep=keep, window=0)) as m:
         store = m.store
         store.resident = True  # records from the mapping: nothing streamed, memory stays bounded
         counts = [np.zeros(lb.n_ff, np.int64) for lb in store.plans]

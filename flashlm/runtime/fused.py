@@ -21,10 +21,12 @@ def root_buffer(a: np.ndarray) -> np.ndarray:
 
 def weight_refs(model, ffn: bool = True) -> list:
     """The model's matrices in decode_step's order: SLOTS per layer, then embeddings
-    and output. ffn=False: None in the FFN slots (weights a store streams itself)."""
-    names = [f"blk.{i}.{slot}.weight" for i in range(model.cfg.n_layer) for slot in D.SLOTS]
-    return [model.store.get(n) if ffn or not n.split(".")[2].startswith("ffn_") else None
-            for n in names] + [model.tok_embd, model.output]
+    and output. ffn=False: None in the FFN slots (FFNs that run in Python)."""
+    refs = []
+    for i, f in enumerate(model.ffn):
+        refs += [model.store.get(f"blk.{i}.{slot}.weight") for slot in D.SLOTS[:4]]
+        refs += list(f.weights()) if ffn else [None] * 3
+    return refs + [model.tok_embd, model.output]
 
 
 def fusable(refs) -> bool:
@@ -101,7 +103,7 @@ class LayerDecoder(FusedDecoder):
 
     def __init__(self, model):
         super().__init__(model)
-        self.ffn_core = model.ffn_core
+        self.layer_ffn = model.ffn
 
     def step(self, tok: int, pos: int, kv) -> np.ndarray:
         self.ip[D.I_THREADS] = numba.get_num_threads()
@@ -113,7 +115,7 @@ class LayerDecoder(FusedDecoder):
         D.decode_embed(tok, a, m, qt, ip, fp, F16_TABLE, x)
         for i in range(self.cfg.n_layer):
             D.decode_attn(i, pos, x, h, a, m, qt, vecs, self.swa, kv.k16, kv.v16, ip, fp, F16_TABLE, self.all_rows)
-            o = self.ffn_core(i, h.reshape(1, -1))
+            o = self.layer_ffn[i](h.reshape(1, -1))
             D.decode_add_ffn(i, o.reshape(-1), x, vecs, ip, fp)
         D.decode_head(x, a, m, qt, vecs, ip, fp, F16_TABLE, self.all_rows, logits)
         return logits

@@ -1,0 +1,48 @@
+"""The FFN strategies' one small interface, and the resident dense FFN.
+
+A layer's FFN is an object the loader (loader.py) chose for it:
+
+    ffn(h)          (T, n_embd) float32 -> (T, n_embd): the FFN before any post-norm
+    ffn.weights()   the resident (gate, up, down) TensorRefs the compiled decode step
+                    may read straight from the mapping, or None: it runs in Python
+                    between the compiled attention calls (fused.LayerDecoder)
+    ffn.on_route    None, or called with each routing decision of a mixture of experts
+
+The strategies: `DenseFFN` (here), `flashload.ffn.NeuronFFN` (neurons streamed from a
+flash layout) and `experts.moe.MoEFFN` (experts from a resident or streamed source).
+Model and architecture code call them and never ask which they hold.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from .. import kernels_cpu as K
+
+
+class FFN(Protocol):
+    on_route: object
+
+    def __call__(self, h: np.ndarray) -> np.ndarray: ...
+
+    def weights(self) -> tuple | None: ...
+
+
+class DenseFFN:
+    """down(act(gate h) * up h) with every weight resident (the mapped file)."""
+
+    on_route = None
+
+    def __init__(self, store, layer: int, gelu: bool):
+        self.refs = tuple(store.get(f"blk.{layer}.{n}.weight") for n in ("ffn_gate", "ffn_up", "ffn_down"))
+        self.gelu = gelu
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        gate, up, down = self.refs
+        g, u = K.linear_many(h, [gate, up])
+        return K.linear(K.glu(g, u, self.gelu), down)
+
+    def weights(self) -> tuple:
+        return self.refs

@@ -1,0 +1,156 @@
+"""The one place that composes a model: (file, options, budget) -> memory plan, stores,
+one FFN strategy per layer (ffn.py) -> Model.
+
+    dense, resident            DenseFFN over the mapped file
+    dense, flash layout        NeuronFFN: neurons streamed by a FlashStore (flashload)
+    mixture of experts         MoEFFN over ResidentExperts, or, under a memory budget,
+                               StreamedExperts: an expert cache (experts)
+
+Everything below the Model is built here and nowhere else; Model and architecture code
+never ask which strategy they hold.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from .. import kernels_cpu
+from ..cache import SLACK, plan_budget
+from ..errors import InvalidArgumentError
+from ..experts.moe import MoEFFN, ResidentExperts
+from ..flashload.ffn import NeuronFFN
+from ..flashload.layout import KEY as FLASH_KEY
+from ..flashload.plan import make_plan
+from ..flashload.settings import StreamSettings
+from ..flashload.store import FlashStore
+from ..formats import hf
+from ..formats.modelfile import GGUFModelFile, HFModelFile, check_tensor_types
+from ..formats.weights import WeightStore
+from ..units import parse_size
+from .config import config_from_gguf, config_from_hf
+from .ffn import DenseFFN
+from .model import Model
+from .models import model_class
+from .tokenizer import HFTokenizer, LlamaCppTokenizer
+
+_TOKENIZER_BYTES: dict[str, int] = {}  # per model file: the RSS its tokenizer took to load, first time
+
+
+def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
+               memory_budget: str | int | None = None, streaming=None, experts: dict | None = None) -> Model:
+    """The model in file or folder `path`, composed for these options (flashlm.load's)."""
+    t0 = time.perf_counter()
+    path = Path(path)
+    opened = []  # what to close, last first, if loading fails
+    try:
+        file = HFModelFile(path, hf.gguf_name) if path.is_dir() else GGUFModelFile(path)
+        opened.append(file)
+        if file.kind == "hf":
+            cfg = config_from_hf(file)
+            arch = model_class(cfg.arch)
+        else:
+            arch = model_class(file.arch, file.path)
+            cfg = config_from_gguf(file, arch)
+        check_tensor_types(file)
+        n_ctx = _check_ctx(n_ctx, cfg)
+        if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
+            raise InvalidArgumentError(f"n_threads must be a positive integer, got {n_threads!r}")
+        n_threads = kernels_cpu.set_threads(n_threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+        flash = file.kind == "gguf" and FLASH_KEY + ".version" in file.metadata
+        store = FlashStore(file, _stream_settings(streaming)) if flash else WeightStore(file)
+        opened[-1] = store  # closing the store closes the file
+        tokenizer, tokenizer_bytes = _tokenizer(path, file, cfg)
+        opened.append(tokenizer)
+        budget = None if memory_budget is None else parse_size(memory_budget)
+        gelu = arch.activation == "gelu"
+        plan, source, streams = None, None, []
+        if flash:  # FFN neurons streamed from the flash layout
+            if budget is not None:
+                plan = make_plan(store, budget, n_ctx, cfg.kv_bytes_per_token // 2, cfg.n_vocab, tokenizer_bytes)
+                store.set_capacities(plan.capacities)
+            ffn = [NeuronFFN(store, i, gelu) for i in range(cfg.n_layer)]
+            streams.append(store)
+        elif cfg.n_expert:  # experts from the mapping, or streamed into a cache under a budget
+            source = ResidentExperts(store)
+            if budget is not None:
+                from ..experts.plan import plan_experts
+                from ..experts.store import StreamedExperts
+
+                opts = _expert_options(experts)
+                plan = plan_experts(file, cfg, budget, n_ctx, tokenizer_bytes,
+                                    opts["prefetch"] is True)  # auto: off in a cache too small
+                source = StreamedExperts(file, cfg, plan.n_slots, **opts)
+                opened.append(source)
+                streams.append(source)
+            ffn = [MoEFFN(store, source, cfg, i, gelu) for i in range(cfg.n_layer)]
+        else:
+            if budget is not None:  # every weight resident: the plan checks the budget holds them
+                plan = plan_budget(budget, n_ctx, resident=store.resident_bytes, kv=n_ctx * cfg.kv_bytes_per_token // 2,
+                                   buffers=tokenizer_bytes + 8 * cfg.n_vocab + SLACK + store.resident_bytes // 100,
+                                   advice="raise the budget, lower n_ctx, or stream its FFN from a flash layout "
+                                          "(flashlm convert --flash OUT)")
+            ffn = [DenseFFN(store, i, gelu) for i in range(cfg.n_layer)]
+        lm = arch(cfg, store, ffn)
+    except BaseException:
+        for o in reversed(opened):
+            o.close()
+        raise
+    return Model(path=path, config=cfg, store=store, tokenizer=tokenizer, lm=lm, experts=source, streams=streams, plan=plan,
+                 memory_budget=budget, n_ctx=n_ctx, n_threads=n_threads, load_seconds=time.perf_counter() - t0)
+
+
+def _check_ctx(n_ctx, cfg) -> int:
+    if n_ctx is None:
+        n_ctx = min(4096, cfg.n_ctx_train)
+    if not isinstance(n_ctx, int) or n_ctx < 8:
+        raise InvalidArgumentError(f"n_ctx must be an integer >= 8, got {n_ctx!r}")
+    return n_ctx
+
+
+def _stream_settings(streaming) -> StreamSettings | None:
+    """A flash layout's streaming settings: StreamSettings, a dict of its fields, or None."""
+    if isinstance(streaming, dict):
+        unknown = set(streaming) - set(StreamSettings.__dataclass_fields__)
+        if unknown:
+            raise InvalidArgumentError(f"unknown streaming setting(s): {', '.join(sorted(unknown))}")
+        return StreamSettings(**streaming)
+    return streaming
+
+
+def _tokenizer(path: Path, file, cfg):
+    """The model's tokenizer, and the RSS its tables took: measured the first time this
+    process loads this file (later loads reuse freed memory and would measure less: one
+    plan per file and process)."""
+    rss0 = psutil.Process().memory_info().rss
+    if file.kind == "gguf":
+        tok = LlamaCppTokenizer(path, file.metadata, cfg.arch)
+    else:
+        tok = HFTokenizer(path, file.config)
+    return tok, _TOKENIZER_BYTES.setdefault(str(path), max(0, psutil.Process().memory_info().rss - rss0))
+
+
+def _expert_options(experts: dict | None) -> dict:
+    """A mixture-of-experts model's streaming options: policy ("freq", the default: the
+    best hit rates on MoEfied SmolLM2's routing traces, benchmarks/expert_traces.py;
+    "score"; "lru"; "lfu"), prefetch (the next layer's experts read while a layer computes:
+    True, False, or "auto", the default: whichever decodes faster on this machine, measured
+    while decoding; experts/autoprefetch.py) and bundle (write the experts' bundle once and
+    read each expert in one read; experts/bundle.py)."""
+    opts = {"policy": "freq", "prefetch": "auto", "bundle": True, **(experts or {})}
+    unknown = set(opts) - {"policy", "prefetch", "bundle"}
+    if unknown:
+        raise InvalidArgumentError(f"unknown expert option(s): {', '.join(sorted(unknown))}")
+    pf = opts["prefetch"]
+    if not (isinstance(pf, (bool, np.bool_)) or (isinstance(pf, str) and pf == "auto")):
+        raise InvalidArgumentError(f"expert prefetch must be True, False or \"auto\", not {pf!r}")
+    opts["prefetch"] = pf if isinstance(pf, str) else bool(pf)
+    from ..cache import POLICIES
+
+    if opts["policy"] not in POLICIES:
+        raise InvalidArgumentError(f"unknown cache policy {opts['policy']!r}; choose from {', '.join(POLICIES)}")
+    return opts
