@@ -45,7 +45,7 @@ if budget < 0:  # -N: a budget for N cache slots, from this process's own plan (
 m = flashlm.load(path, n_ctx=512, n_threads=2, memory_budget=budget or None, experts=opts or None)
 tokens = m.tokenize(open(sys.argv[6]).read())
 m._prefill(tokens[:8])
-ex = m.model.experts
+ex = m.experts
 take = getattr(ex, "take_stats", lambda: {})
 times, stats = [], []
 for pos, tok in enumerate(tokens[8:8 + n], start=8):

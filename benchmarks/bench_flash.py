@@ -34,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -76,7 +75,7 @@ def budget_for(path, fraction: float, predictor: str, keep: float, window: int) 
 
 PLAN = """
 import sys, flashlm
-m = flashlm.Model(sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=1, memory_budget=1 << 50,
+m = flashlm.load(sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=1, memory_budget=1 << 50,
                   streaming=dict(predictor=sys.argv[3], keep=float(sys.argv[4]), window=int(sys.argv[5])))
 print(m.plan.fixed, m.plan.full - m.plan.fixed)
 """
@@ -109,7 +108,7 @@ def run_row(path, settings, budget, n_gen: int, skip: int, threads: int) -> dict
 
 def row_here(path, settings, budget, n_gen: int, skip: int, threads: int) -> dict:
     resident = settings.pop("resident", False) if settings else False
-    m = flashlm.Model(path, n_ctx=N_CTX, n_threads=threads, memory_budget=None if resident or settings is None
+    m = flashlm.load(path, n_ctx=N_CTX, n_threads=threads, memory_budget=None if resident or settings is None
                       else budget, streaming=settings)
     try:
         return _decode(m, resident, n_gen, skip)
@@ -123,24 +122,24 @@ def _decode(m, resident: bool, n_gen: int, skip: int) -> dict:
         store.resident = True
     text = m.tokenize(TEXT.read_text())  # decode fed with real text, token by token (teacher forcing):
     tokens, feed = text[:16], text[16:16 + n_gen]  # varied inputs, also for a random model's repetitive output
-    m._prefill(tokens)
-    take = getattr(store, "take_stats", lambda: [])
-    take()
+    m.reset()
+    m.eval(tokens)
+    m.take_stats()
     times, dev = [], []
-    for pos, tok in enumerate(feed, start=len(tokens)):
+    for tok in feed:
         d0 = device_read_bytes()
         t0 = time.perf_counter()
-        m._forward(np.array([tok]), pos, m._kv)
+        m.eval([tok])
         times.append(time.perf_counter() - t0)
         dev.append(device_read_bytes() - d0)
-    stats = take()[skip:]
+    stats = m.take_stats()[skip:]
     times, dev = times[skip:], dev[skip:]
     med = statistics.median
     out = dict(ms=1e3 * med(times), tok_s=1 / med(times), dev=med(dev))
-    if stats:
+    if any(s.neurons_needed for s in stats):  # streamed
         out.update(bytes=med(s.bytes_read for s in stats), reads=med(s.reads for s in stats),
-                   mean_read=med(s.mean_read for s in stats), io=1e3 * med(s.io_s for s in stats),
-                   book=1e3 * med(s.bookkeeping_s for s in stats), hit=med(s.hit_rate for s in stats))
+                   mean_read=med(s.mean_read for s in stats), io=1e3 * med(s.io_wait_s for s in stats),
+                   book=1e3 * med(s.bookkeeping_s for s in stats), hit=med(s.window_hit_rate for s in stats))
         out["compute"] = out["ms"] - out["io"] - out["book"]
     return out
 

@@ -9,8 +9,8 @@ after an upgrade that changed the layout), then generates with its FFN neurons r
 import sys
 
 import flashlm
+from flashlm import TokenStats
 from flashlm.runtime.convert import cached
-from flashlm.flashload.store import TokenStats
 
 flash = cached("smollm2-135m")
 
@@ -18,7 +18,7 @@ budget = sys.argv[1] if len(sys.argv) > 1 else "145MB"
 with flashlm.load(flash, n_ctx=256, memory_budget=budget, streaming={"keep": 0.8, "window": 16}) as model:
     print(model.plan.table())
     print(model.generate("The history of the city begins", max_tokens=24, temperature=0))
-    passes = model.store.take_stats()  # one TokenStats per forward pass
-    every, decode = TokenStats.total(passes), TokenStats.total(p for p in passes if p.tokens == 1)
+    passes = model.take_stats()  # one TokenStats per forward pass
+    every, decode = TokenStats.total(passes), TokenStats.total(p for p in passes if not p.prefill)
     print(f"read {every.bytes_read / 1e6:.1f} MB from disk in {every.reads} reads; "
-          f"window hit rate while decoding {decode.hit_rate:.0%}")
+          f"window hit rate while decoding {decode.window_hit_rate:.0%}")

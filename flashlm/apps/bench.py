@@ -40,22 +40,22 @@ class _Flashlm:
         self.n_vocab = self.m.config.n_vocab
 
     def warm(self):
-        self.m._kv_tokens = []
-        self.m._prefill(_tokens(8, self.n_vocab, 7))
+        self.m.reset()
+        self.m.eval(_tokens(8, self.n_vocab, 7))
 
     def prefill(self, toks):
-        self.m._kv_tokens = []  # a fresh cache: nothing reused
+        self.m.reset()  # a fresh cache: nothing reused
         t = time.perf_counter()
-        self.m._prefill(toks)
+        self.m.eval(toks)
         return time.perf_counter() - t
 
     def decode(self, first, toks):
         m = self.m
-        m._kv_tokens = []
-        m._prefill([first])
+        m.reset()
+        m.eval([first])
         t = time.perf_counter()
-        for i, tok in enumerate(toks):
-            m.model.forward(np.asarray([tok]), 1 + i, m._kv)
+        for tok in toks:
+            m.eval([tok])
         return time.perf_counter() - t
 
     def close(self):

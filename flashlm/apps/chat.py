@@ -104,7 +104,7 @@ class ChatApp(App):
         self.generating = False
         self._quit_armed = 0.0
         self.last = None  # the last reply's final Chunk
-        self._streamed = None  # (MB read from disk, window hit rate) of the last reply, for a streamed model
+        self._streamed = None  # (MB read from disk, "hits" or "expert hits", hit rate) of the last reply, streamed
         self._stop_requested = False  # Esc/Ctrl+C during this reply (also before its stream exists)
         self._load_error = None  # why the model did not load: printed as one line after the app quits
         self._idle_rss = None  # RSS before the model loaded (kernels in): the part of RSS the budget does not cover
@@ -182,23 +182,17 @@ class ChatApp(App):
         # a model handed in loaded has no such baseline, so RSS it is.
         used = f"model {rss - self._idle_rss / 1e6:.0f}" if self._idle_rss is not None else f"RSS {rss:.0f}"
         parts.append(used + (f"/{budget / 1e6:.0f} MB budget" if budget else " MB"))
-        take = getattr(self.model.store, "take_stats", None)
-        if take is not None:  # a streamed (flash-layout) model: what the last reply read from disk
-            stats = take()
-            if stats:
-                from ..flashload.store import TokenStats
+        passes = self.model.take_stats()  # a streamed model: what the last reply read from disk
+        if passes:
+            from ..stats import TokenStats
 
-                decode = TokenStats.total(s for s in stats if s.tokens == 1)
-                self._streamed = (TokenStats.total(stats).bytes_read / 1e6, decode.hit_rate)
-            if self._streamed:
-                parts.append(f"disk {self._streamed[0]:.0f} MB · hits {self._streamed[1]:.0%}")
-        take = getattr(getattr(self.model.model, "experts", None), "take_stats", None)
-        if take is not None:  # a mixture of experts streamed into a cache: the last reply's figures
-            e = take()
-            if e["hits"] + e["misses"]:
-                self._streamed = (e["bytes_read"] / 1e6, e["hits"] / (e["hits"] + e["misses"]))
-            if self._streamed:
-                parts.append(f"disk {self._streamed[0]:.0f} MB · expert hits {self._streamed[1]:.0%}")
+            every, decode = TokenStats.total(passes), TokenStats.total(p for p in passes if not p.prefill)
+            if decode.window_hit_rate is not None:
+                self._streamed = (every.bytes_read / 1e6, "hits", decode.window_hit_rate)
+            elif every.expert_hit_rate is not None:
+                self._streamed = (every.bytes_read / 1e6, "expert hits", every.expert_hit_rate)
+        if self._streamed:
+            parts.append(f"disk {self._streamed[0]:.0f} MB · {self._streamed[1]} {self._streamed[2]:.0%}")
         self._set_status(" | ".join(parts))
 
     # -- input ----------------------------------------------------------------------

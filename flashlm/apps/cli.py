@@ -132,30 +132,29 @@ def cmd_run(args) -> int:
                   f"generation: {last.n_generated} tokens, {last.tokens_per_second:.1f} tok/s | "
                   f"finish: {last.finish_reason} | peak RSS {peak / 2**20:.0f} MiB | "
                   f"read from disk {read / 1e6:.1f} MB | load {model.load_seconds:.2f} s", file=sys.stderr)
-            stats = getattr(model.store, "take_stats", lambda: [])()
-            if stats:
-                from ..flashload.store import TokenStats
-
-                every, decode = TokenStats.total(stats), TokenStats.total(s for s in stats if s.tokens == 1)
-                print(f"streamed: {every.bytes_read / 1e6:.1f} MB read from disk in {every.reads} reads | "
-                      f"decode {decode.bytes_read / max(1, decode.tokens) / 1e6:.2f} MB/token, "
-                      f"window hit rate {decode.hit_rate:.0%}", file=sys.stderr)
-            ex = getattr(model.model.experts, "take_stats", None)
-            if ex is not None:  # experts streamed into a cache
-                e = ex()
-                pf = (f", prefetch precision {e['precision']:.0%} recall {e['recall']:.0%}"
-                      if e["precision"] is not None else "")
-                pf += f", prefetch {e['prefetch']}"
-                if e["hidden"] is not None:
-                    pf += f", {e['hidden']:.0%} of read time hidden"
-                print(f"experts: cache hit rate {e['hits'] / max(1, e['hits'] + e['misses']):.0%}, "
-                      f"{e['bytes_read'] / 1e6:.1f} MB read, {e['wait_s'] * 1e3:.0f} ms waited for reads{pf}",
-                      file=sys.stderr)
+            _print_stream_stats(model.take_stats(), model.expert_prefetch)
     return 0
 
 
+def _print_stream_stats(passes, prefetch: str | None) -> None:
+    """What a streamed model read from disk and how often its windows or expert cache hit
+    (nothing for a resident model)."""
+    from ..stats import TokenStats
+
+    every, decode = TokenStats.total(passes), TokenStats.total(p for p in passes if not p.prefill)
+    if decode.window_hit_rate is not None:
+        print(f"streamed: {every.bytes_read / 1e6:.1f} MB read from disk in {every.reads} reads | "
+              f"decode {decode.bytes_read / max(1, decode.tokens) / 1e6:.2f} MB/token, "
+              f"window hit rate {decode.window_hit_rate:.0%}", file=sys.stderr)
+    if every.expert_hit_rate is not None:
+        pf = (f", prefetch precision {every.prefetch_precision:.0%} recall {every.prefetch_recall:.0%}"
+              if every.prefetch_precision is not None else "")
+        print(f"experts: cache hit rate {every.expert_hit_rate:.0%}, {every.bytes_read / 1e6:.1f} MB read, "
+              f"{every.io_wait_s * 1e3:.0f} ms waited for reads{pf}, prefetch {prefetch}", file=sys.stderr)
+
+
 def cmd_pull(args) -> int:
-    from ..runtime import registry
+    from ..formats import registry
 
     names = args.names or [registry.DEFAULT_MODEL]
     for name in names:
@@ -166,7 +165,7 @@ def cmd_pull(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from ..runtime import registry
+    from ..formats import registry
 
     for name, entry in registry.MODELS.items():
         mark = "pulled" if registry.is_pulled(name) else "not pulled"
@@ -195,19 +194,9 @@ def cmd_info(args) -> int:
         print(f"weights:      {format_size(m.store.resident_bytes)} "
               f"({', '.join(f'{k} x{v}' for k, v in types.most_common())})")
         print(f"context:      {m.n_ctx} (trained {cfg.n_ctx_train}); KV cache {format_size(m.n_ctx * cfg.kv_bytes_per_token // 2)} at f16")
-        if hasattr(m.store, "plans"):
-            st = m.store.settings
-            print(f"layout:       flash; FFN neurons streamed ({sum(lb.n_ff for lb in m.store.plans):,} records), "
-                  f"predictor {st.predictor or 'none'}, keep {st.keep if st.predictor else 1.0}, window {st.window}")
+        print(f"layout:       {m.layout}")
         if m.plan is not None:
             print(m.plan.table())
-        elif m.memory_budget is not None:  # a plain model: all of it resident, nothing streamed
-            kv = m.n_ctx * cfg.kv_bytes_per_token // 2
-            print(f"memory plan for a budget of {format_size(m.memory_budget)}: every weight resident "
-                  f"(`flashlm convert --flash OUT` makes a layout whose FFN streams)")
-            for name, n in (("resident weights", m.store.resident_bytes), ("KV cache", kv),
-                            ("left over", m.memory_budget - m.store.resident_bytes - kv)):
-                print(f"  {name:<17} {format_size(n):>10}")
         print(f"loaded in:    {time.perf_counter() - t0:.2f} s")
     return 0
 

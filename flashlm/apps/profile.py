@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 
 from ..errors import FlashLMError, InvalidArgumentError
-from ..flashload.store import TokenStats
+from ..stats import TokenStats
 
 MIB = 2**20
 
@@ -34,43 +33,27 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
     base = idle_rss(proc)
     with flashlm.load(spec, n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget,
                       streaming=streaming, experts=experts) as m:
-        take = getattr(m.store, "take_stats", lambda: [])
-        ex = getattr(m.model.experts, "take_stats", None)  # experts streamed into a cache
-        if ex is not None:
-            take = _expert_stats(ex, m.plan.expert_bytes)
         tokens = m.tokenize(prompt)
         if len(tokens) + n_tokens > m.n_ctx:
             raise InvalidArgumentError(f"{len(tokens)} prompt tokens + {n_tokens} do not fit n_ctx={m.n_ctx}; "
                                        "pass a larger -c or fewer tokens")
-        t0 = time.perf_counter()
-        logits = m._prefill(tokens)
-        prefill_s = time.perf_counter() - t0
-        prefill = take()
-        rows = []
-        tok, pos = int(np.argmax(logits)), len(tokens)
-        for i in range(n_tokens):
-            t0 = time.perf_counter()
-            logits = m._forward(np.array([tok]), pos, m._kv)[0]
-            dt = time.perf_counter() - t0
-            st = TokenStats.total(take())
-            rows.append(dict(token=i, latency_ms=1e3 * dt, compute_ms=1e3 * max(0.0, dt - st.io_s - st.bookkeeping_s),
-                             io_ms=1e3 * st.io_s, bookkeeping_ms=1e3 * st.bookkeeping_s, bytes_read=st.bytes_read,
-                             reads=st.reads, needed=st.needed, hits=st.hits, rss_mib=proc.memory_info().rss / MIB))
-            tok, pos = int(np.argmax(logits)), pos + 1
-        plan = m.plan
-        if plan is None:
-            plan_out = None
-        elif ex is not None:
-            plan_out = dict(resident=plan.resident, kv=plan.kv, buffers=plan.buffers, expert_bytes=plan.expert_bytes,
-                            n_slots=plan.n_slots, n_experts=plan.n_experts, minimum=plan.minimum,
-                            prefetch=m.model.experts.prefetch_state())
-        else:
-            plan_out = dict(resident=plan.resident, predictor=plan.predictor, kv=plan.kv, buffers=plan.buffers,
-                            window=plan.window, minimum=plan.minimum)
-        out = dict(model=m.name, path=str(m.path), streamed=hasattr(m.store, "plans"), experts=ex is not None,
-                   memory_budget=m.memory_budget, n_ctx=m.n_ctx, n_threads=m.n_threads, plan=plan_out,
-                   idle_rss_mib=base / MIB, prompt_tokens=len(tokens), prefill_ms=1e3 * prefill_s,
-                   prefill_bytes_read=TokenStats.total(prefill).bytes_read, tokens=rows)
+        m.take_stats()
+        logits = m.eval(tokens)
+        prefill = TokenStats.total(m.take_stats())
+        passes = []
+        for _ in range(n_tokens):
+            logits = m.eval([int(np.argmax(logits))])
+            passes += m.take_stats()
+        rows = [dict(token=i, latency_ms=1e3 * st.seconds, compute_ms=1e3 * st.compute_s, io_ms=1e3 * st.io_wait_s,
+                     bookkeeping_ms=1e3 * st.bookkeeping_s, bytes_read=st.bytes_read, reads=st.reads,
+                     needed=st.neurons_needed + st.experts_needed, hits=st.neuron_hits + st.expert_hits,
+                     rss_mib=st.rss / MIB) for i, st in enumerate(passes)]
+        every = TokenStats.total(passes)
+        plan = None if m.plan is None else dict(m.plan.as_dict(), prefetch=m.expert_prefetch)
+        out = dict(model=m.name, path=str(m.path), streamed=every.neurons_needed > 0, experts=every.experts_needed > 0,
+                   memory_budget=m.memory_budget, n_ctx=m.n_ctx, n_threads=m.n_threads, plan=plan,
+                   idle_rss_mib=base / MIB, prompt_tokens=len(tokens), prefill_ms=1e3 * prefill.seconds,
+                   prefill_bytes_read=prefill.bytes_read, tokens=rows)
     lat = [r["latency_ms"] for r in rows]
     needed = sum(r["needed"] for r in rows)
     hit_rate = sum(r["hits"] for r in rows) / needed if needed else None
@@ -87,17 +70,6 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
     if plot:
         _plot(out, out_dir / "profile.png")
     return out
-
-
-def _expert_stats(take, expert_bytes: int):
-    """The expert store's statistics since the last call, as the flash store's
-    per-pass TokenStats (hits: cached experts, needed: experts routed, io: the wait for
-    expert reads, reads: experts read)."""
-    def stats():
-        e = take()
-        return [TokenStats(tokens=1, needed=e["hits"] + e["misses"], hits=e["hits"], bytes_requested=e["bytes_read"],
-                           bytes_read=e["bytes_read"], reads=e["bytes_read"] // expert_bytes, io_s=e["wait_s"])]
-    return stats
 
 
 def idle_rss(proc) -> int:
@@ -164,7 +136,7 @@ def sweep(spec, out_dir, fractions: list[float], prompt: str, n_tokens: int, n_c
 
     with flashlm.load(spec, n_ctx=n_ctx, n_threads=1, memory_budget=1 << 50, streaming=streaming,
                       experts=experts) as m:
-        if m.plan is None:
+        if not m.plan.cache:  # every weight resident: no budget to sweep
             raise FlashLMError("--sweep needs a model in the flash layout (flashlm convert --flash OUT) or a "
                                "mixture of experts")
         full = m.plan.full

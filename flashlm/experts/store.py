@@ -35,6 +35,7 @@ import numpy as np
 from ..cache import SlotCache
 from ..io import NativeAIO, ReadEngine
 from ..formats.modelfile import TensorRef
+from ..stats import TokenStats
 from .autoprefetch import AutoPrefetch
 from .bundle import ensure_bundle, file_mapping, part_sizes, record_bytes, record_offset, unmap
 from .moe import PARTS, part_layout
@@ -140,6 +141,7 @@ class StreamedExperts:
         self._missing = None  # keys of misses being read for locate(wait=False)
         self.predicted: dict[int, set] = {}
         self.stats = [LayerStats() for _ in range(cfg.n_layer)]
+        self.totals = TokenStats()  # the same, all layers, since the last take_pass
         self.io_s = 0.0  # seconds reads took (thread reads; under native AIO, the submissions and waits)
         self.wait_s = 0.0  # seconds the caller waited for reads
 
@@ -208,6 +210,7 @@ class StreamedExperts:
         dt = time.perf_counter() - t0
         self.io_s += dt
         self.wait_s += dt
+        self.totals.io_wait_s += dt
 
     def _unpin_layer(self) -> None:
         for s in self._pins:
@@ -243,6 +246,9 @@ class StreamedExperts:
         n_miss = int(np.count_nonzero(missed))
         st.misses += n_miss
         st.hits += len(keys) - n_miss
+        tot = self.totals
+        tot.experts_needed += len(keys)
+        tot.expert_hits += len(keys) - n_miss
         try:
             if n_miss:
                 t0 = time.perf_counter()
@@ -281,7 +287,9 @@ class StreamedExperts:
             self.cache.forget(key)
             return
         finally:
-            self.wait_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.wait_s += dt
+            self.totals.io_wait_s += dt
         if unpin and slot >= 0:
             self.cache.pinned[slot] = False
 
@@ -301,8 +309,14 @@ class StreamedExperts:
                     ranges.append((t.offset + e * n, n))
                     outs.append(pool[s, o:o + n])
                     o += n
-        self.stats[int(keys[0]) // n_expert].bytes_read += sum(n for _, n in ranges)
+        self._count_reads(int(keys[0]) // n_expert, sum(n for _, n in ranges), len(ranges))
         return ranges, outs
+
+    def _count_reads(self, layer: int, nbytes: int, reads: int) -> None:
+        self.stats[layer].bytes_read += nbytes
+        self.totals.bytes_read += nbytes
+        self.totals.bytes_requested += nbytes
+        self.totals.reads += reads
 
     def _record(self, key: int) -> int:
         """Where expert `key` (layer * n_expert + e) starts in the bundle: records are in key order."""
@@ -313,7 +327,7 @@ class StreamedExperts:
         rec = self.cache.item_bytes
         self.aio.submit_addrs((keys * rec + self._record(0)).tolist(), rec, (slots * rec + self._pool_addr).tolist(),
                               tag, self.cache.pool)
-        self.stats[int(keys[0]) // self.cfg.n_expert].bytes_read += rec * len(keys)
+        self._count_reads(int(keys[0]) // self.cfg.n_expert, rec * len(keys), len(keys))
 
     def begin_layer(self, layer: int, chosen: np.ndarray, probs: np.ndarray) -> None:
         """The router chose `chosen` (T, k) for this layer; probs (T, n_expert) feed the
@@ -326,9 +340,14 @@ class StreamedExperts:
         if pred is not None:
             ids = set(chosen.ravel().tolist())
             st = self.stats[layer]
+            used = len(pred & ids)
             st.predicted += len(pred)
-            st.predicted_used += len(pred & ids)
+            st.predicted_used += used
             st.chosen += len(ids)
+            tot = self.totals
+            tot.prefetched += len(pred)
+            tot.prefetch_used += used
+            tot.prefetch_chosen += len(ids)
 
     def prefetch(self, layer: int, ids) -> None:
         """Read layer's experts `ids` (those not cached or in flight) ahead, in parallel,
@@ -386,7 +405,7 @@ class StreamedExperts:
             # finished on a thread pool preempted the decode's threads: it cost more than
             # it hid). Prefetches start once the misses are in: the disk shares its
             # bandwidth among the reads it holds, so submitted together, the misses took
-            # as long as all of them (wait 4.1-5.3 ms a token against 2.7-3.2).
+            # as long as all of them.
             if misses is not None:
                 self._submit_records(*misses, "miss")
                 if not wait:
@@ -412,7 +431,7 @@ class StreamedExperts:
                 off = self._record(k)
                 os.posix_fadvise(self._hint_fd, off, rec, os.POSIX_FADV_WILLNEED)
                 self.pending[k] = off
-            self.stats[int(keys[0]) // self.cfg.n_expert].bytes_read += len(keys) * rec
+            self._count_reads(int(keys[0]) // self.cfg.n_expert, len(keys) * rec, len(keys))
             return
         t0 = time.perf_counter()
         futs = self.engine.submit(*self._ranges(keys, slots))
@@ -472,6 +491,16 @@ class StreamedExperts:
             o += n
         return tuple(out)
 
+    def describe(self) -> str:
+        """What streams, and how (for `flashlm info`)."""
+        return (f"experts streamed into a cache of {self.cache.n_slots:,} ({self.cache.policy}; prefetch "
+                f"{self.prefetch_state()}; {'bundled' if self.bundle is not None else 'from the GGUF'})")
+
+    def take_pass(self) -> TokenStats:
+        """What the cache read and held since the last call (the model's last pass)."""
+        out, self.totals = self.totals, TokenStats()
+        return out
+
     def prefetch_state(self) -> str:
         """Whether prefetch is on, and for "auto" what it measured (or why it is off)."""
         if self.auto is not None:
@@ -499,64 +528,3 @@ class StreamedExperts:
         if self._hint_fd >= 0:
             os.close(self._hint_fd)
             self._hint_fd = -1
-
-
-@dataclass
-class ExpertPlan:
-    """How a budget is divided for a mixture-of-experts model whose experts stream:
-    everything but the experts resident, the KV cache, buffers, and the expert cache."""
-
-    budget: int
-    resident: int
-    kv: int
-    buffers: int
-    expert_bytes: int  # one expert's cache slot: its gate, up and down slices, 4 KiB-aligned
-    n_slots: int  # experts the cache holds
-    n_experts: int  # experts in the model (all layers)
-    minimum: int
-
-    @property
-    def fixed(self) -> int:
-        return self.resident + self.kv + self.buffers
-
-    @property
-    def full(self) -> int:
-        """The budget that holds every expert (as flashload's plan.full holds every neuron)."""
-        return self.fixed + self.n_experts * self.expert_bytes
-
-    def table(self) -> str:
-        from ..units import format_size
-
-        rows = [("resident weights", self.resident), ("KV cache", self.kv), ("buffers, tokenizer", self.buffers),
-                ("expert cache", self.n_slots * self.expert_bytes)]
-        out = [f"memory plan for a budget of {format_size(self.budget)} (minimum {format_size(self.minimum)}):"]
-        out += [f"  {name:<17} {format_size(n):>10}" for name, n in rows]
-        out.append(f"  the cache holds {self.n_slots:,} of {self.n_experts:,} experts "
-                   f"({self.n_slots / self.n_experts:.0%}), {format_size(self.expert_bytes)} each")
-        return "\n".join(out)
-
-
-SLACK = 4 << 20  # allocator slack and pages faulted in around mapped weights (as flashload's plan)
-
-
-def plan_experts(model_file, cfg, budget: int, n_ctx: int, tokenizer: int, prefetch: bool,
-                 io_threads: int = 8, max_read: int = 1 << 20) -> ExpertPlan:
-    """Divide `budget`; FlashLMError naming the minimum (one token's experts in a layer,
-    twice that with prefetch) when it is below."""
-    from ..errors import FlashLMError
-    from ..units import format_size
-
-    stacked = {f"blk.{i}.{p}.weight" for i in range(cfg.n_layer) for p in PARTS}
-    resident = sum(t.nbytes for t in model_file.tensors.values() if t.name not in stacked)
-    expert = record_bytes(part_sizes(model_file, cfg))  # a cache slot: one bundle record
-    kv = n_ctx * cfg.kv_bytes_per_token // 2
-    buffers = tokenizer + io_threads * max_read + 8 * cfg.n_vocab + SLACK + resident // 100
-    fixed = resident + kv + buffers
-    least = cfg.n_expert_used * (2 if prefetch else 1)
-    minimum = fixed + least * expert
-    if budget < minimum:
-        raise FlashLMError(f"memory budget {format_size(budget)} is below the minimum {format_size(minimum)} for this "
-                           f"model at n_ctx={n_ctx} (resident weights {format_size(resident)}, KV cache {format_size(kv)},"
-                           f" {least} experts of {format_size(expert)}); raise the budget or lower n_ctx")
-    total = cfg.n_layer * cfg.n_expert
-    return ExpertPlan(budget, resident, kv, buffers, expert, min(total, (budget - fixed) // expert), total, minimum)

@@ -1,83 +1,29 @@
-"""The memory plan: how a memory budget is divided for a streamed (flash-layout) model.
+"""How a flash-layout model's neuron windows fill their share of a memory budget (the
+planner itself is cache/plan.py's, one for every model).
 
-    resident weights   everything but the FFN records: embeddings, attention, norms,
-                       output (mapped, touched every token)
-    predictor          the resident gate ("gate") or the low-rank factors ("lowrank")
-    KV cache           n_ctx positions at float16
-    buffers            prefill's chunk of records and its products, I/O staging, logits,
-                       the tokenizer's tables (measured as it loads), and some slack
-    neuron window      the rest: each layer's window holds what its share buys
+    neuron window      each layer's window holds what its share buys
     spill buffer       when the windows cannot hold one token's neurons (keep x n_ff a
                        layer), what they lack is read each token into one buffer the
                        layers share
 
 The minimum is a budget with no window at all: every token reads all its neurons, one
-layer at a time, into the spill buffer. Below it, loading fails with an error that
-names the minimum. Budgets between that and one holding a token's neurons in every
-window hold part of them and read the rest each token.
+layer at a time, into the spill buffer. Budgets between that and one holding a token's
+neurons in every window hold part of them and read the rest each token.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ..errors import FlashLMError
-from ..units import format_size
+from ..cache import SLACK, MemoryPlan, plan_budget
 
 PREFILL_NEURONS = 512  # neurons per prefill chunk (store._dense)
-SLACK = 4 << 20  # what the allocator and page faults add beyond the planned arrays (measured: a few MiB)
-
-
-@dataclass
-class MemoryPlan:
-    """How a budget is divided for a streamed model (`Model.plan`; see the module's docstring)."""
-
-    budget: int
-    resident: int
-    predictor: int
-    kv: int
-    buffers: int  # compute and I/O buffers, the tokenizer's tables
-    window: int  # bytes for the neuron windows, all layers
-    spill: int  # bytes of the spill buffer (0 when the windows hold a token's neurons)
-    capacities: list[int]  # neurons each layer's window holds
-    layer_ff: list[int]  # neurons in each layer
-    per_neuron: list[int]  # bytes a held neuron takes, per layer
-    minimum: int
-
-    @property
-    def n_ff(self) -> int:
-        """Neurons in all layers."""
-        return sum(self.layer_ff)
-
-    @property
-    def fixed(self) -> int:
-        """Everything but the neuron windows and the spill buffer."""
-        return self.resident + self.predictor + self.kv + self.buffers
-
-    @property
-    def full(self) -> int:
-        """A budget whose windows hold every neuron."""
-        return self.fixed + sum(p * n for p, n in zip(self.per_neuron, self.layer_ff))
-
-    def table(self) -> str:
-        rows = [("resident weights", self.resident), ("predictor", self.predictor), ("KV cache", self.kv),
-                ("buffers, tokenizer", self.buffers), ("neuron window", self.window), ("spill buffer", self.spill)]
-        out = [f"memory plan for a budget of {format_size(self.budget)} (minimum {format_size(self.minimum)}):"]
-        out += [f"  {name:<17} {format_size(n):>10}" for name, n in rows]
-        out.append(f"  window holds {sum(self.capacities):,} neurons over {len(self.capacities)} layers "
-                   f"of {self.n_ff:,} ({sum(self.capacities) / self.n_ff:.0%}; up to {max(self.capacities):,} a layer)")
-        return "\n".join(out)
 
 
 def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_vocab: int,
               tokenizer: int = 0) -> MemoryPlan:
     """Divide `budget` bytes for FlashStore `store` (its settings pick the predictor and
     keep). FlashLMError naming the minimum if the budget is below it."""
-    s = store.settings
     plans = store.plans
-    per = [store.held_bytes(lb) for lb in plans]
-    resident, predictor = store.resident_bytes, store.predictor_bytes
-    kv = n_ctx * kv_bytes_per_token_f16
+    resident = store.resident_bytes
     biggest = max(plans, key=lambda lb: lb.bundle_bytes * lb.n_ff)
     chunk = min(PREFILL_NEURONS, biggest.n_ff)
     engine = store.engine
@@ -88,34 +34,48 @@ def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_voc
                + 4 * n_vocab * 2)  # logits
     buffers += tokenizer  # the tokenizer's tables, measured at load
     buffers += SLACK + resident // 100  # allocator slack, and pages faulted in around the mapped weights
-    need = store.needs()
-    fixed = resident + predictor + kv + buffers
-    # no window: the spill buffer takes a layer's needs (with hot windows, a layer's records)
-    minimum = fixed + store.spill_bytes([0] * len(plans))
-    if budget < minimum:
-        raise FlashLMError(f"memory budget {format_size(budget)} is below the minimum {format_size(minimum)} for this "
-                           f"model at n_ctx={n_ctx} (resident weights {format_size(resident)}, KV cache "
-                           f"{format_size(kv)}, one layer's neurons for a token); raise the budget, lower n_ctx or keep")
-    room = budget - fixed
-    total_ff = sum(lb.n_ff for lb in plans)
+    return plan_budget(budget, n_ctx, resident=resident, kv=n_ctx * kv_bytes_per_token_f16, buffers=buffers,
+                       predictor=store.predictor_bytes, sizing=NeuronSizing(store),
+                       advice="raise the budget, lower n_ctx or keep")
 
-    def cost(caps):
-        return sum(c * p for c, p in zip(caps, per)) + store.spill_bytes(caps)
 
-    if s.window == 0:  # nothing kept between tokens
-        caps = [0] * len(plans)
-    elif store.hot and cost([lb.n_ff for lb in plans]) <= room:  # every neuron held: no tails
-        caps = [lb.n_ff for lb in plans]
-    elif store.hot:  # each window holds its layer's first share f of neurons; the buffer takes a tail
-        caps = _largest_share([lb.n_ff for lb in plans], cost, room)
-    elif room >= sum(n * p for n, p in zip(need, per)):  # every window holds a token's neurons, and more
-        caps = [min(lb.n_ff, max(n, room * lb.n_ff // total_ff // p)) for lb, n, p in zip(plans, need, per)]
-    else:  # windows hold a share f of each layer's needs; the spill buffer reads the rest each token
-        caps = _largest_share(need, cost, room)
-    spill = store.spill_bytes(caps)
-    held = sum(c * p for c, p in zip(caps, per))
-    return MemoryPlan(budget, resident, predictor, kv, buffers, held, spill, caps, [lb.n_ff for lb in plans], per,
-                      minimum)
+class NeuronSizing:
+    """The neuron windows' share of a budget (cache.plan.CacheSizing)."""
+
+    name = "neuron window"
+    least_what = "one layer's neurons for a token"
+
+    def __init__(self, store):
+        self.store = store
+        self.per = [store.held_bytes(lb) for lb in store.plans]
+        self.layer_ff = [lb.n_ff for lb in store.plans]
+        # no window: the spill buffer takes a layer's needs (with hot windows, a layer's records)
+        self.least = store.spill_bytes([0] * len(store.plans))
+        self.everything = sum(p * n for p, n in zip(self.per, self.layer_ff))
+
+    def _cost(self, caps) -> int:
+        return sum(c * p for c, p in zip(caps, self.per)) + self.store.spill_bytes(caps)
+
+    def fit(self, room: int) -> dict:
+        store, per, layer_ff = self.store, self.per, self.layer_ff
+        need = store.needs()
+        if store.settings.window == 0:  # nothing kept between tokens
+            caps = [0] * len(layer_ff)
+        elif store.hot and self._cost(layer_ff) <= room:  # every neuron held: no tails
+            caps = list(layer_ff)
+        elif store.hot:  # each window holds its layer's first share f of neurons; the buffer takes a tail
+            caps = _largest_share(layer_ff, self._cost, room)
+        elif room >= sum(n * p for n, p in zip(need, per)):  # every window holds a token's neurons, and more
+            total_ff = sum(layer_ff)
+            caps = [min(n_ff, max(n, room * n_ff // total_ff // p)) for n_ff, n, p in zip(layer_ff, need, per)]
+        else:  # windows hold a share f of each layer's needs; the spill buffer reads the rest each token
+            caps = _largest_share(need, self._cost, room)
+        held = sum(c * p for c, p in zip(caps, per))
+        total = sum(layer_ff)
+        holds = (f"window holds {sum(caps):,} neurons over {len(caps)} layers of {total:,} "
+                 f"({sum(caps) / total:.0%}; up to {max(caps):,} a layer)")
+        return dict(cache_bytes=held, spill=store.spill_bytes(caps), holds=holds, capacities=caps,
+                    layer_ff=list(layer_ff), per_neuron=per)
 
 
 def _largest_share(sizes: list[int], cost, room: int) -> list[int]:

@@ -16,191 +16,29 @@ same computation with nothing streamed, the reference the streamed runs must equ
 from __future__ import annotations
 
 import time
-from collections import deque
 from concurrent.futures import wait
-from dataclasses import dataclass
 
 import numpy as np
 
 from .. import kernels_cpu as K
 from ..errors import FlashLMError, InvalidArgumentError
-from ..formats.modelfile import TensorRef
 from ..formats.weights import WeightStore
 from ..io import ALIGN, ReadEngine, aligned_empty
+from ..io.probe import load_probe, pick_gap, pick_read_size
+from ..stats import TokenStats
 from .layout import FFN, read_plans, split_records
 from .plan import PREFILL_NEURONS
-from ..io.probe import load_probe, pick_gap, pick_read_size
-from .predictor import PREDICTORS, act, make_predictor, n_keep
+from .predictor import act, make_predictor, n_keep
+from .settings import StreamSettings
+from .window import NeuronWindow, row_refs
 
 # layers whose reads start ahead: measured on Gemma at half its FFN rows, 2 waited less but
 # its buffers came out of the windows (fewer hits, more bytes) and tok/s did not rise
 PREFETCH_LAYERS = 1
 
 
-@dataclass
-class TokenStats:
-    """One forward pass's FFN streaming, summed over layers."""
-
-    tokens: int = 0  # tokens in the pass (1 when decoding)
-    needed: int = 0  # neurons the predictor chose
-    hits: int = 0  # of those, already in the window
-    bytes_requested: int = 0  # bytes of the records' parts asked for
-    bytes_read: int = 0  # bytes the engine read (aligned, gaps of coalesced reads included)
-    reads: int = 0
-    io_s: float = 0.0
-    bookkeeping_s: float = 0.0  # window updates, range lists, copies into the cache
-    compute_s: float = 0.0  # predictor and the FFN products
-
-    @property
-    def hit_rate(self) -> float:
-        """Share of the neurons needed that were already in the window."""
-        return self.hits / self.needed if self.needed else 0.0
-
-    @property
-    def mean_read(self) -> float:
-        """Mean bytes per read."""
-        return self.bytes_read / self.reads if self.reads else 0.0
-
-    @classmethod
-    def total(cls, passes) -> "TokenStats":
-        """The sum of several passes' statistics."""
-        out = cls()
-        for p in passes:
-            for f in cls.__dataclass_fields__:
-                setattr(out, f, getattr(out, f) + getattr(p, f))
-        return out
-
-
-class NeuronWindow:
-    """One layer's neurons in DRAM: preallocated gate/up/down row matrices with a slot
-    per neuron held, as in the paper. Neurons used in the last `window` tokens stay;
-    older ones are deleted by moving the last rows into their slots; new ones are
-    appended. window 0 keeps nothing between tokens (every token reads what it needs).
-    Neurons a full window cannot take spill: the store reads them for this token only."""
-
-    def __init__(self, lb, capacity: int, pool: np.ndarray | None = None, with_gate: bool = True):
-        self.lb, self.cap = lb, capacity
-        gb = lb.gate_bytes if with_gate else 0  # no gate rows where the predictor holds the gate
-        sizes = [capacity * gb, capacity * lb.up_bytes, capacity * lb.down_bytes]
-        if pool is None:  # rows of its own; else views of a pool that layers take turns to use
-            pool = aligned_empty(sum(sizes))
-        a, b, c = sizes
-        self.gate = pool[:a].reshape(capacity, gb)
-        self.up = pool[a:a + b].reshape(capacity, lb.up_bytes)
-        self.down = pool[a + b:a + b + c].reshape(capacity, lb.down_bytes)
-        self.ids = np.empty(capacity, dtype=np.int64)
-        self.last = np.empty(capacity, dtype=np.int64)
-        self.slot_of = np.full(lb.n_ff, -1, dtype=np.int64)
-        self.n = 0
-
-    def _delete(self, slots: np.ndarray) -> None:
-        """Remove `slots`, filling the holes below the new end with the last rows."""
-        if not len(slots):
-            return
-        n_new = self.n - len(slots)
-        self.slot_of[self.ids[slots]] = -1
-        gone = np.zeros(self.n, dtype=bool)
-        gone[slots] = True
-        holes = np.flatnonzero(gone[:n_new])
-        movers = n_new + np.flatnonzero(~gone[n_new:])
-        for a in (self.gate, self.up, self.down, self.ids, self.last):
-            a[holes] = a[movers]
-        self.slot_of[self.ids[holes]] = holes
-        self.n = n_new
-
-    def make_room(self, needed: np.ndarray, t: int, window: int) -> tuple[np.ndarray, np.ndarray]:
-        """Mark needed neurons used at token t, drop those out of the window, and return
-        the needed neurons not held: those there is room for (to be appended), and those
-        there is not (a window smaller than one token's needs; read for this token only)."""
-        held = self.slot_of[needed]
-        self.last[held[held >= 0]] = t
-        if window <= 0:
-            self._delete(np.arange(self.n))
-        else:
-            self._delete(np.flatnonzero(self.last[:self.n] <= t - window))
-        missing = needed[self.slot_of[needed] < 0]
-        over = self.n + len(missing) - self.cap
-        if over > 0:  # full: the least recently used neurons that this token does not need
-            spare = np.flatnonzero(self.last[:self.n] < t)
-            self._delete(spare[np.argsort(self.last[spare], kind="stable")[:over]])
-        room = self.cap - self.n
-        return missing[:room], missing[room:]
-
-    def clear(self) -> None:
-        """Hold nothing."""
-        self.slot_of[self.ids[:self.n]] = -1
-        self.n = 0
-
-    def append(self, neurons: np.ndarray, t: int) -> slice:
-        s = slice(self.n, self.n + len(neurons))
-        self.ids[s] = neurons
-        self.last[s] = t
-        self.slot_of[neurons] = np.arange(s.start, s.stop)
-        self.n = s.stop
-        return s
-
-    def refs(self) -> tuple[TensorRef, TensorRef, TensorRef]:
-        return row_refs(self.lb, self.gate, self.up, self.down)
-
-
-def row_refs(lb, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> tuple[TensorRef, TensorRef, TensorRef]:
-    """Gate, up and transposed-down refs over layer lb's neuron rows (any row stride)."""
-    gt, ut, dt = lb.types
-    n = gate.shape[0]
-    return (TensorRef(f"blk.{lb.layer}.ffn_gate.weight", gt, (n, lb.n_embd), gate, -1),
-            TensorRef(f"blk.{lb.layer}.ffn_up.weight", ut, (n, lb.n_embd), up, -1),
-            TensorRef(f"blk.{lb.layer}.ffn_down_t", dt, (n, lb.n_embd), down, -1))
-
-
-@dataclass
-class StreamSettings:
-    """How a FlashStore streams (the ablation's switches).
-
-    predictor: None (every neuron), "gate" or "lowrank" (predictor.py)
-    keep:      fraction of each layer's neurons a token keeps (with a predictor); the
-               default 0.8 keeps SmolLM2's perplexity within 2% with the gate
-               predictor (benchmarks/flash_quality.py)
-    window:    tokens whose neurons stay in DRAM (0: none)
-    hot:       with a window, what it holds: True, the layer's first `capacity`
-               neurons for good (in a calibrated flash file, the most often needed:
-               layout.neuron_order), so what a token still reads is the contiguous
-               tail of the records; False, the neurons of the last `window` tokens
-               ("LLM in a flash"'s sliding window), least recently used out first
-    prefetch:  with hot windows, start reading the next layer's tail while this layer
-               computes (the pages its last token needed)
-    bundled:   one read per neuron record; False reads gate, up and down rows
-               separately (the paper's "no bundling" step)
-    capacity:  neurons per layer the window may hold (None: all); what one token needs
-               beyond it is read into a spill buffer for that token only
-    """
-
-    predictor: str | None = "gate"
-    keep: float = 0.8
-    window: int = 16
-    hot: bool = True
-    prefetch: bool = True
-    bundled: bool = True
-    capacity: int | None = None
-
-    def __post_init__(self):
-        if not isinstance(self.keep, (int, float)) or not isinstance(self.window, int):
-            raise InvalidArgumentError("keep must be a number and window an integer")
-        if self.predictor not in (None, *PREDICTORS):
-            raise InvalidArgumentError(f"unknown predictor {self.predictor!r}; choose from {', '.join(PREDICTORS)}")
-        if not 0.0 < self.keep <= 1.0:
-            raise InvalidArgumentError(f"keep must be in (0, 1], got {self.keep}")
-        if self.window < 0:
-            raise InvalidArgumentError(f"window must be >= 0, got {self.window}")
-        if self.capacity is not None and (not isinstance(self.capacity, int) or self.capacity < 1):
-            raise InvalidArgumentError(f"capacity must be a positive number of neurons, got {self.capacity!r}")
-        if self.keep >= 1.0:  # every neuron: nothing to predict
-            self.predictor, self.keep = None, 1.0
-
-
 class FlashStore(WeightStore):
     """Non-FFN weights resident (mapped); FFN neuron records streamed on demand."""
-
-    fusable = False  # the FFN weights are not all addressable: decode runs fused.LayerDecoder
 
     def __init__(self, model_file, settings: StreamSettings | None = None, resident: bool = False,
                  io_threads: int = 8, direct: bool = True):
@@ -225,8 +63,7 @@ class FlashStore(WeightStore):
             model_file.path, n_threads=io_threads, direct=direct, max_gap=pick_gap(curve, io_threads),
             max_read=pick_read_size(curve) if curve else 1 << 20, merge=s.bundled)
         self.t = 0  # decode tokens so far
-        self.current = TokenStats()
-        self.history: deque[TokenStats] = deque(maxlen=100_000)  # one entry per forward pass
+        self.current = TokenStats()  # this pass's reads and hits (take_pass)
 
     # -- WeightStore interface ----------------------------------------------------------
 
@@ -332,7 +169,6 @@ class FlashStore(WeightStore):
         st = self.current
         if h.shape[0] > 1:
             return self._dense(i, h, gelu, st)
-        t0 = time.perf_counter()
         x = np.ascontiguousarray(h[0], dtype=np.float32)
         lb, win = self.plans[i], self.windows[i]
         if self.predictor is None:
@@ -340,12 +176,11 @@ class FlashStore(WeightStore):
         else:
             needed, g = self.predictor.select(i, x, self.settings.keep, gelu)  # sorted ids; exact gate or None
         t1 = time.perf_counter()
-        st.compute_s += t1 - t0
         if self.hot:
             return self._ffn_hot(i, x, needed, g, gelu, t1)
         append, spill = win.make_room(needed, self.t, self.settings.window)
-        st.needed += len(needed)
-        st.hits += len(needed) - len(append) - len(spill)
+        st.neurons_needed += len(needed)
+        st.neuron_hits += len(needed) - len(append) - len(spill)
         st.bookkeeping_s += time.perf_counter() - t1
         self._load(win, append)
         out = np.zeros(lb.n_embd, dtype=np.float32)
@@ -371,8 +206,8 @@ class FlashStore(WeightStore):
             for c0 in range(win.n, win.cap, PREFILL_NEURONS):
                 self._load(win, np.arange(c0, min(win.cap, c0 + PREFILL_NEURONS)))
         cut = int(np.searchsorted(needed, win.cap))
-        st.needed += len(needed)
-        st.hits += 0 if first else cut
+        st.neurons_needed += len(needed)
+        st.neuron_hits += 0 if first else cut
         st.bookkeeping_s += time.perf_counter() - t1
         out = np.zeros(lb.n_embd, dtype=np.float32)
         if win.cap < lb.n_ff:
@@ -472,26 +307,24 @@ class FlashStore(WeightStore):
         t0 = time.perf_counter()
         futs = set(futs)
         wait(futs)
-        st.io_s += time.perf_counter() - t0
+        st.io_wait_s += time.perf_counter() - t0
         for f in futs:
             f.result()
 
     def _ffn_rows(self, refs, x, rows, g, gelu: bool, out: np.ndarray, st: TokenStats) -> None:
         """out += the FFN's part from rows `rows` of refs (gate, up, down_t), given their
         gate values g (None: computed here from the gate rows)."""
-        t0 = time.perf_counter()
         gate, up, down = refs
         if g is None:  # the predictor gave no gate values: compute them from the streamed rows
             g = K.matvec(x, gate, rows)
         coef = act(g, gelu) * K.matvec(x, up, rows)
         K.matvec_t(coef, down, rows, out)
-        st.compute_s += time.perf_counter() - t0
 
     def _load(self, win: NeuronWindow, neurons: np.ndarray) -> None:
         """Append `neurons` to window win (a layer's window or spill buffer), reading their records."""
         st, lb, read_gate = self.current, win.lb, self.reads_gate
         i = lb.layer
-        t0, io0 = time.perf_counter(), st.io_s
+        t0, io0 = time.perf_counter(), st.io_wait_s
         s = win.append(neurons, self.t)
         base, stride = self._records[i].offset, lb.bundle_bytes
         rec = None
@@ -520,7 +353,7 @@ class FlashStore(WeightStore):
                 win.gate[s] = gate
             win.up[s] = up
             win.down[s] = down
-        st.bookkeeping_s += time.perf_counter() - t0 - (st.io_s - io0)  # all but the reads
+        st.bookkeeping_s += time.perf_counter() - t0 - (st.io_wait_s - io0)  # all but the reads
 
     def _read(self, ranges: list, outs: list, st: TokenStats) -> None:
         """Read ranges into outs with the engine, adding to st's I/O figures."""
@@ -530,7 +363,7 @@ class FlashStore(WeightStore):
         before = e.bytes_read, e.reads
         t0 = time.perf_counter()
         self.engine.read_ranges(ranges, outs)
-        st.io_s += time.perf_counter() - t0
+        st.io_wait_s += time.perf_counter() - t0
         st.bytes_requested += sum(n for _, n in ranges)
         st.bytes_read += e.bytes_read - before[0]
         st.reads += e.reads - before[1]
@@ -551,27 +384,25 @@ class FlashStore(WeightStore):
             gate, up, down = (np.ascontiguousarray(a) for a in split_records(lb, rec))
             gate, up, down_t = row_refs(lb, gate, up, down)
             down_t = K.dequantize(down_t)
-            t2 = time.perf_counter()
+            st.bookkeeping_s += time.perf_counter() - t1
             g, u = K.linear_many(h, [gate, up])
             out += K.glu(g, u, gelu) @ down_t
-            st.bookkeeping_s += t2 - t1
-            st.compute_s += time.perf_counter() - t2
-        st.needed += lb.n_ff * h.shape[0]
+        st.neurons_needed += lb.n_ff * h.shape[0]
         return out
 
     def _begin_pass(self, n_tokens: int) -> None:
-        if self.current.tokens:
-            self.history.append(self.current)
         if n_tokens == 1:
             self.t += 1
-        self.current = TokenStats(tokens=n_tokens)
 
-    def take_stats(self) -> list[TokenStats]:
-        """The passes' statistics since the last call (the current one included, the
-        latest 100,000 at most), and start afresh."""
-        out = list(self.history) + ([self.current] if self.current.tokens else [])
-        self.history.clear()
-        self.current = TokenStats()
+    def describe(self) -> str:
+        """What streams, and how (for `flashlm info`)."""
+        s = self.settings
+        return (f"flash; FFN neurons streamed ({sum(lb.n_ff for lb in self.plans):,} records), predictor "
+                f"{s.predictor or 'none'}, keep {s.keep if s.predictor else 1.0}, window {s.window}")
+
+    def take_pass(self) -> TokenStats:
+        """What the store read and held since the last call (the model's last pass)."""
+        out, self.current = self.current, TokenStats()
         return out
 
     def _drain(self) -> None:

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import psutil
 
 from .. import kernels_cpu
-from ..flashload.layout import KEY as FLASH_KEY
-from ..flashload.plan import make_plan
-from ..flashload.store import FlashStore, StreamSettings
-from ..errors import ContextLengthError, FlashLMError, InvalidArgumentError
-from ..units import format_size, parse_size
-from ..formats import hf
+from ..errors import ContextLengthError, InvalidArgumentError
+from ..stats import RSSReader, TokenStats
 from .blocks import Cancelled, KVCache
-from .config import config_from_gguf, config_from_hf
-from ..formats.modelfile import GGUFModelFile, HFModelFile, check_tensor_types
-from .models import model_class
 from .sampler import Sampler, SamplingParams
-from .tokenizer import HFTokenizer, LlamaCppTokenizer
-from ..formats.weights import WeightStore
 
 PREFILL_CHUNK = 128  # tokens per prefill forward pass
 
@@ -41,114 +31,33 @@ class Chunk:
     n_generated: int  # tokens generated so far
     tokens_per_second: float  # generation speed so far
     prompt_tokens_per_second: float  # prefill speed of this request
+    stats: TokenStats | None = None  # the forward passes since the last chunk (TokenStats.total of them)
 
 
 _SAMPLING_KEYS = {f for f in SamplingParams.__dataclass_fields__}
 
 
-def _expert_options(experts: dict | None) -> dict:
-    """A mixture-of-experts model's streaming options: policy ("freq", the default: the
-    best hit rates on MoEfied SmolLM2's routing traces, benchmarks/expert_traces.py;
-    "score"; "lru"; "lfu"), prefetch (the next layer's experts read while a layer computes:
-    True, False, or "auto", the default: whichever decodes faster on this machine, measured
-    while decoding; experts/autoprefetch.py) and bundle (write the experts' bundle once and
-    read each expert in one read; experts/bundle.py)."""
-    opts = {"policy": "freq", "prefetch": "auto", "bundle": True, **(experts or {})}
-    unknown = set(opts) - {"policy", "prefetch", "bundle"}
-    if unknown:
-        raise InvalidArgumentError(f"unknown expert option(s): {', '.join(sorted(unknown))}")
-    pf = opts["prefetch"]
-    if not (isinstance(pf, (bool, np.bool_)) or (isinstance(pf, str) and pf == "auto")):
-        raise InvalidArgumentError(f"expert prefetch must be True, False or \"auto\", not {pf!r}")
-    opts["prefetch"] = pf if isinstance(pf, str) else bool(pf)
-    from ..cache import POLICIES
-
-    if opts["policy"] not in POLICIES:
-        raise InvalidArgumentError(f"unknown cache policy {opts['policy']!r}; choose from {', '.join(POLICIES)}")
-    return opts
-
-
-_TOKENIZER_BYTES: dict[str, int] = {}  # per model file: the RSS its tokenizer took to load, first time
-
-
 class Model:
-    """A loaded model. Use `flashlm.load(...)` to make one; close it (or use `with`)."""
+    """A loaded model. Use `flashlm.load(...)` to make one (loader.py composes it); close
+    it (or use `with`).
 
-    def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
-                 memory_budget: str | int | None = None, streaming=None, experts: dict | None = None):
-        t0 = time.perf_counter()
-        self.path = Path(path)
-        if self.path.is_dir():
-            self.file = HFModelFile(self.path, hf.gguf_name)
-            self.config = config_from_hf(self.file)
-        else:
-            self.file = GGUFModelFile(self.path)
-            self.config = config_from_gguf(self.file)
-        check_tensor_types(self.file)
-        cfg = self.config
-        if n_ctx is None:
-            n_ctx = min(4096, cfg.n_ctx_train)
-        if not isinstance(n_ctx, int) or n_ctx < 8:
-            raise InvalidArgumentError(f"n_ctx must be an integer >= 8, got {n_ctx!r}")
-        self.n_ctx = n_ctx
-        if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
-            raise InvalidArgumentError(f"n_threads must be a positive integer, got {n_threads!r}")
-        self.n_threads = kernels_cpu.set_threads(n_threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-        if self.file.kind == "gguf" and FLASH_KEY + ".version" in self.file.metadata:
-            try:
-                if isinstance(streaming, dict):
-                    unknown = set(streaming) - set(StreamSettings.__dataclass_fields__)
-                    if unknown:
-                        raise InvalidArgumentError(f"unknown streaming setting(s): {', '.join(sorted(unknown))}")
-                    streaming = StreamSettings(**streaming)
-                self.store = FlashStore(self.file, streaming)  # FFN neurons streamed from the flash layout
-            except BaseException:
-                self.file.close()
-                raise
-        else:
-            self.store = WeightStore(self.file)
-        self.memory_budget = None
-        self.plan = None  # a streamed model's memory plan (flashload.plan), when it has a budget
-        try:
-            rss0 = psutil.Process().memory_info().rss
-            if self.file.kind == "gguf":
-                self.tokenizer = LlamaCppTokenizer(self.path, self.file.metadata, cfg.arch)
-            else:
-                self.tokenizer = HFTokenizer(self.path, self.file.config)
-            # measured: its vocab tables, the first time this process loads this file (later
-            # loads reuse freed memory and would measure less: one plan per file and process)
-            tokenizer_bytes = _TOKENIZER_BYTES.setdefault(str(self.path),
-                                                          max(0, psutil.Process().memory_info().rss - rss0))
-            if memory_budget is not None:
-                self.memory_budget = parse_size(memory_budget)
-                if cfg.n_expert and not isinstance(self.store, FlashStore):  # experts stream into a cache
-                    from ..experts.store import plan_experts
+    config: the model's ModelConfig; file: its model file; plan: the memory plan under a
+    budget (else None); n_ctx, n_threads; load_seconds."""
 
-                    opts = self._expert_opts = _expert_options(experts)
-                    self.plan = plan_experts(self.file, cfg, self.memory_budget, n_ctx, tokenizer_bytes,
-                                             opts["prefetch"] is True)  # auto: off in a cache too small
-                elif isinstance(self.store, FlashStore):
-                    self.plan = make_plan(self.store, self.memory_budget, n_ctx, cfg.kv_bytes_per_token // 2,
-                                          cfg.n_vocab, tokenizer_bytes)
-                    self.store.set_capacities(self.plan.capacities)
-                else:
-                    need = self.store.resident_bytes + n_ctx * cfg.kv_bytes_per_token // 2
-                    if self.memory_budget < need:
-                        raise FlashLMError(
-                            f"memory budget {format_size(self.memory_budget)} is below the {format_size(need)} this"
-                            f" model needs resident (weights + KV cache at n_ctx={n_ctx}); raise the budget, lower"
-                            f" n_ctx, or stream its FFN from a flash layout (flashlm convert --flash OUT)")
-        except BaseException:
-            self.store.close()
-            raise
-        self.model = model_class(cfg.arch)(cfg, self.store)
-        if cfg.n_expert and self.plan is not None and not isinstance(self.store, FlashStore):
-            from ..experts.store import StreamedExperts
-
-            self.model.experts = StreamedExperts(self.file, cfg, self.plan.n_slots, **self._expert_opts)
-        self._kv = KVCache(cfg, n_ctx)
+    def __init__(self, *, path: Path, config, store, tokenizer, lm, experts, streams: list, plan,
+                 memory_budget: int | None, n_ctx: int, n_threads: int, load_seconds: float):
+        self.path, self.config, self.store, self.tokenizer = path, config, store, tokenizer
+        self.file = store.file  # the model file (GGUF or HF folder) its weights map
+        self.model = lm  # the architecture's DecoderLM
+        self.experts = experts  # a mixture of experts' source (resident or streamed), else None
+        self.plan, self.memory_budget = plan, memory_budget
+        self.n_ctx, self.n_threads, self.load_seconds = n_ctx, n_threads, load_seconds
+        self._streams = streams  # what streams weights: each pass's reads and hits (take_pass)
+        self._passes: deque[TokenStats] = deque(maxlen=100_000)
+        self._unreported: list[TokenStats] = []  # passes since the last Chunk
+        self._rss = RSSReader()
+        self._kv = KVCache(config, n_ctx)
         self._kv_tokens: list[int] = []  # tokens whose keys/values _kv holds, in order
-        self.load_seconds = time.perf_counter() - t0
 
     # -- basics -------------------------------------------------------------------
 
@@ -173,9 +82,10 @@ class Model:
         """Release the mapped file, the streaming threads and the tokenizer (also on leaving `with`)."""
         if self.tokenizer is not None:
             self.tokenizer.close()
-        if hasattr(getattr(self, "model", None), "experts") and hasattr(self.model.experts, "close"):
-            self.model.experts.close()
+        if self.experts is not None:
+            self.experts.close()
         self.store.close()
+        self._rss.close()
         self._kv = None
         self.tokenizer = None
 
@@ -194,14 +104,42 @@ class Model:
         out = np.empty((len(tokens), self.config.n_vocab), dtype=np.float32)
         self.model.cancel_event.clear()
         for s in range(0, len(tokens), PREFILL_CHUNK):
-            out[s:s + PREFILL_CHUNK] = self._forward(tokens[s:s + PREFILL_CHUNK], s, kv, all_logits=True)
+            out[s:s + PREFILL_CHUNK] = self._forward(tokens[s:s + PREFILL_CHUNK], s, kv, prefill=True, all_logits=True)
         return out
 
-    def _forward(self, tokens, pos, kv, **kw) -> np.ndarray:
+    def take_stats(self) -> list[TokenStats]:
+        """One TokenStats per forward pass since the last call (the latest 100,000 at
+        most): prefill chunks (prefill=True) and decoded tokens; then start afresh."""
+        out = list(self._passes)
+        self._passes.clear()
+        return out
+
+    @property
+    def layout(self) -> str:
+        """How the weights are held: what streams and how, or that all are resident."""
+        return "; ".join(s.describe() for s in self._streams) or "every weight resident (mapped)"
+
+    @property
+    def expert_prefetch(self) -> str | None:
+        """A mixture of experts' prefetch state ("on", "off", or what "auto" measured); None
+        for a dense model."""
+        return None if self.experts is None else self.experts.prefetch_state()
+
+    def _forward(self, tokens, pos, kv, prefill: bool = False, **kw) -> np.ndarray:
         # numba's thread count is per calling thread: a model built on one thread and
         # used from another (a UI worker) would otherwise run on all cores.
         kernels_cpu.set_threads(self.n_threads)
-        return self.model.forward(tokens, pos, kv, **kw)
+        t0 = time.perf_counter()
+        out = self.model.forward(tokens, pos, kv, **kw)
+        st = TokenStats(tokens=len(tokens), prefill=prefill)
+        for s in self._streams:
+            st.add(s.take_pass())
+        st.seconds = time.perf_counter() - t0
+        st.compute_s = max(0.0, st.seconds - st.io_wait_s - st.bookkeeping_s)
+        st.rss = self._rss()
+        self._passes.append(st)
+        self._unreported.append(st)
+        return out
 
     def _check_tokens(self, tokens) -> np.ndarray:
         arr = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -252,6 +190,29 @@ class Model:
         self.model.cancel_event.clear()  # here, not when iteration starts: a cancel() in between holds
         return self._generate(tokens, sampler, max_tokens, stops)
 
+    # -- the KV cache, token by token ---------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the tokens the KV cache holds: the next `eval` starts at position 0."""
+        self._kv_tokens = []
+
+    def eval(self, tokens: list[int]) -> np.ndarray:
+        """Run tokens after the ones the KV cache holds (as llama.cpp's llama_decode) and
+        return the logits (n_vocab,) float32 that predict the token after the last. Several
+        tokens run as prefill chunks, one as a decode step."""
+        arr = self._check_tokens(tokens)
+        pos = len(self._kv_tokens)
+        if pos + arr.size > self.n_ctx:
+            raise ContextLengthError(f"{pos} + {arr.size} tokens do not fit the context of {self.n_ctx}; "
+                                     "reset() or pass a larger n_ctx")
+        self.model.cancel_event.clear()
+        logits = None
+        for s in range(0, arr.size, PREFILL_CHUNK):
+            chunk = arr[s:s + PREFILL_CHUNK]
+            logits = self._forward(chunk, pos + s, self._kv, prefill=arr.size > 1)
+            self._kv_tokens += chunk.tolist()
+        return logits[0]
+
     def _prefill(self, tokens: list[int]) -> np.ndarray:
         """Fill the KV cache with tokens, reusing the prefix it already holds."""
         keep = 0
@@ -264,7 +225,7 @@ class Model:
         logits = None
         for s in range(keep, len(tokens), PREFILL_CHUNK):
             chunk = tokens[s:s + PREFILL_CHUNK]
-            logits = self._forward(np.asarray(chunk), s, self._kv)
+            logits = self._forward(np.asarray(chunk), s, self._kv, prefill=True)
             self._kv_tokens += chunk
         return logits[0]
 
@@ -276,7 +237,11 @@ class Model:
         pp_speed = tps = 0.0
 
         def chunk(text, token, reason):
-            return Chunk(text, token, reason, n_prompt, len(generated), tps, pp_speed)
+            st = TokenStats.total(self._unreported) if self._unreported else None
+            self._unreported.clear()
+            return Chunk(text, token, reason, n_prompt, len(generated), tps, pp_speed, st)
+
+        self._unreported.clear()
 
         try:
             logits = self._prefill(tokens)
