@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import ModelFormatError, UnsupportedModelError
-from ..kernels_cpu.ops import ROPE_NEOX, ROPE_NORM
+from ..kernels_cpu.ops import ROPE_NEOX
 
 
 
@@ -50,7 +50,6 @@ class ModelConfig:
     residual_scale: float = 1.0  # granite: attention and FFN outputs scaled before the residual add
     logit_scale: float = 1.0  # granite: logits divided by it
     name: str = ""
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
         if self.rope_dim == 0:
@@ -66,27 +65,12 @@ class ModelConfig:
         return self.n_layer * self.n_head_kv * (self.head_dim + self.v_head_dim) * 4
 
 
-# GGUF architectures and the RoPE ordering llama.cpp applies to them.
-_GGUF_ROPE = {"llama": ROPE_NORM, "qwen2": ROPE_NEOX, "qwen3": ROPE_NEOX, "gemma3": ROPE_NEOX,
-              "qwen2moe": ROPE_NEOX, "qwen3moe": ROPE_NEOX, "olmoe": ROPE_NEOX, "granitemoe": ROPE_NORM}
-
-# Whether build_moe_ffn renormalises the top-k weights, per architecture. llama.cpp's graph
-# builders fix it (and softmax gating, no weight scale) for these: they read no
-# expert_weights_norm / _scale / gating_func keys, so neither does flashlm.
-_MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False, "granitemoe": True}
-
-
-def _swa_pattern(n_layer: int, n_pattern: int) -> tuple[bool, ...]:
-    # llama.cpp's set_swa_pattern: every n_pattern-th layer is global (full attention).
-    return tuple(n_pattern == 0 or (il % n_pattern < n_pattern - 1) for il in range(n_layer))
-
-
-def config_from_gguf(mf) -> ModelConfig:
+def config_from_gguf(mf, facts) -> ModelConfig:
+    """The config in a GGUF's metadata, read as llama.cpp reads it for its architecture,
+    whose facts (from RoPE order to MoE gating) are the class attributes of `facts`
+    (runtime/models/<arch>.py's Model: models.model_class)."""
     md = mf.metadata
     arch = mf.arch
-    if arch not in _GGUF_ROPE:
-        raise UnsupportedModelError(
-            f"{mf.path}: architecture '{arch}' is not supported; flashlm runs {', '.join(sorted(_GGUF_ROPE))}")
 
     def get(key, default=None, required=False):
         v = md.get(f"{arch}.{key}", default)
@@ -106,31 +90,7 @@ def config_from_gguf(mf) -> ModelConfig:
     rope_scaling = get("rope.scaling.type", "linear")
     if rope_scaling not in ("linear", "none") and float(scale or 1.0) != 1.0:
         raise UnsupportedModelError(f"{mf.path}: RoPE scaling '{rope_scaling}' is not supported yet")
-    sliding = int(get("attention.sliding_window", 0) or 0)
-    swa_layers = ()
-    extra = {}
-    if arch == "gemma3":
-        if sliding > 0:
-            swa_layers = _swa_pattern(n_layer, int(get("attention.sliding_window_pattern", 6)))
-        extra["post_norms"] = True
-    else:
-        sliding = 0  # llama.cpp only honours the window for the archs that declare it
-    n_expert = int(get("expert_count", 0) or 0)
-    moe = {}
-    if n_expert:
-        used = int(get("expert_used_count", required=True))
-        if not 0 < used <= n_expert:
-            raise ModelFormatError(f"{mf.path}: {used} experts used of {n_expert}")
-        n_ff = int(get("feed_forward_length", 0) or 0)
-        # qwen*moe name the expert width; without the key llama.cpp takes n_ff / used
-        n_ff_exp = int(get("expert_feed_forward_length", 0) or 0) if arch in ("qwen2moe", "qwen3moe") else n_ff
-        n_ff_shexp = int(get("expert_shared_feed_forward_length", 0) or 0)
-        moe = dict(n_expert=n_expert, n_expert_used=used, n_ff_exp=n_ff_exp or n_ff // used,
-                   n_ff_shexp=n_ff_shexp or (n_ff if arch == "qwen2moe" else 0),  # qwen2moe always has one
-                   expert_weights_norm=_MOE_NORM.get(arch, False))
-    if arch == "granitemoe":  # 0 means absent, except logit_scale, which llama.cpp requires
-        moe.update(residual_scale=float(get("residual_scale", 0.0) or 1.0),
-                   logit_scale=float(get("logit_scale", required=True)))
+    moe = _moe_config(mf.path, facts, get)
     return ModelConfig(
         arch=arch,
         n_vocab=n_vocab,
@@ -140,25 +100,39 @@ def config_from_gguf(mf) -> ModelConfig:
         n_head_kv=int(get("attention.head_count_kv", n_head)),
         head_dim=head_dim,
         v_head_dim=int(get("attention.value_length", head_dim)),
-        n_ff=int(get("feed_forward_length", 0) or 0) if n_expert else int(get("feed_forward_length", required=True)),
+        n_ff=int(get("feed_forward_length", 0) or 0) if moe else int(get("feed_forward_length", required=True)),
         n_ctx_train=int(get("context_length", 2048)),
         rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_type=_GGUF_ROPE[arch],
+        rope_type=facts.rope,
         rope_base=float(get("rope.freq_base", 10000.0)),
         rope_scale=1.0 / float(scale) if scale else 1.0,
         rope_dim=int(get("rope.dimension_count", head_dim)),
         rope_base_swa=float(get("rope.freq_base_swa", 10000.0)),
-        sliding_window=sliding,
-        swa_layers=swa_layers,
-        embed_scale=(math.sqrt(n_embd) if arch == "gemma3" else
-                     float(get("embedding_scale", 0.0) or 1.0) if arch == "granitemoe" else 1.0),
-        attn_scale=float(get("attention.scale", 0.0) or 0.0) if arch == "granitemoe" else 0.0,
         final_softcap=float(get("final_logit_softcapping", 0.0) or 0.0),
         tied_output="output.weight" not in mf.tensors,
         name=str(md.get("general.name", mf.path.stem)),
-        extra=extra,
         **moe,
+        **facts.gguf_config(get, n_layer, n_embd),
     )
+
+
+def _moe_config(path, facts, get) -> dict:
+    """A mixture of experts' settings (empty for a dense model): llama.cpp's build_moe_ffn
+    takes router probabilities (softmax), the top n_expert_used, renormalised to sum 1 where
+    the architecture says so."""
+    n_expert = int(get("expert_count", 0) or 0)
+    if not n_expert:
+        return {}
+    used = int(get("expert_used_count", required=True))
+    if not 0 < used <= n_expert:
+        raise ModelFormatError(f"{path}: {used} experts used of {n_expert}")
+    n_ff = int(get("feed_forward_length", 0) or 0)
+    # some architectures name the expert width; without the key llama.cpp takes n_ff / used
+    n_ff_exp = int(get("expert_feed_forward_length", 0) or 0) if facts.expert_width_key else n_ff
+    n_ff_shexp = int(get("expert_shared_feed_forward_length", 0) or 0)
+    return dict(n_expert=n_expert, n_expert_used=used, n_ff_exp=n_ff_exp or n_ff // used,
+                n_ff_shexp=n_ff_shexp or (n_ff if facts.always_shared_expert else 0),
+                expert_weights_norm=facts.moe_weights_norm)
 
 
 # HF model_type -> flashlm architecture. HF checkpoints keep q/k unpermuted and use

@@ -37,8 +37,8 @@ def test_moe_parity_with_llama_cpp(arch, moe_gguf):
             theirs.append(llama_cpp_logits(ref, tokens))
         # and decoding, token by token (compiled attention around the experts)
         tokens = m.tokenize(PROMPTS[0])
-        m._prefill(tokens[:-4])
-        steps = [m._forward(np.array([t]), p, m._kv)[0] for p, t in enumerate(tokens[-4:], start=len(tokens) - 4)]
+        m.eval(tokens[:-4])
+        steps = [m.eval([t]) for t in tokens[-4:]]
     cos = np.concatenate([cosine_rows(a, b) for a, b in zip(ours, theirs)])
     top1 = np.concatenate([a.argmax(1) == b.argmax(1) for a, b in zip(ours, theirs)])
     print(f"\n{arch}: {len(cos)} positions, cos min {cos.min():.5f}, argmax {top1.mean():.3f}")
@@ -103,74 +103,6 @@ def test_compiled_routing():
         np.testing.assert_allclose(w, p[ids] / p[ids].sum(), rtol=1e-6)
 
 
-def test_slot_cache_policies():
-    from flashlm.cache import SlotCache
-
-    a, b, c_, d, e = range(5)
-
-    def fill(policy):
-        c = SlotCache(3, 8, policy, n_keys=5)
-        for k in (a, b, c_):
-            c.insert(k)
-        return c
-
-    c = fill("lru")
-    c.lookup(a)
-    assert c.key_in[c.insert(d)] == d and b not in c  # b: least recently used
-    c = fill("lfu")
-    c.lookup(a), c.lookup(a), c.lookup(c_)
-    c.insert(d)
-    assert b not in c and {a, c_, d} == set(c.key_in.tolist())  # b: used least
-    c = fill("score")
-    c.observe(0, [0.9, 0.5, 0.1])
-    c.insert(d)
-    assert c_ not in c  # c: lowest router-probability average
-    c.pinned[c.slot_of[b]] = True
-    c.observe(0, [0.0, 0.0, 0.0, 1.0])
-    c.insert(e)
-    assert b in c and a not in c  # pinned b survives though its score is lowest
-    slots, missed = c.assign([b, e, c_], pin=True)  # a batch: hits, then a miss evicting the lowest unpinned
-    assert missed.tolist() == [False, False, True] and c.key_in[slots[2]] == c_ and d not in c
-    with pytest.raises(RuntimeError, match="pinned"):
-        c.assign([a])  # every slot pinned
-    c.pinned[c.slot_of[c_]] = False
-    with pytest.raises(RuntimeError, match="pinned"):
-        c.assign([a, d])  # a takes c's slot, then d finds none: undone, a not cached and nothing newly pinned
-    assert a not in c and c_ not in c and c.pinned.sum() == 2
-    c.pinned[:] = False
-    c.insert(d)  # full again: b, e, d
-    slots, missed = c.assign([a, b, e], pin=True)  # the miss comes first, yet evicts d, not e (lowest score, cached)
-    assert missed.tolist() == [True, False, False] and d not in c and {a, b, e} == set(c.key_in.tolist())
-    assert c.pinned.sum() == 3
-    c.pinned[:] = False
-    slots, missed = c.assign([d, e], pin=True, only_absent=True)  # a prefetch: d evicts a or b, never e
-    assert missed.tolist() == [True, False] and slots[1] == -1 and e in c and d in c
-    assert c.pinned.tolist().count(True) == 1 and c.pinned[c.slot_of[d]]  # only the new one stays pinned
-    before = (c.slot_of.copy(), c.pinned.copy())
-    with pytest.raises(IndexError):
-        c.assign([d, 5])  # a key past n_keys: an error, not a write out of bounds, and nothing changed
-    assert (c.slot_of == before[0]).all() and (c.pinned == before[1]).all()
-    with pytest.raises(IndexError):
-        c.observe(3, [0.5, 0.5, 0.5])
-    c = fill("freq")  # a decayed count of uses: recent uses weigh more than old ones
-    assert c.decay == 0.95
-    c.observe_used(0, 3, [[a], [a], [a]])
-    c.observe_used(0, 3, [b, c_])
-    np.testing.assert_allclose(c.score[:3], [0.05 * (0.95 ** 3 + 0.95 ** 2 + 0.95), 0.05, 0.05])
-    c.observe_used(0, 3, [[c_]] * 10)
-    c.insert(d)
-    # b: the lowest decayed count (a's 3 older uses outweigh b's 1)
-    assert b not in c and {a, c_, d} == set(c.key_in.tolist())
-    before = c.score.copy()
-    for first, n, used in ((3, 3, [0]), (0, 3, [3]), (0, 3, [-1])):  # keys past n_keys, uses outside the range
-        with pytest.raises(IndexError):
-            c.observe_used(first, n, used)
-    with pytest.raises(IndexError):
-        c.observe_used(0, 3, [[0], [3]])  # the second step's use is out of range: the first is not folded in either
-    assert (c.score == before).all()  # nothing folded in
-    assert SlotCache(1, 8, "score").decay == 0.9 and SlotCache(1, 8, "freq", decay=0.5).decay == 0.5
-
-
 @pytest.mark.parametrize("policy, prefetch, bundle", [("freq", "auto", True), ("lru", True, True), ("lfu", False, True), ("score", True, False),
                                                       ("lru", False, False)])
 def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
@@ -193,41 +125,43 @@ def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
             minimum, expert = big.plan.minimum, big.plan.expert_bytes
         if prefetch == "auto":  # too small a cache for prefetch: auto turns it off
             with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=minimum + 3 * expert, experts=opts) as m:
-                assert m.model.experts.auto is None and not m.model.experts.prefetching
-                assert m.model.experts.take_stats()["prefetch"] == "auto: off (the cache holds fewer than two layers' experts)"
+                assert m.experts.auto is None and not m.experts.prefetching
+                assert m.experts.take_stats()["prefetch"] == "auto: off (the cache holds fewer than two layers' experts)"
         extra = 3 + 4 * (prefetch == "auto")
         budget = minimum + extra * expert  # a cache of k (+k) + 3 of the 16 experts: mostly misses
         with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=budget, experts=opts) as m:
-            assert isinstance(m.model.experts, StreamedExperts) and m.plan.n_slots == 4 * per + extra
-            assert (m.model.experts.bundle is not None) == bundle
-            aio = bundle and m.model.experts.aio is not None
+            assert isinstance(m.experts, StreamedExperts) and m.plan.n_slots == 4 * per + extra
+            assert (m.experts.bundle is not None) == bundle
+            aio = bundle and m.experts.aio is not None
             if bundle:  # where native asynchronous reads work, misses and prefetches use them
-                probe = NativeAIO.open(m.model.experts.bundle)
+                probe = NativeAIO.open(m.experts.bundle)
                 assert aio == (probe is not None)
                 if probe is not None:
                     probe.close()
             np.testing.assert_array_equal(m.logits(tokens), want)  # the same bytes, the same math
-            m.model.experts.take_stats()
+            m.experts.take_stats()
             for x in (ref, m):  # decode steps too (a token's experts computed in parts while misses are read)
-                x._prefill(tokens[:1])
-            for pos, t in enumerate(tokens[1:], start=1):
-                np.testing.assert_array_equal(m._forward(np.array([t]), pos, m._kv),
-                                              ref._forward(np.array([t]), pos, ref._kv))
+                x.reset()
+                x.eval(tokens[:1])
+            for t in tokens[1:]:
+                np.testing.assert_array_equal(m.eval([t]), ref.eval([t]))
+            m.reset()  # the prompt prefilled afresh, as when `text` was made
             assert m.generate(PROMPTS[0], max_tokens=12, temperature=0) == text
-            st = m.model.experts.take_stats()
-            ex = m.model.experts
+            st = m.experts.take_stats()
+            ex = m.experts
             auto = ex.auto
             if prefetch == "auto":  # every one-token step timed (a longer prompt's not), prefetch switched as told
                 n = auto.tokens
                 m.logits(tokens)
                 assert auto.tokens == n
-                for pos, t in enumerate(tokens[:5]):
-                    m._forward(np.array([t]), pos, m._kv)
+                m.reset()
+                for t in tokens[:5]:
+                    m.eval([t])
                 assert auto.tokens == n + 5 and ex.prefetching == auto.on
                 auto.on, auto._times = False, None  # decided: off
-                m._forward(np.array([tokens[5]]), 5, m._kv)
+                m.eval([tokens[5]])
                 ex.take_stats()
-                m._forward(np.array([tokens[6]]), 6, m._kv)
+                m.eval([tokens[6]])
                 s = ex.take_stats()
                 assert not ex.prefetching and s["precision"] is None and s["prefetch"].startswith("auto: off")
             else:
@@ -236,7 +170,7 @@ def test_streamed_experts_equal_resident(policy, prefetch, bundle, moe_gguf):
     # under native AIO a token's cached experts computed while its misses were read (and equal above)
     assert (st["overlapped"] > 0) == aio
     if not prefetch:  # bundled, a miss reads its record (a slot); else the expert's three slices
-        assert st["bytes_read"] == st["misses"] * (expert if bundle else sum(m.model.experts.part_bytes))
+        assert st["bytes_read"] == st["misses"] * (expert if bundle else sum(m.experts.part_bytes))
     else:
         assert 0 < st["precision"] <= 1 and 0 < st["recall"] <= 1 and st["io_s"] > 0 and st["wait_s"] > 0
 
@@ -283,7 +217,7 @@ def test_auto_prefetch_is_off_in_a_one_layer_moe(smollm2_path, tmp_path, monkeyp
     monkeypatch.setitem(moe_fixtures.MOE_SPECS, "mixtral", {**moe_fixtures.MOE_SPECS["mixtral"], "n_layer": 1})
     path = moe_fixtures.write_random_moe_gguf(tmp_path / "one-layer.gguf", "mixtral", smollm2_path)
     with flashlm.load(path, n_ctx=64, n_threads=2, memory_budget=1 << 40) as m:
-        ex = m.model.experts
+        ex = m.experts
         assert m.config.n_layer == 1 and ex.auto is None and not ex.prefetching
         m.generate("Hello", max_tokens=3, temperature=0)
         st = ex.take_stats()
@@ -297,7 +231,7 @@ def test_experts_computed_in_parts_sum_as_one_call(moe_gguf):
     from flashlm.kernels_cpu import decode as D
 
     with flashlm.load(moe_gguf("qwen2moe"), n_ctx=64, n_threads=2) as m:
-        ex, cfg = m.model.experts, m.config
+        ex, cfg = m.experts, m.config
         rng = np.random.default_rng(5)
         ids = rng.permutation(cfg.n_expert)[:cfg.n_expert_used]
         buf, offs = ex.locate(1, ids)
@@ -329,11 +263,11 @@ def test_prefetched_experts_are_read_before_use_even_at_the_minimum_budget(moe_g
         tokens = ref.tokenize(PROMPTS[1])
         want = ref.logits(tokens)
         text = ref.generate(PROMPTS[0], max_tokens=16, temperature=0)
-        rx = ref.model.experts
+        rx = ref.experts
         with flashlm.load(path, n_ctx=256, memory_budget=1 << 40, experts=dict(prefetch=True)) as big:
             minimum = big.plan.minimum
             # a layer's own experts prefetched, then located at once: read before they are used
-            ex, n = big.model.experts, big.config.n_expert
+            ex, n = big.experts, big.config.n_expert
             ids = np.array([5, 0, 3, 6])
             ex.prefetch(1, ids)
             ex.begin_layer(1, ids[None], np.full((1, n), 1 / n, dtype=np.float32))
@@ -349,7 +283,7 @@ def test_prefetched_experts_are_read_before_use_even_at_the_minimum_budget(moe_g
             assert m.plan.n_slots == 2 * m.config.n_expert_used
             np.testing.assert_array_equal(m.logits(tokens), want)
             assert m.generate(PROMPTS[0], max_tokens=16, temperature=0) == text
-            assert not m.model.experts.cache.pinned.any() or m.model.experts.pending  # pins only for reads in flight
+            assert not m.experts.cache.pinned.any() or m.experts.pending  # pins only for reads in flight
 
 
 def test_a_streamed_moe_maps_none_of_its_expert_stacks(moe_gguf):
@@ -377,7 +311,7 @@ def test_a_streamed_moe_maps_none_of_its_expert_stacks(moe_gguf):
             raw = f.read(-(-mm.nbytes // page) * 8)
         present = (np.frombuffer(raw, dtype=np.uint64) >> np.uint64(63)).astype(bool)
         stacked = 0
-        for layer in m.model.experts.stacks:
+        for layer in m.experts.stacks:
             for t in layer:
                 lo, hi = -(-t.offset // page), (t.offset + t.nbytes) // page
                 stacked += hi - lo
@@ -394,12 +328,13 @@ def test_expert_bundle_records(moe_gguf, tmp_path):
 
     from flashlm.experts.bundle import HEADER, PARTS, bundle_path, ensure_bundle, read_header, record_bytes
     from flashlm.runtime.config import config_from_gguf
+    from flashlm.runtime.models import model_class
     from flashlm.formats.modelfile import GGUFModelFile
 
     src = tmp_path / "m.gguf"
     src.write_bytes(moe_gguf("mixtral").read_bytes())
     mf = GGUFModelFile(src)
-    cfg = config_from_gguf(mf)
+    cfg = config_from_gguf(mf, model_class(mf.arch))
     path = ensure_bundle(mf, cfg, quiet=True)
     meta = read_header(path)
     rec = record_bytes(meta["parts"])
@@ -509,7 +444,7 @@ def test_a_failed_expert_read_is_a_clear_error_and_leaves_nothing_pinned(moe_ggu
         minimum, expert = big.plan.minimum, big.plan.expert_bytes
     with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=minimum + 3 * expert,
                       experts=dict(prefetch=False)) as m:
-        ex = m.model.experts
+        ex = m.experts
         os.truncate(ex.bundle, HEADER + 3 * expert)  # layer 0's first 3 experts only
         with pytest.raises(OSError, match=r"direct read of \d+ bytes at \d+ gave|short read"):
             m.generate(PROMPTS[0], max_tokens=8, temperature=0)

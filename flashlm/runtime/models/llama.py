@@ -1,11 +1,11 @@
-"""Llama (SmolLM2, Llama 2/3, Mistral): RMSNorm, SwiGLU FFN, grouped-query attention.
+"""Llama (SmolLM2, Llama 2/3, Mistral, Mixtral): RMSNorm, SwiGLU FFN, grouped-query
+attention. In GGUF, q/k rows are permuted so that llama.cpp's NORM RoPE ordering
+applies. Mixtral-style experts renormalise their top-k weights."""
 
-In GGUF, q/k rows are permuted so that llama.cpp's NORM RoPE ordering applies; the
-config carries the ordering, so this file needs nothing beyond the shared blocks.
-"""
-
+from ...kernels_cpu.ops import ROPE_NORM
 from ..blocks import DecoderLM
 
 
 class Model(DecoderLM):
-    pass
+    rope = ROPE_NORM
+    moe_weights_norm = True

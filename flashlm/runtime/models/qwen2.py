@@ -1,8 +1,8 @@
-"""Qwen2: Llama with biases on q, k and v, and NeoX RoPE ordering."""
+"""Qwen2: Llama with biases on q, k and v (read wherever blk.N.attn_{q,k,v}.bias exist),
+and NeoX RoPE ordering."""
 
 from ..blocks import DecoderLM
 
 
 class Model(DecoderLM):
-    # Biases are read wherever blk.N.attn_{q,k,v}.bias exist; nothing else differs.
     pass

@@ -6,3 +6,5 @@ from ..blocks import DecoderLM
 
 class Model(DecoderLM):
     qk_norm = True
+    moe_weights_norm = True
+    expert_width_key = True
