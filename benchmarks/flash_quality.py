@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     configs = [(None, 1.0)] + [(p, float(k)) for p, k in (c.split(":") for c in args.configs.split(","))]
     models, meters = [], []
     for pred, keep in configs:
-        m = flashlm.Model(path, n_ctx=args.segment + 8, n_threads=args.threads,
+        m = flashlm.load(path, n_ctx=args.segment + 8, n_threads=args.threads,
                           streaming=dict(predictor=pred, keep=keep, window=0))
         m.store.resident = True
         models.append(m)

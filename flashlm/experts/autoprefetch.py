@@ -2,13 +2,9 @@
 
 Prefetch reads the next layer's predicted experts while a layer computes. What it hides
 is the misses' read latency; what it costs is the prediction, a second submission in most
-layers (45-50 us each on a virtual disk) and the reads of the experts predicted wrongly.
-Which wins depends on the disk, the experts' size, the cache's size and the model's
-routing. On this project's virtual machine prefetch hid 40-90% of the read wait, yet cost
-5-15% in tok/s at half the experts, on MoEfied SmolLM2 (84 KiB experts) and on the
-synthetic MoE (0.84 MiB) alike; it paid only where misses were many and large (synthetic,
-a quarter of the experts: lfu 29.1 -> 37.1 tok/s). A disk whose submissions cost less
-can tip it the other way. So by default (prefetch "auto") the store times its decode
+layers and the reads of the experts predicted wrongly. Which wins depends on the disk,
+the experts' size, the cache's size and the model's routing (benchmarks/README.md has
+the figures that showed it going both ways). So by default (prefetch "auto") the store times its decode
 steps with prefetch on and off, in alternating windows of tokens, keeps whichever was
 faster, and measures again HOLD tokens after each decision (the routing and the cache
 drift along a long generation).

@@ -7,8 +7,7 @@ and a copy. A bundle file stores, layer after layer, expert after expert:
     record (layer, e) = gate slice | up slice | down slice | zeros to a 4 KiB multiple
 
 so a miss is one direct read of one record straight into its cache slot (the slots are
-records too). Measured on this machine's disk, two experts of MoEfied SmolLM2 take 0.38
-ms as two aligned reads against 0.66 ms as six (benchmarks/README.md). It costs disk
+records too): fewer, larger reads (benchmarks/README.md measures the difference). It costs disk
 space as large as the experts (checked first: a GiB is left free); `bundle=False` /
 `--no-bundle` opts out.
 

@@ -183,9 +183,10 @@ class NativeAIO:
     def wait(self, tag) -> None:
         """Until all of tag's reads are done; OSError (once) if one of them failed.
         It watches the completion ring for up to SPIN_S before it sleeps in io_getevents:
-        reads here take 0.1-0.6 ms, and a sleep and wake-up cost about 30 us a wait (a
-        virtual machine's idle CPU halts). On a disk much slower than that, each wait
-        spends up to SPIN_S of one core (holding the GIL): lower SPIN_S there."""
+        an SSD's reads of an expert end within a millisecond, and a sleep and wake-up cost
+        tens of microseconds a wait (a virtual machine's idle CPU halts). On a disk much
+        slower than that, each wait spends up to SPIN_S of one core (holding the GIL):
+        lower SPIN_S there."""
         ring = self._ring
         while tag in self._left:
             if ring is not None and self._in_kernel:

@@ -30,9 +30,8 @@ def aligned_empty(nbytes: int, huge: bool = False) -> np.ndarray:
     windows exceed their memory plan). huge: 2 MiB-aligned and backed by transparent huge
     pages where the kernel has them, for a buffer that reads fill and that the memory
     plan counts whole (the expert cache, staging, hot windows' tails): a direct read into
-    physically contiguous memory is one DMA segment, not one per 4 KiB page. On this
-    machine's virtual disk that made an 84 KiB read end in 68 us against 100, a 1 MiB one
-    in 0.62 ms against 1.36."""
+    physically contiguous memory is one DMA segment, not one per 4 KiB page (a virtual
+    disk pays for each segment: benchmarks/README.md)."""
     huge = huge and hasattr(mmap, "MADV_HUGEPAGE")
     size = max(ALIGN, _round_up(nbytes))
     if huge:  # private (shared memory gets no huge pages), with room to start on a huge page

@@ -6,8 +6,8 @@ ranges of one file read with parallel `pread`s, around the page cache.
   file is read normally and its pages dropped after each batch
   (posix_fadvise DONTNEED), which is what "dropped pages" means in the benchmarks.
 - Adjacent or nearly adjacent ranges are coalesced into one read, up to `max_read`
-  bytes: small scattered reads are what makes flash slow (4 KB reads at 43 MB/s against
-  1900 MB/s at 1 MB on this machine's disk).
+  bytes: small scattered reads are what makes flash slow (`flashlm probe-disk` measures
+  the curve of a disk's speed against read size).
 - Reads run on a thread pool (`os.preadv` releases the GIL), so several are in flight.
 
 Direct I/O needs offsets, lengths and memory aligned to the device block; the engine

@@ -14,10 +14,8 @@ Rows are taken 16 at a time: their codes are unpacked from the file's blocks int
 interleaved tile (per 4 elements, 8 rows side by side, so one 32-byte load feeds 8
 rows) with their `a` and `c`, and the tile meets the tokens 4 at a time: 8 int32
 accumulators per 4-byte step, 16 float ones per block. The unpacking is paid once per
-16 rows and shared by all tokens; the file's blocks stay as they are.
-
-Measured on this machine (Zen 4, one thread): 290-300 GFLOP/s against 80 for
-dequantized tiles through BLAS.
+16 rows and shared by all tokens; the file's blocks stay as they are (benchmarks/README.md:
+several times the speed of dequantized tiles through BLAS).
 """
 
 import numpy as np

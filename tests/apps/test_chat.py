@@ -156,6 +156,6 @@ def test_chat_shows_what_loading_printed(moe_gguf, tmp_path, monkeypatch):
             await _wait(pilot, lambda: app.model is not None and any("ready" in s for _, s in _texts(app)))
             notes = [s for k, s in _texts(app) if k == "note"]
             assert any("warning" in n and "bundle" in n for n in notes), notes
-            assert app.model.model.experts.bundle is None
+            assert app.model.experts.bundle is None
 
     asyncio.run(go())

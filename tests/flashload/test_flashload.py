@@ -12,7 +12,8 @@ from flashlm.errors import FlashLMError, InvalidArgumentError, ModelFormatError
 from flashlm.flashload import layout
 from flashlm.runtime import convert
 from flashlm.flashload.predictor import top_fraction
-from flashlm.flashload.store import PREFETCH_LAYERS, FlashStore, NeuronWindow
+from flashlm.flashload.store import PREFETCH_LAYERS, FlashStore
+from flashlm.flashload.window import NeuronWindow
 from flashlm import kernels_cpu as K
 from flashlm.formats.modelfile import GGUFModelFile
 
@@ -58,21 +59,21 @@ def test_records_hold_each_neurons_gate_up_rows_and_down_column(name, flash_file
 def test_streamed_equals_resident_with_sparsity_off(name, flash_files):
     # The same model with every neuron: records read through the I/O engine and the
     # neuron window, against records taken from the mapping. Bit for bit.
-    resident = flashlm.Model(flash_files[name], n_threads=2, streaming=dict(predictor=None))
+    resident = flashlm.load(flash_files[name], n_threads=2, streaming=dict(predictor=None))
     resident.store.resident = True
-    streamed = flashlm.Model(flash_files[name], n_threads=2, streaming=dict(predictor=None, window=2))
+    streamed = flashlm.load(flash_files[name], n_threads=2, streaming=dict(predictor=None, window=2))
     assert isinstance(streamed.store, FlashStore)
     tokens = streamed.tokenize(PROMPT)
     np.testing.assert_array_equal(streamed.logits(tokens), resident.logits(tokens))
     kw = dict(max_tokens=6, temperature=0.0)
-    streamed.store.take_stats()
+    streamed.take_stats()
     assert streamed.generate(PROMPT, **kw) == resident.generate(PROMPT, **kw)
-    stats = streamed.store.take_stats()
+    stats = streamed.take_stats()
     n_ff = sum(lb.n_ff for lb in streamed.store.plans)
     assert stats[0].tokens == len(tokens) and stats[0].bytes_read >= n_ff * streamed.store.plans[0].bundle_bytes
     first, later = stats[1], stats[2:]
-    assert first.needed == n_ff and first.hits == 0 and first.reads > 0
-    assert all(s.needed == n_ff and s.hits == n_ff and s.bytes_read == 0 for s in later)  # all held since
+    assert first.neurons_needed == n_ff and first.neuron_hits == 0 and first.reads > 0
+    assert all(s.neurons_needed == n_ff and s.neuron_hits == n_ff and s.bytes_read == 0 for s in later)  # all held since
 
 
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
@@ -80,8 +81,8 @@ def test_flash_model_is_the_source_model_within_q8_rounding_of_down(name, flash_
     # With float activations, the only difference is the down projection's Q8_0
     # re-quantization: it must move the logits less than llama.cpp's own 8-bit
     # activations move them.
-    src = flashlm.Model(request.getfixturevalue(f"{name}_path"), n_threads=2)
-    fl = flashlm.Model(flash_files[name], n_threads=2, streaming=dict(predictor=None))
+    src = flashlm.load(request.getfixturevalue(f"{name}_path"), n_threads=2)
+    fl = flashlm.load(flash_files[name], n_threads=2, streaming=dict(predictor=None))
     tokens = src.tokenize(PROMPT)
     cos = lambda a, b: ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min()  # noqa: E731
     with K.float_activations():
@@ -123,28 +124,28 @@ def test_top_fraction_and_settings():
     np.testing.assert_array_equal(top_fraction(s, 0.4), [1, 3])
     np.testing.assert_array_equal(top_fraction(s, 1.0), np.arange(5))
     with pytest.raises(InvalidArgumentError):
-        flashlm.flashload.store.StreamSettings(predictor="oracle")
+        flashlm.flashload.settings.StreamSettings(predictor="oracle")
     with pytest.raises(InvalidArgumentError):
-        flashlm.flashload.store.StreamSettings(keep=0)
+        flashlm.flashload.settings.StreamSettings(keep=0)
 
 
 @pytest.mark.parametrize("bundled", [True, False])
 @pytest.mark.parametrize("predictor", ["gate", "lowrank"])
 def test_predictors_stream_only_the_kept_neurons(predictor, bundled, flash_files):
-    m = flashlm.Model(flash_files["smollm2"], n_threads=2,
+    m = flashlm.load(flash_files["smollm2"], n_threads=2,
                       streaming=dict(predictor=predictor, keep=0.5, window=0, bundled=bundled))
-    m.store.take_stats()
+    m.take_stats()
     text = m.generate(PROMPT, max_tokens=4, temperature=0.0)
     assert text.strip()
-    decode = m.store.take_stats()[1:]
+    decode = m.take_stats()[1:]
     n_ff = sum(lb.n_ff for lb in m.store.plans)
-    assert all(s.needed == n_ff // 2 and s.hits == 0 for s in decode)
+    assert all(s.neurons_needed == n_ff // 2 and s.neuron_hits == 0 for s in decode)
     rec = m.store.plans[0]
     # bundled: whole records (the gate part too: it lies between the parts wanted); else the rows the window keeps
     per_neuron = rec.bundle_bytes if bundled else rec.up_bytes + rec.down_bytes + (rec.gate_bytes if predictor == "lowrank" else 0)
-    assert all(s.bytes_requested == s.needed * per_neuron <= s.bytes_read for s in decode)
+    assert all(s.bytes_requested == s.neurons_needed * per_neuron <= s.bytes_read for s in decode)
     if not bundled:
-        assert all(s.reads == s.needed * (3 if predictor == "lowrank" else 2) for s in decode)
+        assert all(s.reads == s.neurons_needed * (3 if predictor == "lowrank" else 2) for s in decode)
 
 
 @pytest.mark.parametrize("predictor,prefetch", [("gate", True), ("gate", False), ("lowrank", True), (None, True)])
@@ -155,29 +156,29 @@ def test_hot_windows_read_only_the_tail_and_equal_records_from_the_mapping(predi
     # Bit for bit the run with every record from the mapping (sparsity off too).
     path = flash_files["smollm2"]
     streaming = dict(predictor=predictor, keep=0.5, prefetch=prefetch)
-    with flashlm.Model(path, n_ctx=64, n_threads=2, memory_budget=1 << 50, streaming=streaming) as m:
+    with flashlm.load(path, n_ctx=64, n_threads=2, memory_budget=1 << 50, streaming=streaming) as m:
         budget = m.plan.fixed + (m.plan.full - m.plan.fixed) // 2
         assert m.plan.capacities == [lb.n_ff for lb in m.store.plans]  # room for all: no tails
-    with flashlm.Model(path, n_ctx=64, n_threads=2, memory_budget=m.plan.full, streaming=streaming) as m:
+    with flashlm.load(path, n_ctx=64, n_threads=2, memory_budget=m.plan.full, streaming=streaming) as m:
         assert m.plan.capacities == [lb.n_ff for lb in m.store.plans] and m.plan.spill == 0
-    models = [flashlm.Model(path, n_ctx=64, n_threads=2, memory_budget=budget, streaming=streaming) for _ in range(2)]
+    models = [flashlm.load(path, n_ctx=64, n_threads=2, memory_budget=budget, streaming=streaming) for _ in range(2)]
     models[1].store.resident = True
     tokens = models[0].tokenize(PROMPT)
     logits = []
     for m in models:
-        m._prefill(tokens[:4])
-        m.store.take_stats()
-        logits.append([m._forward(np.array([t]), pos, m._kv) for pos, t in enumerate(tokens[4:12], start=4)])
+        m.eval(tokens[:4])
+        m.take_stats()
+        logits.append([m.eval([t]) for t in tokens[4:12]])
     np.testing.assert_array_equal(np.array(logits[0]), np.array(logits[1]))
     store = models[0].store
     caps = [w.cap for w in store.windows]
     assert 0 < sum(caps) < sum(lb.n_ff for lb in store.plans)
     assert all((w.ids[:w.n] == np.arange(w.cap)).all() for w in store.windows)  # the first records, in order
-    stats = store.take_stats()
+    stats = models[0].take_stats()
     assert stats[0].bytes_read >= sum(c * lb.bundle_bytes for c, lb in zip(caps, store.plans))  # the hot set, once
     tails = sum((lb.n_ff - c) * lb.bundle_bytes + 8192 for c, lb in zip(caps, store.plans))  # at most each tail
     for s in stats[1:]:
-        assert s.needed == sum(lb.n_ff // (2 if predictor else 1) for lb in store.plans) and 0 < s.hits < s.needed
+        assert s.neurons_needed == sum(lb.n_ff // (2 if predictor else 1) for lb in store.plans) and 0 < s.neuron_hits < s.neurons_needed
         # a prefetch reads the pages the last token needed; what it missed is read too
         assert 0 < s.reads and s.bytes_requested <= s.bytes_read <= tails * (2 if prefetch else 1)
     assert not prefetch or store._pending  # the next layers' reads were in flight
@@ -185,7 +186,7 @@ def test_hot_windows_read_only_the_tail_and_equal_records_from_the_mapping(predi
     # (with the source's order, the share of hits would be the share of neurons held: 0.34 here)
     held = sum(caps) / sum(lb.n_ff for lb in store.plans)
     if predictor:  # (with every neuron needed, the hits are exactly the neurons held)
-        assert np.median([s.hits / s.needed for s in stats[1:]]) > 1.15 * held
+        assert np.median([s.neuron_hits / s.neurons_needed for s in stats[1:]]) > 1.15 * held
     for m in models:
         m.close()
 
@@ -242,13 +243,13 @@ def _check_plans(path, hot):
     minima = []
     for _ in range(2):  # the tokenizer's share is measured as the model loads: its first load counts more
         with pytest.raises(FlashLMError, match=r"below the minimum [0-9.]+ MiB") as e:
-            flashlm.Model(path, n_ctx=256, memory_budget="60MB", streaming=dict(hot=hot))
+            flashlm.load(path, n_ctx=256, memory_budget="60MB", streaming=dict(hot=hot))
         minima.append(float(re.search(r"minimum ([0-9.]+) MiB", str(e.value)).group(1)))
     minimum = min(minima)
     # Just above the minimum, hardly any window: a token reads most of its neurons into the
     # spill buffer, one layer at a time. Hot windows (the first neurons, for good) and
     # sliding ones (the last tokens' neurons).
-    m = flashlm.Model(path, n_ctx=256, n_threads=2, memory_budget=int((minimum + 2) * 2**20),
+    m = flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=int((minimum + 2) * 2**20),
                       streaming=dict(hot=hot))
     plan, store = m.plan, m.store
     need = [int(np.ceil(0.8 * lb.n_ff)) for lb in store.plans]
@@ -258,19 +259,19 @@ def _check_plans(path, hot):
         assert plan.spill == (1 + PREFETCH_LAYERS) * one  # one more per layer read ahead
     else:  # the buffer takes what a token needs beyond the window
         assert plan.spill == max((n - c) * p for n, c, p in zip(need, plan.capacities, plan.per_neuron))
-    assert plan.fixed + plan.window + plan.spill <= plan.budget
+    assert plan.fixed + plan.cache_bytes + plan.spill <= plan.budget
     assert m.generate(PROMPT, max_tokens=3, temperature=0.0).strip()
-    st = store.take_stats()[-1]
-    assert st.needed == sum(need) and st.hits <= sum(plan.capacities) and st.reads > 0
+    st = m.take_stats()[-1]
+    assert st.neurons_needed == sum(need) and st.neuron_hits <= sum(plan.capacities) and st.reads > 0
     m.close()
     full_windows = sum(n * p for n, p in zip(need, plan.per_neuron))
     # the minimum's buffer takes whole layers with hot windows: what the windows take off it is room too
     freed = store.spill_bytes([0] * len(need)) - store.spill_bytes([n for n in need]) if hot else 0
     for part, extra in ((True, full_windows // 2), (False, full_windows + (4 << 20) - freed)):  # half a token's needs; all, and more
-        m = flashlm.Model(path, n_ctx=256, n_threads=2, memory_budget=int(minimum * 2**20) + extra,
+        m = flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=int(minimum * 2**20) + extra,
                           streaming=dict(hot=hot))
         plan, store = m.plan, m.store
-        assert plan.fixed + plan.window + plan.spill <= plan.budget
+        assert plan.fixed + plan.cache_bytes + plan.spill <= plan.budget
         for win, cap, n, lb in zip(store.windows, plan.capacities, need, store.plans):
             assert win.cap == cap <= lb.n_ff
             assert win.gate.shape[1] == 0  # the gate predictor holds the gate: windows keep up and down rows only
@@ -282,7 +283,7 @@ def _check_plans(path, hot):
 
 
 def test_window_zero_shares_one_buffer_between_layers(flash_files):
-    m = flashlm.Model(flash_files["smollm2"], n_ctx=64, n_threads=2, streaming=dict(predictor="gate", window=0))
+    m = flashlm.load(flash_files["smollm2"], n_ctx=64, n_threads=2, streaming=dict(predictor="gate", window=0))
     assert all(w.cap == 0 for w in m.store.windows)  # nothing kept: every token's neurons spill
     bases = {w.up.base.ctypes.data if w.up.base is not None else None for w in m.store.spills}
     assert len(bases) == 1 and None not in bases
@@ -310,7 +311,7 @@ def test_chat_footer_shows_what_a_streamed_model_read(flash_files):
 
     from flashlm.apps.chat import ChatApp, Prompt
 
-    model = flashlm.Model(flash_files["smollm2"], n_ctx=512, n_threads=2)
+    model = flashlm.load(flash_files["smollm2"], n_ctx=512, n_threads=2)
 
     async def go():
         app = ChatApp(model, temperature=0, max_tokens=8)
@@ -337,7 +338,7 @@ def test_profile_of_a_streamed_model_and_a_budget_sweep(flash_files, tmp_path, c
     path = str(flash_files["smollm2"])
     assert main(["profile", "-m", path, "--memory-budget", "200MB", "-c", "128", "-n", "4", "-o", str(tmp_path)]) == 0
     prof = json.loads((tmp_path / "profile.json").read_text())
-    assert prof["streamed"] and prof["plan"]["window"] > 0 and prof["memory_budget"] == 200_000_000
+    assert prof["streamed"] and prof["plan"]["cache_bytes"] > 0 and prof["memory_budget"] == 200_000_000
     assert sum(r["bytes_read"] for r in prof["tokens"]) > 0 and prof["prefill_bytes_read"] > 0
     assert all(r["needed"] > 0 for r in prof["tokens"])
     assert (tmp_path / "profile.png").read_bytes()[:4] == b"\x89PNG"

@@ -102,5 +102,9 @@ def test_unknown_registry_name():
 
 
 def test_budget_below_resident_minimum_names_it(smollm2_path):
-    with pytest.raises(FlashLMError, match="below the .* MiB this model needs"):
+    with pytest.raises(FlashLMError, match=r"below the minimum [0-9.]+ MiB .*flash layout") as e:
         flashlm.load(smollm2_path, memory_budget="10MB")
+    # the minimum holds every weight and the KV cache
+    minimum = float(str(e.value).split("minimum ")[1].split(" MiB")[0]) * 2**20
+    with flashlm.load(smollm2_path, n_ctx=64, memory_budget=int(minimum)) as m:
+        assert m.plan.minimum <= m.plan.budget and m.plan.resident + m.plan.kv <= m.plan.minimum

@@ -1,7 +1,6 @@
 """Generation: sampling, stop handling, limits, cancellation and KV-cache reuse."""
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -85,12 +84,13 @@ def _cancel_after(model, seconds):
 
 def test_cancel_during_prefill_and_resume(smollm2):
     long_prompt = " ".join(f"item {i}," for i in range(90))  # ~470 tokens: several prefill chunks
-    t0 = time.perf_counter()
+    smollm2.take_stats()
     timer = _cancel_after(smollm2, 0.3)
     chunks = list(smollm2.stream(long_prompt, max_tokens=8, temperature=0))
     timer.join()
     assert chunks[-1].finish_reason == "cancelled" and chunks[-1].n_generated == 0
-    assert time.perf_counter() - t0 < 5
+    # stopped inside the prompt: the chunk it was in did not finish, and none after it ran
+    assert sum(p.tokens for p in smollm2.take_stats()) < len(smollm2.tokenize(long_prompt))
     # The model is intact: the same request now runs to the end, as on a fresh start.
     again = smollm2.generate(long_prompt, max_tokens=8, temperature=0)
     with flashlm.load(smollm2.path, n_ctx=512) as fresh:
@@ -144,7 +144,7 @@ def test_thread_count_holds_on_other_threads(smollm2_path):
     import numba
 
     seen = []
-    with flashlm.Model(smollm2_path, n_ctx=64, n_threads=1) as m:
+    with flashlm.load(smollm2_path, n_ctx=64, n_threads=1) as m:
         forward = m.model.forward
 
         def spy(*a, **kw):
