@@ -89,18 +89,21 @@ def split_text(text: str) -> tuple[str, str]:
 def record_ffn_inputs(m, segments: list[list[int]]):
     """Run the dense model over each segment (from an empty cache) with each layer's FFN
     input recorded: (per-layer h (T, n_embd) over all segments, the logits per segment)."""
-    core = m.model.ffn_core
+    ffn = m.model.ffn  # each layer's FFN strategy, wrapped to record its input
     seen = [[] for _ in range(m.config.n_layer)]
 
-    def recording(i, h):
-        seen[i].append(h.copy())
-        return core(i, h)
+    def recording(i, f):
+        def run(h):
+            seen[i].append(h.copy())
+            return f(h)
+        return run
 
-    m.model.ffn_core = recording
+    saved = list(ffn)
+    ffn[:] = [recording(i, f) for i, f in enumerate(saved)]
     try:
         logits = [m.logits(seg) for seg in segments]
     finally:
-        del m.model.ffn_core  # back to the class's method
+        ffn[:] = saved
     return [np.concatenate(s) for s in seen], logits
 
 

@@ -12,6 +12,7 @@ import threading
 import numpy as np
 
 from .. import kernels_cpu as K
+from ..errors import ContextLengthError
 from ..kernels_cpu.ops import ROPE_NEOX
 from .config import ModelConfig
 
@@ -50,9 +51,12 @@ class KVCache:
         self.k, self.v = k, v
 
     def reserve(self, n: int):
-        """Make room for positions 0..n-1 (n <= n_ctx)."""
+        """Make room for positions 0..n-1; ContextLengthError past n_ctx (the compiled
+        kernels write positions unchecked: this is what keeps them inside the cache)."""
         cap = self.k.shape[2]
         if n > cap:
+            if n > self.n_ctx:
+                raise ContextLengthError(f"position {n - 1} is past the context of {self.n_ctx}; pass a larger n_ctx")
             while cap < n:
                 cap *= 2
             self._grow(min(cap, self.n_ctx))
