@@ -26,8 +26,27 @@ def test_contracts_hold():
 def test_an_upward_import_breaks_them(tmp_path):
     # the same check on a copy of the package with one import from a kernel up to the runtime
     shutil.copytree(ROOT / "flashlm", tmp_path / "flashlm", ignore=shutil.ignore_patterns("__pycache__"))
-    ops = tmp_path / "flashlm" / "kernels_cpu" / "ops.py"
+    ops = tmp_path / "flashlm" / "kernels_cpu" / "layer.py"
     ops.write_text(ops.read_text() + "\nfrom ..runtime import sampler  # noqa: E402,F401\n")
     r = lint(tmp_path)
     assert r.returncode != 0
-    assert "flashlm.kernels_cpu.ops -> flashlm.runtime.sampler" in r.stdout
+    assert "flashlm.kernels_cpu.layer -> flashlm.runtime.sampler" in r.stdout
+
+
+def test_every_package_has_a_layer():
+    # A package left out of the layers contract would be free to import anything: so the
+    # contract must name every package and module of flashlm (removing one fails here).
+    import pkgutil
+
+    import flashlm
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: import-linter's own TOML reader
+        import tomli as tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c for c in contracts if c["type"] == "layers")["layers"]
+    named = {name.strip() for layer in layers for name in layer.split("|")}
+    ours = {f"flashlm.{m.name}" for m in pkgutil.iter_modules(flashlm.__path__)}
+    assert ours == named, f"not in a layer: {sorted(ours - named)}; not in flashlm: {sorted(named - ours)}"

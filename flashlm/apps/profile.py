@@ -87,7 +87,7 @@ def idle_rss(proc) -> int:
     x = np.ones((5, 64), np.float32)
     K.linear(x, w), K.linear(x[:1], w), K.glu(x, x, False)
     K.matvec_t(np.ones(4, np.float32), w, np.arange(4), np.zeros(64, np.float32))
-    from ..runtime.fused import warm_decode_kernels
+    from ..runtime.warmup import warm_decode_kernels
 
     warm_decode_kernels()  # the compiled decode step and its per-layer pieces
     return proc.memory_info().rss

@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import kernels_cpu as K
 from ..kernels_cpu import F16_TABLE, _all_rows
-from ..kernels_cpu import decode as D
+from ..kernels_cpu import moe as M
 from ..formats.modelfile import TensorRef
 
 PARTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
@@ -104,25 +104,6 @@ def _root(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1).view(np.uint8).view(np.ndarray)
 
 
-def route(logits: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Router logits (T, n_expert) -> the chosen experts (T, k) int64, best first, their
-    weights (T, k) float32, and every expert's probability (T, n_expert)."""
-    logits = logits.astype(np.float32, copy=False)
-    if cfg.expert_gating == "sigmoid":
-        p = np.float32(1.0) / (np.float32(1.0) + np.exp(-logits))
-    else:
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        p = e / e.sum(axis=1, keepdims=True)
-    k = cfg.n_expert_used
-    ids = np.argsort(-p, axis=1, kind="stable")[:, :k]
-    w = np.take_along_axis(p, ids, axis=1)
-    if cfg.expert_weights_norm:
-        w = w / np.maximum(w.sum(axis=1, keepdims=True), np.float32(6.103515625e-5))  # llama.cpp's clamp
-    if cfg.expert_weights_scale:
-        w = w * np.float32(cfg.expert_weights_scale)
-    return ids, w.astype(np.float32), p
-
-
 def expert_ffn(x: np.ndarray, gate: TensorRef, up: TensorRef, down: TensorRef, gelu: bool = False) -> np.ndarray:
     """down(act(gate x) * up x) for rows x (T, n_embd)."""
     g, u = K.linear_many(x, [gate, up])
@@ -146,20 +127,35 @@ def _router(store, layer: int) -> tuple:
     return r
 
 
+def _gating(cfg) -> tuple:
+    return cfg.expert_gating == "sigmoid", bool(cfg.expert_weights_norm), float(cfg.expert_weights_scale or 0.0)
+
+
+def route_rows(store, cfg, layer: int, h: np.ndarray):
+    """The routing of tokens h (T, n_embd), as llama.cpp's build_moe_ffn: (T, k) chosen
+    experts, best first (ties to the lower id), their (T, k) weights, every expert's
+    (T, n_expert) probability; in one compiled call (the same routing as one token's)."""
+    w, qt, rows = _router(store, layer)
+    T, k, n = h.shape[0], cfg.n_expert_used, len(rows)
+    ids, wts, p = np.empty((T, k), dtype=np.int64), np.empty((T, k), dtype=np.float32), np.empty((T, n), dtype=np.float32)
+    M.moe_route_rows(w, qt, np.ascontiguousarray(h, dtype=np.float32), *_gating(cfg), F16_TABLE, rows, ids, wts, p)
+    return ids, wts, p
+
+
 def route_one(store, cfg, layer: int, x: np.ndarray, ahead: bool = False):
-    """route() for one token x (n_embd,) float32, in one compiled call: (k,) ids, (k,)
-    weights, (n_expert,) probabilities. ahead: also the next layer's router on x, its
+    """route_rows for one token x (n_embd,) float32: (k,) ids, (k,) weights, (n_expert,)
+    probabilities. ahead: also the next layer's router on x, its
     (k,) most probable experts as a fourth item (what to prefetch), in the same call."""
     w, qt, rows = _router(store, layer)
-    sig, norm, scale = cfg.expert_gating == "sigmoid", bool(cfg.expert_weights_norm), float(cfg.expert_weights_scale or 0.0)
+    sig, norm, scale = _gating(cfg)
     k, n, lut = cfg.n_expert_used, len(rows), F16_TABLE
     ids, wts, p = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.float32), np.empty(n, dtype=np.float32)
     if not ahead:
-        D.moe_route(w, qt, x, sig, norm, scale, lut, rows, ids, wts, p)
+        M.moe_route(w, qt, x, sig, norm, scale, lut, rows, ids, wts, p)
         return ids, wts, p
     w2, qt2, rows2 = _router(store, layer + 1)
     ids2 = np.empty(k, dtype=np.int64)
-    D.moe_route_ahead(w, qt, x, sig, norm, scale, lut, rows, ids, wts, p, w2, qt2, rows2, ids2,
+    M.moe_route_ahead(w, qt, x, sig, norm, scale, lut, rows, ids, wts, p, w2, qt2, rows2, ids2,
                       np.empty(k, dtype=np.float32), np.empty(len(rows2), dtype=np.float32))
     return ids, wts, p, ids2
 
@@ -192,7 +188,7 @@ class MoEFFN:
     def _prefill(self, h: np.ndarray) -> np.ndarray:
         """Several tokens: each chosen expert once, over the tokens that chose it."""
         store, experts, layer = self.store, self.experts, self.layer
-        ids, w, p = route(K.linear(h, store.get(f"blk.{layer}.ffn_gate_inp.weight")), self.cfg)
+        ids, w, p = route_rows(store, self.cfg, layer, h)
         if self.on_route is not None:
             self.on_route(layer, ids, w, p)
         experts.begin_layer(layer, ids, p)
@@ -231,17 +227,17 @@ class MoEFFN:
             if reading:  # the cached and shared experts compute while the misses are read
                 y = np.empty((len(ids), shapes[2, 0]), dtype=np.float32)
                 if not missed.all():
-                    D.moe_experts(buf, offs, np.flatnonzero(~missed), *args, y)
+                    M.moe_experts(buf, offs, np.flatnonzero(~missed), *args, y)
                 shared = _shared_expert(store, cfg, layer, h, gelu)
                 experts.finish_misses()
         except BaseException:  # interrupted: the reads end before their slots can be reused
             experts.abort_misses()
             raise
         if not reading:
-            D.moe_decode(buf, offs, *args[:3], w, *args[3:], out[0])
+            M.moe_decode(buf, offs, *args[:3], w, *args[3:], out[0])
         else:  # then the misses (the same sums as one call)
-            D.moe_experts(buf, offs, np.flatnonzero(missed), *args, y)
-            D.moe_combine(y, w, out[0])
+            M.moe_experts(buf, offs, np.flatnonzero(missed), *args, y)
+            M.moe_combine(y, w, out[0])
         experts.end_layer(layer)
         if shared is None:
             shared = _shared_expert(store, cfg, layer, h, gelu)

@@ -29,10 +29,8 @@ Q8_0 = GGMLQuantizationType.Q8_0
 
 
 def act(g: np.ndarray, gelu: bool) -> np.ndarray:
-    if gelu:
-        return K.gelu(g)
-    with np.errstate(over="ignore"):
-        return K.silu(g)
+    """The gated FFN's activation (kernels_cpu.act: the same function the dense FFN applies)."""
+    return K.act(g, gelu)
 
 
 def n_keep(keep: float, n: int) -> int:

@@ -1,8 +1,10 @@
-"""CPU kernels: quantized matrix products on GGML block formats, plus the small ops.
+"""CPU kernels: quantized matrix products on GGML block formats, and a layer's math.
 
 `linear` is the one entry point model code uses for a weight product; it dispatches on
 the weight's GGML type (decode: fused dequantize-dot `matvec`; prefill: the integer
-GEMM in `gemm.py` on VNNI CPUs, dequantized tiles fed to BLAS elsewhere).
+GEMM in `gemm.py` on VNNI CPUs, dequantized tiles fed to BLAS elsewhere). layer.py
+defines a transformer layer's steps once, for prefill and for the compiled decode step
+(decode.py); moe.py a mixture of experts' routing and expert products.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import sys
@@ -68,13 +68,10 @@ def _drop_stale_numba_cache():
 
 _drop_stale_numba_cache()
 
-from . import decode, gemm, qdot, quants  # noqa: E402
-from .ops import attention, gelu, rmsnorm, rope, silu, softmax  # noqa: F401
+from . import gemm, qdot, quants  # noqa: E402
+from .layer import act_rows, attend_queries, glu_rows  # noqa: E402
+from .threads import _on_threads, _share_rows, _spans, _tiled_product, blas_one_thread  # noqa: E402,F401
 from .quants import F16_TABLE, SUPPORTED_TYPES  # noqa: F401
-
-# Dequantized tile of a weight for prefill, in float32 elements (1 MiB: this L2).
-_TILE_ELEMS = 1 << 18
-
 
 def set_threads(n: int) -> int:
     """Set the kernel thread count (clamped to what numba has); returns it."""
@@ -290,35 +287,6 @@ def _gemm_product(act, w, r0: int, r1: int, out: np.ndarray) -> None:
     gemm.gemm_rows(int(w.qtype), w.data, r0, r1, xq, dx, sx, out, F16_TABLE)
 
 
-def _share_rows(pieces, quantum: int) -> None:
-    """Run pieces (fn, input, w, r0, r1, out) -- fn(input, w, r0, r1, out) fills rows
-    r0..r1 of out -- with the rows cut into one equal share per prefill thread, each
-    cut a multiple of `quantum` rows."""
-    total = sum(p[4] for p in pieces)
-    n_workers = min(numba.get_num_threads(), max(1, total // 64))
-    if n_workers == 1:
-        for fn, *args in pieces:
-            fn(*args)
-        return
-    shares = [[] for _ in range(n_workers)]
-    per = -(-total // n_workers // quantum) * quantum
-    k, room = 0, per
-    for fn, xw, w, r0, r1, out in pieces:
-        while r0 < r1:
-            n = min(r1 - r0, room) if k < n_workers - 1 else r1 - r0
-            shares[k].append((fn, xw, w, r0, r0 + n, out))
-            r0 += n
-            room -= n
-            if room == 0 and k < n_workers - 1:
-                k, room = k + 1, per
-    _on_threads(_run_share, [(sh,) for sh in shares])
-
-
-def _run_share(share) -> None:
-    for fn, *args in share:
-        fn(*args)
-
-
 def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, layer: int, pos0: int, scale: float,
            window: int = 0) -> np.ndarray:
     """Causal attention of queries q (T, n_head, hd) at positions pos0.. over a layer
@@ -332,7 +300,7 @@ def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, layer: int, 
     n_kv, hd_v = k_cache.shape[1], v_cache.shape[-1]
     q2 = np.ascontiguousarray(q.reshape(T, n_head * hd), dtype=np.float32)
     out = np.empty((T, n_head * hd_v), dtype=np.float32)
-    _on_threads(decode.attend_queries, [(q2, k_cache, v_cache, layer, pos0, n_head, n_kv, hd, hd_v, np.float32(scale),
+    _on_threads(attend_queries, [(q2, k_cache, v_cache, layer, pos0, n_head, n_kv, hd, hd_v, np.float32(scale),
                                          window, out, a, b) for a, b in _spans(n_head)])
     return out.reshape(T, n_head, hd_v)
 
@@ -343,95 +311,13 @@ def glu(g: np.ndarray, u: np.ndarray, gelu: bool) -> np.ndarray:
     g = np.ascontiguousarray(g, dtype=np.float32)
     u = np.ascontiguousarray(u, dtype=np.float32)
     out = np.empty_like(g)
-    _on_threads(decode.glu_rows, [(g, u, gelu, out, a, b) for a, b in _spans(g.shape[0])])
+    _on_threads(glu_rows, [(g, u, gelu, out, a, b) for a, b in _spans(g.shape[0])])
     return out
 
 
-def _spans(n: int) -> list[tuple[int, int]]:
-    """[0, n) cut into one nearly equal span per prefill thread (fewer if n is small)."""
-    k = min(numba.get_num_threads(), n)
-    return [(n * i // k, n * (i + 1) // k) for i in range(k)]
+def act(g: np.ndarray, gelu: bool) -> np.ndarray:
+    """The gated FFN's activation of g (n,) float32, GELU or SiLU, as glu applies it."""
+    out = np.empty((1, g.shape[0]), dtype=np.float32)
+    act_rows(np.ascontiguousarray(g, dtype=np.float32).reshape(1, -1), gelu, out)
+    return out[0]
 
-
-def _on_threads(fn, arg_lists) -> None:
-    """fn(*args) for each entry, at once on the prefill threads (the first on this one).
-    Every job has finished when this returns, also when one of them raised."""
-    if len(arg_lists) == 1:
-        fn(*arg_lists[0])
-        return
-    pool = _pool(len(arg_lists))
-    jobs = [pool.submit(fn, *a) for a in arg_lists[1:]]
-    try:
-        fn(*arg_lists[0])
-    finally:
-        for j in jobs:  # never leave a worker writing into buffers the caller drops
-            j.exception()
-    for j in jobs:
-        j.result()
-
-
-# Prefill threads: our own pool, each thread decoding a tile of weight rows (numba,
-# GIL released) and multiplying it with single-threaded BLAS. Letting numba and
-# OpenBLAS each run a pool of their own makes both spin-wait on the same two cores:
-# 4-5x slower, measured.
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-_TILES = threading.local()
-_BLAS_LOCK = threading.Lock()
-_BLAS_HOLDERS = 0  # blas_one_thread blocks open, in any thread
-_BLAS_SAVED = None  # the limits to restore when the last one closes
-
-
-def _pool(n: int) -> ThreadPoolExecutor:
-    """Threads beside the calling one, which takes the first share itself. A pool too
-    small is replaced; the old one finishes its queued jobs and then its threads exit."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < n - 1:
-            old, _POOL = _POOL, ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="flashlm-prefill")
-            if old is not None:
-                old.shutdown(wait=False)
-        return _POOL
-
-
-@contextlib.contextmanager
-def blas_one_thread():
-    """BLAS on the calling thread only, for the duration. Hold it over a whole prefill:
-    a multi-threaded BLAS call in between (attention) leaves OpenBLAS's threads
-    spinning into the next product, 1.5x slower, measured.
-
-    BLAS's thread count is process-wide, so overlapping blocks (prefills in two
-    threads) share one limit: set by the first to open, restored by the last to close.
-    """
-    global _BLAS_HOLDERS, _BLAS_SAVED
-    with _BLAS_LOCK:
-        if _BLAS_HOLDERS == 0:
-            from threadpoolctl import ThreadpoolController
-
-            # A fresh scan each time (~0.5 ms): a BLAS loaded since (scipy's, by a
-            # later import) is held at one thread too.
-            _BLAS_SAVED = ThreadpoolController().limit(limits=1, user_api="blas")
-        _BLAS_HOLDERS += 1
-    try:
-        yield
-    finally:
-        with _BLAS_LOCK:
-            _BLAS_HOLDERS -= 1
-            if _BLAS_HOLDERS == 0:
-                _BLAS_SAVED.restore_original_limits()
-                _BLAS_SAVED = None
-
-
-def _tiled_product(x: np.ndarray, w, r0: int, r1: int, out: np.ndarray) -> None:
-    """out[:, r0:r1] = x @ W[r0:r1].T, one L2-sized float tile of W at a time."""
-    n_in = w.shape[-1]
-    step = max(16, _TILE_ELEMS // n_in)
-    tile = getattr(_TILES, "buf", None)
-    if tile is None or tile.size < step * n_in:
-        tile = _TILES.buf = np.empty(step * n_in, dtype=np.float32)
-    qtype = int(w.qtype)
-    for a in range(r0, r1, step):
-        n = min(step, r1 - a)
-        t = tile[:n * n_in].reshape(n, n_in)
-        quants.dequant_rows_serial(qtype, w.data, a, t, F16_TABLE)
-        np.matmul(x, t.T, out=out[:, a:a + n])

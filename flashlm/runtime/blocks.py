@@ -1,19 +1,25 @@
-"""Shared blocks of decoder-only transformers; each architecture file picks its options.
+"""A decoder-only transformer: the KV cache, the model's layers over T tokens (prefill),
+and the drivers of the compiled decode step (one token).
 
 Tensor names are GGUF's (`blk.{i}.attn_q.weight`). Attention, norms and embeddings come
 from the weight store (resident: the mapped file); each layer's FFN is a strategy the
-loader chose (ffn.py), which the model calls without asking whether it streams.
+loader chose (ffn.py), which the model calls without asking whether it streams. The
+layer's math is kernels_cpu/layer.py's, the same functions for both paths.
 """
 
 from __future__ import annotations
 
 import threading
 
+import numba
 import numpy as np
 
 from .. import kernels_cpu as K
 from ..errors import ContextLengthError
-from ..kernels_cpu.ops import ROPE_NEOX
+from ..kernels_cpu import F16_TABLE
+from ..kernels_cpu import decode as D
+from ..kernels_cpu import layer as L
+from ..kernels_cpu.layer import ROPE_NEOX
 from .config import ModelConfig
 
 
@@ -60,13 +66,6 @@ class KVCache:
             while cap < n:
                 cap *= 2
             self._grow(min(cap, self.n_ctx))
-
-    def store(self, layer: int, pos0: int, k: np.ndarray, v: np.ndarray):
-        """Write k (T, n_kv, hd), v (T, n_kv, hd_v) at positions pos0 .. pos0+T-1."""
-        T = k.shape[0]
-        self.reserve(pos0 + T)
-        self.k[layer, :, pos0:pos0 + T] = k.transpose(1, 0, 2).astype(np.float16)
-        self.v[layer, :, pos0:pos0 + T] = v.transpose(1, 0, 2).astype(np.float16)
 
     @property
     def k16(self) -> np.ndarray:
@@ -124,8 +123,8 @@ class DecoderLM:
         self.tok_embd = store.get("token_embd.weight")
         self.output = store.get("output.weight") if store.has("output.weight") else self.tok_embd
         self.output_norm = store.vector("output_norm.weight")
-        self.layers = [self._layer_vectors(i) for i in range(cfg.n_layer)]
-        from .fused import FusedDecoder, LayerDecoder, fusable, weight_refs
+        self.vecs, bias = self._vectors()
+        self.arch = L.make_arch(cfg, self, bias)
 
         # every FFN's weights addressable: the whole token in one compiled call; else the
         # compiled attention around FFNs that run in Python (streamed, or routed per token)
@@ -144,58 +143,38 @@ class DecoderLM:
         for f in self.ffn:
             f.on_route = fn
 
-    def _layer_vectors(self, i: int) -> dict:
-        s = self.store
-        names = ["attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm",
-                 "post_ffw_norm"]
-        vec = {n: s.vector(f"blk.{i}.{n}.weight") for n in names}
-        for n in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            vec[n + ".bias"] = s.vector(f"blk.{i}.{n}.bias")
-        return vec
+    def _vectors(self) -> tuple[np.ndarray, bool]:
+        """Every layer's norm weights and biases in one (n_layer + 1, len(VECS), width)
+        float32 array, zeros where the model has none (row n_layer: the output norm);
+        and whether the model has attention biases."""
+        cfg, s = self.cfg, self.store
+        width = max(cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.v_head_dim)
+        vecs = np.zeros((cfg.n_layer + 1, len(L.VECS), width), dtype=np.float32)
+        bias = False
+        for i in range(cfg.n_layer):
+            for j, name in enumerate(L.VECS):
+                v = s.vector(f"blk.{i}.{name}" + ("" if name.endswith(".bias") else ".weight"))
+                if v is not None:
+                    vecs[i, j, :v.shape[0]] = v
+                    bias |= name.endswith(".bias")
+        vecs[cfg.n_layer, L.V_ATTN_NORM, :cfg.n_embd] = self.output_norm
+        return vecs, bias
 
-    # -- one layer ---------------------------------------------------------------
+    # -- one layer, T tokens: kernels_cpu/layer.py's steps around the products ------------
 
-    def _attention(self, i: int, h: np.ndarray, pos0: int, kv: KVCache) -> np.ndarray:
-        cfg, vec = self.cfg, self.layers[i]
-        T = h.shape[0]
-        q, k, v = self._proj(h, i, ("attn_q", "attn_k", "attn_v"))
-        q = q.reshape(T, cfg.n_head, cfg.head_dim)
-        k = k.reshape(T, cfg.n_head_kv, cfg.head_dim)
-        v = v.reshape(T, cfg.n_head_kv, cfg.v_head_dim)
-        if self.qk_norm:
-            q = K.rmsnorm(q, vec["attn_q_norm"], cfg.rms_eps)
-            k = K.rmsnorm(k, vec["attn_k_norm"], cfg.rms_eps)
-        if self.qk_norm_full:
-            q = K.rmsnorm(q.reshape(T, -1), vec["attn_q_norm"], cfg.rms_eps).reshape(q.shape)
-            k = K.rmsnorm(k.reshape(T, -1), vec["attn_k_norm"], cfg.rms_eps).reshape(k.shape)
+    def _attention(self, i: int, x: np.ndarray, h: np.ndarray, pos0: int, kv: KVCache) -> None:
+        """x += layer i's attention on the tokens x (T, n_embd) at positions pos0..; their
+        keys and values into kv; then h = x through the FFN norm."""
+        cfg, a, s, vl = self.cfg, self.arch, self.store, self.vecs[i]
+        T = x.shape[0]
+        L.norm_rows(x, vl[L.V_ATTN_NORM], cfg.rms_eps, h)
+        q, k, v = K.linear_many(h, [s.get(f"blk.{i}.{n}.weight") for n in ("attn_q", "attn_k", "attn_v")])
         swa = cfg.swa_layers[i]
-        base = cfg.rope_base_swa if swa else cfg.rope_base
-        scale = 1.0 if swa else cfg.rope_scale
-        pos = np.arange(pos0, pos0 + T)
-        K.rope(q, pos, cfg.rope_dim, base, scale, cfg.rope_type)
-        K.rope(k, pos, cfg.rope_dim, base, scale, cfg.rope_type)
-        kv.store(i, pos0, k, v)
-        scale = cfg.attn_scale
-        if self.scale_q:
-            q *= np.float32(scale)
-            scale = 1.0
-        o = K.attend(q, kv.k16, kv.v16, i, pos0, scale, cfg.sliding_window if swa else 0)
-        (o,) = self._proj(o.reshape(T, -1), i, ("attn_output",))
-        if self.post_norms:
-            o = K.rmsnorm(o, vec["post_attention_norm"], cfg.rms_eps)
-        return o
-
-    def _ffn(self, i: int, h: np.ndarray) -> np.ndarray:
-        d = self.ffn[i](h)
-        if self.post_norms:
-            d = K.rmsnorm(d, self.layers[i]["post_ffw_norm"], self.cfg.rms_eps)
-        return d
-
-    def _proj(self, x: np.ndarray, i: int, names: tuple[str, ...]) -> list[np.ndarray]:
-        """x through layer i's projections `names` (one pass), biases added."""
-        ys = K.linear_many(x, [self.store.get(f"blk.{i}.{n}.weight") for n in names])
-        bs = [self.layers[i][n + ".bias"] for n in names]
-        return [y + b if b is not None else y for y, b in zip(ys, bs)]
+        scale = L.qkv_rows(i, pos0, q, k, v, vl, swa, kv.k16, kv.v16, a)
+        o = K.attend(q.reshape(T, cfg.n_head, cfg.head_dim), kv.k16, kv.v16, i, pos0, scale,
+                     cfg.sliding_window if swa else 0)
+        o = K.linear(o.reshape(T, -1), s.get(f"blk.{i}.attn_output.weight"))
+        L.attn_residual(o, x, h, vl, a)
 
     # -- the whole model -----------------------------------------------------------
 
@@ -216,23 +195,113 @@ class DecoderLM:
             return self._forward(tokens, pos0, kv, all_logits)
 
     def _forward(self, tokens: np.ndarray, pos0: int, kv: KVCache, all_logits: bool) -> np.ndarray:
-        cfg = self.cfg
-        x = K.embed(self.tok_embd, tokens)  # (T, n_embd)
+        cfg, a = self.cfg, self.arch
+        x = K.embed(self.tok_embd, tokens)  # (T, n_embd), the residual stream
         if cfg.embed_scale != 1.0:
-            x *= np.float32(cfg.embed_scale)
+            L.scale_rows(x, cfg.embed_scale)
+        h = np.empty_like(x)
+        kv.reserve(pos0 + len(tokens))
         for i in range(cfg.n_layer):
             if self.cancel_event.is_set():
                 raise Cancelled()
-            vec = self.layers[i]
-            rs = np.float32(cfg.residual_scale)
-            x = x + self._attention(i, K.rmsnorm(x, vec["attn_norm"], cfg.rms_eps), pos0, kv) * rs
-            x = x + self._ffn(i, K.rmsnorm(x, vec["ffn_norm"], cfg.rms_eps)) * rs
+            self._attention(i, x, h, pos0, kv)
+            d = np.ascontiguousarray(self.ffn[i](h), dtype=np.float32)
+            L.ffn_residual(d, x, self.vecs[i], a)
         kv.pos = pos0 + len(tokens)
         if not all_logits:
             x = x[-1:]
-        logits = K.linear(K.rmsnorm(x, self.output_norm, cfg.rms_eps), self.output)
-        if cfg.logit_scale != 1.0:
-            logits = logits * np.float32(1.0 / cfg.logit_scale)  # as llama.cpp: times the reciprocal
-        if cfg.final_softcap:
-            logits = np.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        h = np.empty_like(x)
+        L.norm_rows(x, self.vecs[cfg.n_layer, L.V_ATTN_NORM], cfg.rms_eps, h)
+        logits = K.linear(h, self.output)
+        L.logits_rows(logits, a)
+        return logits
+
+
+# -- the compiled decode step's drivers -------------------------------------------------
+
+
+def root_buffer(a: np.ndarray) -> np.ndarray:
+    """The array at the bottom of a's chain of views (for a weight: the mapped file)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def weight_refs(model, ffn: bool = True) -> list:
+    """The model's matrices in decode_step's order: SLOTS per layer, then embeddings
+    and output. ffn=False: None in the FFN slots (FFNs that run in Python)."""
+    refs = []
+    for i, f in enumerate(model.ffn):
+        refs += [model.store.get(f"blk.{i}.{slot}.weight") for slot in D.SLOTS[:4]]
+        refs += list(f.weights()) if ffn else [None] * 3
+    return refs + [model.tok_embd, model.output]
+
+
+def fusable(refs) -> bool:
+    """Whether these weights lie in one mapped buffer, as decode_step needs (a model
+    split over several files is run layer by layer instead)."""
+    refs = [r for r in refs if r is not None]
+    return len({id(root_buffer(r.data)) for r in refs}) == 1 and all(r.data.flags.c_contiguous for r in refs)
+
+
+def _arena(refs) -> tuple[np.ndarray, np.ndarray]:
+    """The one buffer holding all the weights, and (offset, rows, row_bytes) of each
+    (0, 0, 0 for a None). A table of offsets, not a numba typed List of arrays: that
+    List costs ~70 MB of compiler memory and 0.4 s at start, measured."""
+    root = root_buffer(next(r for r in refs if r is not None).data)
+    arena = root.reshape(-1).view(np.uint8).view(np.ndarray)
+    base = arena.ctypes.data
+    mats = np.array([(r.data.ctypes.data - base, r.data.shape[0], r.data.shape[1]) if r is not None else (0, 0, 0)
+                     for r in refs], dtype=np.int64)
+    return arena, mats
+
+
+class FusedDecoder:
+    """One-token forward passes of `model` through kernels_cpu.decode.decode_step."""
+
+    ffn = True  # the FFN weights are in the arena
+
+    def __init__(self, model):
+        self.cfg = model.cfg
+        refs = weight_refs(model, self.ffn)
+        self.arena, self.mats = _arena(refs)
+        self.qt = np.array([int(r.qtype) if r is not None else -1 for r in refs], dtype=np.int64)
+        self.all_rows = np.arange(max(r.data.shape[0] for r in refs if r is not None), dtype=np.int64)
+        self.vecs, self.arch = model.vecs, model.arch
+        self.swa = np.array(self.cfg.swa_layers, dtype=np.bool_)
+
+    def step(self, tok: int, pos: int, kv) -> np.ndarray:
+        """Logits (n_vocab,) float32 of token tok at position pos; fills kv at pos."""
+        logits = np.empty(self.cfg.n_vocab, dtype=np.float32)
+        kv.reserve(pos + 1)
+        D.decode_step(tok, pos, self.arena, self.mats, self.qt, self.vecs, self.swa, kv.k16, kv.v16, self.arch,
+                      numba.get_num_threads(), F16_TABLE, self.all_rows, logits)
+        return logits
+
+
+class LayerDecoder(FusedDecoder):
+    """decode_step in pieces around an FFN that runs in Python: a flash-layout model's
+    (the store predicts, loads and multiplies the neurons a token needs) or a mixture
+    of experts' (the router picks them). One compiled call per layer for the attention,
+    the layer's FFN strategy between, the same math as decode_step."""
+
+    ffn = False
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.layer_ffn = model.ffn
+
+    def step(self, tok: int, pos: int, kv) -> np.ndarray:
+        nt = numba.get_num_threads()
+        d = self.cfg.n_embd
+        x, h = np.empty((1, d), dtype=np.float32), np.empty((1, d), dtype=np.float32)
+        logits = np.empty(self.cfg.n_vocab, dtype=np.float32)
+        kv.reserve(pos + 1)
+        ar, m, qt, vecs, a, rows = self.arena, self.mats, self.qt, self.vecs, self.arch, self.all_rows
+        D.decode_embed(tok, ar, m, qt, a, F16_TABLE, x[0])
+        for i in range(self.cfg.n_layer):
+            D.decode_attn(i, pos, x, h, ar, m, qt, vecs, self.swa, kv.k16, kv.v16, a, nt, F16_TABLE, rows)
+            o = self.layer_ffn[i](h)
+            D.decode_add_ffn(i, o, x, vecs, a)
+        D.decode_head(x, ar, m, qt, vecs, a, nt, F16_TABLE, rows, logits)
         return logits

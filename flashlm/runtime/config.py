@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import ModelFormatError, UnsupportedModelError
-from ..kernels_cpu.ops import ROPE_NEOX
+from ..kernels_cpu.layer import ROPE_NEOX
 
 
 

@@ -5,7 +5,7 @@ A layer's FFN is an object the loader (loader.py) chose for it:
     ffn(h)          (T, n_embd) float32 -> (T, n_embd): the FFN before any post-norm
     ffn.weights()   the resident (gate, up, down) TensorRefs the compiled decode step
                     may read straight from the mapping, or None: it runs in Python
-                    between the compiled attention calls (fused.LayerDecoder)
+                    between the compiled attention calls (blocks.LayerDecoder)
     ffn.on_route    None, or called with each routing decision of a mixture of experts
 
 The strategies: `DenseFFN` (here), `flashload.ffn.NeuronFFN` (neurons streamed from a

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 import flashlm
-from flashlm.experts.moe import route, route_one
+from flashlm.experts.moe import route_one, route_rows
 
 from conftest import cosine_rows, llama_cpp_logits, llama_cpp_model
 from parity_prompts import PROMPTS
+from reference import route
 
 ARCHS = ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "granitemoe", "granitemoe_shared"]
 
@@ -67,16 +68,45 @@ def test_routing_rules():
     np.testing.assert_allclose(route(logits, Cfg)[1][0], 2.5 * s[[1, 2]] / s[[1, 2]].sum(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("gating, norm, scale", [("softmax", False, 0.0), ("softmax", True, 0.0), ("sigmoid", True, 2.5)])
+def test_prompt_routing_is_one_tokens_routing_per_row(gating, norm, scale):
+    """A prompt's routing (route_rows, one compiled call) chooses, for each token, what the
+    numpy twin chooses from the same router logits, with the same weights."""
+    from gguf import GGMLQuantizationType
+
+    from flashlm.formats.modelfile import TensorRef
+
+    class Cfg:
+        n_expert_used, expert_gating, expert_weights_norm, expert_weights_scale = 3, gating, norm, scale
+
+    class Store:  # the router as a mapped float32 tensor
+        def get(self, name):
+            return TensorRef(name, GGMLQuantizationType.F32, W.shape, raw, 0)
+
+    rng = np.random.default_rng(5)
+    W = rng.standard_normal((8, 64)).astype(np.float32)
+    raw = W.view(np.uint8).reshape(8, -1)
+    h = rng.standard_normal((6, 64)).astype(np.float32)
+    ids, w, p = route_rows(Store(), Cfg, 0, h)
+    want_ids, want_w, want_p = route(h.astype(np.float64) @ W.T.astype(np.float64), Cfg)
+    np.testing.assert_allclose(p, want_p, rtol=1e-5, atol=1e-7)
+    assert (ids == want_ids).all()
+    np.testing.assert_allclose(w, want_w, rtol=1e-5)
+    one = route_one(Store(), Cfg, 0, h[2])  # the same as a single token's
+    assert (one[0] == ids[2]).all() and (one[1] == w[2]).all()
+
+
 def test_compiled_routing():
     """One token's compiled routing: a float32 router read in place gives the generic
     float matvec's logits to the bit, and the k largest are picked as a stable sort
     would (ties to the lower id)."""
     from flashlm.kernels_cpu import F16_TABLE, _all_rows
-    from flashlm.kernels_cpu import decode as D
+    from flashlm.kernels_cpu import acts
+    from flashlm.kernels_cpu import moe as D
 
     @numba.njit
     def generic(w, x, out, lut, rows):
-        D._mv(0, w, x, out, lut, 1, rows)
+        acts._mv(0, w, x, out, lut, 1, rows)
 
     @numba.njit
     def in_place(w, x, out):
@@ -228,7 +258,7 @@ def test_experts_computed_in_parts_sum_as_one_call(moe_gguf):
     """moe_experts over any split of a token's experts, then moe_combine, gives moe_decode's
     output bit for bit (a streamed token computes its cached experts first)."""
     from flashlm.kernels_cpu import F16_TABLE, _all_rows
-    from flashlm.kernels_cpu import decode as D
+    from flashlm.kernels_cpu import moe as D
 
     with flashlm.load(moe_gguf("qwen2moe"), n_ctx=64, n_threads=2) as m:
         ex, cfg = m.experts, m.config

@@ -9,6 +9,8 @@ from flashlm import kernels_cpu
 from flashlm.kernels_cpu import quants as K
 from flashlm.formats.modelfile import GGUFModelFile, TensorRef
 
+import reference
+
 ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
 
@@ -83,7 +85,7 @@ def test_float_rows_sum_near_float64(qtype):
     """A float row's dot product (16 partial sums, a MoE router's matvec) within float32
     rounding of float64, with 23 rows (the last group of 4 partial) and 515 columns (not
     a multiple of 16)."""
-    from flashlm.kernels_cpu import decode as D
+    from flashlm.kernels_cpu import acts as D
 
     rng = np.random.default_rng(300 + int(qtype))
     dense = rng.standard_normal((23, 515)).astype(np.float32)
@@ -182,7 +184,7 @@ def test_linear_many_equals_one_at_a_time(rows, monkeypatch):
 
 @pytest.mark.parametrize("window", [0, 5])
 def test_prefill_attention_matches_reference(window):
-    # The compiled causal attention over the cache against the numpy reference (ops),
+    # The compiled causal attention over the cache against the numpy reference twin,
     # with grouped-query heads, earlier positions in the cache, and a sliding window.
     rng = np.random.default_rng(12)
     n_layer, n_head, n_kv, hd, n_ctx, pos0, T = 2, 6, 2, 16, 32, 4, 7
@@ -193,7 +195,7 @@ def test_prefill_attention_matches_reference(window):
     f16_bits = lambda a: a.astype(np.float16).view(np.uint16)  # noqa: E731  the cache's storage
     got = kernels_cpu.attend(q, f16_bits(kc), f16_bits(vc), 1, pos0, 0.25, window)
     L = pos0 + T
-    want = kernels_cpu.attention(q.copy(), kc[1, :, :L], vc[1, :, :L], pos0, 0.25, window)
+    want = reference.attention(q.copy(), kc[1, :, :L], vc[1, :, :L], pos0, 0.25, window)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -202,8 +204,86 @@ def test_glu_matches_reference():
     g = (rng.standard_normal((5, 300)) * 4).astype(np.float32)
     g[0, :4] = [-12.0, 12.0, 0.0, -0.0]
     u = rng.standard_normal((5, 300)).astype(np.float32)
-    np.testing.assert_array_equal(kernels_cpu.glu(g, u, gelu=True), kernels_cpu.gelu(g) * u)
-    np.testing.assert_allclose(kernels_cpu.glu(g, u, gelu=False), kernels_cpu.silu(g) * u, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(kernels_cpu.glu(g, u, gelu=True), reference.gelu(g) * u)
+    np.testing.assert_allclose(kernels_cpu.glu(g, u, gelu=False), reference.silu(g) * u, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(kernels_cpu.act(g[1], True), reference.gelu(g[1]))
+
+
+def _arch(**kw):
+    from flashlm.kernels_cpu.layer import arch_array
+
+    base = dict(n_layer=2, n_embd=64, n_head=4, n_head_kv=2, head_dim=16, v_head_dim=16, rope_dim=16, neox=True,
+                window=0, qk_norm=False, qk_norm_full=False, post_norms=False, gelu=False, scale_q=False, bias=False,
+                eps=1e-6, rope_base=10000.0, rope_base_swa=10000.0, rope_scale=1.0, attn_scale=0.25, embed_scale=1.0,
+                softcap=0.0, residual=1.0, logit_scale=1.0)
+    return arch_array(**{**base, **kw})
+
+
+def test_layer_norm_and_rope_match_reference():
+    # The compiled layer steps against the numpy twin (tests/reference.py): RMSNorm, and
+    # q/k through biases, per-head norms and RoPE (both pair orders) into the f16 cache.
+    from flashlm.kernels_cpu import layer as L
+
+    rng = np.random.default_rng(21)
+    T, pos0 = 5, 3
+    x = rng.standard_normal((T, 64)).astype(np.float32)
+    w = rng.standard_normal(64).astype(np.float32)
+    out = np.empty_like(x)
+    L.norm_rows(x, w, 1e-6, out)
+    np.testing.assert_allclose(out, reference.rmsnorm(x, w, 1e-6), rtol=2e-6, atol=2e-6)
+    for neox, qk_norm, bias in ((True, False, False), (False, True, True)):
+        a = _arch(neox=neox, qk_norm=qk_norm, bias=bias)
+        vl = rng.standard_normal((len(L.VECS), 64)).astype(np.float32)
+        q = rng.standard_normal((T, 64)).astype(np.float32)
+        k = rng.standard_normal((T, 32)).astype(np.float32)
+        v = rng.standard_normal((T, 32)).astype(np.float32)
+        kc = np.zeros((2, 2, 16, 16), dtype=np.uint16)
+        vc = np.zeros((2, 2, 16, 16), dtype=np.uint16)
+        want_q, want_k, want_v = q.copy(), k.copy(), v.copy()
+        if bias:
+            want_q += vl[L.V_BQ, :64]
+            want_k += vl[L.V_BK, :32]
+            want_v += vl[L.V_BV, :32]
+        want_q, want_k = want_q.reshape(T, 4, 16), want_k.reshape(T, 2, 16)
+        if qk_norm:
+            want_q = reference.rmsnorm(want_q, vl[L.V_Q_NORM, :16], 1e-6)
+            want_k = reference.rmsnorm(want_k, vl[L.V_K_NORM, :16], 1e-6)
+        style = reference.ROPE_NEOX if neox else reference.ROPE_NORM
+        pos = np.arange(pos0, pos0 + T)
+        reference.rope(want_q, pos, 16, 10000.0, 1.0, style)
+        reference.rope(want_k, pos, 16, 10000.0, 1.0, style)
+        scale = L.qkv_rows(1, pos0, q, k, v, vl, False, kc, vc, a)
+        assert scale == 0.25
+        np.testing.assert_allclose(q.reshape(T, 4, 16), want_q, rtol=1e-5, atol=1e-5)
+        cached = kc[1, :, pos0:pos0 + T].view(np.float16).astype(np.float32).transpose(1, 0, 2)
+        np.testing.assert_allclose(cached, want_k, rtol=1e-3, atol=1e-3)
+        np.testing.assert_array_equal(vc[1, :, pos0:pos0 + T].view(np.float16).transpose(1, 0, 2),
+                                      want_v.reshape(T, 2, 16).astype(np.float16))
+        assert not kc[1, :, :pos0].any() and not kc[0].any()  # nothing else written
+
+
+def test_residual_steps_match_reference():
+    from flashlm.kernels_cpu import layer as L
+
+    rng = np.random.default_rng(22)
+    a = _arch(post_norms=True, bias=True, residual=0.5, logit_scale=2.0, softcap=3.0)
+    vl = rng.standard_normal((len(L.VECS), 64)).astype(np.float32)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    o = rng.standard_normal((3, 64)).astype(np.float32)
+    want_o = reference.rmsnorm(o + vl[L.V_BO], vl[L.V_POST_ATTN], 1e-6)
+    want_x = x + want_o * np.float32(0.5)
+    h = np.empty_like(x)
+    L.attn_residual(o, x, h, vl, a)
+    np.testing.assert_allclose(x, want_x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h, reference.rmsnorm(want_x, vl[L.V_FFN_NORM], 1e-6), rtol=1e-5, atol=1e-5)
+    d = rng.standard_normal((3, 64)).astype(np.float32)
+    want_x = x + reference.rmsnorm(d, vl[L.V_POST_FFN], 1e-6) * np.float32(0.5)
+    L.ffn_residual(d, x, vl, a)
+    np.testing.assert_allclose(x, want_x, rtol=1e-5, atol=1e-5)
+    logits = rng.standard_normal((2, 10)).astype(np.float32) * 10
+    want = np.tanh(logits * np.float32(0.5) / 3.0) * 3.0
+    L.logits_rows(logits, a)
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
 
 
 def test_f16_bits_match_numpy():

@@ -1,4 +1,4 @@
-"""The compiled decode step (kernels_cpu.decode) computes what the layer-by-layer path
+"""The compiled decode step (kernels_cpu/decode.py) computes what the layer-by-layer path
 computes, for every architecture."""
 
 import copy
@@ -57,10 +57,10 @@ def test_fused_decode_on_the_default_model(smollm2):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_streamed_decode_step_matches_layer_path(arch, random_gguf, tmp_path):
-    # A flash-layout model decodes through fused.LayerDecoder: compiled attention per
+    # A flash-layout model decodes through blocks.LayerDecoder: compiled attention per
     # layer around the store's own FFN. It must compute what the layer path computes.
     from flashlm.runtime.convert import convert
-    from flashlm.runtime.fused import LayerDecoder
+    from flashlm.runtime.blocks import LayerDecoder
 
     flash = convert(random_gguf(arch), tmp_path / f"{arch}.flash.gguf")
     with flashlm.load(flash, n_ctx=128, n_threads=2, streaming=dict(predictor=None)) as m:
@@ -70,3 +70,19 @@ def test_streamed_decode_step_matches_layer_path(arch, random_gguf, tmp_path):
     cos = cosine_rows(a, b)
     assert cos.min() >= 0.9999, cos
     assert (a.argmax(1) == b.argmax(1)).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_layer_math_matches_the_numpy_twin(arch, random_gguf):
+    # Prefill runs kernels_cpu/layer.py's compiled steps; tests/reference.py builds the same
+    # forward pass from numpy ops (llama.cpp's definitions). They differ only in float
+    # summation order and where the f16 cache rounds.
+    import reference
+
+    with flashlm.load(random_gguf(arch), n_ctx=128, n_threads=2) as m:
+        tokens = m.tokenize("One two three four five six seven eight nine ten eleven twelve thirteen")
+        got = m.logits(tokens)
+        want = reference.forward(m.model, tokens)
+    cos = cosine_rows(got, want)
+    assert cos.min() >= 0.9999, cos
+    assert (got.argmax(1) == want.argmax(1)).all()

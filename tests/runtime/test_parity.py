@@ -22,6 +22,16 @@ def _agreement(a_runs, b_runs):
     return cos, top1
 
 
+def _mean_kl(runs, ref_runs) -> float:
+    """Mean KL(reference || run) of the next-token distributions over every position."""
+    def logp(x):
+        x = x.astype(np.float64)
+        x = x - x.max(1, keepdims=True)
+        return x - np.log(np.exp(x).sum(1, keepdims=True))
+    kl = [(np.exp(logp(r)) * (logp(r) - logp(a))).sum(1) for a, r in zip(runs, ref_runs)]
+    return float(np.concatenate(kl).mean())
+
+
 @pytest.mark.parametrize("model", ["smollm2_path", "gemma3_path"])
 def test_real_model_logits_parity(model, request):
     path = request.getfixturevalue(model)
@@ -37,10 +47,12 @@ def test_real_model_logits_parity(model, request):
             theirs_fa.append(llama_cpp_logits(ref_fa, tokens))
     cos, top1 = _agreement(ours, theirs)
     cos_fa, top1_fa = _agreement(theirs_fa, theirs)
+    kl, kl_fa = _mean_kl(ours, theirs), _mean_kl(theirs_fa, theirs)
     print(f"\n{path.name}: {len(cos)} positions over {len(PROMPTS)} prompts")
-    for name, c, t in (("flashlm vs llama.cpp", cos, top1), ("llama.cpp FA vs default", cos_fa, top1_fa)):
+    for name, c, t, k in (("flashlm vs llama.cpp", cos, top1, kl), ("llama.cpp FA vs default", cos_fa, top1_fa, kl_fa)):
         print(f"  {name:24s} cos min {c.min():.4f} median {np.median(c):.5f} "
-              f"share>=0.995 {np.mean(c >= 0.995):.3f} argmax {t.mean():.3f}")
+              f"share>=0.995 {np.mean(c >= 0.995):.3f} argmax {t.mean():.3f} mean KL {k:.5f}")
+    assert kl <= 1.25 * kl_fa  # within llama.cpp's own noise (measured: 0.95x on SmolLM2, 0.95x on Gemma)
     assert np.median(cos) >= 0.999
     assert cos.min() >= 0.95
     assert np.mean(cos >= 0.995) >= np.mean(cos_fa >= 0.995) - 0.03

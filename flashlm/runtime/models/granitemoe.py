@@ -1,7 +1,7 @@
 """Granite-MoE: Llama's blocks with four multipliers from the file (embedding, attention,
 residual and logit scales) and a mixture-of-experts FFN with renormalised top-k weights."""
 
-from ...kernels_cpu.ops import ROPE_NORM
+from ...kernels_cpu.layer import ROPE_NORM
 from ..blocks import DecoderLM
 
 

@@ -2,7 +2,7 @@
 attention. In GGUF, q/k rows are permuted so that llama.cpp's NORM RoPE ordering
 applies. Mixtral-style experts renormalise their top-k weights."""
 
-from ...kernels_cpu.ops import ROPE_NORM
+from ...kernels_cpu.layer import ROPE_NORM
 from ..blocks import DecoderLM
 
 
