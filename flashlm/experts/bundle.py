@@ -151,3 +151,34 @@ def ensure_bundle(model_file, cfg, quiet: bool = False) -> Path:
     if not quiet and total > 64 << 20:
         print(f" - {total / 2**20:.0f} MiB in {time.perf_counter() - t0:.1f} s, {path}", file=sys.stderr)
     return path
+
+
+def map_resident_only(model_file, stacks) -> None:
+    """Leave this process mapping the model file's resident weights and none of its
+    expert stacks (those stream through the cache). Where the page cache holds the file
+    in large folios (after a sequential read of it, say), a first touch of a weight next
+    to an expert stack maps up to a whole folio of the stack with it: 32 MiB on the
+    synthetic MoE, 20 MiB over budget + idle. So every page of the other weights is
+    touched now (the plan counts them resident), and the stacks' pages unmapped after
+    (the page cache keeps them; nothing here reads them through the mapping)."""
+    mm = file_mapping(model_file)
+    if mm is None:
+        return
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # PTEs, not 2 MiB entries (which unmapping part of unmaps whole)
+        try:
+            mm.madvise(mmap.MADV_NOHUGEPAGE)
+        except OSError:
+            pass
+    stacked = {t.name for layer in stacks for t in layer}
+    page = mmap.PAGESIZE
+    resident = [np.asarray(t.data).reshape(-1).view(np.uint8) for t in model_file.tensors.values()
+                if t.name not in stacked and t.nbytes]
+    _touch(resident, page)
+    unmap(model_file, [t for layer in stacks for t in layer])
+    _touch(resident, page)  # again: a 2 MiB entry mapped before this call was unmapped whole
+
+
+def _touch(arrays, page: int) -> None:
+    """Read a byte of every page of these arrays (mapping them)."""
+    for a in arrays:
+        int(a[::page].sum()) + int(a[-1])

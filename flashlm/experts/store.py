@@ -24,7 +24,6 @@ experts computed while misses were read.
 
 from __future__ import annotations
 
-import mmap
 import os
 import sys
 import time
@@ -37,7 +36,7 @@ from ..io import NativeAIO, ReadEngine
 from ..formats.modelfile import TensorRef
 from ..stats import TokenStats
 from .autoprefetch import AutoPrefetch
-from .bundle import ensure_bundle, file_mapping, part_sizes, record_bytes, record_offset, unmap
+from .bundle import ensure_bundle, map_resident_only, part_sizes, record_bytes, record_offset
 from .moe import PARTS, part_layout
 
 
@@ -55,37 +54,6 @@ class LayerStats:
     def hit_rate(self) -> float:
         n = self.hits + self.misses
         return self.hits / n if n else 0.0
-
-
-def map_resident_only(model_file, stacks) -> None:
-    """Leave this process mapping the model file's resident weights and none of its
-    expert stacks (those stream through the cache). Where the page cache holds the file
-    in large folios (after a sequential read of it, say), a first touch of a weight next
-    to an expert stack maps up to a whole folio of the stack with it: 32 MiB on the
-    synthetic MoE, 20 MiB over budget + idle. So every page of the other weights is
-    touched now (the plan counts them resident), and the stacks' pages unmapped after
-    (the page cache keeps them; nothing here reads them through the mapping)."""
-    mm = file_mapping(model_file)
-    if mm is None:
-        return
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # PTEs, not 2 MiB entries (which unmapping part of unmaps whole)
-        try:
-            mm.madvise(mmap.MADV_NOHUGEPAGE)
-        except OSError:
-            pass
-    stacked = {t.name for layer in stacks for t in layer}
-    page = mmap.PAGESIZE
-    resident = [np.asarray(t.data).reshape(-1).view(np.uint8) for t in model_file.tensors.values()
-                if t.name not in stacked and t.nbytes]
-    _touch(resident, page)
-    unmap(model_file, [t for layer in stacks for t in layer])
-    _touch(resident, page)  # again: a 2 MiB entry mapped before this call was unmapped whole
-
-
-def _touch(arrays, page: int) -> None:
-    """Read a byte of every page of these arrays (mapping them)."""
-    for a in arrays:
-        int(a[::page].sum()) + int(a[-1])
 
 
 class StreamedExperts:

@@ -67,34 +67,8 @@ def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: 
         tokenizer, tokenizer_bytes = _tokenizer(path, file, cfg)
         opened.append(tokenizer)
         budget = None if memory_budget is None else parse_size(memory_budget)
-        gelu = arch.activation == "gelu"
-        plan, source, streams = None, None, []
-        if flash:  # FFN neurons streamed from the flash layout
-            if budget is not None:
-                plan = make_plan(store, budget, n_ctx, cfg.kv_bytes_per_token // 2, cfg.n_vocab, tokenizer_bytes)
-                store.set_capacities(plan.capacities)
-            ffn = [NeuronFFN(store, i, gelu) for i in range(cfg.n_layer)]
-            streams.append(store)
-        elif cfg.n_expert:  # experts from the mapping, or streamed into a cache under a budget
-            source = ResidentExperts(store)
-            if budget is not None:
-                from ..experts.plan import plan_experts
-                from ..experts.store import StreamedExperts
-
-                opts = _expert_options(experts)
-                plan = plan_experts(file, cfg, budget, n_ctx, tokenizer_bytes,
-                                    opts["prefetch"] is True)  # auto: off in a cache too small
-                source = StreamedExperts(file, cfg, plan.n_slots, **opts)
-                opened.append(source)
-                streams.append(source)
-            ffn = [MoEFFN(store, source, cfg, i, gelu) for i in range(cfg.n_layer)]
-        else:
-            if budget is not None:  # every weight resident: the plan checks the budget holds them
-                plan = plan_budget(budget, n_ctx, resident=store.resident_bytes, kv=n_ctx * cfg.kv_bytes_per_token // 2,
-                                   buffers=tokenizer_bytes + 8 * cfg.n_vocab + SLACK + store.resident_bytes // 100,
-                                   advice="raise the budget, lower n_ctx, or stream its FFN from a flash layout "
-                                          "(flashlm convert --flash OUT)")
-            ffn = [DenseFFN(store, i, gelu) for i in range(cfg.n_layer)]
+        plan, source, ffn, streams = _strategies(file, cfg, store, arch, flash, budget, n_ctx, tokenizer_bytes,
+                                                 experts, opened)
         lm = arch(cfg, store, ffn)
     except BaseException:
         for o in reversed(opened):
@@ -102,6 +76,38 @@ def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: 
         raise
     return Model(path=path, config=cfg, store=store, tokenizer=tokenizer, lm=lm, experts=source, streams=streams, plan=plan,
                  memory_budget=budget, n_ctx=n_ctx, n_threads=n_threads, load_seconds=time.perf_counter() - t0)
+
+
+def _strategies(file, cfg, store, arch, flash: bool, budget, n_ctx: int, tokenizer_bytes: int, experts, opened):
+    """The memory plan (None without a budget), a mixture's expert source (else None), one
+    FFN strategy per layer, and what streams (each pass's reads and hits: take_pass). What
+    holds the weights is decided here and only here."""
+    gelu = arch.activation == "gelu"
+    plan = None
+    if flash:  # FFN neurons streamed from the flash layout
+        if budget is not None:
+            plan = make_plan(store, budget, n_ctx, cfg.kv_bytes_per_token // 2, cfg.n_vocab, tokenizer_bytes)
+            store.set_capacities(plan.capacities)
+        return plan, None, [NeuronFFN(store, i, gelu) for i in range(cfg.n_layer)], [store]
+    if cfg.n_expert:  # experts from the mapping, or streamed into a cache under a budget
+        source, streams = ResidentExperts(store), []
+        if budget is not None:
+            from ..experts.plan import plan_experts
+            from ..experts.store import StreamedExperts
+
+            opts = _expert_options(experts)
+            plan = plan_experts(file, cfg, budget, n_ctx, tokenizer_bytes,
+                                opts["prefetch"] is True)  # auto: off in a cache too small
+            source = StreamedExperts(file, cfg, plan.n_slots, **opts)
+            opened.append(source)
+            streams = [source]
+        return plan, source, [MoEFFN(store, source, cfg, i, gelu) for i in range(cfg.n_layer)], streams
+    if budget is not None:  # every weight resident: the plan checks the budget holds them
+        plan = plan_budget(budget, n_ctx, resident=store.resident_bytes, kv=n_ctx * cfg.kv_bytes_per_token // 2,
+                           buffers=tokenizer_bytes + 8 * cfg.n_vocab + SLACK + store.resident_bytes // 100,
+                           advice="raise the budget, lower n_ctx, or stream its FFN from a flash layout "
+                                  "(flashlm convert --flash OUT)")
+    return plan, None, [DenseFFN(store, i, gelu) for i in range(cfg.n_layer)], []
 
 
 def _check_ctx(n_ctx, cfg) -> int:
