@@ -42,7 +42,7 @@ output, both on the dense model's held-out FFN inputs, averaged over layers. Par
 file (and the source, for scale) through llama.cpp and flashlm on tests/parity_prompts.py,
 per-position cosine of the logits and argmax agreement (the project's bar: cosine >=
 0.995, argmax >= 98%), beside llama.cpp's flash-attention path against its default path
-(its own noise floor, as in tests/test_parity.py). A routed MoE with small router margins
+(its own noise floor, as in tests/runtime/test_parity.py). A routed MoE with small router margins
 is chaotic: a near-tie flipped by rounding in one layer changes that layer's output by a
 whole expert and the difference grows through the layers, in llama.cpp against itself as
 much as against flashlm. Prints a markdown table; writes nothing but the GGUFs.
@@ -277,7 +277,7 @@ def quality(dense_logits, moe_logits, segments):
 
 def parity(path: Path, prompts: list[list[int]]):
     """flashlm against llama.cpp on each prompt, and llama.cpp's flash-attention path against
-    its default path (its own noise floor, as tests/test_parity.py measures it): for each,
+    its default path (its own noise floor, as tests/runtime/test_parity.py measures it): for each,
     per-position cosines of the logits and argmax agreement."""
     import llama_cpp
 
