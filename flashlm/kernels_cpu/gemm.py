@@ -40,71 +40,86 @@ def _codes_row(qtype, row, codes, a, c, lut):
     element i is a[i // blk] * codes[i] + c[i // blk]."""
     n = codes.shape[0]
     if qtype == _Q6_K:
-        for b in range(n // 256):
-            o = b * 210
-            d = _f16(lut, row, o + 208)
-            for k in range(16):
-                s = np.int32(row[o + 192 + k])
-                s = s - 256 if s > 127 else s
-                a[b * 16 + k] = d * np.float32(s)
-                c[b * 16 + k] = np.float32(-32.0) * a[b * 16 + k]
-            for half in range(2):
-                ql = o + half * 64
-                qh = o + 128 + half * 32
-                y = b * 256 + half * 128
-                for l in range(32):
-                    h = row[qh + l]
-                    codes[y + l] = (row[ql + l] & 0xF) | ((h & 3) << 4)
-                    codes[y + l + 32] = (row[ql + l + 32] & 0xF) | (((h >> 2) & 3) << 4)
-                    codes[y + l + 64] = (row[ql + l] >> 4) | (((h >> 4) & 3) << 4)
-                    codes[y + l + 96] = (row[ql + l + 32] >> 4) | (((h >> 6) & 3) << 4)
+        _codes_q6_k(row, n, codes, a, c, lut)
     elif qtype == _Q4_K or qtype == _Q5_K:
-        five = qtype == _Q5_K
-        for b in range(n // 256):
-            o = b * (176 if five else 144)
-            d = _f16(lut, row, o)
-            dmin = _f16(lut, row, o + 2)
-            qs = o + (48 if five else 16)
-            for j in range(8):
-                sc, m = _scale_min_k4(j, row, o + 4)
-                a[b * 8 + j] = d * np.float32(sc)
-                c[b * 8 + j] = -dmin * np.float32(m)
-            for j in range(4):
-                y = b * 256 + j * 64
-                for l in range(32):
-                    q = row[qs + j * 32 + l]
-                    lo = q & 0xF
-                    hi = q >> 4
-                    if five:
-                        h = row[o + 16 + l]
-                        lo |= ((h >> (2 * j)) & 1) << 4
-                        hi |= ((h >> (2 * j + 1)) & 1) << 4
-                    codes[y + l] = lo
-                    codes[y + l + 32] = hi
+        _codes_q45_k(qtype == _Q5_K, row, n, codes, a, c, lut)
     else:
-        for b in range(n // 32):
-            y = b * 32
-            if qtype == _Q8_0:
-                o = b * 34
-                d = _f16(lut, row, o)
-                a[b] = d
-                c[b] = np.float32(-128.0) * d
-                for j in range(32):
-                    codes[y + j] = row[o + 2 + j] ^ 0x80  # int8 + 128
-            else:  # Q4_0, Q4_1, Q5_0, Q5_1
-                has_min = qtype == _Q4_1 or qtype == _Q5_1
-                five = qtype == _Q5_0 or qtype == _Q5_1
-                o = b * (18 + 2 * has_min + 4 * five)
-                d = _f16(lut, row, o)
-                a[b] = d
-                c[b] = _f16(lut, row, o + 2) if has_min else np.float32(-16.0 if five else -8.0) * d
-                p = o + (4 if has_min else 2)
-                qh = _qh(row, p) if five else np.uint32(0)
-                p += 4 * five
-                for j in range(16):
-                    q = row[p + j]
-                    codes[y + j] = (q & 0xF) | (((qh >> j) & 1) << 4)
-                    codes[y + j + 16] = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
+        _codes_32(qtype, row, n, codes, a, c, lut)
+
+
+@njit(inline="always")
+def _codes_q6_k(row, n, codes, a, c, lut):
+    for b in range(n // 256):
+        o = b * 210
+        d = _f16(lut, row, o + 208)
+        for k in range(16):
+            s = np.int32(row[o + 192 + k])
+            s = s - 256 if s > 127 else s
+            a[b * 16 + k] = d * np.float32(s)
+            c[b * 16 + k] = np.float32(-32.0) * a[b * 16 + k]
+        for half in range(2):
+            ql = o + half * 64
+            qh = o + 128 + half * 32
+            y = b * 256 + half * 128
+            for l in range(32):
+                h = row[qh + l]
+                codes[y + l] = (row[ql + l] & 0xF) | ((h & 3) << 4)
+                codes[y + l + 32] = (row[ql + l + 32] & 0xF) | (((h >> 2) & 3) << 4)
+                codes[y + l + 64] = (row[ql + l] >> 4) | (((h >> 4) & 3) << 4)
+                codes[y + l + 96] = (row[ql + l + 32] >> 4) | (((h >> 6) & 3) << 4)
+
+
+@njit(inline="always")
+def _codes_q45_k(five, row, n, codes, a, c, lut):
+    for b in range(n // 256):
+        o = b * (176 if five else 144)
+        d = _f16(lut, row, o)
+        dmin = _f16(lut, row, o + 2)
+        qs = o + (48 if five else 16)
+        for j in range(8):
+            sc, m = _scale_min_k4(j, row, o + 4)
+            a[b * 8 + j] = d * np.float32(sc)
+            c[b * 8 + j] = -dmin * np.float32(m)
+        for j in range(4):
+            y = b * 256 + j * 64
+            for l in range(32):
+                q = row[qs + j * 32 + l]
+                lo = q & 0xF
+                hi = q >> 4
+                if five:
+                    h = row[o + 16 + l]
+                    lo |= ((h >> (2 * j)) & 1) << 4
+                    hi |= ((h >> (2 * j + 1)) & 1) << 4
+                codes[y + l] = lo
+                codes[y + l + 32] = hi
+
+
+@njit(inline="always")
+def _codes_32(qtype, row, n, codes, a, c, lut):
+    """Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: blocks of 32."""
+    for b in range(n // 32):
+        y = b * 32
+        if qtype == _Q8_0:
+            o = b * 34
+            d = _f16(lut, row, o)
+            a[b] = d
+            c[b] = np.float32(-128.0) * d
+            for j in range(32):
+                codes[y + j] = row[o + 2 + j] ^ 0x80  # int8 + 128
+        else:  # Q4_0, Q4_1, Q5_0, Q5_1
+            has_min = qtype == _Q4_1 or qtype == _Q5_1
+            five = qtype == _Q5_0 or qtype == _Q5_1
+            o = b * (18 + 2 * has_min + 4 * five)
+            d = _f16(lut, row, o)
+            a[b] = d
+            c[b] = _f16(lut, row, o + 2) if has_min else np.float32(-16.0 if five else -8.0) * d
+            p = o + (4 if has_min else 2)
+            qh = _qh(row, p) if five else np.uint32(0)
+            p += 4 * five
+            for j in range(16):
+                q = row[p + j]
+                codes[y + j] = (q & 0xF) | (((qh >> j) & 1) << 4)
+                codes[y + j + 16] = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
 
 
 @njit(nogil=True, cache=True)
