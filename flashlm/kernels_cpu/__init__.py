@@ -311,13 +311,13 @@ def glu(g: np.ndarray, u: np.ndarray, gelu: bool) -> np.ndarray:
     g = np.ascontiguousarray(g, dtype=np.float32)
     u = np.ascontiguousarray(u, dtype=np.float32)
     out = np.empty_like(g)
-    _on_threads(glu_rows, [(g, u, gelu, out, a, b) for a, b in _spans(g.shape[0])])
+    _on_threads(glu_rows, [(g, u, gelu, F16_TABLE, out, a, b) for a, b in _spans(g.shape[0])])
     return out
 
 
 def act(g: np.ndarray, gelu: bool) -> np.ndarray:
     """The gated FFN's activation of g (n,) float32, GELU or SiLU, as glu applies it."""
     out = np.empty((1, g.shape[0]), dtype=np.float32)
-    act_rows(np.ascontiguousarray(g, dtype=np.float32).reshape(1, -1), gelu, out)
+    act_rows(np.ascontiguousarray(g, dtype=np.float32).reshape(1, -1), gelu, F16_TABLE, out)
     return out[0]
 

@@ -53,7 +53,7 @@ def decode_step(tok, pos, arena, mats, qt, vecs, swa, kc, vc, arch, nt, lut, all
         _mv(qt[base + 4], _mat(arena, mats, base + 4), h[0], g, lut, nt, all_rows)
         _mv(qt[base + 5], _mat(arena, mats, base + 5), h[0], u, lut, nt, all_rows)
         for i in range(n_ff):
-            g[i] = _act(g[i], a.gelu) * u[i]
+            g[i] = _act(g[i], a.gelu, lut) * u[i]
         _mv(qt[base + 6], _mat(arena, mats, base + 6), g, o[0], lut, nt, all_rows)
         _ffn_residual(o, x, vecs[l], a)
     _head(x, arena, mats, qt, vecs, a, nt, lut, all_rows, logits)

@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit
 
 from .qdot import f16_bits, round_f16
-from .quants import h2f
+from .quants import GELU_AT, h2f
 
 ROPE_NORM = "norm"  # rotate pairs (2i, 2i+1): llama.cpp's LLAMA_ROPE_TYPE_NORM
 ROPE_NEOX = "neox"  # rotate pairs (i, i + d/2): GPT-NeoX / HF rotate_half
@@ -112,48 +112,36 @@ def _rope(x, n_heads, hd, pos, n_rot, base, scale, neox):
         theta = theta * ts
 
 
-def _gelu_table() -> np.ndarray:
-    # ggml's GELU table: the tanh form in float32 at every f16 input, rounded to f16.
-    x = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-    c = np.float32(0.7978845608028654)
-    with np.errstate(all="ignore"):
-        y = np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * x * (np.float32(1.0) + np.float32(0.044715) * x * x)))
-        return y.astype(np.float16).astype(np.float32)
-
-
-GELU_TABLE = _gelu_table()
-
-
-@njit(nogil=True, cache=True)
-def _gelu(x):
-    # As ggml: 0 below -10, x above 10, else the table at x rounded to f16.
+@njit(inline="always")
+def _gelu(x, lut):
+    # As ggml: 0 below -10, x above 10, else its table (in lut, quants.F16_TABLE) at x rounded to f16.
     if x <= -10.0:
         return np.float32(0.0)
     if x >= 10.0:
         return x
-    return GELU_TABLE[f16_bits(x)]
+    return lut[GELU_AT + f16_bits(x)]
 
 
 @njit(inline="always")
-def _act(g, gelu):
+def _act(g, gelu, lut):
     """The gated FFN's activation of g: GELU (ggml's f16 table) or SiLU."""
-    return _gelu(g) if gelu else g / (np.float32(1.0) + np.float32(np.exp(-g)))
+    return _gelu(g, lut) if gelu else g / (np.float32(1.0) + np.float32(np.exp(-g)))
 
 
 @njit(nogil=True, cache=True)
-def act_rows(g, gelu, out):
+def act_rows(g, gelu, lut, out):
     """out = act(g) for (T, n) arrays."""
     for r in range(g.shape[0]):
         for j in range(g.shape[1]):
-            out[r, j] = _act(g[r, j], gelu)
+            out[r, j] = _act(g[r, j], gelu, lut)
 
 
 @njit(nogil=True, cache=True)
-def glu_rows(g, u, gelu, out, r0, r1):
+def glu_rows(g, u, gelu, lut, out, r0, r1):
     """out = act(g) * u for rows r0..r1-1 of (T, n) arrays."""
     for r in range(r0, r1):
         for j in range(g.shape[1]):
-            out[r, j] = _act(g[r, j], gelu) * u[r, j]
+            out[r, j] = _act(g[r, j], gelu, lut) * u[r, j]
 
 
 # -- attention ------------------------------------------------------------------------

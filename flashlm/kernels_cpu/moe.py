@@ -173,7 +173,7 @@ def moe_experts(buf, offs, sel, shapes, qts, x, gelu, lut, nt, all_rows, y):
     for j in prange(k):
         for i in range(n_ff):
             gi = gu[0, j, i]
-            a[j, i] = _act(gi, gelu) * gu[1, j, i]
+            a[j, i] = _act(gi, gelu, lut) * gu[1, j, i]
         _prep(qd, a, j, ar, aq, ad, as_, ai)
     nbd, nsd = _n_blocks(qd, n_ff), _n_sums(qd, n_ff)
     groups = (n_out + 3) // 4

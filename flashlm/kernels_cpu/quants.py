@@ -27,8 +27,22 @@ from numba.extending import intrinsic
 from gguf import GGMLQuantizationType as T
 from gguf import GGML_QUANT_SIZES
 
-# Every f16 bit pattern decoded once: the kernels look scales up instead of converting.
-F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+def _gelu_table(x: np.ndarray) -> np.ndarray:
+    # ggml's GELU table: the tanh form in float32 at every f16 input, rounded to f16.
+    c = np.float32(0.7978845608028654)
+    with np.errstate(all="ignore"):
+        y = np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * x * (np.float32(1.0) + np.float32(0.044715) * x * x)))
+        return y.astype(np.float16).astype(np.float32)
+
+
+# The kernels' lookup table (`lut`), passed to them as an argument (a global array would be
+# compiled into every function that reads it, 256 KiB of machine code each):
+# [0, 65536): every f16 bit pattern decoded, so kernels look scales up instead of converting;
+# [GELU_AT, GELU_AT + 65536): ggml's GELU at every f16 input.
+_F16 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+GELU_AT = 65536
+F16_TABLE = np.concatenate([_F16, _gelu_table(_F16)])
 
 SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K)
 
