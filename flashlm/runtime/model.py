@@ -54,7 +54,7 @@ class Model:
         self.n_ctx, self.n_threads, self.load_seconds = n_ctx, n_threads, load_seconds
         self._streams = streams  # what streams weights: each pass's reads and hits (take_pass)
         self._passes: deque[TokenStats] = deque(maxlen=100_000)
-        self._unreported: list[TokenStats] = []  # passes since the last Chunk
+        self._unreported: list[TokenStats] | None = None  # while streaming: passes since the last Chunk
         self._rss = RSSReader()
         self._kv = KVCache(config, n_ctx)
         self._kv_tokens: list[int] = []  # tokens whose keys/values _kv holds, in order
@@ -138,7 +138,8 @@ class Model:
         st.compute_s = max(0.0, st.seconds - st.io_wait_s - st.bookkeeping_s)
         st.rss = self._rss()
         self._passes.append(st)
-        self._unreported.append(st)
+        if self._unreported is not None:
+            self._unreported.append(st)
         return out
 
     def _check_tokens(self, tokens) -> np.ndarray:
@@ -206,6 +207,7 @@ class Model:
             raise ContextLengthError(f"{pos} + {arr.size} tokens do not fit the context of {self.n_ctx}; "
                                      "reset() or pass a larger n_ctx")
         self.model.cancel_event.clear()
+        self._unreported = None  # a stream left unfinished reports no more
         logits = None
         for s in range(0, arr.size, PREFILL_CHUNK):
             chunk = arr[s:s + PREFILL_CHUNK]
@@ -238,10 +240,10 @@ class Model:
 
         def chunk(text, token, reason):
             st = TokenStats.total(self._unreported) if self._unreported else None
-            self._unreported.clear()
+            self._unreported = []
             return Chunk(text, token, reason, n_prompt, len(generated), tps, pp_speed, st)
 
-        self._unreported.clear()
+        self._unreported = []  # collected only while this generation runs (eval and logits keep none)
 
         try:
             logits = self._prefill(tokens)
@@ -280,7 +282,9 @@ class Model:
         text = self.tokenizer.decode(generated) if generated else ""
         if len(text) > emitted:  # flush text held back for a stop string that never came
             yield chunk(text[emitted:], None, None)
-        yield chunk("", None, reason)
+        last = chunk("", None, reason)
+        self._unreported = None
+        yield last
 
 
 def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
