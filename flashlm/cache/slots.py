@@ -13,6 +13,11 @@ Policies (what is evicted when a new item needs a slot):
 
 Items in use (pinned) are never evicted: the caller pins what a step still needs.
 
+Two users: the MoE expert store (above) and flashload's neuron windows, which keep their
+rows in arrays of their own (item_bytes 0: the cache only does the bookkeeping), take
+what does not fit as spill (`assign(spill=True)`) and drop what the last few tokens did
+not use (`expire`), the paper's sliding window.
+
 Keys are integers 0 .. n_keys-1 and the state is a few arrays, so a step's lookups,
 evictions and pins run in one compiled call (`assign`): a decode step asks for about
 200 experts, and in Python their bookkeeping cost as much as reading them.
@@ -35,20 +40,24 @@ class SlotCache:
 
     def __init__(self, n_slots: int, item_bytes: int, policy: str = "lru", n_keys: int | None = None,
                  decay: float | None = None):
+        """item_bytes 0: no pool, the caller keeps each slot's data (n_slots may be 0 too:
+        every key spills)."""
         if policy not in POLICIES:
             raise InvalidArgumentError(f"unknown cache policy {policy!r}; choose from {', '.join(POLICIES)}")
-        if n_slots < 1:
+        if n_slots < (1 if item_bytes else 0):
             raise InvalidArgumentError("a cache needs at least one slot")
         self.policy, self.decay = policy, DECAY.get(policy, 0.9) if decay is None else decay
         self._code = POLICIES.index(policy)
         self.item_bytes = item_bytes
-        self.pool = aligned_empty(n_slots * item_bytes, huge=True).reshape(n_slots, item_bytes)
-        n_keys = n_keys or n_slots
+        self.pool = (aligned_empty(n_slots * item_bytes, huge=True) if item_bytes
+                     else np.empty(0, dtype=np.uint8)).reshape(n_slots, item_bytes)
+        n_keys = n_slots if n_keys is None else n_keys
         self.slot_of = np.full(n_keys, -1, dtype=np.int64)  # key -> its slot, or -1
         self.key_in = np.full(n_slots, -1, dtype=np.int64)  # slot -> its key, or -1 (free)
         self.last = np.zeros(n_slots, dtype=np.int64)  # tick of the last use
         self.uses = np.zeros(n_slots, dtype=np.int64)  # uses since loaded
-        self.score = np.zeros(n_keys, dtype=np.float64)  # EMA of the observed signal, per key
+        # EMA of the observed signal, per key (lru and lfu keep none)
+        self.score = np.zeros(n_keys if policy in ("score", "freq") else 0, dtype=np.float64)
         self.pinned = np.zeros(n_slots, dtype=np.bool_)
         self._tick = np.zeros(1, dtype=np.int64)
 
@@ -56,13 +65,24 @@ class SlotCache:
     def n_slots(self) -> int:
         return self.pool.shape[0]
 
-    def assign(self, keys: np.ndarray, pin: bool = True, only_absent: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def n_held(self) -> int:
+        return int((self.key_in >= 0).sum())
+
+    @property
+    def tick(self) -> int:
+        """The use clock: every use and every load advances it (see `expire`)."""
+        return int(self._tick[0])
+
+    def assign(self, keys: np.ndarray, pin: bool = True, only_absent: bool = False,
+               spill: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """For each key: its slot (marked used) if cached, else a slot evicted by the
         policy for the caller to fill (the cached keys are looked up first: no miss
         evicts a key of the same batch). (slots, missed): int64 slots (-1 where
         only_absent and the key was cached) and whether each key was missing. pin:
-        pin every slot returned. RuntimeError if every slot is pinned; IndexError (nothing
-        changed) for a key outside 0..n_keys-1."""
+        pin every slot returned. When every slot is pinned: with spill, the missing keys
+        left get slot -1 (the caller uses them without caching them); else RuntimeError,
+        the batch undone. IndexError (nothing changed) for a key outside 0..n_keys-1."""
         keys = np.asarray(keys, dtype=np.int64)
         slots = np.empty(len(keys), dtype=np.int64)
         missed = np.empty(len(keys), dtype=np.bool_)
@@ -71,7 +91,7 @@ class SlotCache:
                        self._code, pin, only_absent, slots, missed, was_pinned)
         if stop == -2:
             raise IndexError(f"a key outside 0..{len(self.slot_of) - 1}: {keys.min()}..{keys.max()}")
-        if stop >= 0:  # undone: the keys it took slots for are not cached, the pins it added released
+        if stop >= 0 and not spill:  # undone: the keys it took slots for are not cached, the pins it added released
             for j in range(len(keys) - 1, -1, -1):
                 if slots[j] >= 0 and not was_pinned[j]:
                     self.pinned[slots[j]] = False
@@ -79,6 +99,22 @@ class SlotCache:
                     self.forget(int(keys[j]))
             raise RuntimeError("every cache slot is pinned: the plan gave fewer slots than one step uses")
         return slots, missed
+
+    def expire(self, before: int) -> None:
+        """Drop every unpinned key last used before tick `before`."""
+        gone = (self.key_in >= 0) & ~self.pinned & (self.last < before)
+        self.slot_of[self.key_in[gone]] = -1
+        self.key_in[gone] = -1
+
+    def release(self) -> None:
+        """Unpin every slot."""
+        self.pinned[:] = False
+
+    def clear(self) -> None:
+        """Hold nothing."""
+        self.slot_of[self.key_in[self.key_in >= 0]] = -1
+        self.key_in[:] = -1
+        self.pinned[:] = False
 
     def forget(self, key: int) -> None:
         """Drop key (its slot free and unpinned), as if it had never been cached."""
@@ -149,9 +185,16 @@ def _assign(keys, slot_of, key_in, last, uses, score, pinned, tick, policy, pin,
         if only_absent:  # not returned, but no miss of the batch evicts it
             was_pinned[i] = pinned[s]
             pinned[s] = True
-        else:
-            _use(s, i, last, uses, pinned, tick, pin, slots, was_pinned)
+        else:  # marked used (a call per key here, even inlined, cost 10x the loop: measured)
+            tick[0] += 1
+            last[s], was_pinned[i], slots[i] = tick[0], pinned[s], s
+            uses[s] += 1
+            pinned[s] |= pin
     stop = -1
+    # the slots the misses take, best first: sorted once for many misses, else found by a scan each
+    order = np.empty(0, dtype=np.int64)
+    nxt, sort = 0, missed.sum() > 8
+    taken = np.zeros(len(key_in) if not sort else 0, dtype=np.bool_)
     for i in range(len(keys)):
         if not missed[i]:
             continue
@@ -159,23 +202,25 @@ def _assign(keys, slot_of, key_in, last, uses, score, pinned, tick, policy, pin,
         if slot_of[k] >= 0:  # the same key twice in one batch: its first copy took the slot
             missed[i] = False
             if not only_absent:
-                _use(slot_of[k], i, last, uses, pinned, tick, pin, slots, was_pinned)
+                s = slot_of[k]
+                tick[0] += 1
+                last[s], was_pinned[i], slots[i] = tick[0], pinned[s], s
+                uses[s] += 1
+                pinned[s] |= pin
             continue
         tick[0] += 1
-        s = -1
-        best, best_last = np.inf, 0
-        for j in range(len(key_in)):  # a free slot, else the policy's lowest unpinned one
-            if key_in[j] < 0:
-                s = j
-                break
-            if pinned[j]:
-                continue
-            v = last[j] if policy == 0 else uses[j] if policy == 1 else score[key_in[j]]
-            if v < best or (v == best and last[j] < best_last):
-                s, best, best_last = j, v, last[j]
+        if sort:
+            if nxt == 0 and len(order) == 0:
+                order = _eviction_order(key_in, last, uses, score, pinned, policy)
+            s = order[nxt] if nxt < len(order) else -1
+            nxt += 1
+        else:
+            s = _victim(key_in, last, uses, score, pinned, taken, policy)
         if s < 0:
             stop = i
             break
+        if not sort:
+            taken[s] = True
         if key_in[s] >= 0:
             slot_of[key_in[s]] = -1
         slot_of[k], key_in[s] = s, k
@@ -191,16 +236,53 @@ def _assign(keys, slot_of, key_in, last, uses, score, pinned, tick, policy, pin,
     return stop
 
 
-@numba.njit(inline="always")
-def _use(s, i, last, uses, pinned, tick, pin, slots, was_pinned):
-    """Key i of a batch found in slot s: marked used (and pinned)."""
-    tick[0] += 1
-    last[s] = tick[0]
-    uses[s] += 1
-    was_pinned[i] = pinned[s]
-    if pin:
-        pinned[s] = True
-    slots[i] = s
+@numba.njit(cache=True, nogil=True)
+def _victim(key_in, last, uses, score, pinned, taken, policy):
+    """The first slot `_eviction_order` would give, among those not taken: -1 if none."""
+    s, best, best_last = -1, np.inf, 0
+    for j in range(len(key_in)):
+        if taken[j]:
+            continue
+        if key_in[j] < 0:
+            return j
+        if pinned[j]:
+            continue
+        v = last[j] if policy == 0 else uses[j] if policy == 1 else score[key_in[j]]
+        if v < best or (v == best and last[j] < best_last):
+            s, best, best_last = j, v, last[j]
+    return s
+
+
+@numba.njit(cache=True, nogil=True)
+def _eviction_order(key_in, last, uses, score, pinned, policy):
+    """The slots a batch's misses take, in turn: the free ones (by index), then the
+    unpinned ones by the policy's value, lowest first (ties: least recently used, then
+    by index). One order serves a whole batch: each slot is taken once, so no miss
+    evicts a key the same batch placed."""
+    n = len(key_in)
+    free = np.empty(n, dtype=np.int64)
+    held = np.empty(n, dtype=np.int64)
+    nf = nh = 0
+    for j in range(n):
+        if key_in[j] < 0:
+            free[nf] = j
+            nf += 1
+        elif not pinned[j]:
+            held[nh] = j
+            nh += 1
+    held = held[:nh]
+    v = np.empty(nh, dtype=np.float64)
+    lst = np.empty(nh, dtype=np.int64)
+    for a in range(nh):
+        j = held[a]
+        lst[a] = last[j]
+        v[a] = last[j] if policy == 0 else uses[j] if policy == 1 else score[key_in[j]]
+    by_last = np.argsort(lst, kind="mergesort")  # stable sorts: value, then last use, then index
+    held = held[by_last][np.argsort(v[by_last], kind="mergesort")]
+    out = np.empty(nf + nh, dtype=np.int64)
+    out[:nf] = free[:nf]
+    out[nf:] = held
+    return out
 
 
 @numba.njit(cache=True, nogil=True)

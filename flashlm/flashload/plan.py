@@ -30,7 +30,8 @@ def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_voc
     staging = engine.n_threads * engine.max_read if engine is not None else 0
     buffers = (chunk * (2 * biggest.bundle_bytes + biggest.gate_bytes + biggest.up_bytes + 4 * biggest.n_embd)
                + staging  # prefill's chunk: read, split, down rows in float; the I/O threads' staging
-               + 24 * sum(lb.n_ff for lb in plans)  # the windows' neuron tables
+               + 41 * sum(lb.n_ff for lb in plans)  # the windows' and spill buffers' slot tables: 8 bytes a
+               # neuron each, 25 a row (held and spill rows are at most n_ff)
                + 4 * n_vocab * 2)  # logits
     buffers += tokenizer  # the tokenizer's tables, measured at load
     buffers += SLACK + resident // 100  # allocator slack, and pages faulted in around the mapped weights

@@ -178,22 +178,23 @@ class FlashStore(HotTails, WeightStore):
         t1 = time.perf_counter()
         if self.hot:
             return self._ffn_hot(i, x, needed, g, gelu, t1)
-        append, spill = win.make_room(needed, self.t, self.settings.window)
+        slots, missed = win.place(needed, self.t, self.settings.window)
+        kept = slots >= 0
         st.neurons_needed += len(needed)
-        st.neuron_hits += len(needed) - len(append) - len(spill)
+        st.neuron_hits += len(needed) - int(missed.sum())
         st.bookkeeping_s += time.perf_counter() - t1
-        self._load(win, append)
+        load = missed & kept
+        self._load(win, needed[load], slots[load])
         out = np.zeros(lb.n_embd, dtype=np.float32)
-        if len(spill):  # beyond the window: read for this token only
+        if not kept.all():  # beyond the window: read for this token only
             t3 = time.perf_counter()
-            sp = self.spills[i]
-            sp.clear()
+            sp, spill = self.spills[i], needed[~kept]
+            rows = sp.hold(spill, clear=True)
             st.bookkeeping_s += time.perf_counter() - t3
-            self._load(sp, spill)
-            kept = win.slot_of[needed] >= 0
-            self._ffn_rows(sp.refs(), x, sp.slot_of[needed[~kept]], None if g is None else g[~kept], gelu, out, st)
-            needed, g = needed[kept], (None if g is None else g[kept])
-        self._ffn_rows(win.refs(), x, win.slot_of[needed], g, gelu, out, st)
+            self._load(sp, spill, rows)
+            self._ffn_rows(sp.refs(), x, rows, None if g is None else g[~kept], gelu, out, st)
+            needed, slots, g = needed[kept], slots[kept], (None if g is None else g[kept])
+        self._ffn_rows(win.refs(), x, slots, g, gelu, out, st)
         return out.reshape(1, -1)
 
     def _ffn_hot(self, i: int, x: np.ndarray, needed: np.ndarray, g, gelu: bool, t1: float) -> np.ndarray:
@@ -201,10 +202,11 @@ class FlashStore(HotTails, WeightStore):
         first use reads them, in one large read, for good); the rest are read straight
         from the file into the tail buffer and multiplied where they landed."""
         st, lb, win = self.current, self.plans[i], self.windows[i]
-        first = win.n < win.cap
+        first = win.cap and win.cache.key_in[-1] < 0  # not full (hot windows fill in order)
         if first:  # first use (or one that failed): read now, in prefill-sized chunks (bounded buffers)
             for c0 in range(win.n, win.cap, PREFILL_NEURONS):
-                self._load(win, np.arange(c0, min(win.cap, c0 + PREFILL_NEURONS)))
+                ids = np.arange(c0, min(win.cap, c0 + PREFILL_NEURONS))
+                self._load(win, ids, win.hold(ids))
         cut = int(np.searchsorted(needed, win.cap))
         st.neurons_needed += len(needed)
         st.neuron_hits += 0 if first else cut
@@ -214,7 +216,7 @@ class FlashStore(HotTails, WeightStore):
             tail = self._read_tail(i, needed[cut:])  # also with none needed: it starts the next layer's reads
             if cut < len(needed):
                 self._ffn_rows(tail, x, needed[cut:] - win.cap, None if g is None else g[cut:], gelu, out, st)
-        self._ffn_rows(win.refs(), x, needed[:cut], None if g is None else g[:cut], gelu, out, st)
+        self._ffn_rows(win.refs(), x, needed[:cut], None if g is None else g[:cut], gelu, out, st)  # row = neuron
         return out.reshape(1, -1)
 
     def _ffn_rows(self, refs, x, rows, g, gelu: bool, out: np.ndarray, st: TokenStats) -> None:
@@ -226,16 +228,24 @@ class FlashStore(HotTails, WeightStore):
         coef = act(g, gelu) * K.matvec(x, up, rows)
         K.matvec_t(coef, down, rows, out)
 
-    def _load(self, win: NeuronWindow, neurons: np.ndarray) -> None:
-        """Append `neurons` to window win (a layer's window or spill buffer), reading their records."""
+    def _load(self, win: NeuronWindow, neurons: np.ndarray, s: np.ndarray) -> None:
+        """Read `neurons`' records into rows s of window win (a layer's window or spill
+        buffer). If the read fails, the window forgets them (no row is trusted half-read)."""
+        try:
+            self._fill(win, neurons, s)
+        except BaseException:
+            for j in neurons.tolist():
+                win.cache.forget(j)
+            raise
+
+    def _fill(self, win: NeuronWindow, neurons: np.ndarray, s: np.ndarray) -> None:
         st, lb, read_gate = self.current, win.lb, self.reads_gate
         i = lb.layer
         t0, io0 = time.perf_counter(), st.io_wait_s
-        s = win.append(neurons, self.t)
         base, stride = self._records[i].offset, lb.bundle_bytes
         rec = None
         if self.resident:
-            rec = self._records[i].data[neurons]
+            rec = np.ascontiguousarray(self._records[i].data[neurons])
         elif not self.settings.bundled:  # each neuron's rows read on their own (the ablation's "no bundling")
             gb, ub, db = lb.gate_bytes, lb.up_bytes, lb.down_bytes
             ranges, outs = [], []
@@ -243,9 +253,9 @@ class FlashStore(HotTails, WeightStore):
                 off = base + j * stride
                 if read_gate:
                     ranges.append((off, gb))
-                    outs.append(win.gate[s.start + k])
+                    outs.append(win.gate[s[k]])
                 ranges += [(off + gb, ub), (off + gb + ub, db)]
-                outs += [win.up[s.start + k], win.down[s.start + k]]
+                outs += [win.up[s[k]], win.down[s[k]]]
             self._read(ranges, outs, st)
         elif len(neurons):  # whole records, one range per run of consecutive neurons
             cuts = np.flatnonzero(np.diff(neurons) != 1) + 1
@@ -254,11 +264,7 @@ class FlashStore(HotTails, WeightStore):
             self._read([(base + int(neurons[a]) * stride, int(b - a) * stride) for a, b in zip(starts, ends)],
                        [rec[a:b].reshape(-1) for a, b in zip(starts, ends)], st)
         if rec is not None:
-            gate, up, down = split_records(lb, rec)
-            if read_gate:
-                win.gate[s] = gate
-            win.up[s] = up
-            win.down[s] = down
+            win.put(s, rec)
         st.bookkeeping_s += time.perf_counter() - t0 - (st.io_wait_s - io0)  # all but the reads
 
     def _read(self, ranges: list, outs: list, st: TokenStats) -> None:

@@ -1,10 +1,14 @@
 """NeuronWindow: one layer's FFN neurons held in DRAM, a row per neuron, as "LLM in a flash"
-keeps the neurons of the last few tokens."""
+keeps the neurons of the last few tokens. Which neuron sits in which row is the slot
+cache's bookkeeping (cache/slots.py, LRU); the rows are arrays of the window's own, so
+the kernels read gate, up and down rows of one type each, contiguous."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
+from ..cache import SlotCache
 from ..formats.modelfile import TensorRef
 from ..io import aligned_empty
 
@@ -12,9 +16,9 @@ from ..io import aligned_empty
 class NeuronWindow:
     """One layer's neurons in DRAM: preallocated gate/up/down row matrices with a slot
     per neuron held, as in the paper. Neurons used in the last `window` tokens stay;
-    older ones are deleted by moving the last rows into their slots; new ones are
-    appended. window 0 keeps nothing between tokens (every token reads what it needs).
-    Neurons a full window cannot take spill: the store reads them for this token only."""
+    older ones are dropped, and a full window evicts the least recently used neurons the
+    token does not need. Neurons a full window cannot take spill: the store reads them
+    for this token only."""
 
     def __init__(self, lb, capacity: int, pool: np.ndarray | None = None, with_gate: bool = True):
         self.lb, self.cap = lb, capacity
@@ -26,59 +30,66 @@ class NeuronWindow:
         self.gate = pool[:a].reshape(capacity, gb)
         self.up = pool[a:a + b].reshape(capacity, lb.up_bytes)
         self.down = pool[a + b:a + b + c].reshape(capacity, lb.down_bytes)
-        self.ids = np.empty(capacity, dtype=np.int64)
-        self.last = np.empty(capacity, dtype=np.int64)
-        self.slot_of = np.full(lb.n_ff, -1, dtype=np.int64)
-        self.n = 0
+        self.cache = SlotCache(capacity, 0, "lru", n_keys=lb.n_ff)
+        self._began: dict[int, int] = {}  # token -> the cache's clock at the token's first use
+        self._widest = 0  # the widest window asked for: the marks kept go back that far
 
-    def _delete(self, slots: np.ndarray) -> None:
-        """Remove `slots`, filling the holes below the new end with the last rows."""
-        if not len(slots):
-            return
-        n_new = self.n - len(slots)
-        self.slot_of[self.ids[slots]] = -1
-        gone = np.zeros(self.n, dtype=bool)
-        gone[slots] = True
-        holes = np.flatnonzero(gone[:n_new])
-        movers = n_new + np.flatnonzero(~gone[n_new:])
-        for a in (self.gate, self.up, self.down, self.ids, self.last):
-            a[holes] = a[movers]
-        self.slot_of[self.ids[holes]] = holes
-        self.n = n_new
+    @property
+    def n(self) -> int:
+        """Neurons held."""
+        return self.cache.n_held
 
-    def make_room(self, needed: np.ndarray, t: int, window: int) -> tuple[np.ndarray, np.ndarray]:
-        """Mark needed neurons used at token t, drop those out of the window, and return
-        the needed neurons not held: those there is room for (to be appended), and those
-        there is not (a window smaller than one token's needs; read for this token only)."""
-        held = self.slot_of[needed]
-        self.last[held[held >= 0]] = t
+    @property
+    def slot_of(self) -> np.ndarray:
+        """Each neuron's row, or -1."""
+        return self.cache.slot_of
+
+    def place(self, needed: np.ndarray, t: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows for the neurons token t needs: (slots, missed). Held ones are marked used;
+        missing ones take free rows, then rows of the least recently used neurons this
+        token does not need, in order; slot -1 where no row is left (read for this token
+        only). Then neurons not used in the last `window` tokens (0: this one either)
+        leave. The caller fills the missed rows before the next call."""
+        c = self.cache
+        c.release()
         if window <= 0:
-            self._delete(np.arange(self.n))
-        else:
-            self._delete(np.flatnonzero(self.last[:self.n] <= t - window))
-        missing = needed[self.slot_of[needed] < 0]
-        over = self.n + len(missing) - self.cap
-        if over > 0:  # full: the least recently used neurons that this token does not need
-            spare = np.flatnonzero(self.last[:self.n] < t)
-            self._delete(spare[np.argsort(self.last[spare], kind="stable")[:over]])
-        room = self.cap - self.n
-        return missing[:room], missing[room:]
+            c.clear()
+        self._began[t] = c.tick + 1
+        slots, missed = c.assign(needed, pin=True, spill=True)
+        if window > 0:  # drop what was last used before the window's oldest token (or the first since)
+            c.expire(self._began[min(u for u in self._began if u > t - window)])
+            self._widest = max(self._widest, window)
+            self._began = {u: v for u, v in self._began.items() if u > t - self._widest}
+        return slots, missed
 
-    def clear(self) -> None:
-        """Hold nothing."""
-        self.slot_of[self.ids[:self.n]] = -1
-        self.n = 0
+    def hold(self, neurons: np.ndarray, clear: bool = False) -> np.ndarray:
+        """Rows for neurons not held (free rows first, in order), for the caller to fill;
+        clear: empty the window first (a spill buffer takes one token's neurons)."""
+        if clear:
+            self.cache.clear()
+        return self.cache.assign(neurons, pin=False)[0]
 
-    def append(self, neurons: np.ndarray, t: int) -> slice:
-        s = slice(self.n, self.n + len(neurons))
-        self.ids[s] = neurons
-        self.last[s] = t
-        self.slot_of[neurons] = np.arange(s.start, s.stop)
-        self.n = s.stop
-        return s
+    def put(self, slots: np.ndarray, rec: np.ndarray) -> None:
+        """Write neurons' records rec (n, bundle_bytes; C-contiguous) into rows `slots`
+        (the gate part only where the window keeps gate rows)."""
+        lb, g = self.lb, self.lb.gate_bytes
+        for dst, col in ((self.gate, 0), (self.up, g), (self.down, g + lb.up_bytes)):
+            if dst.shape[1]:
+                _put_rows(dst, slots, rec, col)
 
     def refs(self) -> tuple[TensorRef, TensorRef, TensorRef]:
         return row_refs(self.lb, self.gate, self.up, self.down)
+
+
+@numba.njit(cache=True, nogil=True)
+def _put_rows(dst, slots, rec, col):
+    """dst[slots[k]] = rec[k, col:col + width], contiguous rows copied as such (numpy's
+    fancy-index assignment, or numba's on strided views, cost a decode step 3%: measured)."""
+    w = dst.shape[1]
+    for k in range(len(slots)):
+        d, s = dst[slots[k]], rec[k, col:col + w]
+        for b in range(w):
+            d[b] = s[b]
 
 
 def row_refs(lb, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> tuple[TensorRef, TensorRef, TensorRef]:

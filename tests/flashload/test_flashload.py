@@ -92,31 +92,36 @@ def test_flash_model_is_the_source_model_within_q8_rounding_of_down(name, flash_
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.9
 
 
-def test_window_keeps_recent_neurons_and_moves_last_rows_into_holes(flash_files):
+def test_window_keeps_recent_neurons_and_evicts_the_least_recently_used(flash_files):
     mf = GGUFModelFile(flash_files["smollm2"])
     lb = layout.read_plans(mf)[0]
     w = NeuronWindow(lb, capacity=8)
-    rows = lambda ids: w.gate[w.slot_of[ids]][:, 0]  # noqa: E731  a tag per row to follow moves
+    rows = lambda ids: w.gate[w.slot_of[ids]][:, 0]  # noqa: E731  a tag per row: rows stay with their neurons
+
     def use(ids, t, window, spilled=0):
         ids = np.array(ids)
-        missing, spill = w.make_room(ids, t, window)
-        assert len(spill) == spilled
-        s = w.append(missing, t)
-        w.gate[s, 0] = missing  # tag each new row with its neuron id
-        return missing
+        slots, missed = w.place(ids, t, window)
+        assert (slots < 0).sum() == spilled and (missed[slots < 0]).all()
+        load = missed & (slots >= 0)
+        w.gate[slots[load], 0] = ids[load]  # tag each new row with its neuron id
+        return ids[load]
+
     assert list(use([1, 2, 3, 4], 1, 2)) == [1, 2, 3, 4]
     assert list(use([3, 5], 2, 2)) == [5]  # 3 held; 1, 2, 4 still in the window
     assert list(use([5, 6], 3, 2)) == [6]  # 1, 2, 4 (last used at t=1) leave; 3 stays (t=2)
-    assert w.n == 3 and sorted(w.ids[:w.n]) == [3, 5, 6]
-    np.testing.assert_array_equal(rows([3, 5, 6]), [3, 5, 6])  # rows moved with their neurons
-    assert (w.slot_of >= 0).sum() == 3
+    assert w.n == 3 and sorted(np.flatnonzero(w.slot_of >= 0)) == [3, 5, 6]
+    np.testing.assert_array_equal(rows([3, 5, 6]), [3, 5, 6])
     assert list(use([7, 8, 9, 10, 11, 12], 4, 5)) == [7, 8, 9, 10, 11, 12]  # 9 > 8 slots: LRU 3 goes
     assert w.n == 8 and w.slot_of[3] == -1
     np.testing.assert_array_equal(rows([5, 6, 7, 12]), [5, 6, 7, 12])
     # 9 neurons, 8 slots: every held one is evicted, 8 are taken and 1 spills (read for this token only)
     assert list(use(list(range(20, 29)), 5, 5, spilled=1)) == list(range(20, 28))
-    assert w.n == 8 and (w.slot_of[[5, 6, 7, 12]] == -1).all()
-    assert list(use([5, 6], 6, 0)) == [5, 6]  # window 0: nothing kept between tokens
+    assert w.n == 8 and (w.slot_of[[5, 6, 7, 12]] == -1).all() and w.slot_of[28] == -1
+    np.testing.assert_array_equal(rows(list(range(20, 28))), list(range(20, 28)))
+    assert list(use([20, 5], 6, 1)) == [5]  # window 1: only this token's neurons stay
+    assert w.n == 2
+    assert list(use([5, 6], 7, 0)) == [5, 6]  # window 0: nothing kept between tokens
+    assert list(use([5, 6], 8, 0)) == [5, 6] and w.n == 2  # (held while the token runs)
 
 
 def test_top_fraction_and_settings():
@@ -173,7 +178,7 @@ def test_hot_windows_read_only_the_tail_and_equal_records_from_the_mapping(predi
     store = models[0].store
     caps = [w.cap for w in store.windows]
     assert 0 < sum(caps) < sum(lb.n_ff for lb in store.plans)
-    assert all((w.ids[:w.n] == np.arange(w.cap)).all() for w in store.windows)  # the first records, in order
+    assert all((w.slot_of[:w.cap] == np.arange(w.cap)).all() and w.n == w.cap for w in store.windows)  # the first records, in order
     stats = models[0].take_stats()
     assert stats[0].bytes_read >= sum(c * lb.bundle_bytes for c, lb in zip(caps, store.plans))  # the hot set, once
     tails = sum((lb.n_ff - c) * lb.bundle_bytes + 8192 for c, lb in zip(caps, store.plans))  # at most each tail
