@@ -31,3 +31,7 @@ class ContextLengthError(FlashLMError):
 
 class InvalidArgumentError(FlashLMError):
     """A setting with a value out of range (sampling parameters, sizes, thread counts)."""
+
+
+class ModelBusyError(FlashLMError):
+    """A Model called from a thread whose own generation on it is still open."""

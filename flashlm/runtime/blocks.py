@@ -15,7 +15,7 @@ import numba
 import numpy as np
 
 from .. import kernels_cpu as K
-from ..errors import ContextLengthError
+from ..errors import ContextLengthError, FlashLMError
 from ..kernels_cpu import F16_TABLE
 from ..kernels_cpu import decode as D
 from ..kernels_cpu import layer as L
@@ -23,8 +23,9 @@ from ..kernels_cpu.layer import ROPE_NEOX
 from .config import ModelConfig
 
 
-class Cancelled(Exception):
-    """Raised inside a forward pass when the caller asked to stop."""
+class Cancelled(FlashLMError):
+    """Raised inside a forward pass when the caller asked to stop (Model turns it into
+    the finish_reason "cancelled")."""
 
 
 class KVCache:

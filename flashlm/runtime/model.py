@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from .. import kernels_cpu
-from ..errors import ContextLengthError, InvalidArgumentError
+from ..errors import ContextLengthError, InvalidArgumentError, ModelBusyError
 from ..stats import RSSReader, TokenStats
 from .blocks import Cancelled, KVCache
 from .sampler import Sampler, SamplingParams
@@ -41,6 +44,10 @@ class Model:
     """A loaded model. Use `flashlm.load(...)` to make one (loader.py composes it); close
     it (or use `with`).
 
+    Threads may share a Model: its calls run one at a time (a generation holds the model
+    from its first chunk to its last), and a call from a thread whose own generation is
+    still open raises ModelBusyError instead of waiting for itself.
+
     config: the model's ModelConfig; file: its model file; plan: the memory plan under a
     budget (else None); n_ctx, n_threads; load_seconds."""
 
@@ -58,6 +65,12 @@ class Model:
         self._rss = RSSReader()
         self._kv = KVCache(config, n_ctx)
         self._kv_tokens: list[int] = []  # tokens whose keys/values _kv holds, in order
+        self._exact = 0  # leading positions of _kv that a fresh prefill would reproduce bit for bit
+        self._lock = threading.Lock()  # one call at a time
+        self._owner: int | None = None  # the thread holding it
+        self._state = threading.Lock()  # guards _running and the cancel event between threads
+        self._running = None  # the generation running, if any
+        self._pending: weakref.WeakSet = weakref.WeakSet()  # generations made by stream(), not finished
 
     # -- basics -------------------------------------------------------------------
 
@@ -75,8 +88,28 @@ class Model:
         return self.tokenizer.decode(list(tokens))
 
     def cancel(self):
-        """Stop the running generation (from any thread), also during prefill."""
-        self.model.cancel_event.set()
+        """Stop the running generation, and those made by stream() but not started (from
+        any thread; also during prefill). They end with finish_reason "cancelled" and leave
+        the model as a fresh one would be. With none, it does nothing."""
+        with self._state:
+            for g in self._pending:
+                g.cancelled = True
+            if self._running is not None:
+                self.model.cancel_event.set()
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Hold the model for one call (other threads wait)."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise ModelBusyError("this thread's generation on the model is still open: "
+                                 "read it to the end or close() it first")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     def close(self):
         """Release the mapped file, the streaming threads and the tokenizer (also on leaving `with`)."""
@@ -102,9 +135,10 @@ class Model:
         tokens = self._check_tokens(tokens)
         kv = KVCache(self.config, len(tokens))
         out = np.empty((len(tokens), self.config.n_vocab), dtype=np.float32)
-        self.model.cancel_event.clear()
-        for s in range(0, len(tokens), PREFILL_CHUNK):
-            out[s:s + PREFILL_CHUNK] = self._forward(tokens[s:s + PREFILL_CHUNK], s, kv, prefill=True, all_logits=True)
+        with self._exclusive():
+            for s in range(0, len(tokens), PREFILL_CHUNK):
+                out[s:s + PREFILL_CHUNK] = self._forward(tokens[s:s + PREFILL_CHUNK], s, kv, prefill=True,
+                                                         all_logits=True)
         return out
 
     def take_stats(self) -> list[TokenStats]:
@@ -188,50 +222,74 @@ class Model:
             raise ContextLengthError(
                 f"prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; shorten it or pass a larger n_ctx")
         self._check_tokens(tokens)
-        self.model.cancel_event.clear()  # here, not when iteration starts: a cancel() in between holds
-        return self._generate(tokens, sampler, max_tokens, stops)
+        gen = _Generation()
+        self._pending.add(gen)  # from here, not from its first chunk: a cancel() in between holds
+        return self._generate(gen, tokens, sampler, max_tokens, stops)
 
     # -- the KV cache, token by token ---------------------------------------------------
 
     def reset(self) -> None:
         """Forget the tokens the KV cache holds: the next `eval` starts at position 0."""
-        self._kv_tokens = []
+        with self._exclusive():
+            self._truncate(0)
 
     def eval(self, tokens: list[int]) -> np.ndarray:
         """Run tokens after the ones the KV cache holds (as llama.cpp's llama_decode) and
         return the logits (n_vocab,) float32 that predict the token after the last. Several
         tokens run as prefill chunks, one as a decode step."""
         arr = self._check_tokens(tokens)
-        pos = len(self._kv_tokens)
-        if pos + arr.size > self.n_ctx:
-            raise ContextLengthError(f"{pos} + {arr.size} tokens do not fit the context of {self.n_ctx}; "
-                                     "reset() or pass a larger n_ctx")
-        self.model.cancel_event.clear()
-        self._unreported = None  # a stream left unfinished reports no more
+        with self._exclusive():
+            pos = len(self._kv_tokens)
+            if pos + arr.size > self.n_ctx:
+                raise ContextLengthError(f"{pos} + {arr.size} tokens do not fit the context of {self.n_ctx}; "
+                                         "reset() or pass a larger n_ctx")
+            self._unreported = None  # a stream left unfinished reports no more
+            return self._extend(arr.tolist(), range(0, arr.size, PREFILL_CHUNK))
+
+    def _truncate(self, n: int) -> None:
+        del self._kv_tokens[n:]
+        self._exact = min(self._exact, n)
+
+    def _extend(self, tokens: list[int], starts) -> np.ndarray:
+        """Run tokens after the KV cache's, in passes starting at offsets `starts` of
+        tokens; the logits after the last. A pass of several tokens (prefill) computes
+        each row as any other prefill would; one token goes the decode step's way, which
+        rounds differently: the positions a fresh prefill would reproduce end there."""
+        starts = list(starts) + [len(tokens)]
         logits = None
-        for s in range(0, arr.size, PREFILL_CHUNK):
-            chunk = arr[s:s + PREFILL_CHUNK]
-            logits = self._forward(chunk, pos + s, self._kv, prefill=arr.size > 1)
-            self._kv_tokens += chunk.tolist()
+        for a, b in zip(starts, starts[1:]):
+            pos = len(self._kv_tokens)
+            logits = self._forward(np.asarray(tokens[a:b]), pos, self._kv, prefill=b - a > 1)
+            self._kv_tokens += tokens[a:b]
+            self._exact = pos + b - a if b - a > 1 and self._exact == pos else min(self._exact, pos)
         return logits[0]
 
     def _prefill(self, tokens: list[int]) -> np.ndarray:
-        """Fill the KV cache with tokens, reusing the prefix it already holds."""
+        """Fill the KV cache with tokens, reusing the prefix it holds where that gives
+        exactly what a fresh prefill would: the prefix computed by prefill passes, then
+        the rest in a fresh prefill's chunks (PREFILL_CHUNK-aligned), none of a single
+        token that a fresh prefill runs with others."""
         keep = 0
-        for a, b in zip(self._kv_tokens, tokens):
+        for a, b in zip(self._kv_tokens[:self._exact], tokens):
             if a != b:
                 break
             keep += 1
         keep = min(keep, len(tokens) - 1)  # recompute at least the last token for its logits
-        self._kv_tokens = self._kv_tokens[:keep]
-        logits = None
-        for s in range(keep, len(tokens), PREFILL_CHUNK):
-            chunk = tokens[s:s + PREFILL_CHUNK]
-            logits = self._forward(np.asarray(chunk), s, self._kv, prefill=True)
-            self._kv_tokens += chunk
-        return logits[0]
+        c0 = keep // PREFILL_CHUNK * PREFILL_CHUNK
+        if keep > c0 and min(len(tokens), c0 + PREFILL_CHUNK) - keep == 1:
+            keep -= 1  # not a lone token in its chunk: a fresh prefill ran it with the others
+        self._truncate(keep)
+        ends = range(c0 + PREFILL_CHUNK, len(tokens), PREFILL_CHUNK)
+        return self._extend(tokens[keep:], [0] + [e - keep for e in ends])
 
-    def _generate(self, tokens, sampler, max_tokens, stops) -> Iterator[Chunk]:
+    def _generate(self, gen, tokens, sampler, max_tokens, stops) -> Iterator[Chunk]:
+        try:
+            with self._exclusive():
+                yield from self._run(gen, tokens, sampler, max_tokens, stops)
+        finally:
+            self._pending.discard(gen)
+
+    def _run(self, gen, tokens, sampler, max_tokens, stops) -> Iterator[Chunk]:
         n_prompt = len(tokens)
         generated: list[int] = []
         emitted = 0  # characters of the decoded text already yielded
@@ -244,7 +302,10 @@ class Model:
             return Chunk(text, token, reason, n_prompt, len(generated), tps, pp_speed, st)
 
         self._unreported = []  # collected only while this generation runs (eval and logits keep none)
-
+        with self._state:
+            self._running = gen
+            if gen.cancelled:
+                self.model.cancel_event.set()
         try:
             logits = self._prefill(tokens)
             t_gen = time.perf_counter()
@@ -274,17 +335,24 @@ class Model:
                 if len(generated) >= max_tokens or len(tokens) + len(generated) >= self.n_ctx:
                     reason = "length"
                     break
-                pos = len(self._kv_tokens)
-                logits = self._forward(np.asarray([tok]), pos, self._kv)[0]
-                self._kv_tokens.append(tok)
+                logits = self._extend([tok], [0])
         except Cancelled:
             reason = "cancelled"
+        finally:
+            with self._state:
+                self._running = None
+                self.model.cancel_event.clear()
         text = self.tokenizer.decode(generated) if generated else ""
         if len(text) > emitted:  # flush text held back for a stop string that never came
             yield chunk(text[emitted:], None, None)
         last = chunk("", None, reason)
         self._unreported = None
         yield last
+
+
+class _Generation:
+    """One stream() call's generation, until it ends: whether cancel() asked it to stop."""
+    cancelled = False
 
 
 def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
