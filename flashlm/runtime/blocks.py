@@ -113,7 +113,8 @@ class DecoderLM:
 
     @staticmethod
     def gguf_config(get, n_layer: int, n_embd: int) -> dict:
-        """ModelConfig fields this architecture reads from its own GGUF keys (get(key, default))."""
+        """ModelConfig fields this architecture reads from its own GGUF keys (get: a
+        formats.validate.Metadata; its integer, number and text check a key's type and range)."""
         return {}
 
     def __init__(self, cfg: ModelConfig, store, ffn: list):

@@ -21,7 +21,7 @@ import psutil
 
 from .. import kernels_cpu
 from ..cache import SLACK, plan_budget
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, ModelFormatError
 from ..experts.moe import MoEFFN, ResidentExperts
 from ..flashload.ffn import NeuronFFN
 from ..flashload.layout import KEY as FLASH_KEY
@@ -30,9 +30,10 @@ from ..flashload.settings import StreamSettings
 from ..flashload.store import FlashStore
 from ..formats import hf
 from ..formats.modelfile import GGUFModelFile, HFModelFile, check_tensor_types
+from ..formats.validate import check_tokenizer, validate_flash_layout
 from ..formats.weights import WeightStore
 from ..units import parse_size
-from .config import config_from_gguf, config_from_hf
+from .config import check_tensors, config_from_gguf, config_from_hf
 from .ffn import DenseFFN
 from .model import Model
 from .models import model_class
@@ -50,18 +51,11 @@ def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: 
     try:
         file = HFModelFile(path, hf.gguf_name) if path.is_dir() else GGUFModelFile(path)
         opened.append(file)
-        if file.kind == "hf":
-            cfg = config_from_hf(file)
-            arch = model_class(cfg.arch)
-        else:
-            arch = model_class(file.arch, file.path)
-            cfg = config_from_gguf(file, arch)
-        check_tensor_types(file)
+        cfg, arch, flash = _validated(file)
         n_ctx = _check_ctx(n_ctx, cfg)
         if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
             raise InvalidArgumentError(f"n_threads must be a positive integer, got {n_threads!r}")
         n_threads = kernels_cpu.set_threads(n_threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-        flash = file.kind == "gguf" and FLASH_KEY + ".version" in file.metadata
         store = FlashStore(file, _stream_settings(streaming)) if flash else WeightStore(file)
         opened[-1] = store  # closing the store closes the file
         tokenizer, tokenizer_bytes = _tokenizer(path, file, cfg)
@@ -76,6 +70,28 @@ def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: 
         raise
     return Model(path=path, config=cfg, store=store, tokenizer=tokenizer, lm=lm, experts=source, streams=streams, plan=plan,
                  memory_budget=budget, n_ctx=n_ctx, n_threads=n_threads, load_seconds=time.perf_counter() - t0)
+
+
+def _validated(file):
+    """(config, architecture class, whether it is a flash layout) of a model file, every
+    part of it that later code trusts checked first: the metadata's values, each tensor's
+    type and bytes, the flash layout's records, the tensors the architecture needs with
+    the shapes the metadata implies, and the vocabulary llama.cpp will read (it must see
+    nothing unchecked: its faults take the process down). ModelFormatError otherwise."""
+    if file.kind == "hf":
+        cfg = config_from_hf(file)
+        arch = model_class(cfg.arch)
+    else:
+        arch = model_class(file.arch, file.path)
+        cfg = config_from_gguf(file, arch)
+    check_tensor_types(file)
+    flash = file.kind == "gguf" and FLASH_KEY + ".version" in file.metadata
+    if flash:
+        validate_flash_layout(file)
+    check_tensors(file, cfg, arch, flash)
+    if file.kind == "gguf":
+        check_tokenizer(file, cfg.n_vocab)
+    return cfg, arch, flash
 
 
 def _strategies(file, cfg, store, arch, flash: bool, budget, n_ctx: int, tokenizer_bytes: int, experts, opened):
@@ -137,6 +153,9 @@ def _tokenizer(path: Path, file, cfg):
         tok = LlamaCppTokenizer(path, file.metadata, cfg.arch)
     else:
         tok = HFTokenizer(path, file.config)
+        if tok.n_vocab > cfg.n_vocab:  # its ids would run past the embedding's rows
+            raise ModelFormatError(f"{path}: tokenizer.json has {tok.n_vocab} tokens, more than config.json's"
+                                   f" vocab_size {cfg.n_vocab}; download the model again")
     return tok, _TOKENIZER_BYTES.setdefault(str(path), max(0, psutil.Process().memory_info().rss - rss0))
 
 

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import jinja2
 import jinja2.ext
+import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..errors import FlashLMError, ModelFormatError
+from ..errors import FlashLMError, InvalidArgumentError, ModelFormatError
+from ..formats.validate import check_regular_file
 
 # Templates for models whose file carries none. Gemma's is Google's published one;
 # anything else falls back to ChatML.
@@ -105,7 +107,11 @@ def quiet_stderr():
 
 
 class LlamaCppTokenizer:
-    """llama.cpp's tokenizer for a GGUF file (loads the vocabulary only, no weights)."""
+    """llama.cpp's tokenizer for a GGUF file (loads the vocabulary only, no weights).
+
+    llama.cpp trusts the file: a fault in it (an assertion, an exception out of a C
+    call, a read out of bounds) ends the process. So the loader hands it only files whose
+    vocabulary formats.validate.check_tokenizer passed, and token ids only inside it."""
 
     def __init__(self, path: str | Path, metadata: dict, arch: str):
         import llama_cpp
@@ -119,8 +125,10 @@ class LlamaCppTokenizer:
         params.vocab_only = True
         with quiet_stderr():
             model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-        if not model:
-            raise ModelFormatError(f"{path}: llama.cpp could not read the vocabulary; is the file a complete GGUF?")
+        if not model:  # it throws (and returns nothing) on what it does not know, such as the pre-tokenizer
+            kind, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre")
+            raise ModelFormatError(f"{path}: llama.cpp could not read the vocabulary (tokenizer.ggml.model {kind!r},"
+                                   f" tokenizer.ggml.pre {pre!r}); use a GGUF made by a recent llama.cpp")
         self._free = weakref.finalize(self, llama_cpp.llama_model_free, model)
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
@@ -132,6 +140,12 @@ class LlamaCppTokenizer:
         self.template = ChatTemplate(src, self.piece(self.bos_id, special=True).decode("utf-8", "replace"),
                                      self.piece(self.eos_id, special=True).decode("utf-8", "replace"))
 
+    def _check_ids(self, tokens) -> None:
+        # llama.cpp looks ids up with .at(): one outside the vocabulary throws through
+        # its C API, which aborts the process
+        if not _ids_within(tokens, self.n_vocab):
+            raise InvalidArgumentError(f"token ids must be integers in [0, {self.n_vocab})")
+
     def _v(self):
         if not self._free.alive:
             raise FlashLMError("the model is closed; load it again to use its tokenizer")
@@ -139,7 +153,7 @@ class LlamaCppTokenizer:
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of `text`; add_special adds BOS if the model wants it."""
-        data = text.encode("utf-8")
+        data = _utf8(text)  # (llama.cpp's tokenizer throws on bytes that are not UTF-8: the process aborts)
         n_max = len(data) + 8
         buf = (self._lib.llama_token * n_max)()
         n = self._lib.llama_tokenize(self._v(), data, len(data), buf, n_max, add_special, parse_special)
@@ -148,6 +162,9 @@ class LlamaCppTokenizer:
         return list(buf[:n])
 
     def piece(self, token: int, special: bool = False) -> bytes:
+        """The text of token (b"" for an id outside the vocabulary, as a missing BOS's -1)."""
+        if not 0 <= token < self.n_vocab:
+            return b""
         buf = ctypes.create_string_buffer(256)
         n = self._lib.llama_token_to_piece(self._v(), token, buf, 256, 0, special)
         return buf.raw[:max(n, 0)]
@@ -156,6 +173,7 @@ class LlamaCppTokenizer:
         """Text of `tokens`, as llama.cpp's llama_detokenize gives it."""
         if not tokens:
             return ""
+        self._check_ids(tokens)
         arr = (self._lib.llama_token * len(tokens))(*tokens)
         size = 16 * len(tokens) + 64
         while True:
@@ -173,43 +191,87 @@ class HFTokenizer:
     """An HF folder's tokenizer.json (via `tokenizers`) and tokenizer_config.json."""
 
     def __init__(self, folder: Path, hf_config: dict):
-        from tokenizers import Tokenizer
-
-        path = folder / "tokenizer.json"
-        if not path.exists():
-            raise ModelFormatError(f"{folder}: no tokenizer.json in the model folder")
-        self._tok = Tokenizer.from_file(str(path))
-        cfg_path = folder / "tokenizer_config.json"
-        tcfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self._tok = _read_tokenizer(folder / "tokenizer.json")
+        tcfg = _read_json(folder / "tokenizer_config.json")
+        self.n_vocab = self._tok.get_vocab_size()
 
         def token_id(key):
             tok = tcfg.get(key)
             if isinstance(tok, dict):
                 tok = tok.get("content")
-            if tok is not None:
-                return self._tok.token_to_id(tok), tok
+            if isinstance(tok, str):
+                i = self._tok.token_to_id(tok)
+                return (-1 if i is None else i), tok
             i = hf_config.get(key + "_id")
-            return (i, self._tok.id_to_token(i)) if i is not None else (-1, "")
+            return (i, self._tok.id_to_token(i) or "") if self._is_id(i) else (-1, "")
 
         self.bos_id, bos = token_id("bos_token")
         self.eos_id, eos = token_id("eos_token")
         self.add_bos = bool(tcfg.get("add_bos_token", False)) and self.bos_id >= 0
-        self.n_vocab = self._tok.get_vocab_size()
-        eog = {self.eos_id} | {t for t in _as_list(hf_config.get("eos_token_id"))}
-        self.eog_ids = frozenset(i for i in eog if i is not None and i >= 0)
-        src = tcfg.get("chat_template") or CHATML_TEMPLATE
-        self.template = ChatTemplate(src, bos or "", eos or "")
+        eog = [self.eos_id] + _as_list(hf_config.get("eos_token_id"))
+        self.eog_ids = frozenset(i for i in eog if self._is_id(i))
+        src = tcfg.get("chat_template")
+        self.template = ChatTemplate(src if isinstance(src, str) and src else CHATML_TEMPLATE, bos, eos)
+
+    def _is_id(self, i) -> bool:
+        return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_vocab
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        _utf8(text)
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if add_special and self.add_bos else []) + ids
 
     def decode(self, tokens: list[int], skip_special: bool = True) -> str:
-        return self._tok.decode(list(tokens), skip_special_tokens=skip_special)
+        tokens = [int(t) for t in tokens] if _ids_within(tokens, 2**31) else None
+        if tokens is None:  # (ids past its vocabulary, as padded embedding rows give, it skips)
+            raise InvalidArgumentError("token ids must be non-negative 32-bit integers")
+        return self._tok.decode(tokens, skip_special_tokens=skip_special)
 
     def close(self):
         pass
 
 
+def _utf8(text) -> bytes:
+    if not isinstance(text, str):
+        raise InvalidArgumentError(f"text to tokenize must be a str, not {type(text).__name__}")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates
+        raise InvalidArgumentError(f"the text is not valid Unicode ({e.reason} at {e.start})") from None
+
+
+def _ids_within(tokens, n: int) -> bool:
+    return all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < n for t in tokens)
+
+
 def _as_list(v):
     return v if isinstance(v, list) else [v]
+
+
+def _read_tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    if not path.exists():
+        raise ModelFormatError(f"{path.parent}: no tokenizer.json in the model folder")
+    check_regular_file(path)
+    try:
+        return Tokenizer.from_file(str(path))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # tokenizers raises Exception, or pyo3's PanicException (a BaseException)
+        raise ModelFormatError(f"{path}: not a tokenizer `tokenizers` can read ({str(e)[:200]});"
+                               " download the model again") from e
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object file, or {} where there is none."""
+    if not path.exists():
+        return {}
+    check_regular_file(path)
+    try:
+        v = json.loads(path.read_bytes())
+    except ValueError as e:
+        raise ModelFormatError(f"{path}: invalid JSON ({e}); download the model again") from e
+    if not isinstance(v, dict):
+        raise ModelFormatError(f"{path}: not a JSON object; download the model again")
+    return v

@@ -17,8 +17,8 @@ class Model(DecoderLM):
     @staticmethod
     def gguf_config(get, n_layer: int, n_embd: int) -> dict:
         out = dict(embed_scale=math.sqrt(n_embd))
-        window = int(get("attention.sliding_window", 0) or 0)
+        window = get.integer("attention.sliding_window", 0)
         if window > 0:  # llama.cpp's set_swa_pattern: every n-th layer is global (full attention)
-            n = int(get("attention.sliding_window_pattern", 6))
+            n = get.integer("attention.sliding_window_pattern", 6)
             out.update(sliding_window=window, swa_layers=tuple(n == 0 or i % n < n - 1 for i in range(n_layer)))
         return out
