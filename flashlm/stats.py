@@ -16,9 +16,10 @@ class TokenStats:
     tokens: int = 0  # tokens in the pass
     prefill: bool = False  # a prompt's pass (its logits feed the first generated token)
     seconds: float = 0.0  # wall time of the pass
-    compute_s: float = 0.0  # seconds - io_wait_s - bookkeeping_s
+    compute_s: float = 0.0  # seconds - io_wait_s - bookkeeping_s - verify_s
     io_wait_s: float = 0.0  # waiting for reads from disk (FFN neurons or experts)
     bookkeeping_s: float = 0.0  # window and cache updates, range lists, copies
+    verify_s: float = 0.0  # checking the checksums of the records read
     bytes_read: int = 0  # from the disk: aligned reads, gaps of coalesced reads included
     bytes_requested: int = 0  # bytes of the weights asked for
     reads: int = 0  # read requests issued

@@ -79,3 +79,13 @@ def moe_gguf(tmp_path_factory, smollm2_path):
     from moe_fixtures import write_random_moe_gguf
 
     return _fixture_files(tmp_path_factory.mktemp("moe-gguf"), write_random_moe_gguf, smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def flash_files(tmp_path_factory, smollm2_path, gemma3_path):
+    """The flash layouts of both real models (runtime/convert.py), converted once."""
+    from flashlm.runtime import convert
+
+    d = tmp_path_factory.mktemp("flash")
+    return {name: convert.convert(path, d / f"{name}.flash.gguf")
+            for name, path in (("smollm2", smollm2_path), ("gemma3", gemma3_path))}

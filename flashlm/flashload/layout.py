@@ -18,6 +18,8 @@ the tests). Adjacent neurons are adjacent records, so dense selections coalesce 
 large reads.
 
     blk.N.ffn_neuron_ids     (n_ff,) int32: record k holds the source's neuron ids[k]
+    blk.N.ffn_bundle_sums    (n_ff,) uint64 (stored as int32 pairs): record k's xxh3_64,
+                             verified on every read (version 4)
 
 Resident beside the bundles, for the sparsity predictors (predictor.py):
     blk.N.ffn_gate.weight    the gate matrix as it was (the "gate" predictor computes
@@ -49,8 +51,10 @@ from gguf import quants as gguf_quants
 from .. import kernels_cpu
 from ..errors import FlashLMError, ModelFormatError
 from ..formats.modelfile import GGUFModelFile
+from ..formats.validate import validate_flash_layout
+from ..io.checksum import record_sums as checksums
 
-VERSION = 3
+VERSION = 4  # 4: record checksums
 KEY = "flashlm.flash"
 ALIGN = 4096
 FFN = ("ffn_gate", "ffn_up", "ffn_down")
@@ -138,7 +142,13 @@ def write_layout(mf: GGUFModelFile, src: Path, tmp: Path, rank: int | None = Non
     for t in mf.tensors.values():
         if t.name not in moved:
             items.append((t.name, t.data.shape, t.qtype, lambda t=t: np.ascontiguousarray(t.data)))
-    lowrank = {}
+    lowrank, made = {}, {}
+
+    def bundles(lb):  # a layer's records, made once for them and their checksums
+        if lb.layer not in made:
+            made.clear()
+            made[lb.layer] = layer_bundles(mf, lb)
+        return made[lb.layer]
 
     def lr(i, k):
         if i not in lowrank:
@@ -151,7 +161,9 @@ def write_layout(mf: GGUFModelFile, src: Path, tmp: Path, rank: int | None = Non
         items.append((f"blk.{i}.ffn_gate_lr_a", (rank, lb.n_embd * 2), GGMLQuantizationType.F16, lambda i=i: lr(i, 0)))
         items.append((f"blk.{i}.ffn_gate_lr_b", (lb.n_ff, rank * 2), GGMLQuantizationType.F16, lambda i=i: lr(i, 1)))
         items.append((f"blk.{i}.ffn_bundles", (lb.n_ff, lb.bundle_bytes), GGMLQuantizationType.I8,
-                      lambda lb=lb: layer_bundles(mf, lb)))
+                      lambda lb=lb: bundles(lb)))
+        items.append((f"blk.{i}.ffn_bundle_sums", (lb.n_ff, 8), GGMLQuantizationType.I32,
+                      lambda lb=lb: checksums(bundles(lb)).view(np.uint8).reshape(lb.n_ff, 8)))
         items.append((f"blk.{i}.ffn_neuron_ids", (lb.n_ff, 4), GGMLQuantizationType.I32,
                       lambda lb=lb: np.arange(lb.n_ff, dtype=np.int32).view(np.uint8).reshape(lb.n_ff, 4)))
     w = GGUFWriter(str(tmp), mf.arch)
@@ -199,8 +211,8 @@ def permute_neurons(path: str | os.PathLike, orders: list[np.ndarray]) -> None:
     reader = GGUFReader(str(path), "r+")
     tensors = {t.name: t.data for t in reader.tensors}
     for i, order in enumerate(orders):
-        for name in (f"blk.{i}.ffn_bundles", f"blk.{i}.ffn_gate.weight", f"blk.{i}.ffn_gate_lr_b",
-                     f"blk.{i}.ffn_neuron_ids"):
+        for name in (f"blk.{i}.ffn_bundles", f"blk.{i}.ffn_bundle_sums", f"blk.{i}.ffn_gate.weight",
+                     f"blk.{i}.ffn_gate_lr_b", f"blk.{i}.ffn_neuron_ids"):
             d = tensors[name]
             if d.shape[0] != len(order):
                 raise FlashLMError(f"{path}: {name} has {d.shape[0]} rows, not {len(order)} neurons")
@@ -227,6 +239,7 @@ def read_plans(mf: GGUFModelFile) -> list[LayerBundles]:
     version = mf.metadata.get(KEY + ".version")
     if version is None:
         raise ModelFormatError(f"{mf.path}: not a flash-layout file; make one with `flashlm convert MODEL --flash OUT`")
+    validate_flash_layout(mf)
     if int(version) != VERSION:
         raise ModelFormatError(f"{mf.path}: flash layout version {version}, this flashlm reads {VERSION}; convert again")
     plans = []
@@ -240,6 +253,14 @@ def read_plans(mf: GGUFModelFile) -> list[LayerBundles]:
         up_bytes = bundles.data.shape[1] - lb.gate_bytes - lb.down_bytes
         plans.append(LayerBundles(i, n_ff, n_embd, lb.types, lb.gate_bytes, up_bytes, lb.down_bytes))
     return plans
+
+
+def record_sums(mf: GGUFModelFile, layer: int) -> np.ndarray:
+    """Layer `layer`'s record checksums, (n_ff,) uint64, a copy in memory."""
+    t = mf.tensors.get(f"blk.{layer}.ffn_bundle_sums")
+    if t is None or t.nbytes % 8:
+        raise ModelFormatError(f"{mf.path}: flash layout without layer {layer}'s record checksums; convert again")
+    return np.frombuffer(t.data.tobytes(), dtype="<u8").astype(np.uint64)
 
 
 def _up_type(mf: GGUFModelFile, i: int):

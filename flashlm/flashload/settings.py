@@ -28,6 +28,9 @@ class StreamSettings:
                separately (the paper's "no bundling" step)
     capacity:  neurons per layer the window may hold (None: all); what one token needs
                beyond it is read into a spill buffer for that token only
+    verify:    check every record read against its checksum (a bad one is read again,
+               then refused); False saves its cost (benchmarks/README.md) on a disk
+               and file you trust
     """
 
     predictor: str | None = "gate"
@@ -37,6 +40,7 @@ class StreamSettings:
     prefetch: bool = True
     bundled: bool = True
     capacity: int | None = None
+    verify: bool = True
 
     def __post_init__(self):
         if not isinstance(self.keep, (int, float)) or not isinstance(self.window, int):

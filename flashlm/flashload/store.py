@@ -11,21 +11,29 @@ layer's FFN runs in `ffn_forward`:
 
 `resident=True` takes the records from the mapped file instead of reading them: the
 same computation with nothing streamed, the reference the streamed runs must equal.
+
+Faults: the weights kept in memory are read into it at load, not used from the mapping
+(a file truncated under a mapping kills the process with SIGBUS when a page is touched;
+a read fails cleanly). Every record read is checked against its checksum; a bad one is
+read again, then refused with a ModelFormatError, and the model stays usable.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from .. import kernels_cpu as K
-from ..errors import FlashLMError, InvalidArgumentError
+from ..errors import FlashLMError, InvalidArgumentError, ModelFormatError
 from ..formats.weights import WeightStore
 from ..io import ALIGN, ReadEngine, aligned_empty
+from ..io.checksum import record_sums as checksums
 from ..io.probe import load_probe, pick_gap, pick_read_size
 from ..stats import TokenStats
-from .layout import FFN, read_plans, split_records
+from .layout import FFN, read_plans, record_sums, split_records
 from .plan import PREFILL_NEURONS
 from .predictor import act, make_predictor, n_keep
 from .settings import StreamSettings
@@ -38,7 +46,7 @@ PREFETCH_LAYERS = 1
 
 
 class FlashStore(HotTails, WeightStore):
-    """Non-FFN weights resident (mapped); FFN neuron records streamed on demand."""
+    """Non-FFN weights resident (copied in); FFN neuron records streamed on demand."""
 
     def __init__(self, model_file, settings: StreamSettings | None = None, resident: bool = False,
                  io_threads: int = 8, direct: bool = True):
@@ -55,6 +63,9 @@ class FlashStore(HotTails, WeightStore):
         self.resident = resident
         self.plans = read_plans(model_file)
         self._records = [model_file.tensors[f"blk.{lb.layer}.ffn_bundles"] for lb in self.plans]
+        self._sums = [record_sums(model_file, lb.layer) for lb in self.plans]
+        if not resident:
+            self._copy_resident()
         s = self.settings
         self.predictor = make_predictor(s.predictor, self) if s.predictor else None
         self.set_capacities([min(lb.n_ff, s.capacity or lb.n_ff) for lb in self.plans])
@@ -64,6 +75,26 @@ class FlashStore(HotTails, WeightStore):
             max_read=pick_read_size(curve) if curve else 1 << 20, merge=s.bundled)
         self.t = 0  # decode tokens so far
         self.current = TokenStats()  # this pass's reads and hits (take_pass)
+
+    def _copy_resident(self) -> None:
+        """Read every tensor but the records into one buffer in memory (one, as the compiled
+        decode step wants its weights), in place of their mapped views, the page cache's
+        copy dropped after: no page of the mapping is touched."""
+        records = {t.name for t in self._records}
+        kept = [t for t in self.file.tensors.values() if t.name not in records]
+        starts = np.cumsum([0] + [-(-t.nbytes // 64) * 64 for t in kept])  # 64-byte aligned, for SIMD
+        arena = aligned_empty(int(starts[-1]))
+        with open(self.file.path, "rb") as f:
+            fd = f.fileno()
+            for t, a in zip(kept, starts.tolist()):
+                buf, got = arena[a:a + t.nbytes], 0
+                while got < t.nbytes:
+                    k = os.preadv(fd, [buf[got:]], t.offset + got)
+                    if k <= 0:
+                        raise ModelFormatError(f"{self.file.path}: truncated at tensor {t.name}; convert the model again")
+                    got += k
+                os.posix_fadvise(fd, t.offset, t.nbytes, os.POSIX_FADV_DONTNEED)
+                self.file.tensors[t.name] = replace(t, data=buf.reshape(t.data.shape))
 
     # -- WeightStore interface ----------------------------------------------------------
 
@@ -241,7 +272,7 @@ class FlashStore(HotTails, WeightStore):
     def _fill(self, win: NeuronWindow, neurons: np.ndarray, s: np.ndarray) -> None:
         st, lb, read_gate = self.current, win.lb, self.reads_gate
         i = lb.layer
-        t0, io0 = time.perf_counter(), st.io_wait_s
+        t0, io0, v0 = time.perf_counter(), st.io_wait_s, st.verify_s
         base, stride = self._records[i].offset, lb.bundle_bytes
         rec = None
         if self.resident:
@@ -263,9 +294,31 @@ class FlashStore(HotTails, WeightStore):
             rec = np.empty((len(neurons), stride), dtype=np.uint8)
             self._read([(base + int(neurons[a]) * stride, int(b - a) * stride) for a, b in zip(starts, ends)],
                        [rec[a:b].reshape(-1) for a, b in zip(starts, ends)], st)
+            self._verify(i, neurons, rec, st)
         if rec is not None:
             win.put(s, rec)
-        st.bookkeeping_s += time.perf_counter() - t0 - (st.io_wait_s - io0)  # all but the reads
+        st.bookkeeping_s += time.perf_counter() - t0 - (st.io_wait_s - io0) - (st.verify_s - v0)  # the rest
+
+    def _verify(self, i: int, neurons: np.ndarray, recs: np.ndarray, st: TokenStats, rows=None) -> None:
+        """Check layer i's records of `neurons`, rows `rows` (all if None) of recs, against
+        their checksums; read the bad ones again, and if still bad, ModelFormatError.
+        (StreamSettings.verify False: skipped.)"""
+        if not self.settings.verify:
+            return
+        t0 = time.perf_counter()
+        bad = np.flatnonzero(checksums(recs, rows) != self._sums[i][neurons])
+        st.verify_s += time.perf_counter() - t0
+        if not len(bad):
+            return
+        lb, base = self.plans[i], self._records[i].offset
+        at = bad if rows is None else np.asarray(rows)[bad]
+        self._read([(base + int(neurons[k]) * lb.bundle_bytes, lb.bundle_bytes) for k in bad],
+                   [recs[r] for r in at], st)
+        still = np.flatnonzero(checksums(recs, at) != self._sums[i][neurons[bad]])
+        if len(still):
+            j = int(neurons[bad[still[0]]])
+            raise ModelFormatError(f"{self.file.path}: layer {i}'s record of neuron {j} fails its checksum, also when "
+                                   f"read again ({len(still)} bad); the file is damaged or changed: convert the model again")
 
     def _read(self, ranges: list, outs: list, st: TokenStats) -> None:
         """Read ranges into outs with the engine, adding to st's I/O figures."""
@@ -292,6 +345,7 @@ class FlashStore(HotTails, WeightStore):
             else:
                 rec = np.empty((n, lb.bundle_bytes), dtype=np.uint8)
                 self._read([(self._records[i].offset + c0 * lb.bundle_bytes, rec.nbytes)], [rec.reshape(-1)], st)
+                self._verify(i, np.arange(c0, c0 + n), rec, st)
             t1 = time.perf_counter()
             gate, up, down = (np.ascontiguousarray(a) for a in split_records(lb, rec))
             gate, up, down_t = row_refs(lb, gate, up, down)

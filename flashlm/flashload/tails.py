@@ -74,6 +74,8 @@ class HotTails:
                 self._have[k][:] = False
                 raise
             st.bytes_requested += len(cold) * stride
+            if len(cold):
+                self._verify(i, cold, recs, st, rows=cold - cap)
         return row_refs(lb, *split_records(lb, recs))
 
     def _tail_start(self, i: int) -> int:

@@ -13,6 +13,10 @@ ranges of one file read with parallel `pread`s, around the page cache.
 Direct I/O needs offsets, lengths and memory aligned to the device block; the engine
 widens each read to 4 KiB boundaries and reads into page-aligned staging buffers, then
 copies the requested bytes out.
+
+A read that fails (an I/O error) or comes back short (the file truncated since it was
+opened) is tried once more, then raises ModelFormatError naming the file and the offset.
+`ReadEngine.fault` is the tests' hook for both.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import ModelFormatError
 from .buffers import ALIGN, aligned_empty, open_direct, _round_up
 
 
@@ -75,6 +80,10 @@ class ReadEngine:
     fills each buf (a writable uint8 array of length n) with the file's bytes.
     """
 
+    # tests' fault injection: fault(offset, n) runs before each read of n bytes at offset;
+    # it may raise OSError (an I/O error) or return a smaller n (a short read)
+    fault = None
+
     def __init__(self, path: str | os.PathLike, n_threads: int = 8, direct: bool = True,
                  max_gap: int = 64 * 1024, max_read: int = 1 << 20, merge: bool = True):
         self.path = os.fspath(path)
@@ -114,22 +123,38 @@ class ReadEngine:
         if len(members) == 1 and self._straight(start, n, ranges[members[0]], outs[members[0]]):
             return time.perf_counter()
         stage = self._staging(n)[:n]
-        got = self._pread(stage, start)
+        self._pread(stage, start, max(ranges[i][0] + ranges[i][1] for i in members) - start)
         for i in members:
             off, ln = ranges[i]
             a = off - start
-            if a + ln > got:
-                raise OSError(f"{self.path}: short read at offset {off} ({got - a} of {ln} bytes); is the file truncated?")
             outs[i][:ln] = stage[a:a + ln]
         if not self.direct:  # keep the page cache from holding (and hiding) what we stream
             os.posix_fadvise(self.fd, start, n, os.POSIX_FADV_DONTNEED)
         return time.perf_counter()
 
-    def _pread(self, buf: np.ndarray, start: int) -> int:
-        """Fill buf from the file at start; the bytes read (fewer only at the file's end)."""
+    def _pread(self, buf: np.ndarray, start: int, need: int) -> None:
+        """Fill buf from the file at start, at least its first `need` bytes (the rest may
+        lie past the file's end); a failed or short read is tried once more, then
+        ModelFormatError."""
+        for again in (False, True):
+            try:
+                if self._fill(buf, start) >= need:
+                    return
+                why = "a short read: the file was truncated or replaced while in use"
+            except OSError as e:
+                why = f"a read error: {e.strerror or e}"
+            if again:
+                raise ModelFormatError(f"{self.path}: {why} (at byte {start:,}); check the file and the disk, "
+                                       "then load the model again")
+
+    def _fill(self, buf: np.ndarray, start: int) -> int:
+        """Read into buf from start: the bytes read (fewer only at the file's end)."""
         got = 0
         while got < len(buf):  # preadv may return short counts; at EOF it returns 0
-            k = os.preadv(self.fd, [buf[got:]], start + got)
+            part = buf[got:]
+            if self.fault is not None:
+                part = part[:self.fault(start + got, len(part))]
+            k = os.preadv(self.fd, [part], start + got) if len(part) else 0
             if k <= 0:
                 break
             got += k
@@ -146,9 +171,7 @@ class ReadEngine:
         if a == p and b == p + m and self._straight(p, m, (p, m), dst):
             return time.perf_counter()
         stage = self._staging(self.max_read)[:m]
-        got = self._pread(stage, p)
-        if b > p + got:
-            raise OSError(f"{self.path}: short read at offset {p} ({got} of {b - p} bytes); is the file truncated?")
+        self._pread(stage, p, b - p)
         dst[:] = stage[a - p:b - p]
         if not self.direct:
             os.posix_fadvise(self.fd, p, m, os.POSIX_FADV_DONTNEED)
@@ -183,7 +206,8 @@ class ReadEngine:
     def _check(self, ranges) -> None:
         for off, n in ranges:
             if off < 0 or n < 0 or off + n > self.size:
-                raise ValueError(f"range ({off}, {n}) is outside {self.path} ({self.size} bytes)")
+                raise ModelFormatError(f"{self.path}: bytes {off:,}..{off + n:,} lie outside the file ({self.size:,} "
+                                       "bytes); the file is damaged: make or download it again")
 
     def _count(self, ranges, reads, n_reads: int | None = None) -> None:
         st = self.stats
@@ -201,12 +225,7 @@ class ReadEngine:
             return False
         if self.direct and (n % ALIGN or out.ctypes.data % ALIGN):
             return False
-        got = 0
-        while got < n:
-            k = os.preadv(self.fd, [out[got:n]], start + got)
-            if k <= 0:
-                raise OSError(f"{self.path}: short read at offset {start} ({got} of {n} bytes); is the file truncated?")
-            got += k
+        self._pread(out[:n], start, n)
         if not self.direct:
             os.posix_fadvise(self.fd, start, n, os.POSIX_FADV_DONTNEED)
         return True

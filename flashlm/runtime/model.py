@@ -169,7 +169,7 @@ class Model:
         for s in self._streams:
             st.add(s.take_pass())
         st.seconds = time.perf_counter() - t0
-        st.compute_s = max(0.0, st.seconds - st.io_wait_s - st.bookkeeping_s)
+        st.compute_s = max(0.0, st.seconds - st.io_wait_s - st.bookkeeping_s - st.verify_s)
         st.rss = self._rss()
         self._passes.append(st)
         if self._unreported is not None:

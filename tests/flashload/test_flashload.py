@@ -20,13 +20,6 @@ from flashlm.formats.modelfile import GGUFModelFile
 PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 
 
-@pytest.fixture(scope="module")
-def flash_files(tmp_path_factory, smollm2_path, gemma3_path):
-    d = tmp_path_factory.mktemp("flash")
-    return {name: convert.convert(path, d / f"{name}.flash.gguf")
-            for name, path in (("smollm2", smollm2_path), ("gemma3", gemma3_path))}
-
-
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
 def test_records_hold_each_neurons_gate_up_rows_and_down_column(name, flash_files, request):
     src = GGUFModelFile(request.getfixturevalue(f"{name}_path"))

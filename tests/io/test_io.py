@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from flashlm.apps.cli import main
+from flashlm.errors import ModelFormatError
 from flashlm.io import ALIGN, HUGE, NativeAIO, ReadEngine, aligned_empty, coalesce
 from flashlm.io.probe import format_probe, pick_read_size, probe_disk
 
@@ -40,8 +41,43 @@ def test_read_ranges_returns_the_files_bytes(tmp_path, direct):
         st = e.stats
         assert st.requests == len(ranges) and 0 < st.reads < len(ranges)  # some were coalesced
         assert st.bytes_read > 0 and st.mean_read > 0
-        with pytest.raises(ValueError, match="outside"):
+        with pytest.raises(ModelFormatError, match="outside the file"):
             e.read_ranges([(len(data) - 5, 10)], [np.empty(10, np.uint8)])
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("kind", ["error", "short"])
+def test_a_failed_read_is_tried_again_then_a_clear_error(tmp_path, direct, kind):
+    path = tmp_path / "f.bin"
+    data = np.random.default_rng(1).integers(0, 256, 1 << 18, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    ranges = [(5000, 300), (70000, 9000), (0, 1 << 17)]  # staged, and one large one in pieces
+    fails = []
+
+    def fault(off, n):  # the first read at each offset fails; the retry succeeds
+        if off in fails:
+            return None
+        fails.append(off)
+        if kind == "error":
+            raise OSError(5, "Input/output error")
+        return n // 3
+
+    with ReadEngine(path, n_threads=2, direct=direct, max_read=1 << 16) as e:
+        e.fault = fault
+        outs = [np.empty(n, np.uint8) for _, n in ranges]
+        e.read_ranges(ranges, outs)  # each failed once, then read
+        assert fails
+        for o, (a, n) in zip(outs, ranges):
+            np.testing.assert_array_equal(o, data[a:a + n])
+        e.fault = (lambda off, n: (_ for _ in ()).throw(OSError(5, "Input/output error"))) if kind == "error" \
+            else (lambda off, n: 0)  # every read fails
+        with pytest.raises(ModelFormatError, match="read error: Input/output error" if kind == "error"
+                           else "short read: the file was truncated"):
+            e.read_ranges(ranges, [np.empty(n, np.uint8) for _, n in ranges])
+        e.fault = None
+        outs = [np.empty(n, np.uint8) for _, n in ranges]
+        e.read_ranges(ranges, outs)  # the engine stays usable
+        np.testing.assert_array_equal(outs[1], data[70000:79000])
 
 
 @pytest.mark.parametrize("direct", [True, False])
