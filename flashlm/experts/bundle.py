@@ -16,6 +16,16 @@ The file is made once per model, beside the models in the user cache
 names the source file's size and modification time, and a changed source gets a new
 bundle. Where it cannot be written (disk full, read-only cache) the experts stream from
 the GGUF's stacked tensors, as before, with a one-line warning.
+
+Checksums: after the records, a table of each record's xxh3_64 (little-endian uint64, key
+order, zeros to 4 KiB); the header holds the table's own xxh3_64. A bundle is verified
+when opened (header, size, the table's checksum; one that fails is written again, with a
+one-line notice) and each record when read (store.py: a bad one is read again, then a
+ModelFormatError). The file is written whole: a temporary file beside it, fsync, rename,
+fsync of the folder, under a lock (another process building the same bundle waits, then
+uses it); a killed writer leaves only its temporary file, removed by the next writer.
+
+    header (4 KiB) | records, (layer, e) in order | checksum table
 """
 
 from __future__ import annotations
@@ -27,14 +37,17 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from xxhash import xxh3_64_intdigest
 
+from ..errors import ModelFormatError
 from ..io import ALIGN
 from .moe import PARTS
 
-MAGIC = b"FLMEXPB1"
+MAGIC = b"FLMEXPB2"  # B1: no checksums
 HEADER = ALIGN  # the header's bytes: magic, JSON, zeros; records start after it
 
 
@@ -46,6 +59,11 @@ def record_bytes(part_bytes) -> int:
 def record_offset(layer: int, e: int, n_expert: int, record: int) -> int:
     """Where expert e of layer starts in the bundle."""
     return HEADER + (layer * n_expert + e) * record
+
+
+def table_bytes(n_records: int) -> int:
+    """The checksum table's bytes: 8 a record, rounded up to 4 KiB."""
+    return -(-n_records * 8 // ALIGN) * ALIGN
 
 
 def part_sizes(model_file, cfg) -> list[int]:
@@ -93,64 +111,193 @@ def _header(model_file, cfg) -> dict:
 
 
 def read_header(path: str | os.PathLike) -> dict | None:
-    """The bundle's header, or None if the file is not a whole bundle."""
+    """The bundle's header, or None if the file is not a whole, intact bundle."""
+    return _inspect(path)[0]
+
+
+def read_checksums(path: str | os.PathLike) -> list[int]:
+    """Each record's xxh3_64, key order (layer * n_expert + e), from an intact bundle;
+    ModelFormatError otherwise."""
+    meta, sums, why = _inspect(path)
+    if meta is None:
+        raise ModelFormatError(f"{path} {why or 'is missing'}; delete it: the next load writes it again")
+    return sums
+
+
+def _inspect(path) -> tuple[dict | None, list[int] | None, str | None]:
+    """(header, checksums, None) of an intact bundle, else (None, None, why not): "" for no file."""
     try:
         with open(path, "rb") as f:
             head = f.read(HEADER)
-    except OSError:
-        return None
-    if len(head) < HEADER or not head.startswith(MAGIC):
-        return None
-    try:
-        meta = json.loads(head[len(MAGIC):].rstrip(b"\0"))
-    except ValueError:
-        return None
-    want = HEADER + meta.get("n_layer", 0) * meta.get("n_expert", 0) * record_bytes(meta.get("parts", [0]))
-    return meta if os.path.getsize(path) == want else None
+            if not head.startswith(MAGIC):
+                return None, None, ("was written by another version of flashlm" if head.startswith(MAGIC[:6])
+                                    else "is not an expert bundle")
+            meta = json.loads(head[len(MAGIC):].rstrip(b"\0"))
+            n = meta["n_layer"] * meta["n_expert"]
+            end = HEADER + n * record_bytes(meta["parts"])
+            size = os.fstat(f.fileno()).st_size
+            if size != end + table_bytes(n):
+                return None, None, f"has {size:,} bytes, not {end + table_bytes(n):,} (cut short?)"
+            f.seek(end)
+            table = f.read(n * 8)
+    except FileNotFoundError:
+        return None, None, ""
+    except OSError as e:
+        return None, None, f"cannot be read ({e})"
+    except (ValueError, KeyError, TypeError):
+        return None, None, "has a damaged header"
+    if xxh3_64_intdigest(table) != meta.get("table"):
+        return None, None, "has a damaged checksum table"
+    return meta, np.frombuffer(table, dtype="<u8").tolist(), None
 
 
 def ensure_bundle(model_file, cfg, quiet: bool = False) -> Path:
-    """The bundle of model_file's experts, written first if there is none (or a stale
-    one); OSError if it cannot be written."""
+    """The bundle of model_file's experts, verified, written first if there is none (or a
+    stale or damaged one); OSError if it cannot be written."""
     path = bundle_path(model_file.path)
     meta = _header(model_file, cfg)
-    have = read_header(path)
-    if have is not None and all(have.get(k) == v for k, v in meta.items()):
+    if _usable(path, meta) is None:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path):
+        why = _usable(path, meta)  # again: another process may have written it meanwhile
+        if why is None:
+            return path
+        if why:
+            print(f"flashlm: the expert bundle {path} {why}: writing it again", file=sys.stderr)
+        clear_partials(path, locked=True)
+        _write_bundle(model_file, cfg, path, meta, quiet)
+    return path
+
+
+def _usable(path: Path, meta: dict) -> str | None:
+    """None where path is an intact bundle made with header meta, else why not ("": no file)."""
+    have, _, why = _inspect(path)
+    if have is not None and any(have.get(k) != v for k, v in meta.items()):
+        return "was made from another file"
+    return why
+
+
+def _write_bundle(model_file, cfg, path: Path, meta: dict, quiet: bool) -> None:
     parts = meta["parts"]
     rec = record_bytes(parts)
     total = cfg.n_layer * cfg.n_expert * rec
     free = shutil.disk_usage(path.parent).free
     if free < total + (1 << 30):  # leave the disk a GiB
         raise OSError(f"{path.parent} has {free / 2**30:.1f} GiB free; the bundle needs {total / 2**30:.1f} GiB + 1 GiB")
+    if len(_head(meta, 2**64 - 1)) > HEADER:
+        raise OSError(f"the model's path is too long for a bundle header: {model_file.path}")
     t0 = time.perf_counter()
-    tmp = path.with_suffix(f".partial{os.getpid()}")
+    tmp = partial_path(path)
     try:
         with open(tmp, "wb") as f:
-            head = MAGIC + json.dumps(meta).encode()
-            if len(head) > HEADER:
-                raise OSError(f"the model's path is too long for a bundle header: {model_file.path}")
-            f.write(head + b"\0" * (HEADER - len(head)))
+            f.write(b"\0" * HEADER)  # the header last, once the table's checksum is known
+            sums = []
             for i in range(cfg.n_layer):
-                layer = np.zeros((cfg.n_expert, rec), dtype=np.uint8)
-                o = 0
-                stacks = [model_file.tensors[f"blk.{i}.{p}.weight"] for p in PARTS]
-                for t, n in zip(stacks, parts):
-                    layer[:, o:o + n] = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(cfg.n_expert, n)
-                    o += n
-                unmap(model_file, stacks)  # read once: the process keeps none of it mapped (RSS within budget)
+                layer = _layer_records(model_file, cfg, i, parts, rec)
+                sums += [xxh3_64_intdigest(r) for r in layer]
                 f.write(layer.data)
                 if not quiet and total > 64 << 20:
                     print(f"\rflashlm: bundling experts for streaming (once): layer {i + 1}/{cfg.n_layer}",
                           end="", file=sys.stderr, flush=True)
-        tmp.replace(path)
+            table = np.zeros(table_bytes(len(sums)) // 8, dtype="<u8")
+            table[:len(sums)] = sums
+            f.write(table.data)
+            f.seek(0)
+            f.write(_head(meta, xxh3_64_intdigest(table[:len(sums)])))
+        replace_durably(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     if not quiet and total > 64 << 20:
         print(f" - {total / 2**20:.0f} MiB in {time.perf_counter() - t0:.1f} s, {path}", file=sys.stderr)
-    return path
+
+
+def _head(meta: dict, table_sum: int) -> bytes:
+    """The header's bytes but its trailing zeros: magic, then meta and the table's checksum as JSON."""
+    return MAGIC + json.dumps({**meta, "table": table_sum}).encode()
+
+
+def _layer_records(model_file, cfg, i: int, parts, rec: int) -> np.ndarray:
+    """Layer i's records (n_expert, rec): each expert's gate, up and down slices, zeros."""
+    layer = np.zeros((cfg.n_expert, rec), dtype=np.uint8)
+    o = 0
+    stacks = [model_file.tensors[f"blk.{i}.{p}.weight"] for p in PARTS]
+    for t, n in zip(stacks, parts):
+        layer[:, o:o + n] = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(cfg.n_expert, n)
+        o += n
+    unmap(model_file, stacks)  # read once: the process keeps none of it mapped (RSS within budget)
+    return layer
+
+
+# -- files written whole (the expert bundle here, the flash conversion in runtime/convert.py)
+
+@contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive lock on path's lock file (path + ".lock") while one process
+    writes path; another waits (the lock ends with its holder, a killed one too)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: each writer's own temporary file and the rename suffice
+        yield
+        return
+    with open(f"{path}.lock", "ab") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"flashlm: waiting for another process writing {path}", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file ends the lock
+
+
+def partial_path(path: Path) -> Path:
+    """This process's temporary file for path, beside it (the rename stays in one file system)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.partial")
+
+
+def clear_partials(path: Path, locked: bool = False) -> None:
+    """Remove the temporary files of path left by writers that are gone (killed, say):
+    every one where the caller holds path's lock (file_lock: every writer holds it), else
+    those of processes that no longer run."""
+    head = f"{path.name}."
+    for p in path.parent.iterdir():
+        pid = p.name[len(head):-len(".partial")]
+        if p.name.startswith(head) and p.name.endswith(".partial") and pid.isdigit() and (
+                locked or not _alive(int(pid))):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process's own is not being written (it is about to be)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        pass
+    return True
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Put the written file tmp in path's place, so that a crash at any point leaves path
+    as it was or whole: tmp's bytes on disk (fsync), the rename, then the folder's entry."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a folder that cannot be opened (not POSIX): the rename stands
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse it
+        pass
+    finally:
+        os.close(fd)
 
 
 def map_resident_only(model_file, stacks) -> None:

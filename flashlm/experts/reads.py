@@ -8,9 +8,14 @@ means, chosen when the store opens:
 - reads on the I/O engine's threads (no bundle, or no direct I/O); a pending entry is
   the set of its reads' futures.
 
+Every record read from the bundle is checked against its xxh3_64 (bundle.py's table)
+before its expert is used: a bad miss is read again, once, then a ModelFormatError names
+the file, layer and expert (the slot is forgotten: a later call reads it again); a bad
+prefetch is forgotten (a miss reads it again, and checks it).
+
 A mixin of StreamedExperts, whose state it uses: cache, cfg, aio, engine, bundle,
 _hint_fd, pending, _batches, _queued, _missing, stacks, part_bytes, stats, totals,
-wait_s, io_s."""
+wait_s, io_s, verify, _sums."""
 
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ import os
 import time
 
 import numpy as np
+from xxhash import xxh3_64_intdigest
 
+from ..errors import ModelFormatError
 from .bundle import record_offset
 
 
@@ -49,15 +56,26 @@ class ExpertReads:
             else:
                 for f in futs:
                     f.result()
-        except OSError:
+        except (OSError, ModelFormatError):  # (the engine's errors are ModelFormatErrors)
             self.cache.forget(key)
             return
         finally:
             dt = time.perf_counter() - t0
             self.wait_s += dt
             self.totals.io_wait_s += dt
+        if slot >= 0 and not self._intact(key, slot):  # a miss reads it again (and checks it)
+            self.cache.forget(key)
+            return
         if unpin and slot >= 0:
             self.cache.pinned[slot] = False
+
+    def _wait_misses(self) -> None:
+        """Wait for the misses' direct reads: a failed one is a ModelFormatError naming the bundle."""
+        try:
+            self.aio.wait("miss")
+        except OSError as e:
+            raise ModelFormatError(f"{self.bundle}: {e}; check the disk, or delete the bundle (the next load "
+                                   "writes it again)") from e
 
     def _ranges(self, keys: np.ndarray, slots: np.ndarray) -> tuple[list, list]:
         """The byte ranges of experts (keys, all of one layer) and their slots' buffers to
@@ -128,7 +146,8 @@ class ExpertReads:
                 if not wait:
                     self._missing = misses[0]
                     return
-                self.aio.wait("miss")
+                self._wait_misses()
+                self._verify(*misses)
             if queued is not None:
                 keys = queued[0].tolist()
                 self._submit_records(queued[0], queued[1], keys)
@@ -136,6 +155,7 @@ class ExpertReads:
             return
         if misses is not None:
             self.engine.read_ranges(*self._ranges(*misses))
+            self._verify(*misses)
         if queued is None:
             return
         keys, slots = queued
@@ -164,10 +184,33 @@ class ExpertReads:
         for key, err in self.aio.finished():
             if key in self.pending:
                 del self.pending[key]
-                if err is not None:  # its slot holds no expert: forgotten, read again if needed
-                    self.cache.forget(key)
-                elif self.cache.slot_of[key] >= 0:
-                    self.cache.pinned[self.cache.slot_of[key]] = False
+                slot = self.cache.slot_of[key]
+                if err is not None or (slot >= 0 and not self._intact(key, slot)):
+                    self.cache.forget(key)  # its slot holds no expert: read again if needed
+                elif slot >= 0:
+                    self.cache.pinned[slot] = False
+
+    def _intact(self, key: int, slot: int) -> bool:
+        """Whether slot holds expert key's record as its checksum says (True unless verifying)."""
+        return not self.verify or xxh3_64_intdigest(self.cache.pool[slot]) == self._sums[key]
+
+    def _verify(self, keys: np.ndarray, slots: np.ndarray) -> None:
+        """Check the records just read into slots (misses): a bad one is read again, once,
+        then ModelFormatError (the caller forgets the misses)."""
+        if not self.verify:
+            return
+        bad = [(k, s) for k, s in zip(keys.tolist(), slots.tolist()) if not self._intact(k, s)]
+        if not bad:
+            return
+        rec, pool = self.cache.item_bytes, self.cache.pool
+        self.engine.read_ranges([(self._record(k), rec) for k, _ in bad], [pool[s] for _, s in bad])
+        self._count_reads(bad[0][0] // self.cfg.n_expert, rec * len(bad), len(bad))
+        for k, s in bad:
+            if not self._intact(k, s):
+                layer, e = divmod(k, self.cfg.n_expert)
+                raise ModelFormatError(
+                    f"{self.bundle}: layer {layer}, expert {e}: the record read (twice) does not match its checksum; "
+                    "the file is damaged. Delete it: the next load writes it again")
 
     def _account(self) -> None:
         """Add the wall time of finished prefetch batches to io_s (submit to last read)."""

@@ -14,7 +14,9 @@ start once the current layer's misses are in (sharing the disk with them made th
 slower), and the kernel fills their slots with no thread of ours to wake; a slot stays
 pinned until its read is done, and `locate` waits only for the ones it needs.
 Where native AIO is unavailable, prefetch is posix_fadvise(WILLNEED) hints copied into
-the slots when needed, or reads on the engine's threads.
+the slots when needed, or reads on the engine's threads. Whichever reads it, a bundle
+record is checked against its checksum before its expert is used (reads.py; `verify =
+False` turns that off, to measure what it costs).
 
 Statistics per layer: hits, misses, bytes read; for prefetch, the experts predicted and
 how many the router then chose (precision and recall); the seconds the decode waited for
@@ -36,7 +38,7 @@ from ..io import NativeAIO, ReadEngine
 from ..formats.modelfile import TensorRef
 from ..stats import TokenStats
 from .autoprefetch import AutoPrefetch
-from .bundle import ensure_bundle, map_resident_only, part_sizes, record_bytes
+from .bundle import ensure_bundle, map_resident_only, part_sizes, read_checksums, record_bytes
 from .moe import PARTS, part_layout
 from .reads import ExpertReads
 
@@ -75,6 +77,8 @@ class StreamedExperts(ExpertReads):
             except OSError as e:
                 print(f"flashlm: warning: experts stream from the GGUF's stacked tensors (3 reads each): could not "
                       f"write their bundle ({e})", file=sys.stderr)
+        self._sums = read_checksums(self.bundle) if self.bundle is not None else None  # each record's xxh3_64
+        self.verify = self._sums is not None  # each record read checked against it (the GGUF's slices have none)
         map_resident_only(model_file, self.stacks)
         self.cache = SlotCache(n_slots, record_bytes(self.part_bytes), policy, n_keys=cfg.n_layer * cfg.n_expert)
         self._flat = self.cache.pool.reshape(-1)  # the pool as one buffer, for the kernels
@@ -137,7 +141,8 @@ class StreamedExperts(ExpertReads):
         if keys is not None:
             t0 = time.perf_counter()
             try:
-                self.aio.wait("miss")
+                self._wait_misses()
+                self._verify(keys, self.cache.slot_of[keys])
             except BaseException:  # their slots hold no expert: forgotten, read again when needed
                 self._drop_misses(keys)
                 raise
@@ -152,17 +157,16 @@ class StreamedExperts(ExpertReads):
 
     def abort_misses(self) -> None:
         """After an error between locate(wait=False) and finish_misses: the misses' reads
-        end, their experts are forgotten and the layer's pins released."""
+        end, their experts and the queued prefetch's are forgotten and the layer's pins
+        released."""
         keys, self._missing = self._missing, None
-        if keys is not None:
-            self._drop_misses(keys)
-        else:
-            self._unpin_layer()
+        self._drop_misses(keys if keys is not None else ())
 
-    def _drop_misses(self, keys: np.ndarray) -> None:
+    def _drop_misses(self, keys) -> None:
         self._drain_misses()
-        for k in keys.tolist():
-            self.cache.forget(k)
+        queued, self._queued = self._queued, None  # not started: their slots hold nothing
+        for k in list(keys) + ([] if queued is None else queued[0].tolist()):
+            self.cache.forget(int(k))
         self._unpin_layer()
 
     def _waited(self, t0: float) -> None:

@@ -5,11 +5,13 @@ so it lives here, above the format)."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import FlashLMError
+from ..experts.bundle import clear_partials, file_lock, partial_path, replace_durably
 from ..flashload.layout import is_current, permute_neurons, write_layout
 from ..flashload.predictor import top_fraction
 from ..formats.modelfile import GGUFModelFile
@@ -36,8 +38,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, force: bool = False,
     predictor (default n_embd / 8). calibration_tokens: tokens the model writes to
     order its neurons by how often they are needed (0: keep the source's order).
     progress(done, total, what), if given, is called as tensors are written and as
-    calibration goes. Writes a ".partial" file beside out and renames it at the end, so a
-    failure leaves nothing half-written under the final name.
+    calibration goes. Writes a ".partial" file of this process's own beside out, then
+    fsync and rename, so a failure or a crash leaves nothing half-written under the final
+    name, and two processes converting at once leave one whole file (the last renamed).
     """
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
@@ -46,7 +49,13 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, force: bool = False,
         raise FlashLMError(f"{out} already exists; pass --force to overwrite it")
     if not out.parent.is_dir():
         raise FlashLMError(f"{out.parent}: no such folder")
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.partial")  # a process's own: two may convert at once
+    return _write(src, out, progress, rank, calibration_tokens)
+
+
+def _write(src: Path, out: Path, progress, rank, calibration_tokens: int, locked: bool = False) -> Path:
+    """Convert src to out through this process's temporary file (locked: the caller holds out's file_lock)."""
+    clear_partials(out, locked)  # those of killed conversions
+    tmp = partial_path(out)
     try:
         mf = GGUFModelFile(src)
         try:
@@ -55,7 +64,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, force: bool = False,
             mf.close()
         if calibration_tokens:
             permute_neurons(tmp, neuron_order(tmp, calibration_tokens, progress=progress))
-        os.replace(tmp, out)
+        replace_durably(tmp, out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise FlashLMError(f"cannot write {out}: {e.strerror or e}") from e
@@ -68,13 +77,29 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, force: bool = False,
 def cached(model: str | os.PathLike, progress=None) -> Path:
     """The flash layout of `model` (a registry name or a GGUF path) in the cache folder,
     converted when it is missing, was written by another layout version, or was made
-    from another file (size or modification time not the source's)."""
+    from another file (size or modification time not the source's). One process converts
+    at a time (a lock); another waits, then uses its file."""
     src = Path(resolve(model))
     out = home() / "flash" / (src.stem + ".flash.gguf")
-    if out.exists() and is_current(out, src):
+    if _current(out, src):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    return convert(src, out, force=True, progress=progress)
+    with file_lock(out):
+        if _current(out, src):  # converted by another process meanwhile
+            return out
+        return _write(src, out, progress, None, CALIBRATION_TOKENS, locked=True)
+
+
+def _current(out: Path, src: Path) -> bool:
+    """Whether out is src's flash layout as it is now; a file that cannot be read as one
+    is converted again, with a notice."""
+    if not out.exists():
+        return False
+    try:
+        return is_current(out, src)
+    except (FlashLMError, OSError, ValueError) as e:
+        print(f"flashlm: {out} cannot be read ({e}): converting again", file=sys.stderr)
+        return False
 
 
 def neuron_order(path: str | os.PathLike, n_tokens: int = CALIBRATION_TOKENS, keep: float = CALIBRATION_KEEP,

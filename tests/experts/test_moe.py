@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import flashlm
+from flashlm.errors import ModelFormatError
 from flashlm.experts.moe import route_one, route_rows
 
 from conftest import cosine_rows, llama_cpp_logits, llama_cpp_model
@@ -461,8 +462,8 @@ def test_cli_on_a_moe_under_a_budget(moe_gguf, capsys, tmp_path):
 
 
 def test_a_failed_expert_read_is_a_clear_error_and_leaves_nothing_pinned(moe_gguf, tmp_path):
-    """A miss whose read fails (the bundle truncated under a running model) raises an
-    OSError naming the read; its slot is forgotten and no slot stays pinned."""
+    """A miss whose read fails (the bundle truncated under a running model) raises a
+    ModelFormatError naming the read; its slot is forgotten and no slot stays pinned."""
     import os
     import shutil
 
@@ -476,7 +477,7 @@ def test_a_failed_expert_read_is_a_clear_error_and_leaves_nothing_pinned(moe_ggu
                       experts=dict(prefetch=False)) as m:
         ex = m.experts
         os.truncate(ex.bundle, HEADER + 3 * expert)  # layer 0's first 3 experts only
-        with pytest.raises(OSError, match=r"direct read of \d+ bytes at \d+ gave|short read"):
+        with pytest.raises(ModelFormatError, match=r"direct read of \d+ bytes at \d+ gave|short read"):
             m.generate(PROMPTS[0], max_tokens=8, temperature=0)
         assert not ex.cache.pinned.any() and ex._missing is None
         held = ex.cache.key_in[ex.cache.key_in >= 0]
@@ -489,7 +490,7 @@ def test_a_failed_expert_read_is_a_clear_error_and_leaves_nothing_pinned(moe_ggu
         ex.begin_layer(1, ids[None], np.full((1, n), 1 / n, dtype=np.float32))
         _, _, missed = ex.locate(1, ids, wait=False)
         assert missed.all() and ex._missing is not None
-        with pytest.raises(OSError, match=r"direct read of \d+ bytes at \d+ gave"):
+        with pytest.raises(ModelFormatError, match=r"direct read of \d+ bytes at \d+ gave"):
             ex.finish_misses()
         assert not ex.cache.pinned.any() and not ((ex.cache.key_in >= n) & (ex.cache.key_in < 2 * n)).any()
         # an error (an interrupt, say) between locate(wait=False) and finish_misses: abort_misses
