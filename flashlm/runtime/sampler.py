@@ -22,7 +22,7 @@ class SamplingParams:
     min_p: float = 0.05  # 0 = off
     repeat_penalty: float = 1.0  # 1 = off
     repeat_last_n: int = 64  # tokens the penalty looks back over
-    seed: int | None = None  # None = a fresh random seed
+    seed: int | None = None  # None (or -1, llama.cpp's way) = a fresh random seed
 
     def __post_init__(self):
         checks = [
@@ -32,6 +32,8 @@ class SamplingParams:
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
             (self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
+            (self.seed is None or (isinstance(self.seed, (int, np.integer)) and self.seed >= -1),
+             "seed must be an integer >= 0, or -1 for a random one"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -44,7 +46,7 @@ class Sampler:
 
     def __init__(self, params: SamplingParams):
         self.p = params
-        self.rng = np.random.default_rng(params.seed)
+        self.rng = np.random.default_rng(None if params.seed == -1 else params.seed)
 
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
         """Pick a token from logits (n_vocab,) float32, given the tokens so far."""

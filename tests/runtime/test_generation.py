@@ -74,6 +74,17 @@ def test_bad_arguments(smollm2):
         smollm2.generate(PROMPT, max_tokens=0)
     with pytest.raises(InvalidArgumentError, match="bogus"):
         smollm2.generate(PROMPT, bogus=1)
+    with pytest.raises(InvalidArgumentError, match="seed must be an integer >= 0, or -1"):
+        smollm2.generate(PROMPT, seed=-2)
+    assert smollm2.generate(PROMPT, max_tokens=2, seed=-1)  # llama.cpp's "random seed"
+
+
+def test_cli_seed_minus_one_is_a_random_seed(smollm2_path, capsys):
+    from flashlm.apps.cli import main
+
+    assert main(["run", "-m", str(smollm2_path), "-p", "Hi", "-n", "2", "--seed", "-1"]) == 0
+    assert main(["run", "-m", str(smollm2_path), "-p", "Hi", "-n", "2", "--seed", "-7"]) == 2
+    assert capsys.readouterr().err.strip().endswith("seed must be an integer >= 0, or -1 for a random one")
 
 
 def _cancel_after(model, seconds):
