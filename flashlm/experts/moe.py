@@ -168,6 +168,7 @@ class MoEFFN:
     every expert's router probability; for traces)."""
 
     on_route = None
+    rows_independent = False  # an expert a prefill gives one token runs as a matvec, several as a GEMM
 
     def __init__(self, store, experts, cfg, layer: int, gelu: bool):
         self.store, self.experts, self.cfg, self.layer, self.gelu = store, experts, cfg, layer, gelu

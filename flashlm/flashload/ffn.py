@@ -10,6 +10,7 @@ class NeuronFFN:
     multiplies the ones each token needs (store.FlashStore.ffn_forward)."""
 
     on_route = None
+    rows_independent = True  # prefill multiplies every neuron for every row
 
     def __init__(self, store, layer: int, gelu: bool):
         self.store, self.layer, self.gelu = store, layer, gelu

@@ -121,6 +121,7 @@ class DecoderLM:
         self.cfg = cfg
         self.store = store
         self.ffn = ffn  # one FFN strategy per layer (ffn.py)
+        self.rows_independent = all(f.rows_independent for f in ffn)  # prefill rows: alike in any batch
         self.cancel_event = threading.Event()
         self.tok_embd = store.get("token_embd.weight")
         self.output = store.get("output.weight") if store.has("output.weight") else self.tok_embd

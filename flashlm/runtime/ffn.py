@@ -7,6 +7,9 @@ A layer's FFN is an object the loader (loader.py) chose for it:
                     may read straight from the mapping, or None: it runs in Python
                     between the compiled attention calls (blocks.LayerDecoder)
     ffn.on_route    None, or called with each routing decision of a mixture of experts
+    ffn.rows_independent
+                    whether a prefill computes each token's row alike whatever tokens
+                    share the pass: then a KV cache prefix can be reused bit for bit
 
 The strategies: `DenseFFN` (here), `flashload.ffn.NeuronFFN` (neurons streamed from a
 flash layout) and `experts.moe.MoEFFN` (experts from a resident or streamed source).
@@ -24,6 +27,7 @@ from .. import kernels_cpu as K
 
 class FFN(Protocol):
     on_route: object
+    rows_independent: bool
 
     def __call__(self, h: np.ndarray) -> np.ndarray: ...
 
@@ -34,6 +38,7 @@ class DenseFFN:
     """down(act(gate h) * up h) with every weight resident (the mapped file)."""
 
     on_route = None
+    rows_independent = True
 
     def __init__(self, store, layer: int, gelu: bool):
         self.refs = tuple(store.get(f"blk.{layer}.{n}.weight") for n in ("ffn_gate", "ffn_up", "ffn_down"))
