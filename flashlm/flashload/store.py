@@ -38,7 +38,7 @@ from .plan import PREFILL_NEURONS
 from .predictor import act, make_predictor, n_keep
 from .settings import StreamSettings
 from .tails import HotTails
-from .window import NeuronWindow, row_refs
+from .window import NeuronWindow, down_ref, row_refs
 
 # layers whose reads start ahead: measured on Gemma at half its FFN rows, 2 waited less but
 # its buffers came out of the windows (fewer hits, more bytes) and tok/s did not rise
@@ -223,8 +223,15 @@ class FlashStore(HotTails, WeightStore):
             rows = sp.hold(spill, clear=True)
             st.bookkeeping_s += time.perf_counter() - t3
             self._load(sp, spill, rows)
-            self._ffn_rows(sp.refs(), x, rows, None if g is None else g[~kept], gelu, out, st)
-            needed, slots, g = needed[kept], slots[kept], (None if g is None else g[kept])
+            coef = np.empty(len(needed), dtype=np.float32)
+            coef[~kept] = self._coef(sp.refs(), x, rows, None if g is None else g[~kept], gelu)
+            coef[kept] = self._coef(win.refs(), x, slots[kept], None if g is None else g[kept], gelu)
+            # the down products in one call over the needed rows in order, as with no spill: the
+            # sum must not depend on what the window held (a reused model computes as a fresh one)
+            down = np.empty((len(needed), lb.down_bytes), dtype=np.uint8)
+            down[~kept], down[kept] = sp.down[rows], win.down[slots[kept]]
+            K.matvec_t(coef, down_ref(lb, down), np.arange(len(needed)), out)
+            return out.reshape(1, -1)
         self._ffn_rows(win.refs(), x, slots, g, gelu, out, st)
         return out.reshape(1, -1)
 
@@ -253,11 +260,16 @@ class FlashStore(HotTails, WeightStore):
     def _ffn_rows(self, refs, x, rows, g, gelu: bool, out: np.ndarray, st: TokenStats) -> None:
         """out += the FFN's part from rows `rows` of refs (gate, up, down_t), given their
         gate values g (None: computed here from the gate rows)."""
-        gate, up, down = refs
+        K.matvec_t(self._coef(refs, x, rows, g, gelu), refs[2], rows, out)
+
+    @staticmethod
+    def _coef(refs, x, rows, g, gelu: bool) -> np.ndarray:
+        """act(gate x) * (up x) of rows `rows` of refs, given their gate values g (None:
+        computed here from the gate rows)."""
+        gate, up, _ = refs
         if g is None:  # the predictor gave no gate values: compute them from the streamed rows
             g = K.matvec(x, gate, rows)
-        coef = act(g, gelu) * K.matvec(x, up, rows)
-        K.matvec_t(coef, down, rows, out)
+        return act(g, gelu) * K.matvec(x, up, rows)
 
     def _load(self, win: NeuronWindow, neurons: np.ndarray, s: np.ndarray) -> None:
         """Read `neurons`' records into rows s of window win (a layer's window or spill

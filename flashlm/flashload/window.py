@@ -94,8 +94,13 @@ def _put_rows(dst, slots, rec, col):
 
 def row_refs(lb, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> tuple[TensorRef, TensorRef, TensorRef]:
     """Gate, up and transposed-down refs over layer lb's neuron rows (any row stride)."""
-    gt, ut, dt = lb.types
+    gt, ut, _ = lb.types
     n = gate.shape[0]
     return (TensorRef(f"blk.{lb.layer}.ffn_gate.weight", gt, (n, lb.n_embd), gate, -1),
             TensorRef(f"blk.{lb.layer}.ffn_up.weight", ut, (n, lb.n_embd), up, -1),
-            TensorRef(f"blk.{lb.layer}.ffn_down_t", dt, (n, lb.n_embd), down, -1))
+            down_ref(lb, down))
+
+
+def down_ref(lb, down: np.ndarray) -> TensorRef:
+    """A transposed-down ref over layer lb's down rows (a row per neuron)."""
+    return TensorRef(f"blk.{lb.layer}.ffn_down_t", lb.types[2], (down.shape[0], lb.n_embd), down, -1)

@@ -117,3 +117,19 @@ def test_read_errors_are_retried_then_refused(flash_copy):
             m.generate(PROMPT, max_tokens=8, temperature=0)
         m.store.engine.fault = None
         assert m.generate(PROMPT, max_tokens=8, temperature=0) == want
+
+
+def test_what_a_sliding_window_held_does_not_change_the_result(flash_files):
+    # A window smaller than a token's needs spills the rest (read for that token only): the
+    # logits are bit for bit those of a window that holds everything, so what a reused
+    # model's windows hold cannot change its results.
+    path = flash_files["smollm2"]
+    got = []
+    for capacity in (None, 600):  # 600 of the 1,536 neurons a token needs: spills every token
+        st = dict(predictor=None, window=2, hot=False, capacity=capacity)
+        with flashlm.load(path, n_ctx=128, n_threads=2, streaming=st) as m:
+            tokens = m.tokenize(PROMPT)
+            m.eval(tokens[:4])
+            got.append([m.eval([t]) for t in tokens[4:12]])
+    for a, b in zip(*got):
+        assert (a == b).all()
