@@ -36,13 +36,13 @@ import mmap
 import os
 import shutil
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from xxhash import xxh3_64_intdigest
 
+from .. import progress
 from ..errors import ModelFormatError
 from ..io import ALIGN
 from .moe import PARTS
@@ -187,19 +187,18 @@ def _write_bundle(model_file, cfg, path: Path, meta: dict, quiet: bool) -> None:
         raise OSError(f"{path.parent} has {free / 2**30:.1f} GiB free; the bundle needs {total / 2**30:.1f} GiB + 1 GiB")
     if len(_head(meta, 2**64 - 1)) > HEADER:
         raise OSError(f"the model's path is too long for a bundle header: {model_file.path}")
-    t0 = time.perf_counter()
     tmp = partial_path(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as f, progress.task("bundling experts for streaming (once)", cfg.n_layer,
+                                                 delay=None if quiet else 1.0,
+                                                 done=f"bundled {total / 2**20:.0f} MiB of experts in {path}") as t:
             f.write(b"\0" * HEADER)  # the header last, once the table's checksum is known
             sums = []
             for i in range(cfg.n_layer):
                 layer = _layer_records(model_file, cfg, i, parts, rec)
                 sums += [xxh3_64_intdigest(r) for r in layer]
                 f.write(layer.data)
-                if not quiet and total > 64 << 20:
-                    print(f"\rflashlm: bundling experts for streaming (once): layer {i + 1}/{cfg.n_layer}",
-                          end="", file=sys.stderr, flush=True)
+                t.update(i + 1, what=f"layer {i + 1}")
             table = np.zeros(table_bytes(len(sums)) // 8, dtype="<u8")
             table[:len(sums)] = sums
             f.write(table.data)
@@ -209,8 +208,6 @@ def _write_bundle(model_file, cfg, path: Path, meta: dict, quiet: bool) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if not quiet and total > 64 << 20:
-        print(f" - {total / 2**20:.0f} MiB in {time.perf_counter() - t0:.1f} s, {path}", file=sys.stderr)
 
 
 def _head(meta: dict, table_sum: int) -> bytes:
