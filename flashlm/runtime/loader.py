@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from .. import kernels_cpu
+from .. import kernels_cpu, progress
 from ..cache import SLACK, plan_budget
 from ..errors import InvalidArgumentError, ModelFormatError
 from ..experts.moe import MoEFFN, ResidentExperts
@@ -33,18 +33,36 @@ from ..formats.modelfile import GGUFModelFile, HFModelFile, check_tensor_types
 from ..formats.validate import check_tokenizer, validate_flash_layout
 from ..formats.weights import WeightStore
 from ..units import parse_size
+from .autothreads import AutoThreads
 from .config import check_tensors, config_from_gguf, config_from_hf
 from .ffn import DenseFFN
 from .model import Model
 from .models import model_class
 from .tokenizer import HFTokenizer, LlamaCppTokenizer
+from .warmup import warm_kernels_for
 
 _TOKENIZER_BYTES: dict[str, int] = {}  # per model file: the RSS its tokenizer took to load, first time
 
 
 def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
                memory_budget: str | int | None = None, streaming=None, experts: dict | None = None) -> Model:
-    """The model in file or folder `path`, composed for these options (flashlm.load's)."""
+    """The model in file or folder `path`, composed for these options (flashlm.load's), its
+    kernels loaded (or compiled where numba's cache lacks them: a bar on stderr). A status
+    line on stderr says what loads while that takes more than a second."""
+    t0 = time.perf_counter()
+    with progress.task(f"loading {Path(path).name}", delay=1.0):
+        model = _compose(path, n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget, streaming=streaming,
+                         experts=experts)
+        try:
+            warm_kernels_for(model)
+        except BaseException:
+            model.close()
+            raise
+    model.load_seconds = time.perf_counter() - t0
+    return model
+
+
+def _compose(path, *, n_ctx, n_threads, memory_budget, streaming, experts) -> Model:
     t0 = time.perf_counter()
     path = Path(path)
     opened = []  # what to close, last first, if loading fails
@@ -55,7 +73,7 @@ def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: 
         n_ctx = _check_ctx(n_ctx, cfg)
         if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
             raise InvalidArgumentError(f"n_threads must be a positive integer, got {n_threads!r}")
-        n_threads = kernels_cpu.set_threads(n_threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+        threads = kernels_cpu.set_threads(n_threads) if n_threads else AutoThreads(kernels_cpu.set_threads(_cores()))
         store = FlashStore(file, _stream_settings(streaming)) if flash else WeightStore(file)
         opened[-1] = store  # closing the store closes the file
         tokenizer, tokenizer_bytes = _tokenizer(path, file, cfg)
@@ -69,7 +87,13 @@ def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: 
             o.close()
         raise
     return Model(path=path, config=cfg, store=store, tokenizer=tokenizer, lm=lm, experts=source, streams=streams, plan=plan,
-                 memory_budget=budget, n_ctx=n_ctx, n_threads=n_threads, load_seconds=time.perf_counter() - t0)
+                 memory_budget=budget, n_ctx=n_ctx, threads=threads, load_seconds=time.perf_counter() - t0)
+
+
+def _cores() -> int:
+    """The physical cores this process may run on (an affinity mask, `taskset`, counts)."""
+    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return max(1, min(physical, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else physical))
 
 
 def _validated(file):

@@ -16,6 +16,7 @@ import numpy as np
 from .. import kernels_cpu
 from ..errors import ContextLengthError, InvalidArgumentError, ModelBusyError
 from ..stats import RSSReader, TokenStats
+from .autothreads import AutoThreads
 from .blocks import Cancelled, KVCache
 from .sampler import Sampler, SamplingParams
 
@@ -49,16 +50,19 @@ class Model:
     still open raises ModelBusyError instead of waiting for itself.
 
     config: the model's ModelConfig; file: its model file; plan: the memory plan under a
-    budget (else None); n_ctx, n_threads; load_seconds."""
+    budget (else None); n_ctx; n_threads (now) and threads (how it is chosen); load_seconds."""
 
     def __init__(self, *, path: Path, config, store, tokenizer, lm, experts, streams: list, plan,
-                 memory_budget: int | None, n_ctx: int, n_threads: int, load_seconds: float):
+                 memory_budget: int | None, n_ctx: int, threads: int | AutoThreads, load_seconds: float):
         self.path, self.config, self.store, self.tokenizer = path, config, store, tokenizer
         self.file = store.file  # the model file (GGUF or HF folder) its weights map
         self.model = lm  # the architecture's DecoderLM
         self.experts = experts  # a mixture of experts' source (resident or streamed), else None
         self.plan, self.memory_budget = plan, memory_budget
-        self.n_ctx, self.n_threads, self.load_seconds = n_ctx, n_threads, load_seconds
+        self.n_ctx, self.load_seconds = n_ctx, load_seconds
+        # kernel threads: a count the caller fixed, or chosen while decoding (autothreads.py)
+        self.auto_threads = threads if isinstance(threads, AutoThreads) else None
+        self._threads = threads if self.auto_threads is None else None
         self._streams = streams  # what streams weights: each pass's reads and hits (take_pass)
         self._passes: deque[TokenStats] = deque(maxlen=100_000)
         self._unreported: list[TokenStats] | None = None  # while streaming: passes since the last Chunk
@@ -73,6 +77,16 @@ class Model:
         self._pending: weakref.WeakSet = weakref.WeakSet()  # generations made by stream(), not finished
 
     # -- basics -------------------------------------------------------------------
+
+    @property
+    def n_threads(self) -> int:
+        """The kernel threads the next pass runs on."""
+        return self._threads or self.auto_threads.n
+
+    @property
+    def threads(self) -> str:
+        """How the thread count is chosen: "2 (fixed)", or "auto: 1 of 2" while decoding."""
+        return f"{self._threads} (fixed)" if self._threads else self.auto_threads.describe()
 
     @property
     def name(self) -> str:
@@ -171,6 +185,8 @@ class Model:
         st.seconds = time.perf_counter() - t0
         st.compute_s = max(0.0, st.seconds - st.io_wait_s - st.bookkeeping_s - st.verify_s)
         st.rss = self._rss()
+        if self.auto_threads is not None and not prefill and len(tokens) == 1:
+            self.auto_threads.record(st.seconds)
         self._passes.append(st)
         if self._unreported is not None:
             self._unreported.append(st)
