@@ -27,7 +27,9 @@ from textual.message import Message
 from textual.widgets import Markdown, Static, TextArea
 
 from ..errors import ContextLengthError, FlashLMError
+from ..formats.registry import display_name
 from ..runtime.sampler import SamplingParams
+from .profile import context_warning, has_chat_template
 
 HELP = """\
 **Commands**
@@ -96,6 +98,8 @@ class ChatApp(App):
         super().__init__()
         self._spec = model
         self.model = model if hasattr(model, "chat") else None
+        self.model_name = display_name(model if self.model is None else self.model.path)  # for the header and footer
+        self.warnings: list[str] = []  # what loading warned of: notes here, printed on stderr after (run_chat)
         self._load_kw = dict(n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget, streaming=streaming,
                              experts=experts)
         self.system = system
@@ -123,7 +127,7 @@ class ChatApp(App):
 
             def tick():  # loading takes seconds: show them pass
                 if self.model is None:
-                    self._set_status(f"loading {self._spec or 'the default model'}... {time.monotonic() - t0:.0f} s")
+                    self._set_status(f"loading {self.model_name}... {time.monotonic() - t0:.0f} s")
                 else:
                     timer.stop()
 
@@ -153,9 +157,15 @@ class ChatApp(App):
         self.call_from_thread(self._model_ready, [n for n in notes if "warning" in n or " MiB in " in n])
 
     def _model_ready(self, notes=()) -> None:
-        for n in notes:
+        ours = [context_warning(self.model, self.model_name)]
+        if not has_chat_template(self.model):
+            ours.append(f"flashlm: warning: {self.model_name} has no chat template (a base model?); replies are plain "
+                        "completions of the conversation")
+        ours = [w for w in ours if w]
+        for n in [*notes, *ours]:
             self._show_note(n)
-        self._show_note(f"{self.model.name} ready ({self.model.n_ctx} tokens of context). /help lists commands.")
+        self.warnings = [n for n in notes if "warning" in n] + ours
+        self._show_note(f"{self.model_name} ready ({self.model.n_ctx} tokens of context). /help lists commands.")
         self._update_footer()
 
     # -- output helpers -------------------------------------------------------------
@@ -173,15 +183,17 @@ class ChatApp(App):
     def _update_footer(self) -> None:
         if self.model is None:
             return
-        parts = [self.model.name]
+        parts = [self.model_name]
         if self.last is not None:
-            parts.append(f"prompt {self.last.prompt_tokens_per_second:.0f} · gen {self.last.tokens_per_second:.1f} tok/s")
-        rss = psutil.Process().memory_info().rss / 1e6
+            parts.append(f"prompt {self.last.prompt_tokens_per_second:.0f} tok/s · "
+                         f"gen {self.last.tokens_per_second:.1f} tok/s")
+        rss = psutil.Process().memory_info().rss / 2**20
         budget = getattr(self.model, "memory_budget", None)
         # The model's share of RSS (above the process before loading) is the figure the budget bounds;
         # a model handed in loaded has no such baseline, so RSS it is.
-        used = f"model {rss - self._idle_rss / 1e6:.0f}" if self._idle_rss is not None else f"RSS {rss:.0f}"
-        parts.append(used + (f"/{budget / 1e6:.0f} MB budget" if budget else " MB"))
+        # (/stats shows the whole process's RSS beside it)
+        used = f"model {rss - self._idle_rss / 2**20:.0f}" if self._idle_rss is not None else f"RSS {rss:.0f}"
+        parts.append(used + (f"/{budget / 2**20:.0f} MiB budget" if budget else " MiB"))
         passes = self.model.take_stats()  # a streamed model: what the last reply read from disk
         if passes:
             from ..stats import TokenStats
@@ -263,7 +275,8 @@ class ChatApp(App):
             return
         if key != "max_tokens":
             try:  # the same checks a reply would make, now rather than at every reply
-                SamplingParams(**{k: x for k, x in {**self.settings, key: v}.items() if k != "max_tokens"})
+                SamplingParams(**{k: x for k, x in {**self.settings, key: v}.items()
+                                  if k not in ("max_tokens", "stop")})
             except FlashLMError as e:
                 self._show_note(f"/set {name}: {e}")
                 return
@@ -274,9 +287,10 @@ class ChatApp(App):
         if self.last is None:
             return "no reply yet"
         c = self.last
-        rss = psutil.Process().memory_info().rss / 1e6
+        rss = psutil.Process().memory_info().rss / 2**20
         return (f"last reply: {c.n_prompt} prompt tokens at {c.prompt_tokens_per_second:.1f} tok/s, "
-                f"{c.n_generated} generated at {c.tokens_per_second:.1f} tok/s; RSS {rss:.0f} MB")
+                f"{c.n_generated} generated at {c.tokens_per_second:.1f} tok/s; RSS {rss:.0f} MiB; "
+                f"threads {self.model.threads}")
 
     def _save_to(self, arg: str) -> None:
         if not arg:
@@ -386,6 +400,8 @@ def run_chat(spec=None, **kw) -> int:
     app.run()
     if app.model is not None:  # loaded by the app, so closed here
         app.model.close()
+    for w in app.warnings:  # shown as notes, where printing would have torn the screen; kept in the terminal now
+        print(w, file=sys.stderr)
     if app._load_error:
         print(f"flashlm: error: {app._load_error}", file=sys.stderr)
         return 2

@@ -10,11 +10,18 @@ import os
 import sys
 import time
 
+from .. import __version__
 from ..errors import FlashLMError, InvalidArgumentError
 
+DESCRIPTION_RUN = """Stream the model's reply to stdout. The prompt is one user message in the
+model's chat template, as `ollama run` does; with --raw, or for a model without a
+template (a base model), the model completes the prompt as plain text."""
 EPILOG_RUN = """examples:
-  flashlm run -p "The capital of France is"
-  flashlm run -m gemma3-270m -p "Write a haiku about the sea" -n 64 --temp 0.7
+  flashlm run -p "Why is the sky blue?"
+  flashlm run --raw -p "The capital of France is" -n 16 --temp 0
+  flashlm run -m gemma3-270m -p "Once upon a time" -n 64 --temp 0.7   # a base model: plain completion
+  flashlm run -f question.txt --stop "###"
+  echo "Write a haiku about the sea" | flashlm run -p -
   flashlm run -m ./model.gguf -p "Hello" --temp 0 --stats
 """
 
@@ -26,6 +33,10 @@ def _add_sampling(p: argparse.ArgumentParser):
     p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling; 1 = off (default 0.95)")
     p.add_argument("--min-p", type=float, default=0.05, help="min-p sampling; 0 = off (default 0.05)")
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="repeat penalty; 1 = off (default 1.0)")
+    p.add_argument("--repeat-last-n", type=int, default=64,
+                   help="tokens the repeat penalty looks back over; 0 = none (default 64)")
+    p.add_argument("--stop", action="append", metavar="STR", default=None,
+                   help="end the reply where STR appears, STR not shown (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
 
 
@@ -33,8 +44,10 @@ def _add_model(p: argparse.ArgumentParser):
     p.add_argument("-m", "--model", default=None,
                    help="a .gguf path, an HF folder, or a registry name (default: smollm2-135m)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default min(4096, model's))")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
-    p.add_argument("--memory-budget", default=None, help="memory the model may use, e.g. 800MB or 2GiB")
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="threads (default: as many as run fastest, measured while decoding; physical cores at most)")
+    p.add_argument("--memory-budget", default=None,
+                   help="memory the model may use, beyond the process's own ~200 MiB; e.g. 800MiB or 2GiB")
     g = p.add_argument_group("streaming (models in the flash layout, see `flashlm convert`)")
     g.add_argument("--predictor", choices=["gate", "lowrank", "none"], default="gate",
                    help="which neurons a token loads: gate (exact, gate resident), lowrank (SVD estimate), "
@@ -92,38 +105,76 @@ def _prefetch(args) -> bool | str:
     return {"on": True, "off": False}.get(getattr(args, "prefetch", "auto"), "auto")
 
 
+def _sampling(args) -> dict:
+    """The Model.stream arguments the command line set (checked, as SamplingParams checks them)."""
+    from ..runtime.sampler import SamplingParams
+
+    out = dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+               repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
+    SamplingParams(**out)
+    if args.n_predict < 1:
+        raise InvalidArgumentError(f"-n must be at least 1, got {args.n_predict}")
+    stop = args.stop or []
+    if "" in stop:  # it would end every reply before its first word
+        raise InvalidArgumentError("--stop needs a non-empty string")
+    return dict(out, max_tokens=args.n_predict, stop=stop)
+
+
+def _prompt(args) -> str:
+    """The prompt: -p TEXT, -p - (stdin) or -f FILE; what is read drops its final newlines."""
+    where = "stdin" if args.file is None else f"-f {args.file}"
+    try:
+        if args.file is not None:
+            with open(args.file, encoding="utf-8") as f:
+                return f.read().rstrip("\r\n")
+        return sys.stdin.read().rstrip("\r\n") if args.prompt == "-" else args.prompt
+    except OSError as e:
+        raise InvalidArgumentError(f"{where}: cannot read the prompt ({e.strerror or e})") from e
+    except UnicodeDecodeError:
+        raise InvalidArgumentError(f"{where}: the prompt is not UTF-8 text") from None
+
+
+def _warn_context(model, spec) -> None:
+    """A one-line warning on stderr when -c is longer than the model's trained context."""
+    from ..formats.registry import display_name
+    from .profile import context_warning
+
+    if w := context_warning(model, display_name(spec)):
+        print(w, file=sys.stderr)
+
+
 def cmd_chat(args) -> int:
     from ..formats.registry import resolve
     from .chat import run_chat
 
-    from ..runtime.sampler import SamplingParams
     from ..units import parse_size
 
-    path = resolve(args.model)  # a missing file or unknown name fails here, before the UI
-    SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,  # and bad settings
-                   repeat_penalty=args.repeat_penalty, seed=args.seed)
+    resolve(args.model)  # a missing file or unknown name fails here (and a registry model is pulled), before the UI
+    sampling = _sampling(args)  # and bad settings
     if args.memory_budget is not None:
         parse_size(args.memory_budget)
-    if args.n_predict < 1:
-        raise InvalidArgumentError(f"-n must be at least 1, got {args.n_predict}")
-    return run_chat(path, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
-                    streaming=_streaming(args), experts=_experts(args), system=args.system, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
-                    top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed)
+    return run_chat(args.model, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
+                    streaming=_streaming(args), experts=_experts(args), system=args.system, **sampling)
 
 
 def cmd_run(args) -> int:
     import flashlm
 
     from ..io import device_read_bytes
+    from .profile import has_chat_template
 
+    prompt, sampling = _prompt(args), _sampling(args)
     read0 = device_read_bytes()
     model = flashlm.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
                          streaming=_streaming(args), experts=_experts(args))
     with model:
+        _warn_context(model, args.model)
+        if args.raw or not has_chat_template(model):
+            chunks = model.stream(prompt, **sampling)
+        else:  # as `ollama run`: the prompt is a user's message, the completion the model's reply
+            chunks = model.chat([{"role": "user", "content": prompt}], stream=True, **sampling)
         last = None
-        for c in model.stream(args.prompt, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
-                              top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
-                              seed=args.seed):
+        for c in chunks:
             sys.stdout.write(c.text)
             sys.stdout.flush()
             last = c
@@ -136,7 +187,8 @@ def cmd_run(args) -> int:
             print(f"prompt: {last.n_prompt} tokens, {last.prompt_tokens_per_second:.1f} tok/s | "
                   f"generation: {last.n_generated} tokens, {last.tokens_per_second:.1f} tok/s | "
                   f"finish: {last.finish_reason} | peak RSS {peak / 2**20:.0f} MiB | "
-                  f"read from disk {read / 1e6:.1f} MB | load {model.load_seconds:.2f} s", file=sys.stderr)
+                  f"read from disk {read / 1e6:.1f} MB | load {model.load_seconds:.2f} s | "
+                  f"threads {model.threads}", file=sys.stderr)
             _print_stream_stats(model.take_stats(), model.expert_prefetch)
     return 0
 
@@ -183,17 +235,19 @@ def cmd_info(args) -> int:
     import flashlm
     from collections import Counter
 
+    from ..formats.registry import display_name
     from ..units import format_size
 
     if args.model_arg and args.model and args.model_arg != args.model:
         raise InvalidArgumentError(f"two models given ({args.model_arg} and -m {args.model}); give one")
     args.model = args.model or args.model_arg
     t0 = time.perf_counter()
-    with flashlm.load(args.model, n_ctx=args.ctx_size, memory_budget=args.memory_budget,
+    with flashlm.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
                       streaming=_streaming(args), experts=_experts(args)) as m:
+        _warn_context(m, args.model)
         cfg = m.config
         types = Counter(t.qtype.name for t in m.file.tensors.values())
-        print(f"model:        {m.name} ({m.path})")
+        print(f"model:        {display_name(args.model)} ({m.path})")
         print(f"architecture: {cfg.arch}, {cfg.n_layer} layers, d={cfg.n_embd}, ff={cfg.n_ff}, "
               f"heads={cfg.n_head}/{cfg.n_head_kv} kv, head_dim={cfg.head_dim}, vocab={cfg.n_vocab}")
         print(f"weights:      {format_size(m.store.resident_bytes)} "
@@ -225,9 +279,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from ..runtime.convert import convert
     from ..formats.registry import resolve
 
@@ -236,12 +287,9 @@ def cmd_convert(args) -> int:
         raise InvalidArgumentError("say which layout to write: --flash OUT (the only one so far)")
     if os.path.isdir(src):
         raise InvalidArgumentError(f"{src} is a folder; convert takes a .gguf model")
-    with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  TimeElapsedColumn(), transient=True, console=Console(stderr=True)) as progress:
-        task = progress.add_task("", total=None)
-        out = convert(src, args.flash, force=args.force,
-                      progress=lambda done, total, name: progress.update(task, completed=done, total=total,
-                                                                         description=name))
+    if args.threads is not None and args.threads < 1:
+        raise InvalidArgumentError(f"--threads must be at least 1, got {args.threads}")
+    out = convert(src, args.flash, force=args.force, n_threads=args.threads)  # a bar on stderr (flashlm.progress)
     print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB, flash layout)")
     return 0
 
@@ -299,14 +347,19 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="flashlm", description="Run quantized LLMs on a laptop CPU.")
+    ap.add_argument("--version", action="version", version=f"flashlm {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("run", help="stream a completion to stdout", epilog=EPILOG_RUN,
+    p = sub.add_parser("run", help="stream a reply to stdout", description=DESCRIPTION_RUN, epilog=EPILOG_RUN,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model(p)
-    p.add_argument("-p", "--prompt", required=True, help="the prompt")
+    src = p.add_mutually_exclusive_group()  # one of them is required: main() checks it, in argparse's words
+    src.add_argument("-p", "--prompt", help="the prompt; - reads it from stdin")
+    src.add_argument("-f", "--file", help="read the prompt from FILE")
+    p.add_argument("--raw", action="store_true",
+                   help="complete the prompt as plain text, without the model's chat template")
     _add_sampling(p)
     p.add_argument("--stats", action="store_true", help="print speed and memory figures to stderr")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, usage_error=p.error)
     p = sub.add_parser("chat", help="chat in the terminal (streaming, /help for commands)",
                        epilog="examples:\n  flashlm chat\n  flashlm chat -m gemma3-270m --temp 0.7\n"
                               "  flashlm chat --system \"You answer in one sentence.\"\n\n"
@@ -325,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list registry models")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("info", help="describe a model", epilog="examples:\n  flashlm info gemma3-270m\n"
-                              "  flashlm info smollm2.flash.gguf --memory-budget 150MB -c 512",
+                              "  flashlm info smollm2.flash.gguf --memory-budget 150MiB -c 512",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_arg", nargs="?", metavar="MODEL", default=None, help="the model (or give it with -m)")
     _add_model(p)
@@ -349,10 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", default=None, help="a .gguf path or registry name (default: smollm2-135m)")
     p.add_argument("--flash", metavar="OUT", default=None, help="write the flash layout to OUT")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="threads for the calibration run (default: chosen while decoding)")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("profile", help="per-token latency, disk reads and memory under a budget (JSON + plot)",
                        epilog="examples:\n  flashlm profile -o prof\n"
-                              "  flashlm profile -m smollm2.flash.gguf --memory-budget 140MB -c 256 -n 32 -o prof\n"
+                              "  flashlm profile -m smollm2.flash.gguf --memory-budget 140MiB -c 256 -n 32 -o prof\n"
                               "  flashlm profile -m smollm2.flash.gguf -c 256 --sweep 80%,90%,100% -o sweep",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model(p)
@@ -375,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is cmd_run and args.prompt is None and args.file is None:
+        args.usage_error("the following arguments are required: -p/--prompt (or -f/--file)")
     try:
         return args.func(args)
     except FlashLMError as e:

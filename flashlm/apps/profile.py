@@ -11,28 +11,33 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import psutil
 
 from ..errors import FlashLMError, InvalidArgumentError
+from ..formats.registry import display_name
 from ..stats import TokenStats
 
 MIB = 2**20
 
 
 def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n_ctx=None, n_threads=None,
-                streaming=None, plot: bool = True, experts: dict | None = None) -> dict:
+                streaming=None, plot: bool = True, experts: dict | None = None, warn: bool = True) -> dict:
     """Profile one run; returns the profile dict (also written to out_dir). A
     mixture-of-experts model under a budget reports its expert cache instead of
-    windows: hits are cached experts, I/O the wait for expert reads."""
+    windows: hits are cached experts, I/O the wait for expert reads. warn: print a
+    context longer than the model's trained one to stderr."""
     import flashlm
 
     proc = psutil.Process()
     base = idle_rss(proc)
     with flashlm.load(spec, n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget,
                       streaming=streaming, experts=experts) as m:
+        if warn and (w := context_warning(m, display_name(spec))):
+            print(w, file=sys.stderr)
         tokens = m.tokenize(prompt)
         if len(tokens) + n_tokens > m.n_ctx:
             raise InvalidArgumentError(f"{len(tokens)} prompt tokens + {n_tokens} do not fit n_ctx={m.n_ctx}; "
@@ -50,8 +55,8 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
                      rss_mib=st.rss / MIB) for i, st in enumerate(passes)]
         every = TokenStats.total(passes)
         plan = None if m.plan is None else dict(m.plan.as_dict(), prefetch=m.expert_prefetch)
-        out = dict(model=m.name, path=str(m.path), streamed=every.neurons_needed > 0, experts=every.experts_needed > 0,
-                   memory_budget=m.memory_budget, n_ctx=m.n_ctx, n_threads=m.n_threads, plan=plan,
+        out = dict(model=display_name(spec), path=str(m.path), streamed=every.neurons_needed > 0,
+                   experts=every.experts_needed > 0, memory_budget=m.memory_budget, n_ctx=m.n_ctx, n_threads=m.n_threads, plan=plan,
                    idle_rss_mib=base / MIB, prompt_tokens=len(tokens), prefill_ms=1e3 * prefill.seconds,
                    prefill_bytes_read=prefill.bytes_read, tokens=rows)
     lat = [r["latency_ms"] for r in rows]
@@ -70,6 +75,21 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
     if plot:
         _plot(out, out_dir / "profile.png")
     return out
+
+
+def context_warning(model, name: str) -> str | None:
+    """The warning (one line) for a context longer than the one the model was trained on,
+    else None: positions past it are ones the model never saw, and its text degrades there."""
+    if model.n_ctx <= model.config.n_ctx_train:
+        return None
+    return (f"flashlm: warning: context {model.n_ctx} is longer than {name}'s trained context "
+            f"({model.config.n_ctx_train} tokens); text past that may degrade")
+
+
+def has_chat_template(model) -> bool:
+    """Whether the model's file carries a chat template. A base model's carries none; its
+    tokenizer then falls back to a generic one (tokenizer.py), a format it never learned."""
+    return model.tokenizer.template.own
 
 
 def idle_rss(proc) -> int:
@@ -136,6 +156,8 @@ def sweep(spec, out_dir, fractions: list[float], prompt: str, n_tokens: int, n_c
 
     with flashlm.load(spec, n_ctx=n_ctx, n_threads=1, memory_budget=1 << 50, streaming=streaming,
                       experts=experts) as m:
+        if w := context_warning(m, display_name(spec)):
+            print(w, file=sys.stderr)
         if not m.plan.cache:  # every weight resident: no budget to sweep
             raise FlashLMError("--sweep needs a model in the flash layout (flashlm convert --flash OUT) or a "
                                "mixture of experts")
@@ -146,7 +168,7 @@ def sweep(spec, out_dir, fractions: list[float], prompt: str, n_tokens: int, n_c
         budget = int(f * full)
         try:
             prof = profile_run(spec, out_dir / f"budget-{f:.0%}", prompt, n_tokens, budget, n_ctx, n_threads,
-                               streaming, experts=experts)
+                               streaming, experts=experts, warn=False)
             results.append(dict(fraction=f, budget=budget, **prof["summary"]))
         except FlashLMError as e:
             results.append(dict(fraction=f, budget=budget, error=str(e)))

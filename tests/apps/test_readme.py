@@ -1,0 +1,230 @@
+"""Every command and code block in README.md runs as written and exits 0.
+
+The ```sh blocks' lines and the ```python blocks run in one fresh folder, in README
+order, each as its own test (a command may use a file an earlier one wrote, as
+question.txt). Commands run under bash with this interpreter's bin folder first on
+PATH (so `flashlm` and `python` are the ones under test); Python blocks run as
+scripts with this interpreter. What is not run as it stands, and why:
+
+- The block under "## Set-up" is skipped: it makes the virtual environment, then the
+  install and `pytest` themselves, which .ci/run runs as they are (pytest here would
+  run this test again). test_readme_has_what_this_file_runs checks it holds nothing else.
+- `flashlm convert` runs in order like the rest, after the fixture has made the
+  default model's conversion in the cache (runtime.convert.cached(), as
+  examples/memory_budget.py and the README's Python block do): convert then copies that
+  file instead of converting again, as it does for any user. Converting from scratch
+  (122-195 s here, more than this whole file may take) runs in test_readme_convert,
+  marked slow, with an empty flash cache.
+- `flashlm chat` opens a terminal interface: it runs under tmux, and the test quits it
+  with /bye once it says it is ready (as test_chat.py's real-terminal test does).
+- Files a user brings are provided: ./model.gguf is a link to the default model's GGUF,
+  moe.gguf a small random-weight mixture of experts (tests/moe_fixtures.py, Mixtral's
+  layout), and benchmarks/ a link to the clone's (the README runs its scripts from the
+  clone's folder).
+- FLASHLM_HOME is a fresh folder whose models/ and flash/ link to the real cache's:
+  nothing is fetched or converted again, and what the commands write there (the disk
+  probe, expert bundles) leaves the user's cache alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+SKIP_SECTION = "Set-up"  # the install and pytest (see the docstring)
+TIMEOUT = 300  # seconds a command may take (a fresh checkout's first run compiles the kernels)
+
+
+@dataclass
+class Case:
+    kind: str  # "sh", "chat" or "python"
+    line: int  # where it is in README.md
+    text: str
+
+    @property
+    def id(self) -> str:
+        first = self.text.strip().splitlines()[0] if self.kind == "python" else self.text
+        return f"L{self.line}:{first.split('  #')[0].strip()[:60]}"
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str, int, list[str]]]:
+    """(section heading, language, first line number, lines) of each fenced block."""
+    blocks, section, fence, body, start = [], "", None, [], 0
+    for n, line in enumerate(text.splitlines(), 1):
+        if fence is None:
+            if line.startswith("#"):
+                section = line.lstrip("#").strip()
+            elif line.startswith("```"):
+                fence, body, start = line[3:].strip(), [], n + 1
+        elif line.startswith("```"):
+            blocks.append((section, fence, start, body))
+            fence = None
+        else:
+            body.append(line)
+    return blocks
+
+
+def readme_cases(text: str) -> list[Case]:
+    """The README's commands (one a line of a ```sh block, `\\`-continued lines joined)
+    and ```python blocks, in order, but for the block under SKIP_SECTION."""
+    cases = []
+    for section, lang, start, body in fenced_blocks(text):
+        if section == SKIP_SECTION:
+            continue
+        if lang == "python":
+            cases.append(Case("python", start, "\n".join(body) + "\n"))
+        elif lang == "sh":
+            cmd, at = "", None
+            for k, ln in enumerate(body, start):
+                at = at or k
+                if ln.endswith("\\"):
+                    cmd += ln[:-1]
+                    continue
+                text, first = (cmd + ln).strip(), at
+                cmd, at = "", None
+                if text and not text.startswith("#"):
+                    cases.append(Case(_kind(text), first, text))
+    return cases
+
+
+def _kind(cmd: str) -> str:
+    return "chat" if cmd.startswith("flashlm chat") else "sh"
+
+
+CASES = readme_cases(README.read_text())
+
+
+def test_readme_has_what_this_file_runs():
+    """The parse finds the README's commands (so an edit that breaks a fence shows here),
+    every block is one it runs (or the layout's plain text), and the set-up block it
+    skips holds the venv, the install and pytest, nothing else."""
+    blocks = fenced_blocks(README.read_text())
+    assert {lang for _, lang, _, _ in blocks} <= {"sh", "python", ""}
+    assert [body for section, _, _, body in blocks if section == SKIP_SECTION] == [
+        ["python3 -m venv .venv && . .venv/bin/activate", 'pip install -e ".[dev]"', "pytest"]]
+    kinds = {c.kind for c in CASES}
+    assert {"sh", "chat", "python"} <= kinds, kinds
+    assert any(c.text.startswith("flashlm convert") for c in CASES)
+    assert not any(c.text.startswith(("pip install", "pytest")) for c in CASES)
+    assert len(CASES) >= 25, len(CASES)
+
+
+def _environment(home: Path) -> dict:
+    env = dict(os.environ, FLASHLM_HOME=str(home))
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _fresh_home(folder: Path, flash: bool = True) -> Path:
+    """A cache folder sharing the real one's models (and flash layouts, if flash), and
+    nothing else (its disk probe copied, so streamed models read as they would)."""
+    from flashlm.paths import home as real_home
+
+    real, home = real_home(), folder / "flashlm-home"
+    home.mkdir()
+    for part in ("models", "flash") if flash else ("models",):
+        (real / part).mkdir(parents=True, exist_ok=True)
+        (home / part).symlink_to(real / part, target_is_directory=True)
+    if (real / "disk-probe.json").exists():
+        shutil.copy(real / "disk-probe.json", home / "disk-probe.json")
+    return home
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, smollm2_path, gemma3_path, moe_gguf):
+    """The folder the README's commands run in, with the files a user would bring."""
+    from flashlm.runtime.convert import cached
+
+    flash = cached("smollm2-135m")  # before FLASHLM_HOME moves: the user's cached conversion
+    d = tmp_path_factory.mktemp("readme")
+    env = _environment(_fresh_home(d))
+    d = d / "work"
+    d.mkdir()
+    (d / "model.gguf").symlink_to(smollm2_path)
+    (d / "moe.gguf").symlink_to(moe_gguf("mixtral"))
+    (d / "benchmarks").symlink_to(ROOT / "benchmarks", target_is_directory=True)
+    assert flash.exists()  # the README's convert line copies it
+    return d, env
+
+
+def _check(out: subprocess.CompletedProcess, what: str) -> None:
+    assert out.returncode == 0, f"{what}\nexit {out.returncode}\n{out.stdout[-1500:]}\n{out.stderr[-2500:]}"
+    assert "Traceback" not in out.stderr, f"{what}\n{out.stderr[-2500:]}"
+
+
+def _run_sh(cmd: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
+
+
+def _run_chat(cmd: str, cwd: Path, env: dict) -> int:
+    """Start `flashlm chat` under tmux, wait for "ready", type /bye; its exit status."""
+    if shutil.which("tmux") is None:
+        pytest.skip("needs tmux")
+    name = f"flashlm-readme-{os.getpid()}-{int(time.time() * 1000) % 10**9}"
+    rc = cwd / f".{name}.rc"
+    script = cwd / f".{name}.sh"
+    script.write_text(f"export PATH={shlex.quote(env['PATH'])} FLASHLM_HOME={shlex.quote(env['FLASHLM_HOME'])}\n"
+                      f"cd {shlex.quote(str(cwd))}\n{cmd}\necho $? > {shlex.quote(str(rc))}\n")
+    subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "100", "-y", "30", f"bash {script}"], check=True)
+
+    def pane():
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", name], capture_output=True, text=True,
+                              check=False).stdout
+
+    try:
+        t0 = time.monotonic()
+        while "ready" not in pane() and not rc.exists():
+            assert time.monotonic() - t0 < TIMEOUT, pane()
+            time.sleep(0.3)
+        if not rc.exists():
+            subprocess.run(["tmux", "send-keys", "-t", name, "-l", "/bye"], check=True)
+            subprocess.run(["tmux", "send-keys", "-t", name, "Enter"], check=True)
+        t0 = time.monotonic()
+        while not rc.exists() or not rc.read_text().strip():
+            assert time.monotonic() - t0 < 60, pane()
+            time.sleep(0.2)
+        return int(rc.read_text())
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True, check=False)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_readme(case, workdir):
+    cwd, env = workdir
+    if case.kind == "chat":
+        assert _run_chat(case.text, cwd, env) == 0, case.text
+    elif case.kind == "python":
+        script = cwd / f"readme_L{case.line}.py"
+        script.write_text(case.text)
+        out = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=TIMEOUT, check=False)
+        _check(out, f"README.md line {case.line}: python block")
+        assert out.stdout.strip()
+    else:
+        _check(_run_sh(case.text, cwd, env), f"README.md line {case.line}: {case.text}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in CASES if c.text.startswith("flashlm convert")], ids=lambda c: c.id)
+def test_readme_convert(case, tmp_path, smollm2_path):
+    """The README's convert line, as written, in an empty folder with an empty flash
+    cache: it converts from scratch and writes what it names."""
+    env = _environment(_fresh_home(tmp_path, flash=False))
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    out = _run_sh(case.text, cwd, env)
+    _check(out, case.text)
+    written = re.search(r"--flash (\S+)", case.text).group(1)
+    assert (cwd / written).stat().st_size > 0 and "flash layout" in out.stdout
