@@ -29,7 +29,7 @@ from textual.widgets import Markdown, Static, TextArea
 from ..errors import ContextLengthError, FlashLMError
 from ..formats.registry import display_name
 from ..runtime.sampler import SamplingParams
-from .profile import context_warning, has_chat_template
+from .profile import context_warning
 
 HELP = """\
 **Commands**
@@ -158,7 +158,7 @@ class ChatApp(App):
 
     def _model_ready(self, notes=()) -> None:
         ours = [context_warning(self.model, self.model_name)]
-        if not has_chat_template(self.model):
+        if not self.model.has_chat_template:
             ours.append(f"flashlm: warning: {self.model_name} has no chat template (a base model?); replies are plain "
                         "completions of the conversation")
         ours = [w for w in ours if w]

@@ -134,15 +134,6 @@ def _prompt(args) -> str:
         raise InvalidArgumentError(f"{where}: the prompt is not UTF-8 text") from None
 
 
-def _warn_context(model, spec) -> None:
-    """A one-line warning on stderr when -c is longer than the model's trained context."""
-    from ..formats.registry import display_name
-    from .profile import context_warning
-
-    if w := context_warning(model, display_name(spec)):
-        print(w, file=sys.stderr)
-
-
 def cmd_chat(args) -> int:
     from ..formats.registry import resolve
     from .chat import run_chat
@@ -161,15 +152,15 @@ def cmd_run(args) -> int:
     import flashlm
 
     from ..io import device_read_bytes
-    from .profile import has_chat_template
+    from .profile import warn_context
 
     prompt, sampling = _prompt(args), _sampling(args)
     read0 = device_read_bytes()
     model = flashlm.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
                          streaming=_streaming(args), experts=_experts(args))
     with model:
-        _warn_context(model, args.model)
-        if args.raw or not has_chat_template(model):
+        warn_context(model, args.model)
+        if args.raw or not model.has_chat_template:
             chunks = model.stream(prompt, **sampling)
         else:  # as `ollama run`: the prompt is a user's message, the completion the model's reply
             chunks = model.chat([{"role": "user", "content": prompt}], stream=True, **sampling)
@@ -237,6 +228,7 @@ def cmd_info(args) -> int:
 
     from ..formats.registry import display_name
     from ..units import format_size
+    from .profile import warn_context
 
     if args.model_arg and args.model and args.model_arg != args.model:
         raise InvalidArgumentError(f"two models given ({args.model_arg} and -m {args.model}); give one")
@@ -244,7 +236,7 @@ def cmd_info(args) -> int:
     t0 = time.perf_counter()
     with flashlm.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
                       streaming=_streaming(args), experts=_experts(args)) as m:
-        _warn_context(m, args.model)
+        warn_context(m, args.model)
         cfg = m.config
         types = Counter(t.qtype.name for t in m.file.tensors.values())
         print(f"model:        {display_name(args.model)} ({m.path})")

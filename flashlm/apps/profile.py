@@ -36,8 +36,8 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
     base = idle_rss(proc)
     with flashlm.load(spec, n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget,
                       streaming=streaming, experts=experts) as m:
-        if warn and (w := context_warning(m, display_name(spec))):
-            print(w, file=sys.stderr)
+        if warn:
+            warn_context(m, spec)
         tokens = m.tokenize(prompt)
         if len(tokens) + n_tokens > m.n_ctx:
             raise InvalidArgumentError(f"{len(tokens)} prompt tokens + {n_tokens} do not fit n_ctx={m.n_ctx}; "
@@ -77,6 +77,12 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
     return out
 
 
+def warn_context(model, spec) -> None:
+    """Print context_warning's line on stderr, if there is one; spec names the model."""
+    if w := context_warning(model, display_name(spec)):
+        print(w, file=sys.stderr)
+
+
 def context_warning(model, name: str) -> str | None:
     """The warning (one line) for a context longer than the one the model was trained on,
     else None: positions past it are ones the model never saw, and its text degrades there."""
@@ -84,12 +90,6 @@ def context_warning(model, name: str) -> str | None:
         return None
     return (f"flashlm: warning: context {model.n_ctx} is longer than {name}'s trained context "
             f"({model.config.n_ctx_train} tokens); text past that may degrade")
-
-
-def has_chat_template(model) -> bool:
-    """Whether the model's file carries a chat template. A base model's carries none; its
-    tokenizer then falls back to a generic one (tokenizer.py), a format it never learned."""
-    return model.tokenizer.template.own
 
 
 def idle_rss(proc) -> int:
@@ -156,8 +156,7 @@ def sweep(spec, out_dir, fractions: list[float], prompt: str, n_tokens: int, n_c
 
     with flashlm.load(spec, n_ctx=n_ctx, n_threads=1, memory_budget=1 << 50, streaming=streaming,
                       experts=experts) as m:
-        if w := context_warning(m, display_name(spec)):
-            print(w, file=sys.stderr)
+        warn_context(m, spec)
         if not m.plan.cache:  # every weight resident: no budget to sweep
             raise FlashLMError("--sweep needs a model in the flash layout (flashlm convert --flash OUT) or a "
                                "mixture of experts")

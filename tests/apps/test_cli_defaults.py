@@ -15,15 +15,14 @@ import zipfile
 from types import SimpleNamespace
 
 import pytest
+from test_cli import _error_line  # tests/apps is on sys.path, as pytest puts it
 
 import flashlm
 from flashlm.apps import chat as chat_app
 from flashlm.apps.chat import ChatApp
 from flashlm.apps.cli import main
-from flashlm.apps.profile import has_chat_template
 from flashlm.formats import registry
 from flashlm.runtime.model import Model
-from test_cli import _error_line  # tests/apps is on sys.path, as pytest puts it
 
 PROMPT = "The capital of France is"
 
@@ -77,7 +76,7 @@ def test_prompt_source_errors_are_one_line(capsys, tmp_path):
 
 
 def test_run_replies_in_the_chat_template(capsys, smollm2, smollm2_path):
-    assert has_chat_template(smollm2)
+    assert smollm2.has_chat_template
     question = "What is the capital of France?"
     out, err = _run(capsys, smollm2_path, "-p", question)
     assert out == smollm2.chat([{"role": "user", "content": question}], max_tokens=6, temperature=0) + "\n"
@@ -89,7 +88,7 @@ def test_run_replies_in_the_chat_template(capsys, smollm2, smollm2_path):
 
 def test_run_completes_plainly_for_a_model_without_a_template(capsys, gemma3_path):
     with flashlm.load(gemma3_path, n_ctx=64, n_threads=1) as m:
-        assert not has_chat_template(m)  # a base model: its file carries none
+        assert not m.has_chat_template  # a base model: its file carries none
     out, err = _run(capsys, gemma3_path, "-p", PROMPT)
     assert out == _run(capsys, gemma3_path, "--raw", "-p", PROMPT)[0]  # as --raw
     assert not _warnings(err)  # and silently
