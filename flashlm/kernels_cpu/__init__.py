@@ -70,7 +70,7 @@ _drop_stale_numba_cache()
 
 from . import gemm, qdot, quants  # noqa: E402
 from .layer import act_rows, attend_queries, glu_rows  # noqa: E402
-from .threads import _on_threads, _share_rows, _spans, _tiled_product, blas_one_thread  # noqa: E402,F401
+from .threads import _on_threads, _share_rows, _spans, _tiled_product, blas_one_thread, tile_rows  # noqa: E402,F401
 from .quants import F16_TABLE, SUPPORTED_TYPES  # noqa: F401
 
 def set_threads(n: int) -> int:
@@ -240,7 +240,7 @@ def linear_many(x: np.ndarray, ws: list) -> list[np.ndarray]:
     else:
         prepare = quantize_activations if _QUANTIZE_ACTIVATIONS else (lambda x, qtype: x)
         key = (lambda qtype: _act_block(qtype) or -qtype) if _QUANTIZE_ACTIVATIONS else (lambda qtype: 0)
-        product, quantum, rows_out, limit = _tiled_product, 1, T, blas_one_thread()
+        product, quantum, rows_out, limit = _tiled_product, tile_rows(x.shape[1]), T, blas_one_thread()
     acts = {}  # each weight type sees x as llama.cpp quantizes it for it, quantized once per kind
     for w in ws:
         if key(int(w.qtype)) not in acts:

@@ -21,9 +21,11 @@ _TILE_ELEMS = 1 << 18
 
 def _share_rows(pieces, quantum: int) -> None:
     """Run pieces (fn, input, w, r0, r1, out) -- fn(input, w, r0, r1, out) fills rows
-    r0..r1 of out -- with the rows cut into one equal share per prefill thread, each
-    cut a multiple of `quantum` rows."""
-    total = sum(p[4] for p in pieces)
+    r0..r1 of out -- with the rows cut into about one equal share per prefill thread.
+    A piece is cut only a multiple of `quantum` rows from its first row: with a quantum
+    at which fn's results do not depend on the cuts (a GEMM's row block, a BLAS tile),
+    no result depends on the thread count."""
+    total = sum(p[4] - p[3] for p in pieces)
     n_workers = min(numba.get_num_threads(), max(1, total // 64))
     if n_workers == 1:
         for fn, *args in pieces:
@@ -32,13 +34,16 @@ def _share_rows(pieces, quantum: int) -> None:
     shares = [[] for _ in range(n_workers)]
     per = -(-total // n_workers // quantum) * quantum
     k, room = 0, per
-    for fn, xw, w, r0, r1, out in pieces:
+    for fn, xw, w, start, r1, out in pieces:
+        r0 = start
         while r0 < r1:
-            n = min(r1 - r0, room) if k < n_workers - 1 else r1 - r0
+            n = r1 - r0
+            if k < n_workers - 1 and room < n:  # a cut, at a multiple of quantum from the piece's start
+                n = min(n, -(-(r0 - start + room) // quantum) * quantum - (r0 - start))
             shares[k].append((fn, xw, w, r0, r0 + n, out))
             r0 += n
             room -= n
-            if room == 0 and k < n_workers - 1:
+            if room <= 0 and k < n_workers - 1:
                 k, room = k + 1, per
     _on_threads(_run_share, [(sh,) for sh in shares])
 
@@ -123,10 +128,17 @@ def blas_one_thread():
                 _BLAS_SAVED = None
 
 
+def tile_rows(n_in: int) -> int:
+    """Rows of a float tile of a weight with n_in columns (about 1 MiB). _tiled_product's
+    tiles start at multiples of it, so a share cut at one gives the same BLAS calls."""
+    return max(16, _TILE_ELEMS // n_in)
+
+
 def _tiled_product(x: np.ndarray, w, r0: int, r1: int, out: np.ndarray) -> None:
-    """out[:, r0:r1] = x @ W[r0:r1].T, one L2-sized float tile of W at a time."""
+    """out[:, r0:r1] = x @ W[r0:r1].T, one L2-sized float tile of W at a time (r0 a
+    multiple of tile_rows, or the start of the weight)."""
     n_in = w.shape[-1]
-    step = max(16, _TILE_ELEMS // n_in)
+    step = tile_rows(n_in)
     tile = getattr(_TILES, "buf", None)
     if tile is None or tile.size < step * n_in:
         tile = _TILES.buf = np.empty(step * n_in, dtype=np.float32)
