@@ -32,7 +32,7 @@ def _share_rows(pieces, quantum: int) -> None:
             fn(*args)
         return
     shares = [[] for _ in range(n_workers)]
-    per = -(-total // n_workers // quantum) * quantum
+    per = -(-total // n_workers)
     k, room = 0, per
     for fn, xw, w, start, r1, out in pieces:
         r0 = start
