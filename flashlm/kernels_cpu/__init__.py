@@ -258,6 +258,13 @@ INT8_GEMM = {"blas": False, "int8": True}.get(os.environ.get("FLASHLM_PREFILL", 
 _WITH_MIN = (int(quants.T.Q4_1), int(quants.T.Q5_1))
 
 
+def prefill_rows_independent() -> bool:
+    """Whether a prefill computes each token's row alike in any batch: so in the integer
+    GEMM, not through BLAS, whose sums for a row change with the batch's size (with
+    FLASHLM_SIMD=avx2, a prefix reused from a longer prompt gave other logits)."""
+    return INT8_GEMM and _QUANTIZE_ACTIVATIONS
+
+
 def _gemm_ok(w) -> bool:
     return int(w.qtype) in gemm.TYPES and w.data.shape[0] % gemm.ROWS == 0
 

@@ -289,10 +289,11 @@ class Model:
     def _prefill(self, tokens: list[int]) -> np.ndarray:
         """Fill the KV cache with tokens, reusing the prefix it holds where that gives
         exactly what a fresh prefill would: the prefix computed by prefill passes (none
-        where a row depends on its batch: a mixture of experts), then the rest in a fresh
-        prefill's chunks (PREFILL_CHUNK-aligned), none of a single token that a fresh
-        prefill runs with others."""
-        keep, exact = 0, self._exact if self.model.rows_independent else 0  # (else: no reuse)
+        where a row depends on its batch: a mixture of experts, or products through BLAS),
+        then the rest in a fresh prefill's chunks (PREFILL_CHUNK-aligned), none of a single
+        token that a fresh prefill runs with others."""
+        independent = self.model.rows_independent and kernels_cpu.prefill_rows_independent()
+        keep, exact = 0, self._exact if independent else 0  # (else: no reuse)
         for a, b in zip(self._kv_tokens[:exact], tokens):
             if a != b:
                 break
