@@ -137,7 +137,7 @@ def main() -> None:
             for k in names if i % 2 == 0 else names[::-1]:
                 m = ms[k]
                 t0 = time.perf_counter()
-                m._forward(np.array([tok]), pos, m._kv)
+                m._forward(np.array([tok]), pos, m._ctx.kv)
                 times[k].append(time.perf_counter() - t0)
                 ex = m.experts if hasattr(m, "experts") else getattr(m.model, "experts", None)  # (older revisions)
                 st = getattr(ex, "take_stats", lambda: None)()

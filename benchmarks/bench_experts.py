@@ -50,7 +50,7 @@ take = getattr(ex, "take_stats", lambda: {})
 times, stats = [], []
 for pos, tok in enumerate(tokens[8:8 + n], start=8):
     t0 = time.perf_counter()
-    m._forward(np.array([tok]), pos, m._kv)
+    m._forward(np.array([tok]), pos, m._ctx.kv)
     times.append(time.perf_counter() - t0)
     stats.append(take())
 times, stats = times[skip:], stats[skip:]
@@ -186,7 +186,7 @@ m = flashlm.load(sys.argv[1], n_ctx=512, n_threads=2, memory_budget=int(sys.argv
 toks = m.tokenize(open(sys.argv[4]).read())[:8 + int(sys.argv[3])]
 m._prefill(toks[:8])
 for pos, t in enumerate(toks[8:], start=8):
-    m._forward(np.array([t]), pos, m._kv)
+    m._forward(np.array([t]), pos, m._ctx.kv)
 print("ROW", idle, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 

@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 
 
 def load(model: str | os.PathLike | None = None, *, n_ctx: int | None = None, n_threads: int | None = None,
-         memory_budget: str | int | None = None, streaming=None, experts: dict | None = None) -> Model:
+         memory_budget: str | int | None = None, streaming=None, experts: dict | None = None,
+         parallel: int = 1, cache_ram: str | int = 0) -> Model:
     """Load a model: a .gguf path, an HF folder, or a registry name ("smollm2-135m",
     "gemma3-270m"; fetched into the cache on first use). None loads the default model.
 
@@ -30,9 +31,12 @@ def load(model: str | os.PathLike | None = None, *, n_ctx: int | None = None, n_
     experts: for a mixture-of-experts model under a memory_budget (its experts stream
     into a cache): {"policy": "freq" (default) | "score" | "lru" | "lfu", "prefetch": "auto" (default:
     on or off, whichever decodes faster here, measured while decoding) | True | False}.
+    parallel, cache_ram: what Model.batch() (and `flashlm serve`) decode at once: the
+    sequences, each with its own KV cache, and the bytes of prompt cache kept for later
+    prompts; the memory plan counts both.
     """
     from .formats.registry import resolve
     from .runtime.loader import load_model
 
     return load_model(resolve(model), n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget,
-                      streaming=streaming, experts=experts)
+                      streaming=streaming, experts=experts, parallel=parallel, cache_ram=cache_ram)

@@ -3,7 +3,8 @@ the cache of streamed weights.
 
     resident weights   everything not streamed (mapped, touched every token)
     predictor          a flash layout's sparsity predictor (the gate, or low-rank factors)
-    KV cache           n_ctx positions at float16
+    KV cache           n_ctx positions at float16, for each sequence decoded at once
+    prompt cache       keys and values kept for later prompts (the server's --cache-ram)
     buffers            compute and I/O buffers, logits, the tokenizer's tables (measured
                        as it loads), and slack for the allocator
     the cache          the rest: neuron windows (flashload) or expert slots (experts);
@@ -58,11 +59,13 @@ class MemoryPlan:
     n_slots: int = 0
     n_experts: int = 0
     expert_bytes: int = 0
+    sequences: int = 1  # KV caches in `kv` (sequences decoded together)
+    prompt_cache: int = 0
 
     @property
     def fixed(self) -> int:
         """Everything but the cache and the spill buffer."""
-        return self.resident + self.predictor + self.kv + self.buffers
+        return self.resident + self.predictor + self.kv + self.prompt_cache + self.buffers
 
     @property
     def n_ff(self) -> int:
@@ -75,13 +78,14 @@ class MemoryPlan:
 
     def table(self) -> str:
         """The plan as `flashlm info` prints it."""
-        rows = [("resident weights", self.resident), ("predictor", self.predictor), ("KV cache", self.kv),
-                ("buffers, tokenizer", self.buffers)]
+        kv = "KV cache" if self.sequences == 1 else f"KV cache ({self.sequences} seq)"
+        rows = [("resident weights", self.resident), ("predictor", self.predictor), (kv, self.kv),
+                ("prompt cache", self.prompt_cache), ("buffers, tokenizer", self.buffers)]
         if self.cache:
             rows.append((self.cache, self.cache_bytes))
         if self.spill:
             rows.append(("spill buffer", self.spill))
-        rows = [(n, b) for n, b in rows if b or n != "predictor"]
+        rows = [(n, b) for n, b in rows if b or n not in ("predictor", "prompt cache")]
         out = [f"memory plan for a budget of {format_size(self.budget)} (minimum {format_size(self.minimum)}):"]
         out += [f"  {name:<18} {format_size(n):>10}" for name, n in rows]
         left = self.budget - self.fixed - self.cache_bytes - self.spill
@@ -92,19 +96,24 @@ class MemoryPlan:
 
 
 def plan_budget(budget: int, n_ctx: int, *, resident: int, kv: int, buffers: int, predictor: int = 0,
-                sizing: CacheSizing | None = None, advice: str = "raise the budget or lower n_ctx") -> MemoryPlan:
+                sizing: CacheSizing | None = None, advice: str = "raise the budget or lower n_ctx",
+                sequences: int = 1, prompt_cache: int = 0) -> MemoryPlan:
     """Divide `budget` bytes; FlashLMError naming the minimum when it is below (with
-    `advice`: what the user can do)."""
-    fixed = resident + predictor + kv + buffers
+    `advice`: what the user can do). kv: one sequence's KV cache; `sequences` of them."""
+    kv *= sequences
+    fixed = resident + predictor + kv + prompt_cache + buffers
     least = sizing.least if sizing is not None else 0
     minimum = fixed + least
     if budget < minimum:
         what = f", {sizing.least_what}" if sizing is not None else ""
+        seqs = f" x {sequences} sequences" if sequences > 1 else ""
+        pc = f", prompt cache {format_size(prompt_cache)}" if prompt_cache else ""
         raise FlashLMError(f"memory budget {format_size(budget)} is below the minimum {format_size(minimum)} for this "
-                           f"model at n_ctx={n_ctx} (resident weights {format_size(resident)}, KV cache "
-                           f"{format_size(kv)}{what}); {advice}")
+                           f"model at n_ctx={n_ctx}{seqs} (resident weights {format_size(resident)}, KV cache "
+                           f"{format_size(kv)}{pc}{what}); {advice}")
+    extra = dict(sequences=sequences, prompt_cache=prompt_cache)
     if sizing is None:
-        return MemoryPlan(budget, resident, kv, buffers, minimum, fixed, predictor,
+        return MemoryPlan(budget, resident, kv, buffers, minimum, fixed, predictor, **extra,
                           holds="every weight resident (`flashlm convert --flash OUT` makes a layout whose FFN streams)")
     return MemoryPlan(budget, resident, kv, buffers, minimum, fixed + sizing.everything, predictor, cache=sizing.name,
-                      **sizing.fit(budget - fixed))
+                      **extra, **sizing.fit(budget - fixed))

@@ -43,10 +43,10 @@ def record(model, tokens: list[int], prefix: int = 1) -> Trace:
 
     prev, lm.on_route = lm.on_route, on_route
     try:
-        model._prefill(tokens[:prefix])
+        model._prefill(model._ctx, tokens[:prefix])
         ids.clear(), probs.clear()  # a one-token prefill routes like a decode step: not part of the trace
         for pos, t in enumerate(tokens[prefix:], start=prefix):
-            model._forward(np.array([t]), pos, model._kv)
+            model._forward(np.array([t]), pos, model._ctx.kv)
     finally:
         lm.on_route = prev
     L = cfg.n_layer

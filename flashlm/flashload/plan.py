@@ -19,9 +19,10 @@ PREFILL_NEURONS = 512  # neurons per prefill chunk (store._dense)
 
 
 def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_vocab: int,
-              tokenizer: int = 0) -> MemoryPlan:
+              tokenizer: int = 0, **sequences) -> MemoryPlan:
     """Divide `budget` bytes for FlashStore `store` (its settings pick the predictor and
-    keep). FlashLMError naming the minimum if the budget is below it."""
+    keep). FlashLMError naming the minimum if the budget is below it. sequences:
+    plan_budget's `sequences` and `prompt_cache`."""
     plans = store.plans
     resident = store.resident_bytes
     biggest = max(plans, key=lambda lb: lb.bundle_bytes * lb.n_ff)
@@ -37,7 +38,7 @@ def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_voc
     buffers += SLACK + resident // 100  # allocator slack, and pages faulted in around the mapped weights
     return plan_budget(budget, n_ctx, resident=resident, kv=n_ctx * kv_bytes_per_token_f16, buffers=buffers,
                        predictor=store.predictor_bytes, sizing=NeuronSizing(store),
-                       advice="raise the budget, lower -c/n_ctx, or lower --keep")
+                       advice="raise the budget, lower -c/n_ctx, or lower --keep", **sequences)
 
 
 class NeuronSizing:

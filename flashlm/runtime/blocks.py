@@ -49,18 +49,18 @@ class KVCache:
         self.pos = 0  # positions filled
 
     def _grow(self, cap: int):
-        (lead, hd, hd_v), old = self._shape, (0 if self.k is None else self.k.shape[2])
+        (lead, hd, hd_v), old = self._shape, (0 if self.k is None else self.k.shape[-2])
         k = np.empty(lead + (cap, hd), dtype=np.float16)
         v = np.empty(lead + (cap, hd_v), dtype=np.float16)
         if old:
-            k[:, :, :old] = self.k
-            v[:, :, :old] = self.v
+            k[..., :old, :] = self.k
+            v[..., :old, :] = self.v
         self.k, self.v = k, v
 
     def reserve(self, n: int):
         """Make room for positions 0..n-1; ContextLengthError past n_ctx (the compiled
         kernels write positions unchecked: this is what keeps them inside the cache)."""
-        cap = self.k.shape[2]
+        cap = self.k.shape[-2]
         if n > cap:
             if n > self.n_ctx:
                 raise ContextLengthError(f"position {n - 1} is past the context of {self.n_ctx}; pass a larger n_ctx")
@@ -79,6 +79,67 @@ class KVCache:
     @property
     def nbytes_used(self) -> int:
         return int((self.k[:, :, : self.pos].nbytes + self.v[:, :, : self.pos].nbytes))
+
+
+class Context:
+    """A KV cache and the tokens whose keys and values it holds, in order; exact: how
+    many leading positions a fresh prefill would reproduce bit for bit (Model._prefill)."""
+
+    def __init__(self, kv):
+        self.kv = kv
+        self.tokens: list[int] = []
+        self.exact = 0
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+        self.exact = min(self.exact, n)
+
+
+class SlotPool:
+    """The KV caches of a batch's sequences in one array per k and v, (n_slots, n_layer,
+    n_head_kv, capacity, head_dim) float16, so that one compiled step reaches them all.
+    The capacity grows (doubling, up to n_ctx) for all slots together; slot(i) is slot
+    i's KVCache-like view for the single-sequence passes (prefill)."""
+
+    def __init__(self, cfg: ModelConfig, n_slots: int, n_ctx: int):
+        self.n_slots, self.n_ctx = n_slots, n_ctx
+        self._shape = (n_slots, cfg.n_layer, cfg.n_head_kv), cfg.head_dim, cfg.v_head_dim
+        self.k = self.v = None
+        KVCache._grow(self, min(n_ctx, KVCache.START))
+
+    _grow = KVCache._grow
+    reserve = KVCache.reserve
+    k16 = KVCache.k16
+    v16 = KVCache.v16
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def bytes_per_position(self) -> int:
+        """One slot's bytes for one position."""
+        return (self.k.nbytes + self.v.nbytes) // (self.n_slots * self.k.shape[-2])
+
+    def slot(self, i: int) -> "SlotKV":
+        return SlotKV(self, i)
+
+
+class SlotKV:
+    """Slot i of a SlotPool as a KVCache (what DecoderLM.forward and the decode step use)."""
+
+    def __init__(self, pool: SlotPool, i: int):
+        self.pool, self.i, self.n_ctx, self.pos = pool, i, pool.n_ctx, 0
+
+    def reserve(self, n: int):
+        self.pool.reserve(n)
+
+    @property
+    def k16(self) -> np.ndarray:
+        return self.pool.k16[self.i]
+
+    @property
+    def v16(self) -> np.ndarray:
+        return self.pool.v16[self.i]
 
 
 class DecoderLM:

@@ -45,14 +45,15 @@ _TOKENIZER_BYTES: dict[str, int] = {}  # per model file: the RSS its tokenizer t
 
 
 def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
-               memory_budget: str | int | None = None, streaming=None, experts: dict | None = None) -> Model:
+               memory_budget: str | int | None = None, streaming=None, experts: dict | None = None,
+               parallel: int = 1, cache_ram: str | int = 0) -> Model:
     """The model in file or folder `path`, composed for these options (flashlm.load's), its
     kernels loaded (or compiled where numba's cache lacks them: a bar on stderr). A status
     line on stderr says what loads while that takes more than a second."""
     t0 = time.perf_counter()
     with progress.task(f"loading {Path(path).name}", delay=1.0):
         model = _compose(path, n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget, streaming=streaming,
-                         experts=experts)
+                         experts=experts, parallel=parallel, cache_ram=cache_ram)
         try:
             warm_kernels_for(model)
         except BaseException:
@@ -62,7 +63,7 @@ def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: 
     return model
 
 
-def _compose(path, *, n_ctx, n_threads, memory_budget, streaming, experts) -> Model:
+def _compose(path, *, n_ctx, n_threads, memory_budget, streaming, experts, parallel, cache_ram) -> Model:
     path = Path(path)
     opened = []  # what to close, last first, if loading fails
     try:
@@ -72,6 +73,9 @@ def _compose(path, *, n_ctx, n_threads, memory_budget, streaming, experts) -> Mo
         n_ctx = _check_ctx(n_ctx, cfg)
         if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
             raise InvalidArgumentError(f"n_threads must be a positive integer, got {n_threads!r}")
+        if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+            raise InvalidArgumentError(f"parallel must be a positive integer, got {parallel!r}")
+        sequences = dict(sequences=parallel, prompt_cache=parse_size(cache_ram) if cache_ram else 0)
         threads = kernels_cpu.set_threads(n_threads) if n_threads else AutoThreads(kernels_cpu.set_threads(_cores()))
         store = FlashStore(file, _stream_settings(streaming)) if flash else WeightStore(file)
         opened[-1] = store  # closing the store closes the file
@@ -79,14 +83,15 @@ def _compose(path, *, n_ctx, n_threads, memory_budget, streaming, experts) -> Mo
         opened.append(tokenizer)
         budget = None if memory_budget is None else parse_size(memory_budget)
         plan, source, ffn, streams = _strategies(file, cfg, store, arch, flash, budget, n_ctx, tokenizer_bytes,
-                                                 experts, opened)
+                                                 experts, opened, sequences)
         lm = arch(cfg, store, ffn)
     except BaseException:
         for o in reversed(opened):
             o.close()
         raise
     return Model(path=path, config=cfg, store=store, tokenizer=tokenizer, lm=lm, experts=source, streams=streams, plan=plan,
-                 memory_budget=budget, n_ctx=n_ctx, threads=threads, load_seconds=0.0)  # load_model times it
+                 memory_budget=budget, n_ctx=n_ctx, threads=threads, load_seconds=0.0,  # load_model times it
+                 parallel=parallel, cache_ram=sequences["prompt_cache"])
 
 
 def _cores() -> int:
@@ -117,15 +122,18 @@ def _validated(file):
     return cfg, arch, flash
 
 
-def _strategies(file, cfg, store, arch, flash: bool, budget, n_ctx: int, tokenizer_bytes: int, experts, opened):
+def _strategies(file, cfg, store, arch, flash: bool, budget, n_ctx: int, tokenizer_bytes: int, experts, opened,
+                sequences: dict):
     """The memory plan (None without a budget), a mixture's expert source (else None), one
     FFN strategy per layer, and what streams (each pass's reads and hits: take_pass). What
-    holds the weights is decided here and only here."""
+    holds the weights is decided here and only here. sequences: the plan's KV caches
+    (sequences decoded together) and prompt cache bytes."""
     gelu = arch.activation == "gelu"
     plan = None
     if flash:  # FFN neurons streamed from the flash layout
         if budget is not None:
-            plan = make_plan(store, budget, n_ctx, cfg.kv_bytes_per_token // 2, cfg.n_vocab, tokenizer_bytes)
+            plan = make_plan(store, budget, n_ctx, cfg.kv_bytes_per_token // 2, cfg.n_vocab, tokenizer_bytes,
+                             **sequences)
             store.set_capacities(plan.capacities)
         return plan, None, [NeuronFFN(store, i, gelu) for i in range(cfg.n_layer)], [store]
     if cfg.n_expert:  # experts from the mapping, or streamed into a cache under a budget
@@ -136,7 +144,7 @@ def _strategies(file, cfg, store, arch, flash: bool, budget, n_ctx: int, tokeniz
 
             opts = _expert_options(experts)
             plan = plan_experts(file, cfg, budget, n_ctx, tokenizer_bytes,
-                                opts["prefetch"] is True)  # auto: off in a cache too small
+                                opts["prefetch"] is True, **sequences)  # auto: off in a cache too small
             source = StreamedExperts(file, cfg, plan.n_slots, **opts)
             opened.append(source)
             streams = [source]
@@ -145,7 +153,7 @@ def _strategies(file, cfg, store, arch, flash: bool, budget, n_ctx: int, tokeniz
         plan = plan_budget(budget, n_ctx, resident=store.resident_bytes, kv=n_ctx * cfg.kv_bytes_per_token // 2,
                            buffers=tokenizer_bytes + 8 * cfg.n_vocab + SLACK + store.resident_bytes // 100,
                            advice="raise the budget, lower n_ctx, or stream its FFN from a flash layout "
-                                  "(flashlm convert --flash OUT)")
+                                  "(flashlm convert --flash OUT)", **sequences)
     return plan, None, [DenseFFN(store, i, gelu) for i in range(cfg.n_layer)], []
 
 

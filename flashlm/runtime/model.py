@@ -7,7 +7,6 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -17,25 +16,11 @@ from .. import kernels_cpu
 from ..errors import ContextLengthError, InvalidArgumentError, ModelBusyError
 from ..stats import RSSReader, TokenStats
 from .autothreads import AutoThreads
-from .blocks import Cancelled, KVCache
+from .blocks import Cancelled, Context, KVCache
+from .output import Chunk, Sequence
 from .sampler import Sampler, SamplingParams
 
 PREFILL_CHUNK = 128  # tokens per prefill forward pass
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One piece of streamed output. The last chunk has finish_reason set (and may be
-    empty text): "stop" (end-of-generation token or stop string), "length"
-    (max_tokens or a full context) or "cancelled"."""
-    text: str
-    token: int | None
-    finish_reason: str | None
-    n_prompt: int  # prompt tokens
-    n_generated: int  # tokens generated so far
-    tokens_per_second: float  # generation speed so far
-    prompt_tokens_per_second: float  # prefill speed of this request
-    stats: TokenStats | None = None  # the forward passes since the last chunk (TokenStats.total of them)
 
 
 _SAMPLING_KEYS = {f for f in SamplingParams.__dataclass_fields__}
@@ -53,13 +38,15 @@ class Model:
     budget (else None); n_ctx; n_threads (now) and threads (how it is chosen); load_seconds."""
 
     def __init__(self, *, path: Path, config, store, tokenizer, lm, experts, streams: list, plan,
-                 memory_budget: int | None, n_ctx: int, threads: int | AutoThreads, load_seconds: float):
+                 memory_budget: int | None, n_ctx: int, threads: int | AutoThreads, load_seconds: float,
+                 parallel: int = 1, cache_ram: int = 0):
         self.path, self.config, self.store, self.tokenizer = path, config, store, tokenizer
         self.file = store.file  # the model file (GGUF or HF folder) its weights map
         self.model = lm  # the architecture's DecoderLM
         self.experts = experts  # a mixture of experts' source (resident or streamed), else None
         self.plan, self.memory_budget = plan, memory_budget
         self.n_ctx, self.load_seconds = n_ctx, load_seconds
+        self.parallel, self.cache_ram = parallel, cache_ram  # batch()'s defaults, as the plan counts them
         # kernel threads: a count the caller fixed, or chosen while decoding (autothreads.py)
         self.auto_threads = threads if isinstance(threads, AutoThreads) else None
         self._threads = threads if self.auto_threads is None else None
@@ -67,9 +54,7 @@ class Model:
         self._passes: deque[TokenStats] = deque(maxlen=100_000)
         self._unreported: list[TokenStats] | None = None  # while streaming: passes since the last Chunk
         self._rss = RSSReader()
-        self._kv = KVCache(config, n_ctx)
-        self._kv_tokens: list[int] = []  # tokens whose keys/values _kv holds, in order
-        self._exact = 0  # leading positions of _kv that a fresh prefill would reproduce bit for bit
+        self._ctx = Context(KVCache(config, n_ctx))  # the KV cache of stream() and eval(), and its tokens
         self._lock = threading.Lock()  # one call at a time
         self._owner: int | None = None  # the thread holding it
         self._state = threading.Lock()  # guards _running and the cancel event between threads
@@ -139,7 +124,7 @@ class Model:
             self.experts.close()
         self.store.close()
         self._rss.close()
-        self._kv = None
+        self._ctx = None
         self.tokenizer = None
 
     def __enter__(self):
@@ -185,18 +170,42 @@ class Model:
         kernels_cpu.set_threads(self.n_threads)
         t0 = time.perf_counter()
         out = self.model.forward(tokens, pos, kv, **kw)
-        st = TokenStats(tokens=len(tokens), prefill=prefill)
+        st = self._record(len(tokens), prefill, t0)
+        if self._unreported is not None:
+            self._unreported.append(st)
+        return out
+
+    def _record(self, n_tokens: int, prefill: bool, t0: float) -> TokenStats:
+        """The TokenStats of the pass that began at t0 (kept for take_stats); a one-token
+        step's time also goes to the automatic thread count."""
+        st = TokenStats(tokens=n_tokens, prefill=prefill)
         for s in self._streams:
             st.add(s.take_pass())
         st.seconds = time.perf_counter() - t0
         st.compute_s = max(0.0, st.seconds - st.io_wait_s - st.bookkeeping_s - st.verify_s)
         st.rss = self._rss()
-        if self.auto_threads is not None and not prefill and len(tokens) == 1:
+        if self.auto_threads is not None and not prefill and n_tokens == 1:
             self.auto_threads.record(st.seconds)
         self._passes.append(st)
-        if self._unreported is not None:
-            self._unreported.append(st)
-        return out
+        return st
+
+    def _forward_batch(self, ctxs: list[Context], toks: list[int], pool, slots: list[int]):
+        """One decode step for several sequences, token toks[b] after ctxs[b]'s (slots[b]
+        of pool): logits (B, n_vocab), each row what a single step gives; and the pass's
+        TokenStats."""
+        kernels_cpu.set_threads(self.n_threads)
+        t0 = time.perf_counter()
+        pos = [len(c.tokens) for c in ctxs]
+        fused = self.model.fused
+        if fused is not None and len(ctxs) > 1 and hasattr(fused, "step_batch"):
+            logits = fused.step_batch(np.asarray(toks, dtype=np.int64), np.asarray(pos, dtype=np.int64),
+                                      np.asarray(slots, dtype=np.int64), pool)
+        else:
+            logits = np.concatenate([self.model.forward(np.array([t]), p, c.kv) for c, t, p in zip(ctxs, toks, pos)])
+        for c, t, p in zip(ctxs, toks, pos):
+            c.tokens.append(t)
+            c.exact = min(c.exact, p)
+        return logits, self._record(len(toks), False, t0)
 
     def _check_tokens(self, tokens) -> np.ndarray:
         arr = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -217,20 +226,26 @@ class Model:
     def chat(self, messages: list[dict], stream: bool = False, **kw):
         """Reply to OpenAI-style messages [{"role": ..., "content": ...}, ...] with the
         model's chat template. Returns the reply text, or a Chunk iterator if stream."""
-        text = self.tokenizer.template.render(messages, add_generation_prompt=True)
-        bos_text = self.tokenizer.template.bos_token
-        add_special = not (bos_text and text.startswith(bos_text))  # the template wrote BOS
-        tokens = self.tokenizer.encode(text, add_special=add_special)
-        it = self.stream(tokens, **kw)
+        it = self.stream(self.chat_tokens(messages), **kw)
         return it if stream else "".join(c.text for c in it)
 
+    def chat_tokens(self, messages: list[dict], **template_vars) -> list[int]:
+        """The token ids of messages rendered through the chat template, ready for the
+        model's reply (template_vars, e.g. tools=[...], go to the template as well)."""
+        text = self.tokenizer.template.render(messages, add_generation_prompt=True, **template_vars)
+        bos_text = self.tokenizer.template.bos_token
+        add_special = not (bos_text and text.startswith(bos_text))  # the template wrote BOS
+        return self.tokenizer.encode(text, add_special=add_special)
+
     def stream(self, prompt: str | list[int], max_tokens: int = 256, stop: list[str] | str | None = None,
-               **sampling) -> Iterator[Chunk]:
+               grammar=None, **sampling) -> Iterator[Chunk]:
         """Generate from prompt (text, or token ids), yielding Chunks as text arrives.
 
         Sampling: temperature (0 = greedy), top_k, top_p, min_p, repeat_penalty,
         repeat_last_n, seed. Stops at an end-of-generation token, a stop string (never
-        shown), max_tokens, or a full context.
+        shown), max_tokens, or a full context. grammar: a runtime.constrain.Grammar the
+        output keeps to (e.g. json_schema_grammar(schema, m.tokenizer)); it stops where
+        the grammar is complete.
         """
         unknown = set(sampling) - _SAMPLING_KEYS
         if unknown:
@@ -245,15 +260,34 @@ class Model:
                 f"prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; shorten it or pass a larger n_ctx")
         self._check_tokens(tokens)
         gen = _Generation()
+        gen.grammar = grammar
         self._pending.add(gen)  # from here, not from its first chunk: a cancel() in between holds
         return self._generate(gen, tokens, sampler, max_tokens, stops)
 
     # -- the KV cache, token by token ---------------------------------------------------
 
+    def batch(self, parallel: int | None = None, cache_bytes: int | None = None):
+        """A batch engine on this model (runtime/batch.py): up to `parallel` generations
+        decoded together, one forward pass per step for all; `cache_bytes` of prompt cache
+        (by default what load() planned: its parallel and cache_ram). Close it when done
+        (or use `with`)."""
+        from .batch import Engine
+
+        return Engine(self, parallel=self.parallel if parallel is None else parallel,
+                      cache_bytes=self.cache_ram if cache_bytes is None else cache_bytes)
+
+    def generate_batch(self, prompts: list, **kw) -> list[str]:
+        """The completions of several prompts (text or token ids), decoded together; the
+        arguments are stream()'s. Greedy completions equal generate()'s one by one."""
+        if not prompts:
+            return []
+        with self.batch(parallel=len(prompts)) as engine:
+            return engine.generate(prompts, **kw)
+
     def reset(self) -> None:
         """Forget the tokens the KV cache holds: the next `eval` starts at position 0."""
         with self._exclusive():
-            self._truncate(0)
+            self._ctx.truncate(0)
 
     def eval(self, tokens: list[int]) -> np.ndarray:
         """Run tokens after the ones the KV cache holds (as llama.cpp's llama_decode) and
@@ -261,50 +295,55 @@ class Model:
         tokens run as prefill chunks, one as a decode step."""
         arr = self._check_tokens(tokens)
         with self._exclusive():
-            pos = len(self._kv_tokens)
+            pos = len(self._ctx.tokens)
             if pos + arr.size > self.n_ctx:
                 raise ContextLengthError(f"{pos} + {arr.size} tokens do not fit the context of {self.n_ctx}; "
                                          "reset() or pass a larger n_ctx")
             self._unreported = None  # a stream left unfinished reports no more
-            return self._extend(arr.tolist(), range(0, arr.size, PREFILL_CHUNK))
+            return self._extend(self._ctx, arr.tolist(), range(0, arr.size, PREFILL_CHUNK))
 
-    def _truncate(self, n: int) -> None:
-        del self._kv_tokens[n:]
-        self._exact = min(self._exact, n)
-
-    def _extend(self, tokens: list[int], starts) -> np.ndarray:
-        """Run tokens after the KV cache's, in passes starting at offsets `starts` of
-        tokens; the logits after the last. A pass of several tokens (prefill) computes
-        each row as any other prefill would; one token goes the decode step's way, which
-        rounds differently: the positions a fresh prefill would reproduce end there."""
+    def _extend(self, ctx: Context, tokens: list[int], starts) -> np.ndarray:
+        """Run tokens after ctx's, in passes starting at offsets `starts` of tokens; the
+        logits after the last. A pass of several tokens (prefill) computes each row as
+        any other prefill would; one token goes the decode step's way, which rounds
+        differently: the positions a fresh prefill would reproduce end there."""
         starts = list(starts) + [len(tokens)]
         logits = None
         for a, b in zip(starts, starts[1:]):
-            pos = len(self._kv_tokens)
-            logits = self._forward(np.asarray(tokens[a:b]), pos, self._kv, prefill=b - a > 1)
-            self._kv_tokens += tokens[a:b]
-            self._exact = pos + b - a if b - a > 1 and self._exact == pos else min(self._exact, pos)
+            pos = len(ctx.tokens)
+            logits = self._forward(np.asarray(tokens[a:b]), pos, ctx.kv, prefill=b - a > 1)
+            ctx.tokens += tokens[a:b]
+            ctx.exact = pos + b - a if b - a > 1 and ctx.exact == pos else min(ctx.exact, pos)
         return logits[0]
 
-    def _prefill(self, tokens: list[int]) -> np.ndarray:
-        """Fill the KV cache with tokens, reusing the prefix it holds where that gives
-        exactly what a fresh prefill would: the prefix computed by prefill passes (none
-        where a row depends on its batch: a mixture of experts, or products through BLAS),
-        then the rest in a fresh prefill's chunks (PREFILL_CHUNK-aligned), none of a single
-        token that a fresh prefill runs with others."""
+    def _prefill(self, ctx: Context, tokens: list[int], reuse_any: bool = False) -> tuple[np.ndarray, int]:
+        """Fill ctx's KV cache with tokens, reusing the prefix it holds; the logits after
+        the last token, and how many tokens were reused.
+
+        By default only where that gives exactly what a fresh prefill would: the prefix
+        computed by prefill passes (none where a row depends on its batch: a mixture of
+        experts, or products through BLAS), then the rest in a fresh prefill's chunks
+        (PREFILL_CHUNK-aligned), none of a single token that a fresh prefill runs with
+        others. reuse_any: the whole common prefix, decoded tokens too (a prompt cache, as
+        llama-server's: the next turn of a chat computes only its new tokens)."""
         independent = self.model.rows_independent and kernels_cpu.prefill_rows_independent()
-        keep, exact = 0, self._exact if independent else 0  # (else: no reuse)
-        for a, b in zip(self._kv_tokens[:exact], tokens):
+        exact = ctx.exact if independent else 0
+        limit = len(ctx.tokens) if reuse_any else exact
+        keep = 0
+        for a, b in zip(ctx.tokens[:limit], tokens):
             if a != b:
                 break
             keep += 1
         keep = min(keep, len(tokens) - 1)  # recompute at least the last token for its logits
+        if keep > exact:  # past what a fresh prefill reproduces: continue from there
+            ctx.truncate(keep)
+            return self._extend(ctx, tokens[keep:], range(0, len(tokens) - keep, PREFILL_CHUNK)), keep
         c0 = keep // PREFILL_CHUNK * PREFILL_CHUNK
         if keep > c0 and min(len(tokens), c0 + PREFILL_CHUNK) - keep == 1:
             keep -= 1  # not a lone token in its chunk: a fresh prefill ran it with the others
-        self._truncate(keep)
+        ctx.truncate(keep)
         ends = range(c0 + PREFILL_CHUNK, len(tokens), PREFILL_CHUNK)
-        return self._extend(tokens[keep:], [0] + [e - keep for e in ends])
+        return self._extend(ctx, tokens[keep:], [0] + [e - keep for e in ends]), keep
 
     def _generate(self, gen, tokens, sampler, max_tokens, stops) -> Iterator[Chunk]:
         try:
@@ -314,16 +353,15 @@ class Model:
             self._pending.discard(gen)
 
     def _run(self, gen, tokens, sampler, max_tokens, stops) -> Iterator[Chunk]:
-        n_prompt = len(tokens)
-        generated: list[int] = []
-        emitted = 0  # characters of the decoded text already yielded
+        seq = Sequence(self.tokenizer, tokens, sampler, stops, max_tokens, self.n_ctx, gen.grammar)
         t_prompt = time.perf_counter()
-        pp_speed = tps = 0.0
+        pp_speed = 0.0
+        n_cached = 0
 
         def chunk(text, token, reason):
             st = TokenStats.total(self._unreported) if self._unreported else None
             self._unreported = []
-            return Chunk(text, token, reason, n_prompt, len(generated), tps, pp_speed, st)
+            return Chunk(text, token, reason, len(tokens), len(seq.generated), seq.tps, pp_speed, st, n_cached)
 
         self._unreported = []  # collected only while this generation runs (eval and logits keep none)
         with self._state:
@@ -331,74 +369,31 @@ class Model:
             if gen.cancelled:
                 self.model.cancel_event.set()
         try:
-            logits = self._prefill(tokens)
-            t_gen = time.perf_counter()
-            pp_speed = n_prompt / max(t_gen - t_prompt, 1e-9)
-            reason = None
-            while reason is None:
-                tok = sampler(logits, tokens + generated)
-                if tok in self.tokenizer.eog_ids:
-                    reason = "stop"
+            logits, n_cached = self._prefill(self._ctx, tokens)
+            pp_speed = (len(tokens) - n_cached) / max(time.perf_counter() - t_prompt, 1e-9)
+            while True:
+                piece, tok = seq.advance(logits)
+                if piece or seq.out.stopped:
+                    yield chunk(piece, tok, None)
+                if seq.finish:
                     break
-                generated.append(tok)
-                if len(generated) == 1:
-                    t_first = time.perf_counter()
-                else:  # decode speed: tokens after the first over the time since it
-                    tps = (len(generated) - 1) / max(time.perf_counter() - t_first, 1e-9)
-                text = self.tokenizer.decode(generated)
-                cut = _find_stop(text, stops, emitted)
-                if cut is not None:
-                    yield chunk(text[emitted:cut], tok, None)
-                    emitted = len(text)  # nothing after the stop string is shown
-                    reason = "stop"
-                    break
-                safe = _safe_end(text, stops)
-                if safe > emitted:
-                    yield chunk(text[emitted:safe], tok, None)
-                    emitted = safe
-                if len(generated) >= max_tokens or len(tokens) + len(generated) >= self.n_ctx:
-                    reason = "length"
-                    break
-                logits = self._extend([tok], [0])
+                logits = self._extend(self._ctx, [tok], [0])
         except Cancelled:
-            reason = "cancelled"
+            seq.finish = "cancelled"
         finally:
             with self._state:
                 self._running = None
                 self.model.cancel_event.clear()
-        text = self.tokenizer.decode(generated) if generated else ""
-        if len(text) > emitted:  # flush text held back for a stop string that never came
-            yield chunk(text[emitted:], None, None)
-        last = chunk("", None, reason)
+        rest = seq.out.flush()  # text held back for a stop string that never came
+        if rest:
+            yield chunk(rest, None, None)
+        last = chunk("", None, seq.finish)
         self._unreported = None
         yield last
 
 
 class _Generation:
-    """One stream() call's generation, until it ends: whether cancel() asked it to stop."""
+    """One stream() call's generation, until it ends: whether cancel() asked it to stop,
+    and the grammar it keeps to (or None)."""
     cancelled = False
-
-
-def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
-    """Index where the earliest stop string starts in text (searching new text only)."""
-    best = None
-    for s in stops:
-        i = text.find(s, max(0, emitted - len(s) + 1))
-        if i >= 0 and (best is None or i < best):
-            best = i
-    return best
-
-
-def _safe_end(text: str, stops: list[str]) -> int:
-    """How much of text can be shown: not an incomplete UTF-8 character, and not a tail
-    that might be the start of a stop string."""
-    end = len(text)
-    while end > 0 and text[end - 1] == "\ufffd":
-        end -= 1
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text[end - k:end] == s[:k]:
-                hold = max(hold, k)
-                break
-    return end - hold
+    grammar = None

@@ -64,13 +64,18 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise ModelFormatError(f"the model's chat template does not parse ({e})") from e
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the template renders a `tools` list itself (else tools go in as text)."""
+        return self.own and "tools" in self.source
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **template_vars) -> str:
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise FlashLMError(f"chat message {m!r} needs 'role' and 'content' keys")
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+                                         bos_token=self.bos_token, eos_token=self.eos_token, **template_vars)
         except jinja2.TemplateError as e:
             raise FlashLMError(f"chat template rejected the messages: {e}") from e
 

@@ -122,7 +122,7 @@ def test_reused_prefixes_give_a_fresh_prefills_logits(smollm2):
             want[k] = fresh.eval(tokens[:k])  # a prefill from position 0
     smollm2.generate(tokens[:n - 60], max_tokens=3, temperature=0)  # prefill, then decoded tokens
     for k in (n - 60, n, n - 60):
-        assert np.array_equal(smollm2._prefill(tokens[:k]), want[k]), k
+        assert np.array_equal(smollm2._prefill(smollm2._ctx, tokens[:k])[0], want[k]), k
 
 
 @pytest.mark.parametrize("streamed", [False, True])
@@ -141,7 +141,7 @@ def test_a_mixture_of_experts_repeats_too(moe_gguf, streamed, arch):
     with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=budget) as m:
         runs = [m.generate(p, **kw) for p in (PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[0])]
         tokens = m.tokenize(PROMPTS[0])
-        got = m._prefill(tokens)  # after a generation from the same prompt
+        got, _ = m._prefill(m._ctx, tokens)  # after a generation from the same prompt
     with flashlm.load(path, n_ctx=256, n_threads=2, memory_budget=budget) as fresh:
         want = fresh.eval(tokens)  # a prefill from position 0
         fresh.reset()
