@@ -10,7 +10,6 @@ import jsonschema
 import numpy as np
 import pytest
 
-import flashlm
 from flashlm.errors import FlashLMError, InvalidArgumentError
 from flashlm.formats.modelfile import GGUFModelFile
 from flashlm.runtime import constrain
