@@ -1,4 +1,4 @@
-"""The `flashlm` command line: run, chat, pull, list, info, bench, convert, profile, probe-disk.
+"""The `flashlm` command line: run, chat, serve, pull, list, info, bench, convert, profile, probe-disk.
 
 Errors a user can cause print one line and exit 2; bugs keep their traceback.
 """
@@ -201,6 +201,53 @@ def _print_stream_stats(passes, prefetch: str | None) -> None:
               f"{every.io_wait_s * 1e3:.0f} ms waited for reads{pf}, prefetch {prefetch}", file=sys.stderr)
 
 
+def cmd_serve(args) -> int:
+    import flashlm
+    import psutil
+
+    from ..formats.registry import display_name, resolve
+    from ..runtime.sampler import SamplingParams
+    from ..units import parse_size
+    from .profile import idle_rss, warn_context
+    from .server import bind, serve  # (FastAPI and uvicorn in before the base RSS is measured)
+
+    if args.parallel < 1:
+        raise InvalidArgumentError(f"--parallel must be at least 1, got {args.parallel}")
+    if not 0 <= args.port <= 65535:
+        raise InvalidArgumentError(f"--port must be in [0, 65535], got {args.port}")
+    if args.n_predict is not None and args.n_predict < 1:
+        raise InvalidArgumentError(f"-n must be at least 1, got {args.n_predict}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise InvalidArgumentError("--api-key needs a non-empty key")
+    cache_ram = 0 if args.cache_ram.strip() in ("0", "off") else parse_size(args.cache_ram)
+    if args.memory_budget is not None:
+        parse_size(args.memory_budget)
+    defaults = dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                    repeat_penalty=args.repeat_penalty)
+    SamplingParams(**defaults)
+    if args.slot_save_path is not None:
+        try:
+            os.makedirs(args.slot_save_path, exist_ok=True)
+        except OSError as e:
+            raise InvalidArgumentError(f"--slot-save-path {args.slot_save_path}: cannot make the folder "
+                                       f"({e.strerror or e})") from None
+    resolve(args.model)  # a missing file or unknown name fails here (a registry model is pulled), port still free
+    sock = bind(args.host, args.port)
+    try:
+        base = idle_rss(psutil.Process())
+        model = flashlm.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads,
+                             memory_budget=args.memory_budget, streaming=_streaming(args), experts=_experts(args),
+                             parallel=args.parallel, cache_ram=cache_ram)  # the plan counts both
+        with model:
+            warn_context(model, args.model)
+            serve(model, sock=sock, api_key=args.api_key, slot_save_path=args.slot_save_path,
+                  model_id=args.alias or display_name(args.model), defaults=defaults, max_tokens=args.n_predict,
+                  base_rss=base)
+    finally:
+        sock.close()
+    return 0
+
+
 def cmd_pull(args) -> int:
     from ..formats import registry
 
@@ -362,6 +409,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, tools, JSON schema)",
+                       description="Serve the model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions,\n"
+                                   "/v1/models), with llama-server's /tokenize, /detokenize, /health, /metrics and\n"
+                                   "/slots. Up to --parallel requests decode together; more queue.",
+                       epilog="examples:\n  flashlm serve\n  flashlm serve -m gemma3-270m --port 8081 --parallel 2\n"
+                              "  flashlm serve --api-key secret --cache-ram 512MiB --slot-save-path slots\n\n"
+                              "then: curl http://127.0.0.1:8080/v1/models, or any OpenAI client with\n"
+                              "base_url=\"http://127.0.0.1:8080/v1\"; Ctrl+C or SIGTERM stops it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0 picks a free one)")
+    g.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every request but /health")
+    g.add_argument("--parallel", type=int, default=4,
+                   help="sequences decoded together (default 4); more requests queue")
+    g.add_argument("--cache-ram", default="256MiB",
+                   help="prompt cache: KV caches of recent sequences kept for prompts that start the same way, "
+                        "least recently used out (default 256MiB; 0 = off)")
+    g.add_argument("--slot-save-path", metavar="DIR", default=None,
+                   help="folder for POST /slots/ID?action=save|restore (off without it)")
+    g.add_argument("--alias", default=None, help="the model's id in the API (default: its registry or file name)")
+    g = p.add_argument_group("defaults for requests that do not set them")
+    g.add_argument("-n", "--n-predict", type=int, default=None,
+                   help="max_tokens (default: until the model stops or the context is full, as OpenAI)")
+    g.add_argument("--temp", type=float, default=1.0, help="temperature (default 1.0, OpenAI's)")
+    g.add_argument("--top-p", type=float, default=1.0, help="top_p (default 1.0, OpenAI's)")
+    g.add_argument("--top-k", type=int, default=40, help="top_k; 0 = off (default 40, llama-server's)")
+    g.add_argument("--min-p", type=float, default=0.05, help="min_p; 0 = off (default 0.05, llama-server's)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="repeat_penalty; 1 = off (default 1.0)")
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("pull", help="fetch registry models into the cache",
                        epilog="examples:\n  flashlm pull\n  flashlm pull gemma3-270m",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -7,6 +7,13 @@ without returning to Python. A model whose FFN runs in Python (streamed, or a mi
 of experts) calls the same step in pieces: decode_embed, per layer decode_attn, its FFN
 and decode_add_ffn, then decode_head.
 
+`decode_batch` steps B sequences at once (a server's parallel requests), each with one
+token at its own position in its own KV cache, a slot of a pool: each product reads
+its weight once for all B rows (acts._mv_multi), the rest runs row by row. Every
+row's logits and KV are decode_step's for that sequence alone, bit for bit: decode_step
+is decode_batch's B = 1 case, and each row's math is the same functions on its own row.
+The _batch pieces do the same for models whose FFN runs in Python.
+
 Inputs (packed by runtime/blocks.py's FusedDecoder):
     arena, mats: weight matrix i is _mat(arena, mats, i): (offset, rows, row_bytes) in
           the byte buffer `arena` (the mapped model file), in SLOTS order per layer, then
@@ -14,12 +21,14 @@ Inputs (packed by runtime/blocks.py's FusedDecoder):
     qt:   int64 GGML type of each matrix.
     vecs: float32 (n_layer + 1, len(VECS), width) norm weights and biases (layer.py).
     arch: the model's layer.ARCH record (a one-element array); nt: threads for the products.
+    kc, vc: a sequence's KV cache, float16 bits as uint16 (n_layer, n_kv, n_ctx, hd); the
+          batch's take a pool of them (n_slots, n_layer, n_kv, n_ctx, hd), C-contiguous.
 """
 
 import numpy as np
 from numba import njit
 
-from .acts import _mv
+from .acts import _mv_multi
 from .layer import (V_ATTN_NORM, _act, _attend_head, _attn_residual, _ffn_residual, _logits_rows, _norm_rows,
                     _qkv_rows)
 from .quants import dequant_row
@@ -34,27 +43,44 @@ def _mat(arena, mats, i):
     return arena[o:o + mats[i, 1] * mats[i, 2]].reshape((mats[i, 1], mats[i, 2]))
 
 
+@njit(inline="always")
+def _one(kc):
+    """A pool of one slot: kc itself."""
+    return kc.reshape((1, kc.shape[0], kc.shape[1], kc.shape[2], kc.shape[3]))
+
+
 @njit(nogil=True, cache=True)
 def decode_step(tok, pos, arena, mats, qt, vecs, swa, kc, vc, arch, nt, lut, all_rows, logits):
     """Run token `tok` at position `pos`: fill the KV caches kc/vc (float16 bits as
     uint16, (n_layer, n_kv, n_ctx, hd)) and write the logits (n_vocab,)."""
+    decode_batch(np.full(1, tok, dtype=np.int64), np.full(1, pos, dtype=np.int64), np.zeros(1, dtype=np.int64),
+                 arena, mats, qt, vecs, swa, _one(kc), _one(vc), arch, nt, lut, all_rows,
+                 logits.reshape((1, logits.shape[0])))
+
+
+@njit(nogil=True, cache=True)
+def decode_batch(toks, pos, slots, arena, mats, qt, vecs, swa, kc, vc, arch, nt, lut, all_rows, logits):
+    """Run tokens toks (B,) at positions pos (B,), row b in the KV pool's slot slots[b]
+    (no two rows share one; any order): fill kc/vc (n_slots, n_layer, n_kv, n_ctx, hd)
+    and write the logits (B, n_vocab)."""
     a = arch[0]
-    d = a.n_embd
-    x = np.empty((1, d), dtype=np.float32)
-    h = np.empty((1, d), dtype=np.float32)
-    o = np.empty((1, d), dtype=np.float32)
-    _embed(tok, arena, mats, qt, a, lut, x[0])
+    B, d = toks.shape[0], a.n_embd
+    x = np.empty((B, d), dtype=np.float32)
+    h = np.empty((B, d), dtype=np.float32)
+    o = np.empty((B, d), dtype=np.float32)
+    _embed_rows(toks, arena, mats, qt, a, lut, x)
     for l in range(a.n_layer):
-        _layer_attn(l, pos, x, h, arena, mats, qt, vecs, swa, kc, vc, a, nt, lut, all_rows)
+        _layer_attn(l, pos, slots, x, h, arena, mats, qt, vecs, swa, kc, vc, a, nt, lut, all_rows)
         base = l * N_SLOTS
         n_ff = _mat(arena, mats, base + 5).shape[0]
-        g = np.empty(n_ff, dtype=np.float32)
-        u = np.empty(n_ff, dtype=np.float32)
-        _mv(qt[base + 4], _mat(arena, mats, base + 4), h[0], g, lut, nt, all_rows)
-        _mv(qt[base + 5], _mat(arena, mats, base + 5), h[0], u, lut, nt, all_rows)
-        for i in range(n_ff):
-            g[i] = _act(g[i], a.gelu, lut) * u[i]
-        _mv(qt[base + 6], _mat(arena, mats, base + 6), g, o[0], lut, nt, all_rows)
+        g = np.empty((B, n_ff), dtype=np.float32)
+        u = np.empty((B, n_ff), dtype=np.float32)
+        _mv_multi(qt[base + 4], _mat(arena, mats, base + 4), h, g, lut, nt, all_rows)
+        _mv_multi(qt[base + 5], _mat(arena, mats, base + 5), h, u, lut, nt, all_rows)
+        for b in range(B):
+            for i in range(n_ff):
+                g[b, i] = _act(g[b, i], a.gelu, lut) * u[b, i]
+        _mv_multi(qt[base + 6], _mat(arena, mats, base + 6), g, o, lut, nt, all_rows)
         _ffn_residual(o, x, vecs[l], a)
     _head(x, arena, mats, qt, vecs, a, nt, lut, all_rows, logits)
 
@@ -62,21 +88,33 @@ def decode_step(tok, pos, arena, mats, qt, vecs, swa, kc, vc, arch, nt, lut, all
 @njit(nogil=True, cache=True)
 def decode_embed(tok, arena, mats, qt, arch, lut, x):
     """x = token tok's embedding (scaled as the model says)."""
-    a = arch[0]
-    _embed(tok, arena, mats, qt, a, lut, x)
+    _embed(tok, arena, mats, qt, arch[0], lut, x)
+
+
+@njit(nogil=True, cache=True)
+def decode_embed_batch(toks, arena, mats, qt, arch, lut, x):
+    """x[b] = token toks[b]'s embedding, x (B, n_embd)."""
+    _embed_rows(toks, arena, mats, qt, arch[0], lut, x)
 
 
 @njit(nogil=True, cache=True)
 def decode_attn(l, pos, x, h, arena, mats, qt, vecs, swa, kc, vc, arch, nt, lut, all_rows):
     """Layer l's attention on the residual stream x (1, n_embd) (in place, KV written at
     pos); then h = the FFN's input (x through the FFN norm)."""
-    a = arch[0]
-    _layer_attn(l, pos, x, h, arena, mats, qt, vecs, swa, kc, vc, a, nt, lut, all_rows)
+    _layer_attn(l, np.full(1, pos, dtype=np.int64), np.zeros(1, dtype=np.int64), x, h, arena, mats, qt, vecs, swa,
+                _one(kc), _one(vc), arch[0], nt, lut, all_rows)
+
+
+@njit(nogil=True, cache=True)
+def decode_attn_batch(l, pos, slots, x, h, arena, mats, qt, vecs, swa, kc, vc, arch, nt, lut, all_rows):
+    """decode_attn for B rows x, h (B, n_embd), row b at position pos[b] in the KV
+    pool's slot slots[b]."""
+    _layer_attn(l, pos, slots, x, h, arena, mats, qt, vecs, swa, kc, vc, arch[0], nt, lut, all_rows)
 
 
 @njit(nogil=True, cache=True)
 def decode_add_ffn(l, o, x, vecs, arch):
-    """x += layer l's FFN output o, both (1, n_embd) (after its post-norm, where the model has one)."""
+    """x += layer l's FFN output o, both (T, n_embd) (after its post-norm, where the model has one)."""
     a = arch[0]
     _ffn_residual(o, x, vecs[l], a)
 
@@ -85,8 +123,13 @@ def decode_add_ffn(l, o, x, vecs, arch):
 def decode_head(x, arena, mats, qt, vecs, arch, nt, lut, all_rows, logits):
     """logits (n_vocab,) = the output projection of the final-normed x (1, n_embd), finished
     as the model says."""
-    a = arch[0]
-    _head(x, arena, mats, qt, vecs, a, nt, lut, all_rows, logits)
+    _head(x, arena, mats, qt, vecs, arch[0], nt, lut, all_rows, logits.reshape((1, logits.shape[0])))
+
+
+@njit(nogil=True, cache=True)
+def decode_head_batch(x, arena, mats, qt, vecs, arch, nt, lut, all_rows, logits):
+    """decode_head for B rows: x (B, n_embd), logits (B, n_vocab)."""
+    _head(x, arena, mats, qt, vecs, arch[0], nt, lut, all_rows, logits)
 
 
 @njit(inline="always")
@@ -99,22 +142,40 @@ def _embed(tok, arena, mats, qt, a, lut, x):
 
 
 @njit(inline="always")
-def _layer_attn(l, pos, x, h, arena, mats, qt, vecs, swa, kc, vc, a, nt, lut, all_rows):
-    """Layer l's attention for one token, x and h (1, n_embd): layer.py's steps around
-    one-vector products."""
-    n_head, hd, hd_v = a.n_head, a.head_dim, a.v_head_dim
-    q = np.empty((1, n_head * hd), dtype=np.float32)
-    k = np.empty((1, a.n_head_kv * hd), dtype=np.float32)
-    v = np.empty((1, a.n_head_kv * hd_v), dtype=np.float32)
-    att = np.empty(n_head * hd_v, dtype=np.float32)
-    o = np.empty((1, a.n_embd), dtype=np.float32)
+def _embed_rows(toks, arena, mats, qt, a, lut, x):
+    for b in range(toks.shape[0]):
+        _embed(toks[b], arena, mats, qt, a, lut, x[b])
+
+
+@njit(inline="always")
+def _layer_attn(l, pos, slots, x, h, arena, mats, qt, vecs, swa, kc, vc, a, nt, lut, all_rows):
+    """Layer l's attention for B tokens, x and h (B, n_embd), row b at position pos[b] in
+    the KV pool's slot slots[b]: layer.py's steps around products over all B rows, and
+    each row's own attention (_attend_row)."""
+    B = x.shape[0]
+    q = np.empty((B, a.n_head * a.head_dim), dtype=np.float32)
+    k = np.empty((B, a.n_head_kv * a.head_dim), dtype=np.float32)
+    v = np.empty((B, a.n_head_kv * a.v_head_dim), dtype=np.float32)
+    att = np.empty((B, a.n_head * a.v_head_dim), dtype=np.float32)
+    o = np.empty((B, a.n_embd), dtype=np.float32)
     base = l * N_SLOTS
     vl = vecs[l]
     _norm_rows(x, vl[V_ATTN_NORM], a.eps, h)
-    _mv(qt[base], _mat(arena, mats, base), h[0], q[0], lut, nt, all_rows)
-    _mv(qt[base + 1], _mat(arena, mats, base + 1), h[0], k[0], lut, nt, all_rows)
-    _mv(qt[base + 2], _mat(arena, mats, base + 2), h[0], v[0], lut, nt, all_rows)
-    is_swa = swa[l]
+    _mv_multi(qt[base], _mat(arena, mats, base), h, q, lut, nt, all_rows)
+    _mv_multi(qt[base + 1], _mat(arena, mats, base + 1), h, k, lut, nt, all_rows)
+    _mv_multi(qt[base + 2], _mat(arena, mats, base + 2), h, v, lut, nt, all_rows)
+    for b in range(B):
+        _attend_row(l, pos[b], q[b:b + 1], k[b:b + 1], v[b:b + 1], vl, swa[l], kc[slots[b]], vc[slots[b]], a,
+                    att[b])
+    _mv_multi(qt[base + 3], _mat(arena, mats, base + 3), att, o, lut, nt, all_rows)
+    _attn_residual(o, x, h, vl, a)
+
+
+@njit(inline="always")
+def _attend_row(l, pos, q, k, v, vl, is_swa, kc, vc, a, att):
+    """One token's q, k, v (1, ...) at position pos: biases, norms, RoPE, its key and value
+    into its cache kc/vc (n_layer, n_kv, n_ctx, hd), then every head's attention into att."""
+    n_head, hd, hd_v = a.n_head, a.head_dim, a.v_head_dim
     sc = _qkv_rows(l, pos, q, k, v, vl, is_swa, kc, vc, a)
     window = a.window if is_swa else 0
     s = np.empty(pos + 1, dtype=np.float32)
@@ -122,14 +183,13 @@ def _layer_attn(l, pos, x, h, arena, mats, qt, vecs, swa, kc, vc, a, nt, lut, al
     g = n_head // a.n_head_kv
     for hh in range(n_head):
         _attend_head(q[0], hh * hd, kc, vc, l, hh // g, pos, window, hd, hd_v, sc, s, qh, att, hh * hd_v)
-    _mv(qt[base + 3], _mat(arena, mats, base + 3), att, o[0], lut, nt, all_rows)
-    _attn_residual(o, x, h, vl, a)
 
 
 @njit(inline="always")
 def _head(x, arena, mats, qt, vecs, a, nt, lut, all_rows, logits):
+    """logits (B, n_vocab) of the rows x (B, n_embd)."""
     i = a.n_layer * N_SLOTS + 1
     h = np.empty(x.shape, dtype=np.float32)
     _norm_rows(x, vecs[a.n_layer, V_ATTN_NORM], a.eps, h)
-    _mv(qt[i], _mat(arena, mats, i), h[0], logits, lut, nt, all_rows)
-    _logits_rows(logits.reshape((1, logits.shape[0])), a)
+    _mv_multi(qt[i], _mat(arena, mats, i), h, logits, lut, nt, all_rows)
+    _logits_rows(logits, a)

@@ -141,71 +141,127 @@ def _prefetch(typingctx, arr, idx):
 # it: integer dot products of whole 32-element blocks (simd.dot_us / dot_ss), scaled in
 # float lanes per block, the lanes summed once at the end of the row. prow is the row
 # computed next, fetched into cache meanwhile.
+#
+# A kernel takes W vectors at once (W = 1, 2 or 4, a constant at each call): vectors
+# b, b+1, ... of the activations xq (B vectors of n, flattened: vector b's element j at
+# b * n + j), xd, xs, bsum ((B, ...) arrays); past `last`, the last vector again. A
+# batch of decoded tokens so unpacks each block once for W of them, while the decode
+# of one token is W = 1. Each vector's sums are the one-vector kernel's, in its order:
+# its result, out[b', i] for each vector b', is the same bit for bit.
 
 
 @njit(inline="always")
-def _vrow_legacy(qtype, row, prow, xq, xd, xs, xsum, lut):
+def _vrow_legacy(qtype, row, prow, xq, n, xd, xs, b, last, W, lut, out, i):
     # Q4_0 (18 B: d, qs[16]), Q4_1 (20 B: d, m, qs[16]), Q5_0 (22 B: d, qh u32, qs[16]),
     # Q5_1 (24 B: d, m, qh u32, qs[16]), Q8_0 (34 B: d, qs i8[32]).
     has_min = qtype == _Q4_1 or qtype == _Q5_1
     five = qtype == _Q5_0 or qtype == _Q5_1
     bb = 34 if qtype == _Q8_0 else (4 if has_min else 2) + (4 if five else 0) + 16
     qo = bb - 16
-    acc = zeros_f()
-    accm = np.float32(0.0)
-    for b in range(xd.shape[0]):
-        o = b * bb
+    b1, b2, b3 = min(b + 1, last), min(b + 2, last), min(b + 3, last)
+    a0 = a1 = a2 = a3 = zeros_f()
+    m0 = m1 = m2 = m3 = np.float32(0.0)
+    for k in range(xd.shape[1]):
+        o = k * bb
         _prefetch(prow, o)
-        x = load32(xq, 32 * b)
-        d = _f16(lut, row, o) * xd[b]
+        d = _f16(lut, row, o)
         if qtype == _Q8_0:
-            v = dot_ss(load32(row, o + 2), x)
+            q = load32(row, o + 2)
         else:
             q = load_nibbles(row, o + qo)
             if five:
                 q = vor(q, bits_to_16s(_qh(row, o + qo - 4)))
-            if has_min:
-                v = dot_us(q, x, 1, 1)
-                accm += _f16(lut, row, o + 2) * xs[b]
-            else:  # codes minus their offset (8 or 16), as signed bytes
-                v = dot_ss(sub_each(q, 16 if five else 8), x)
-        acc = fma_i(v, d, acc)
-    return hsum(acc) + accm
+            if not has_min:  # codes minus their offset (8 or 16), as signed bytes
+                q = sub_each(q, 16 if five else 8)
+        x0 = 32 * k
+        a0 = fma_i(_dot_legacy(q, load32(xq, b * n + x0), has_min), d * xd[b, k], a0)
+        if W > 1:
+            a1 = fma_i(_dot_legacy(q, load32(xq, b1 * n + x0), has_min), d * xd[b1, k], a1)
+        if W > 2:
+            a2 = fma_i(_dot_legacy(q, load32(xq, b2 * n + x0), has_min), d * xd[b2, k], a2)
+            a3 = fma_i(_dot_legacy(q, load32(xq, b3 * n + x0), has_min), d * xd[b3, k], a3)
+        if has_min:
+            dm = _f16(lut, row, o + 2)
+            m0 += dm * xs[b, k]
+            if W > 1:
+                m1 += dm * xs[b1, k]
+            if W > 2:
+                m2 += dm * xs[b2, k]
+                m3 += dm * xs[b3, k]
+    _put(out, i, b, b1, b2, b3, W, hsum(a0) + m0, hsum(a1) + m1, hsum(a2) + m2, hsum(a3) + m3)
 
 
 @njit(inline="always")
-def _vrow_q45_k(qtype, row, prow, xq, xd, bsum, lut):
+def _put(out, i, b, b1, b2, b3, W, r0, r1, r2, r3):
+    out[b, i] = r0
+    if W > 1:
+        out[b1, i] = r1
+    if W > 2:
+        out[b2, i] = r2
+        out[b3, i] = r3
+
+
+@njit(inline="always")
+def _dot_legacy(q, x, has_min):
+    return dot_us(q, x, 1, 1) if has_min else dot_ss(q, x)
+
+
+@njit(inline="always")
+def _vrow_q45_k(qtype, row, prow, xq, n, xd, bsum, b, last, W, lut, out, i):
     # Q4_K (144 B: d, dmin, scales[12], qs[128]) or Q5_K (176 B: ... qh[32], qs[128]).
     # A 64-group's 32 bytes hold two 32-element sub-blocks: low nibbles, then high.
     five = qtype == _Q5_K
     bb = 176 if five else 144
-    acc = zeros_f()
-    accm = np.float32(0.0)
-    for b in range(xd.shape[0]):
-        o = b * bb
+    b1, b2, b3 = min(b + 1, last), min(b + 2, last), min(b + 3, last)
+    a0 = a1 = a2 = a3 = zeros_f()
+    m0 = m1 = m2 = m3 = np.float32(0.0)
+    for k in range(xd.shape[1]):
+        o = k * bb
         for off in range(0, bb, 64):
             _prefetch(prow, o + off)
         qs = o + (48 if five else 16)
         qh = load32(row, o + 16)
-        x0 = 256 * b
-        sumi = zeros_i()
-        summ = np.int32(0)
+        s0 = s1 = s2 = s3 = zeros_i()
+        t0 = t1 = t2 = t3 = np.int32(0)
         for j in range(4):
-            sc1, m1 = _scale_min_k4(2 * j, row, o + 4)
-            sc2, m2 = _scale_min_k4(2 * j + 1, row, o + 4)
+            sc1, mn1 = _scale_min_k4(2 * j, row, o + 4)
+            sc2, mn2 = _scale_min_k4(2 * j + 1, row, o + 4)
             q = load32(row, qs + 32 * j)
             lo = low_nibbles(q)
             hi = high_nibbles(q)
             if five:
                 lo = vor(lo, field_shl4(qh, 2 * j, 1))
                 hi = vor(hi, field_shl4(qh, 2 * j + 1, 1))
-            sumi = add_i(sumi, add_i(dot_us(lo, load32(xq, x0 + 64 * j), sc1, sc1),
-                                     dot_us(hi, load32(xq, x0 + 64 * j + 32), sc2, sc2)))
-            g = b * 16 + 4 * j
-            summ += m1 * (bsum[g] + bsum[g + 1]) + m2 * (bsum[g + 2] + bsum[g + 3])
-        acc = fma_i(sumi, _f16(lut, row, o) * xd[b], acc)
-        accm -= _f16(lut, row, o + 2) * xd[b] * np.float32(summ)
-    return hsum(acc) + accm
+            x0 = 256 * k + 64 * j
+            g = 16 * k + 4 * j
+            s0, t0 = _q45_pair(lo, hi, sc1, mn1, sc2, mn2, xq, b * n + x0, bsum, b, g, s0, t0)
+            if W > 1:
+                s1, t1 = _q45_pair(lo, hi, sc1, mn1, sc2, mn2, xq, b1 * n + x0, bsum, b1, g, s1, t1)
+            if W > 2:
+                s2, t2 = _q45_pair(lo, hi, sc1, mn1, sc2, mn2, xq, b2 * n + x0, bsum, b2, g, s2, t2)
+                s3, t3 = _q45_pair(lo, hi, sc1, mn1, sc2, mn2, xq, b3 * n + x0, bsum, b3, g, s3, t3)
+        d = _f16(lut, row, o)
+        dmin = _f16(lut, row, o + 2)
+        a0 = fma_i(s0, d * xd[b, k], a0)
+        m0 -= dmin * xd[b, k] * np.float32(t0)
+        if W > 1:
+            a1 = fma_i(s1, d * xd[b1, k], a1)
+            m1 -= dmin * xd[b1, k] * np.float32(t1)
+        if W > 2:
+            a2 = fma_i(s2, d * xd[b2, k], a2)
+            m2 -= dmin * xd[b2, k] * np.float32(t2)
+            a3 = fma_i(s3, d * xd[b3, k], a3)
+            m3 -= dmin * xd[b3, k] * np.float32(t3)
+    _put(out, i, b, b1, b2, b3, W, hsum(a0) + m0, hsum(a1) + m1, hsum(a2) + m2, hsum(a3) + m3)
+
+
+@njit(inline="always")
+def _q45_pair(lo, hi, sc1, m1, sc2, m2, xq, x0, bsum, b, g, sumi, summ):
+    """A 64-group's two sub-blocks . vector b's activations from x0: the integer sums
+    sumi and (minimum-weighted bsums) summ, advanced."""
+    sumi = add_i(sumi, add_i(dot_us(lo, load32(xq, x0), sc1, sc1), dot_us(hi, load32(xq, x0 + 32), sc2, sc2)))
+    summ += m1 * (bsum[b, g] + bsum[b, g + 1]) + m2 * (bsum[b, g + 2] + bsum[b, g + 3])
+    return sumi, summ
 
 
 @njit(inline="always")
@@ -214,38 +270,68 @@ def _i8(u):
 
 
 @njit(inline="always")
-def _vrow_q6_k(row, prow, xq, xd, bsum, lut):
+def _vrow_q6_k(row, prow, xq, n, xd, bsum, b, last, W, lut, out, i):
     # Q6_K (210 B: ql[128], qh[64], scales i8[16], d). Codes are 6-bit, offset 32;
     # each 16 elements have their own scale.
-    acc = zeros_f()
-    accm = np.float32(0.0)
-    for b in range(xd.shape[0]):
-        o = b * 210
+    b1, b2, b3 = min(b + 1, last), min(b + 2, last), min(b + 3, last)
+    a0 = a1 = a2 = a3 = zeros_f()
+    m0 = m1 = m2 = m3 = np.float32(0.0)
+    for k in range(xd.shape[1]):
+        o = k * 210
         for off in range(0, 210, 64):
             _prefetch(prow, o + off)
-        sumi = zeros_i()
+        s0 = s1 = s2 = s3 = zeros_i()
         for half in range(2):
             ql0 = load32(row, o + 64 * half)
             ql1 = load32(row, o + 64 * half + 32)
             qh = load32(row, o + 128 + 32 * half)
             sc = o + 192 + 8 * half
-            xa = 256 * b + 128 * half
+            x0 = 256 * k + 128 * half
             q1 = vor(low_nibbles(ql0), field_shl4(qh, 0, 3))
             q2 = vor(low_nibbles(ql1), field_shl4(qh, 2, 3))
             q3 = vor(high_nibbles(ql0), field_shl4(qh, 4, 3))
             q4 = vor(high_nibbles(ql1), field_shl4(qh, 6, 3))
-            s1 = add_i(dot_us(q1, load32(xq, xa), _i8(row[sc]), _i8(row[sc + 1])),
-                       dot_us(q2, load32(xq, xa + 32), _i8(row[sc + 2]), _i8(row[sc + 3])))
-            s2 = add_i(dot_us(q3, load32(xq, xa + 64), _i8(row[sc + 4]), _i8(row[sc + 5])),
-                       dot_us(q4, load32(xq, xa + 96), _i8(row[sc + 6]), _i8(row[sc + 7])))
-            sumi = add_i(sumi, add_i(s1, s2))
-        summ = np.int32(0)
-        for i in range(16):
-            summ += _i8(row[o + 192 + i]) * bsum[16 * b + i]
-        d = _f16(lut, row, o + 208) * xd[b]
-        acc = fma_i(sumi, d, acc)
-        accm -= d * np.float32(32 * summ)
-    return hsum(acc) + accm
+            c = (_i8(row[sc]), _i8(row[sc + 1]), _i8(row[sc + 2]), _i8(row[sc + 3]), _i8(row[sc + 4]),
+                 _i8(row[sc + 5]), _i8(row[sc + 6]), _i8(row[sc + 7]))
+            s0 = add_i(s0, _q6_half(q1, q2, q3, q4, c, xq, b * n + x0))
+            if W > 1:
+                s1 = add_i(s1, _q6_half(q1, q2, q3, q4, c, xq, b1 * n + x0))
+            if W > 2:
+                s2 = add_i(s2, _q6_half(q1, q2, q3, q4, c, xq, b2 * n + x0))
+                s3 = add_i(s3, _q6_half(q1, q2, q3, q4, c, xq, b3 * n + x0))
+        d = _f16(lut, row, o + 208)
+        a0, m0 = _q6_scale(row, o, bsum, b, k, d * xd[b, k], s0, a0, m0)
+        if W > 1:
+            a1, m1 = _q6_scale(row, o, bsum, b1, k, d * xd[b1, k], s1, a1, m1)
+        if W > 2:
+            a2, m2 = _q6_scale(row, o, bsum, b2, k, d * xd[b2, k], s2, a2, m2)
+            a3, m3 = _q6_scale(row, o, bsum, b3, k, d * xd[b3, k], s3, a3, m3)
+    _put(out, i, b, b1, b2, b3, W, hsum(a0) + m0, hsum(a1) + m1, hsum(a2) + m2, hsum(a3) + m3)
+
+
+@njit(inline="always")
+def _q6_half(q1, q2, q3, q4, c, xq, x0):
+    """Half a Q6_K block's codes q1..q4 (their 8 scales c) . one vector's 128
+    activations from x0."""
+    s1 = add_i(dot_us(q1, load32(xq, x0), c[0], c[1]), dot_us(q2, load32(xq, x0 + 32), c[2], c[3]))
+    s2 = add_i(dot_us(q3, load32(xq, x0 + 64), c[4], c[5]), dot_us(q4, load32(xq, x0 + 96), c[6], c[7]))
+    return add_i(s1, s2)
+
+
+@njit(inline="always")
+def _q6_scale(row, o, bsum, b, k, d, sumi, acc, accm):
+    """A Q6_K block's integer sums into vector b's float accumulators: the codes'
+    offset of 32 taken off through the activation sums (bsum), all times d."""
+    summ = np.int32(0)
+    for i in range(16):
+        summ += _i8(row[o + 192 + i]) * bsum[b, 16 * k + i]
+    return fma_i(sumi, d, acc), accm - d * np.float32(32 * summ)
+
+
+@njit(inline="always")
+def _quantized(qtype):
+    return (qtype == _Q4_K or qtype == _Q5_K or qtype == _Q6_K or qtype == _Q4_0 or qtype == _Q4_1 or qtype == _Q5_0
+            or qtype == _Q5_1 or qtype == _Q8_0)
 
 
 # -- drivers -------------------------------------------------------------------------
@@ -282,24 +368,39 @@ def dot16(a, x, acc):
 def rows4(qtype, w, r4, p4, x, xq, xd, xs, isum, o4, scratch, lut, use_float):
     """o4[k] = W[r4[k]] . x for 4 rows (p4: the rows computed next, fetched meanwhile);
     the arguments as matvec_rows'."""
-    if use_float:
+    if use_float or not _quantized(qtype):
         for k in range(4):
             o4[k] = _float_row(qtype, w[r4[k]], x, scratch, lut)
-    elif qtype == _Q4_K or qtype == _Q5_K:
+        return
+    n = xq.shape[0]
+    xd2, xs2, isum2 = xd.reshape((1, xd.shape[0])), xs.reshape((1, xs.shape[0])), isum.reshape((1, isum.shape[0]))
+    o = o4.reshape((1, 4))
+    if qtype == _Q4_K or qtype == _Q5_K:
         for k in range(4):
-            o4[k] = _vrow_q45_k(qtype, w[r4[k]], w[p4[k]], xq, xd, isum, lut)
+            _vrow_q45_k(qtype, w[r4[k]], w[p4[k]], xq, n, xd2, isum2, 0, 0, 1, lut, o, k)
     elif qtype == _Q6_K:
         for k in range(4):
-            o4[k] = _vrow_q6_k(w[r4[k]], w[p4[k]], xq, xd, isum, lut)
-    elif qtype == _Q4_0 or qtype == _Q4_1 or qtype == _Q5_0 or qtype == _Q5_1 or qtype == _Q8_0:
-        for k in range(4):
-            o4[k] = _vrow_legacy(qtype, w[r4[k]], w[p4[k]], xq, xd, xs, isum, lut)
+            _vrow_q6_k(w[r4[k]], w[p4[k]], xq, n, xd2, isum2, 0, 0, 1, lut, o, k)
     else:
         for k in range(4):
-            o4[k] = _float_row(qtype, w[r4[k]], x, scratch, lut)
+            _vrow_legacy(qtype, w[r4[k]], w[p4[k]], xq, n, xd2, xs2, 0, 0, 1, lut, o, k)
 
 
-@njit(nogil=True, cache=True, parallel=True)
+@njit(inline="always")
+def _rows_span(qtype, w, rows, i0, i1, xq, n, xd, xs, isum, b, last, W, lut, out):
+    """Rows rows[i0:i1] of W . vectors b.. (W of them), into out[.., i0:i1]."""
+    m = rows.shape[0]
+    for i in range(i0, i1):
+        row, prow = w[rows[i]], w[rows[min(i + 4, m - 1)]]
+        if qtype == _Q4_K or qtype == _Q5_K:
+            _vrow_q45_k(qtype, row, prow, xq, n, xd, isum, b, last, W, lut, out, i)
+        elif qtype == _Q6_K:
+            _vrow_q6_k(row, prow, xq, n, xd, isum, b, last, W, lut, out, i)
+        else:
+            _vrow_legacy(qtype, row, prow, xq, n, xd, xs, b, last, W, lut, out, i)
+
+
+@njit(nogil=True, cache=True)
 def matvec_rows(qtype, w, rows, x, xq, xd, xs, isum, out, lut, n_chunks, use_float):
     """out[i] = W[rows[i]] . x for a GGML-typed weight w (n_rows, row_bytes) uint8.
 
@@ -307,23 +408,91 @@ def matvec_rows(qtype, w, rows, x, xq, xd, xs, isum, out, lut, n_chunks, use_flo
     quantize_q8 with the block this format pairs with. rows: int64 ids (any subset,
     any order); out: (len(rows),) float32. use_float: dequantize each row and dot it
     with float x (float formats, or checks of the exact dequantized math).
+    matvec_rows_multi's one-vector case.
     """
+    matvec_rows_multi(qtype, w, rows, x.reshape((1, x.shape[0])), xq.reshape((1, xq.shape[0])),
+                      xd.reshape((1, xd.shape[0])), xs.reshape((1, xs.shape[0])), isum.reshape((1, isum.shape[0])),
+                      out.reshape((1, out.shape[0])), lut, n_chunks, use_float)
+
+
+@njit(nogil=True, cache=True)
+def matvec_rows_multi(qtype, w, rows, x, xq, xd, xs, isum, out, lut, n_chunks, use_float):
+    """out[b, i] = W[rows[i]] . x[b] for B vectors at once (B tokens decoded together):
+    matvec_rows' arguments with a leading axis B (x (B, cols), xq (B, cols), xd/xs/isum
+    (B, ...), out (B, len(rows))). out[b] is matvec_rows of x[b] bit for bit (the same
+    row kernels, the same sums).
+
+    Each weight row is read and unpacked once for 4 vectors (3 left: 4, the last
+    repeated), 32 rows at a time, which stay in L1 while the quads meet them; then
+    once for the 1 or 2 vectors left."""
+    B, m = xq.shape
+    if use_float or not _quantized(qtype):
+        _float_rows(qtype, w, rows, x, out, lut, n_chunks)
+        return
+    a = (w, rows, xq.reshape(-1), m, xd, xs, isum)
+    quads = (B + 1) // 4
+    if quads:
+        _rows_w4(qtype, *a, quads, lut, out, n_chunks)
+    if B - 4 * quads == 2:
+        _rows_w2(qtype, *a, B - 2, lut, out, n_chunks)
+    elif B - 4 * quads == 1:
+        _rows_w1(qtype, *a, B - 1, lut, out, n_chunks)
+
+
+# matvec_rows_multi's parallel loops. The row kernels run inside them: numba compiles a
+# parallel loop's body with its arrays marked unaliased (the same kernels in a plain
+# function ran 1.6x slower, measured); one W a loop (all in one, numba took a minute to
+# compile it). The threads share the rows in groups of 4.
+
+
+@njit(inline="always")
+def _share(n, n_chunks, c):
+    """Chunk c's rows of n: [i0, i1)."""
+    step = ((n + 3) // 4 + n_chunks - 1) // n_chunks
+    return min(n, 4 * c * step), min(n, 4 * (c + 1) * step)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _rows_w1(qtype, w, rows, xq, m, xd, xs, isum, b, lut, out, n_chunks):
+    """out[b] = W[rows] . vector b."""
     n = rows.shape[0]
-    groups = (n + 3) // 4
-    step = (groups + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
-        r4 = np.empty(4, dtype=np.int64)
-        p4 = np.empty(4, dtype=np.int64)
-        o4 = np.empty(4, dtype=np.float32)
-        scratch = np.empty(x.shape[0], dtype=np.float32)
-        for g in range(c * step, min(groups, (c + 1) * step)):
-            i0 = 4 * g
-            for k in range(4):  # the last group repeats its last row
-                r4[k] = rows[min(i0 + k, n - 1)]
-                p4[k] = rows[min(i0 + 4 + k, n - 1)]  # the next group's rows, to prefetch
-            rows4(qtype, w, r4, p4, x, xq, xd, xs, isum, o4, scratch, lut, use_float)
-            for k in range(min(4, n - i0)):
-                out[i0 + k] = o4[k]
+        i0, i1 = _share(n, n_chunks, c)
+        _rows_span(qtype, w, rows, i0, i1, xq, m, xd, xs, isum, b, b, 1, lut, out)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _rows_w2(qtype, w, rows, xq, m, xd, xs, isum, b, lut, out, n_chunks):
+    """out[b:b + 2] = W[rows] . vectors b, b + 1."""
+    n = rows.shape[0]
+    for c in prange(n_chunks):
+        i0, i1 = _share(n, n_chunks, c)
+        _rows_span(qtype, w, rows, i0, i1, xq, m, xd, xs, isum, b, b + 1, 2, lut, out)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _rows_w4(qtype, w, rows, xq, m, xd, xs, isum, quads, lut, out, n_chunks):
+    """out[:4 * quads] = W[rows] . vectors 0.. in quads (the last B - 1 repeated)."""
+    n, last = rows.shape[0], xd.shape[0] - 1
+    for c in prange(n_chunks):
+        i0, i1 = _share(n, n_chunks, c)
+        for g in range(i0, i1, 32):
+            for q in range(quads):
+                _rows_span(qtype, w, rows, g, min(g + 32, i1), xq, m, xd, xs, isum, 4 * q, last, 4, lut, out)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _float_rows(qtype, w, rows, x, out, lut, n_chunks):
+    """out[b, i] = the decoded W[rows[i]] . x[b] (dot16), each row decoded once."""
+    n = rows.shape[0]
+    for c in prange(n_chunks):
+        i0, i1 = _share(n, n_chunks, c)
+        scratch = np.empty(x.shape[1], dtype=np.float32)
+        acc16 = np.empty(16, dtype=np.float32)
+        for i in range(i0, i1):
+            dequant_row(qtype, w[rows[i]], scratch, lut)
+            for b in range(x.shape[0]):
+                out[b, i] = dot16(scratch, x[b], acc16)
 
 
 @njit(nogil=True, cache=True, parallel=True)

@@ -186,7 +186,9 @@ class Engine:
 
     def _wake(self, job: Job) -> None:
         with self._cv:
-            if job is self._prefilling:
+            if job in self._queue:  # not started: it ends now, without taking a slot
+                self._finish(job, "cancelled")
+            elif job is self._prefilling:
                 self.model.model.cancel_event.set()
             self._cv.notify()
 
@@ -256,10 +258,11 @@ class Engine:
                 n = _common(e.tokens, job.tokens)
                 if n > have and (hit is None or n > hit[1]):
                     hit = key, n
-        if hit is not None or have < len(ctx.tokens):
+        entry = self._cache.pop(hit[0]) if hit is not None else None  # (before _keep can drop it)
+        if entry is not None or have < len(ctx.tokens):
             self._keep(ctx, best)
-        if hit is not None:
-            self._load(ctx, best, self._cache.pop(hit[0]))
+        if entry is not None:
+            self._load(ctx, best, entry)
         return best
 
     def _keep(self, ctx: Context, i: int) -> None:
@@ -268,6 +271,12 @@ class Engine:
         size = n * self.pool.bytes_per_position()
         if not n or size > self.cache_bytes:
             return
+        for key, e in list(self._cache.items()):
+            if _common(e.tokens, ctx.tokens) == n:  # an entry holds all this and maybe more
+                self._cache.move_to_end(key)
+                return
+            if _common(e.tokens, ctx.tokens) == len(e.tokens):  # this holds all that entry does
+                del self._cache[key]
         while self._cache and self.cache_used + size > self.cache_bytes:
             self._cache.popitem(last=False)
         self._cache_id += 1
@@ -303,6 +312,7 @@ class Engine:
             job.pp_speed = (job.n_prompt - job.n_cached) / max(time.perf_counter() - t0, 1e-9)
             self.counters["prompt_tokens"] += job.n_prompt
             self.counters["cached_tokens"] += job.n_cached
+            self.counters["bytes_read"] = m.bytes_read
             with self._cv:
                 self._prefilling = None
                 self._active.append(job)
@@ -339,7 +349,7 @@ class Engine:
         c["steps"] += 1
         c["decode_seconds"] += dt
         c["decode_tokens"] += len(jobs)
-        c["bytes_read"] += st.bytes_read
+        c["bytes_read"] = m.bytes_read
         for b, j in enumerate(jobs):
             self._next(j, logits[b])
 

@@ -15,7 +15,7 @@ import numba
 import numpy as np
 
 from .. import kernels_cpu as K
-from ..errors import ContextLengthError, FlashLMError
+from ..errors import ContextLengthError, FlashLMError, InvalidArgumentError
 from ..kernels_cpu import F16_TABLE
 from ..kernels_cpu import decode as D
 from ..kernels_cpu import layer as L
@@ -342,6 +342,42 @@ class FusedDecoder:
                       numba.get_num_threads(), F16_TABLE, self.all_rows, logits)
         return logits
 
+    def step_batch(self, toks, pos, slots, kv_pool_k16: np.ndarray, kv_pool_v16: np.ndarray) -> np.ndarray:
+        """Logits (B, n_vocab) float32 of B sequences' next tokens toks (B,) at positions
+        pos (B,), row b's keys and values in slot slots[b] of the KV pools (n_slots,
+        n_layer, n_kv, capacity, head_dim) uint16 (float16 bits, as KVCache.k16): each
+        weight read once for all B, each row's logits and KV those `step` gives that
+        sequence alone, bit for bit."""
+        toks, pos, slots = self._batch_args(toks, pos, slots, kv_pool_k16, kv_pool_v16)
+        logits = np.empty((len(toks), self.cfg.n_vocab), dtype=np.float32)
+        D.decode_batch(toks, pos, slots, self.arena, self.mats, self.qt, self.vecs, self.swa, kv_pool_k16,
+                       kv_pool_v16, self.arch, numba.get_num_threads(), F16_TABLE, self.all_rows, logits)
+        return logits
+
+    def _batch_args(self, toks, pos, slots, pk: np.ndarray, pv: np.ndarray) -> tuple:
+        """toks, pos, slots as int64 arrays, checked against the pools (the compiled kernels
+        index them unchecked: this is what keeps their writes inside)."""
+        cfg = self.cfg
+        toks, pos, slots = (np.ascontiguousarray(a, dtype=np.int64).reshape(-1) for a in (toks, pos, slots))
+        lead = (cfg.n_layer, cfg.n_head_kv)
+        for p, hd in ((pk, cfg.head_dim), (pv, cfg.v_head_dim)):
+            if p.dtype != np.uint16 or p.ndim != 5 or p.shape[1:3] != lead or p.shape[4] != hd or \
+                    not p.flags.c_contiguous or not p.flags.writeable:
+                raise InvalidArgumentError(f"a KV pool must be writable C-contiguous uint16 (n_slots, {lead[0]}, "
+                                           f"{lead[1]}, capacity, {hd}), got {p.dtype} {p.shape}")
+        if pk.shape[:4] != pv.shape[:4]:
+            raise InvalidArgumentError(f"the K and V pools differ in shape: {pk.shape} and {pv.shape}")
+        if not 0 < len(toks) == len(pos) == len(slots):
+            raise InvalidArgumentError(f"toks, pos and slots need one entry per row, got {len(toks)}, {len(pos)}, "
+                                       f"{len(slots)}")
+        if toks.min() < 0 or toks.max() >= cfg.n_vocab:
+            raise InvalidArgumentError(f"token ids must be in [0, {cfg.n_vocab})")
+        if pos.min() < 0 or pos.max() >= pk.shape[3]:
+            raise ContextLengthError(f"positions must be in [0, {pk.shape[3]}) (the pool's capacity)")
+        if slots.min() < 0 or slots.max() >= pk.shape[0] or len(np.unique(slots)) != len(slots):
+            raise InvalidArgumentError(f"slots must be distinct, in [0, {pk.shape[0]})")
+        return toks, pos, slots
+
 
 class LayerDecoder(FusedDecoder):
     """decode_step in pieces around an FFN that runs in Python: a flash-layout model's
@@ -368,4 +404,26 @@ class LayerDecoder(FusedDecoder):
             o = self.layer_ffn[i](h)
             D.decode_add_ffn(i, o, x, vecs, a)
         D.decode_head(x, ar, m, qt, vecs, a, nt, F16_TABLE, rows, logits)
+        return logits
+
+    def step_batch(self, toks, pos, slots, kv_pool_k16: np.ndarray, kv_pool_v16: np.ndarray) -> np.ndarray:
+        """FusedDecoder.step_batch around FFNs that run in Python: the attention of all B
+        rows in one compiled call per layer; the FFN row by row (a strategy given several
+        rows computes them as a prefill does: all neurons, or each expert as a GEMM, not
+        what it computes for one token)."""
+        toks, pos, slots = self._batch_args(toks, pos, slots, kv_pool_k16, kv_pool_v16)
+        nt = numba.get_num_threads()
+        x = np.empty((len(toks), self.cfg.n_embd), dtype=np.float32)
+        h = np.empty_like(x)
+        o = np.empty_like(x)
+        logits = np.empty((len(toks), self.cfg.n_vocab), dtype=np.float32)
+        ar, m, qt, vecs, a, rows = self.arena, self.mats, self.qt, self.vecs, self.arch, self.all_rows
+        D.decode_embed_batch(toks, ar, m, qt, a, F16_TABLE, x)
+        for i in range(self.cfg.n_layer):
+            D.decode_attn_batch(i, pos, slots, x, h, ar, m, qt, vecs, self.swa, kv_pool_k16, kv_pool_v16, a, nt,
+                                F16_TABLE, rows)
+            for b in range(len(toks)):
+                o[b] = self.layer_ffn[i](h[b:b + 1])[0]
+            D.decode_add_ffn(i, o, x, vecs, a)
+        D.decode_head_batch(x, ar, m, qt, vecs, a, nt, F16_TABLE, rows, logits)
         return logits

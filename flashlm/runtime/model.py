@@ -52,6 +52,7 @@ class Model:
         self._threads = threads if self.auto_threads is None else None
         self._streams = streams  # what streams weights: each pass's reads and hits (take_pass)
         self._passes: deque[TokenStats] = deque(maxlen=100_000)
+        self.bytes_read = 0  # from the disk by streamed weights, all passes since loading
         self._unreported: list[TokenStats] | None = None  # while streaming: passes since the last Chunk
         self._rss = RSSReader()
         self._ctx = Context(KVCache(config, n_ctx))  # the KV cache of stream() and eval(), and its tokens
@@ -184,6 +185,7 @@ class Model:
         st.seconds = time.perf_counter() - t0
         st.compute_s = max(0.0, st.seconds - st.io_wait_s - st.bookkeeping_s - st.verify_s)
         st.rss = self._rss()
+        self.bytes_read += st.bytes_read
         if self.auto_threads is not None and not prefill and n_tokens == 1:
             self.auto_threads.record(st.seconds)
         self._passes.append(st)
@@ -197,9 +199,9 @@ class Model:
         t0 = time.perf_counter()
         pos = [len(c.tokens) for c in ctxs]
         fused = self.model.fused
-        if fused is not None and len(ctxs) > 1 and hasattr(fused, "step_batch"):
-            logits = fused.step_batch(np.asarray(toks, dtype=np.int64), np.asarray(pos, dtype=np.int64),
-                                      np.asarray(slots, dtype=np.int64), pool)
+        if fused is not None and len(ctxs) > 1:
+            pool.reserve(max(pos) + 1)
+            logits = fused.step_batch(toks, pos, slots, pool.k16, pool.v16)
         else:
             logits = np.concatenate([self.model.forward(np.array([t]), p, c.kv) for c, t, p in zip(ctxs, toks, pos)])
         for c, t, p in zip(ctxs, toks, pos):

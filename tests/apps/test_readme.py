@@ -17,6 +17,15 @@ scripts with this interpreter. What is not run as it stands, and why:
   marked slow, with an empty flash cache.
 - `flashlm chat` opens a terminal interface: it runs under tmux, and the test quits it
   with /bye once it says it is ready (as test_chat.py's real-terminal test does).
+- `flashlm serve` runs until stopped: the test starts it in the background and waits
+  until /health answers; the `curl` lines and Python blocks after it in its section use
+  it (a curl reply holding an error JSON fails them), and it is stopped with SIGTERM when
+  a case from another section runs or the module ends, which must exit it with status 0.
+  Port 8080 in that section's text is replaced with a free port (the same text with one
+  number changed), so a server already on 8080 here cannot collide with it.
+- A Python block that imports a package the project does not depend on (OPTIONAL:
+  LangChain's `langchain_openai`) runs where that package is installed, and is skipped
+  naming it where it is not; it is never silently passed.
 - Files a user brings are provided: ./model.gguf is a link to the default model's GGUF,
   moe.gguf a small random-weight mixture of experts (tests/moe_fixtures.py, Mixtral's
   layout), and benchmarks/ a link to the clone's (the README runs its scripts from the
@@ -44,13 +53,16 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 SKIP_SECTION = "Set-up"  # the install and pytest (see the docstring)
 TIMEOUT = 300  # seconds a command may take (a fresh checkout's first run compiles the kernels)
+README_PORT = 8080  # the server's port as the README writes it, replaced with a free one here
+OPTIONAL = {"langchain_openai": "langchain-openai"}  # module a block may import: the package that has it
 
 
 @dataclass
 class Case:
-    kind: str  # "sh", "chat" or "python"
+    kind: str  # "sh", "chat", "serve" or "python"
     line: int  # where it is in README.md
     text: str
+    section: str = ""  # the heading it is under
 
     @property
     def id(self) -> str:
@@ -83,7 +95,7 @@ def readme_cases(text: str) -> list[Case]:
         if section == SKIP_SECTION:
             continue
         if lang == "python":
-            cases.append(Case("python", start, "\n".join(body) + "\n"))
+            cases.append(Case("python", start, "\n".join(body) + "\n", section))
         elif lang == "sh":
             cmd, at = "", None
             for k, ln in enumerate(body, start):
@@ -94,12 +106,12 @@ def readme_cases(text: str) -> list[Case]:
                 text, first = (cmd + ln).strip(), at
                 cmd, at = "", None
                 if text and not text.startswith("#"):
-                    cases.append(Case(_kind(text), first, text))
+                    cases.append(Case(_kind(text), first, text, section))
     return cases
 
 
 def _kind(cmd: str) -> str:
-    return "chat" if cmd.startswith("flashlm chat") else "sh"
+    return "chat" if cmd.startswith("flashlm chat") else "serve" if cmd.startswith("flashlm serve") else "sh"
 
 
 CASES = readme_cases(README.read_text())
@@ -114,7 +126,10 @@ def test_readme_has_what_this_file_runs():
     assert [body for section, _, _, body in blocks if section == SKIP_SECTION] == [
         ["python3 -m venv .venv && . .venv/bin/activate", 'pip install -e ".[dev]"', "pytest"]]
     kinds = {c.kind for c in CASES}
-    assert {"sh", "chat", "python"} <= kinds, kinds
+    assert {"sh", "chat", "serve", "python"} <= kinds, kinds
+    serve = next(c for c in CASES if c.kind == "serve")  # what uses the server follows it in its section
+    users = [c for c in CASES if f":{README_PORT}" in c.text]
+    assert users and all(c.section == serve.section and c.line > serve.line for c in users)
     assert any(c.text.startswith("flashlm convert") for c in CASES)
     assert not any(c.text.startswith(("pip install", "pytest")) for c in CASES)
     assert len(CASES) >= 25, len(CASES)
@@ -200,20 +215,99 @@ def _run_chat(cmd: str, cwd: Path, env: dict) -> int:
         subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True, check=False)
 
 
+class _Servers:
+    """The `flashlm serve` a README section started, running for the cases after it."""
+
+    def __init__(self):
+        self.running: list[tuple[Case, subprocess.Popen, Path]] = []
+        self.port = 0
+
+    def start(self, case: Case, cmd: str, cwd: Path, env: dict) -> None:
+        """Start the server in the background; return once /health answers."""
+        import urllib.request
+
+        log = cwd / f".serve-L{case.line}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(["bash", "-c", f"exec {cmd}"], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT)
+        self.running.append((case, proc, log))
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None, f"README.md line {case.line}: {cmd}\n{log.read_text()[-2500:]}"
+            assert time.monotonic() - t0 < TIMEOUT, log.read_text()[-2500:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        """SIGTERM each server: it must exit cleanly (status 0), with no traceback."""
+        running, self.running = self.running, []
+        for case, proc, log in running:
+            proc.terminate()
+            try:
+                rc = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                rc = "none (killed after 60 s)"
+            text = log.read_text()
+            assert rc == 0 and "Traceback" not in text, f"README.md line {case.line}: exit {rc}\n{text[-2500:]}"
+
+
+@pytest.fixture(scope="module")
+def servers():
+    import socket
+
+    s = _Servers()
+    with socket.socket() as sock:  # a free port (the README's 8080 may be taken here)
+        sock.bind(("127.0.0.1", 0))
+        s.port = sock.getsockname()[1]
+    yield s
+    s.stop()
+
+
+def _on_port(text: str, port: int) -> str:
+    """The README's text with its server port replaced."""
+    return text.replace(f":{README_PORT}", f":{port}").replace(f"--port {README_PORT}", f"--port {port}")
+
+
+def _optional_missing(code: str) -> str | None:
+    """The package a block needs that is not installed here, if any (OPTIONAL)."""
+    import importlib.util
+
+    for module, package in OPTIONAL.items():
+        if re.search(rf"^\s*(from|import) {module}\b", code, re.M) and importlib.util.find_spec(module) is None:
+            return package
+    return None
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_readme(case, workdir):
+def test_readme(case, workdir, servers):
     cwd, env = workdir
+    if servers.running and servers.running[0][0].section != case.section:
+        servers.stop()  # a server serves its own section's cases
+    text = _on_port(case.text, servers.port)
     if case.kind == "chat":
-        assert _run_chat(case.text, cwd, env) == 0, case.text
+        assert _run_chat(text, cwd, env) == 0, case.text
+    elif case.kind == "serve":
+        servers.start(case, text, cwd, env)
     elif case.kind == "python":
+        if missing := _optional_missing(text):
+            pytest.skip(f"README.md line {case.line} needs {missing}, which is not installed here")
         script = cwd / f"readme_L{case.line}.py"
-        script.write_text(case.text)
+        script.write_text(text)
         out = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                              capture_output=True, text=True, timeout=TIMEOUT, check=False)
         _check(out, f"README.md line {case.line}: python block")
         assert out.stdout.strip()
     else:
-        _check(_run_sh(case.text, cwd, env), f"README.md line {case.line}: {case.text}")
+        out = _run_sh(text, cwd, env)
+        _check(out, f"README.md line {case.line}: {case.text}")
+        if text.startswith("curl"):  # curl exits 0 on an HTTP error: the reply must not be one
+            assert '"error"' not in out.stdout, f"README.md line {case.line}: {case.text}\n{out.stdout[-1500:]}"
 
 
 @pytest.mark.slow
