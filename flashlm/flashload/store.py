@@ -238,7 +238,9 @@ class FlashStore(HotTails, WeightStore):
     def _ffn_hot(self, i: int, x: np.ndarray, needed: np.ndarray, g, gelu: bool, t1: float) -> np.ndarray:
         """One token's FFN with a hot window: the neurons below its capacity are held (the
         first use reads them, in one large read, for good); the rest are read straight
-        from the file into the tail buffer and multiplied where they landed."""
+        from the file into the tail buffer and multiplied where they landed, the down
+        products of both in one sum in neuron order (kernels_cpu.matvec_t_split): the output does not depend
+        on the capacity, so neither on the budget nor on the plan's measurements."""
         st, lb, win = self.current, self.plans[i], self.windows[i]
         first = win.cap and win.cache.key_in[-1] < 0  # not full (hot windows fill in order)
         if first:  # first use (or one that failed): read now, in prefill-sized chunks (bounded buffers)
@@ -250,11 +252,20 @@ class FlashStore(HotTails, WeightStore):
         st.neuron_hits += 0 if first else cut
         st.bookkeeping_s += time.perf_counter() - t1
         out = np.zeros(lb.n_embd, dtype=np.float32)
-        if win.cap < lb.n_ff:
-            tail = self._read_tail(i, needed[cut:])  # also with none needed: it starts the next layer's reads
-            if cut < len(needed):
-                self._ffn_rows(tail, x, needed[cut:] - win.cap, None if g is None else g[cut:], gelu, out, st)
-        self._ffn_rows(win.refs(), x, needed[:cut], None if g is None else g[:cut], gelu, out, st)  # row = neuron
+        held = win.refs()
+        if win.cap == lb.n_ff:  # every neuron held: row = neuron
+            self._ffn_rows(held, x, needed, g, gelu, out, st)
+            return out.reshape(1, -1)
+        tail = self._read_tail(i, needed[cut:])  # also with none needed: it starts the next layer's reads
+        coef = np.empty(len(needed), dtype=np.float32)
+        if cut:
+            coef[:cut] = self._coef(held, x, needed[:cut], None if g is None else g[:cut], gelu)
+        if cut < len(needed):
+            coef[cut:] = self._coef(tail, x, needed[cut:] - win.cap, None if g is None else g[cut:], gelu)
+        # the down products in one sum over the needed rows in neuron order, wherever they lie
+        # (window or tail): not one per buffer, whose sum would change with the capacity, which
+        # the plan draws from the budget and a measured RSS (logits changed between loads)
+        K.matvec_t_split(coef, held[2].data, tail[2].data, win.cap, int(lb.types[2]), needed, out)
         return out.reshape(1, -1)
 
     def _ffn_rows(self, refs, x, rows, g, gelu: bool, out: np.ndarray, st: TokenStats) -> None:

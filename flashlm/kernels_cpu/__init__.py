@@ -203,9 +203,21 @@ def matvec_t(coef: np.ndarray, w, rows: np.ndarray, out: np.ndarray) -> np.ndarr
     for a down projection stored one row per FFN neuron. out: (n_cols,) float32."""
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     coef = np.ascontiguousarray(coef, dtype=np.float32)
+    return matvec_t_split(coef, w.data, w.data, w.data.shape[0], int(w.qtype), rows, out)
+
+
+def matvec_t_split(coef: np.ndarray, low: np.ndarray, high: np.ndarray, cap: int, qtype: int, rows: np.ndarray,
+                   out: np.ndarray) -> np.ndarray:
+    """matvec_t over a matrix held in two pieces: row r is low[r] for r < cap, else
+    high[r - cap] (a flash layer's window and tail buffer, (rows, row_bytes) uint8 each).
+    One sum over the rows in order, bit for bit matvec_t's over one matrix: a flash
+    FFN's output must not depend on where its window ends (the plan sizes it)."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    coef = np.ascontiguousarray(coef, dtype=np.float32)
     # Partial sums per chunk of 64 rows (32 chunks at most), added in order: a split that
     # depends on the rows alone, so the sum is the same bit for bit on any thread count.
-    qdot.matvec_t_rows(int(w.qtype), w.data, rows, coef, out, F16_TABLE, max(1, min(32, -(-len(rows) // 64))))
+    qdot.matvec_t_rows(int(qtype), low, high, int(cap), rows, coef, out, F16_TABLE,
+                       max(1, min(32, -(-len(rows) // 64))))
     return out
 
 

@@ -496,24 +496,30 @@ def _float_rows(qtype, w, rows, x, out, lut, n_chunks):
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def matvec_t_rows(qtype, w, rows, coef, out, lut, n_chunks):
+def matvec_t_rows(qtype, low, high, cap, rows, coef, out, lut, n_chunks):
     """out += sum_i coef[i] * W[rows[i]]: the transposed product, for weights stored
     with one row per input neuron (a down projection's columns). out: (cols,) float32.
-    Each chunk of rows sums into its own partial vector; the partials are then added."""
+    Row r of W is low[r] for r < cap, else high[r - cap] (a flash layer's window and
+    tail buffer; one matrix: cap = its rows, high = low). Each chunk of rows sums into
+    its own partial vector; the partials are then added in order."""
     cols = out.shape[0]
     n = rows.shape[0]
     parts = np.zeros((n_chunks, cols), dtype=np.float32)
-    if qtype == _Q8_0:  # the flash layout's format: 4 rows at a time, int8 codes straight into the sums
+    if qtype == _Q8_0:
         groups = (n + 3) // 4
         step = (groups + n_chunks - 1) // n_chunks
         for c in prange(n_chunks):
             for g in range(c * step, min(groups, (c + 1) * step)):
-                _axpy4_q8_0(w, rows, coef, 4 * g, lut, parts[c])
+                _axpy4_q8_0(low, high, cap, rows, coef, 4 * g, lut, parts[c])
     else:
         for c in prange(n_chunks):
             scratch = np.empty(cols, dtype=np.float32)
             for i in range(c, n, n_chunks):
-                dequant_row(qtype, w[rows[i]], scratch, lut)
+                r = rows[i]
+                if r < cap:
+                    dequant_row(qtype, low[r], scratch, lut)
+                else:
+                    dequant_row(qtype, high[r - cap], scratch, lut)
                 ci = coef[i]
                 for k in range(cols):
                     parts[c, k] += ci * scratch[k]
@@ -523,11 +529,19 @@ def matvec_t_rows(qtype, w, rows, coef, out, lut, n_chunks):
 
 
 @njit(inline="always")
-def _axpy4_q8_0(w, rows, coef, i0, lut, acc):
+def _row(low, high, cap, r):
+    return low[r] if r < cap else high[r - cap]
+
+
+@njit(inline="always")
+def _axpy4_q8_0(low, high, cap, rows, coef, i0, lut, acc):
     """acc += coef[i] * W[rows[i]] for the 4 rows from i0 (past the end: weight 0), Q8_0:
     each block's scale times the coefficient, then its 32 codes in 4 lanes of 8."""
     n = rows.shape[0]
-    r0, r1, r2, r3 = w[rows[i0]], w[rows[min(i0 + 1, n - 1)]], w[rows[min(i0 + 2, n - 1)]], w[rows[min(i0 + 3, n - 1)]]
+    r0 = _row(low, high, cap, rows[i0])
+    r1 = _row(low, high, cap, rows[min(i0 + 1, n - 1)])
+    r2 = _row(low, high, cap, rows[min(i0 + 2, n - 1)])
+    r3 = _row(low, high, cap, rows[min(i0 + 3, n - 1)])
     c0 = coef[i0]
     c1 = coef[i0 + 1] if i0 + 1 < n else np.float32(0.0)
     c2 = coef[i0 + 2] if i0 + 2 < n else np.float32(0.0)
