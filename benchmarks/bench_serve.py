@@ -31,7 +31,7 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village by 
            "The best way to learn a language is", "import numpy as np\n"]
 
 FLASHLM = r"""
-import json, sys, time
+import json, statistics, sys, time
 import numpy as np
 import flashlm
 from flashlm.io import device_read_bytes
