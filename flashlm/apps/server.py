@@ -493,7 +493,7 @@ class _Feed:
             for chunk in self.job:
                 self._put(chunk)
             self._put(None)
-        except BaseException as e:  # noqa: BLE001 (the request's handler answers it)
+        except BaseException as e:  # (the request's handler answers it)
             self._put(e)
 
     def _put(self, item) -> None:
@@ -595,21 +595,31 @@ def make_app(model, engine, *, api_key: str | None = None, model_id: str | None 
     async def _bug(request, e: Exception):  # (uvicorn logs its traceback too)
         return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
 
-    @app.post("/v1/chat/completions")
-    @app.post("/chat/completions", include_in_schema=False)
-    async def chat_completions(request: Request):
-        body = await _parse(request, ChatRequest)
-        job, tools, want_lp = await run_in_threadpool(srv.start_chat, body)
+    async def generation(request: Request, body_type, start, prefix: str, events):
+        """Parse the body and start its job. A streamed request: its SSE response. Else,
+        once the job has finished: (job, what start returned beside it, whether logprobs
+        were asked for, id, created, the chunks)."""
+        body = await _parse(request, body_type)
+        job, extra, want_lp = await run_in_threadpool(start, body)
         feed = _Feed(job)
-        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        ident, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventSourceResponse(_chat_events(srv, feed, ident, created, tools, want_lp, include_usage),
+            return EventSourceResponse(events(srv, feed, ident, created, extra, want_lp, include_usage),
                                        background=BackgroundTask(job.cancel))  # (a client gone before it began)
         try:
             chunks = await _all(feed, request)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # (answered as an OpenAI error)
             raise _generation_error(e) from e
+        return job, extra, want_lp, ident, created, chunks
+
+    @app.post("/v1/chat/completions")
+    @app.post("/chat/completions", include_in_schema=False)
+    async def chat_completions(request: Request):
+        out = await generation(request, ChatRequest, srv.start_chat, "chatcmpl", _chat_events)
+        if isinstance(out, EventSourceResponse):
+            return out
+        job, tools, want_lp, ident, created, chunks = out
         text = "".join(c.text for c in chunks)
         last = chunks[-1] if chunks else None
         reason = last.finish_reason if last is not None else "stop"
@@ -630,18 +640,10 @@ def make_app(model, engine, *, api_key: str | None = None, model_id: str | None 
     @app.post("/v1/completions")
     @app.post("/completions", include_in_schema=False)
     async def completions(request: Request):
-        body = await _parse(request, CompletionRequest)
-        job, echo, want_lp = await run_in_threadpool(srv.start_completion, body)
-        feed = _Feed(job)
-        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventSourceResponse(_completion_events(srv, feed, ident, created, echo, want_lp, include_usage),
-                                       background=BackgroundTask(job.cancel))
-        try:
-            chunks = await _all(feed, request)
-        except Exception as e:  # noqa: BLE001
-            raise _generation_error(e) from e
+        out = await generation(request, CompletionRequest, srv.start_completion, "cmpl", _completion_events)
+        if isinstance(out, EventSourceResponse):
+            return out
+        job, echo, want_lp, ident, created, chunks = out
         last = chunks[-1] if chunks else None
         lps = [lp for c in chunks for lp in c.logprobs]
         return {"id": ident, "object": "text_completion", "created": created, "model": srv.model_id,
@@ -746,7 +748,7 @@ async def _chat_events(srv: Server, feed: _Feed, ident: str, created: int, tools
                 elif c.text:
                     lp = {"content": srv.chat_logprobs(c.logprobs)} if want_lp else None
                     yield chunk({"content": c.text}, logprobs=lp)
-        except Exception as e:  # noqa: BLE001 (the stream has begun: the error goes in it)
+        except Exception as e:  # (the stream has begun: the error goes in it)
             err = _generation_error(e)
             yield _sse(error_body(err.message, err.kind))
             return
@@ -792,7 +794,7 @@ async def _completion_events(srv: Server, feed: _Feed, ident: str, created: int,
                     lp = srv.completion_logprobs(c.logprobs, offset) if want_lp else None
                     offset += len(c.text)
                     yield chunk(c.text, logprobs=lp)
-        except Exception as e:  # noqa: BLE001 (the stream has begun: the error goes in it)
+        except Exception as e:  # (the stream has begun: the error goes in it)
             err = _generation_error(e)
             yield _sse(error_body(err.message, err.kind))
             return

@@ -54,7 +54,6 @@ class Job:
         self.seq, self.cache_prompt = seq, cache_prompt
         self.tokens = seq.prompt
         self.n_prompt, self.n_cached = len(seq.prompt), 0
-        self.t_submit = time.perf_counter()
         self.cancelled = False
         self.slot = None
         self.feed = None  # the token the next step runs
@@ -319,7 +318,7 @@ class Engine:
             self._next(job, logits)
         except Cancelled:
             self._finish(job, "cancelled")
-        except BaseException as e:  # noqa: BLE001 (the job's caller gets it)
+        except BaseException as e:  # (the job's caller gets it)
             self._finish(job, None, error=e)
         finally:
             with self._cv:
@@ -337,9 +336,9 @@ class Engine:
         t0 = time.perf_counter()
         try:
             with m._exclusive():
-                logits, st = m._forward_batch([self.slots[j.slot] for j in jobs], [j.feed for j in jobs],
+                logits, _ = m._forward_batch([self.slots[j.slot] for j in jobs], [j.feed for j in jobs],
                                               self.pool, [j.slot for j in jobs])
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # (every sequence in the step gets it)
             for j in jobs:
                 self._finish(j, None, error=e)
             return
@@ -358,7 +357,7 @@ class Engine:
         seq = job.seq
         try:
             piece, tok = seq.advance(logits)
-        except BaseException as e:  # noqa: BLE001 (a grammar's failure ends this sequence only)
+        except BaseException as e:  # (a grammar's failure ends this sequence only)
             return self._finish(job, None, error=e)
         if tok is not None:
             self.counters["generated_tokens"] += 1

@@ -78,7 +78,7 @@ class KVCache:
 
     @property
     def nbytes_used(self) -> int:
-        return int((self.k[:, :, : self.pos].nbytes + self.v[:, :, : self.pos].nbytes))
+        return int(self.k[..., : self.pos, :].nbytes + self.v[..., : self.pos, :].nbytes)
 
 
 class Context:
@@ -95,7 +95,7 @@ class Context:
         self.exact = min(self.exact, n)
 
 
-class SlotPool:
+class SlotPool(KVCache):
     """The KV caches of a batch's sequences in one array per k and v, (n_slots, n_layer,
     n_head_kv, capacity, head_dim) float16, so that one compiled step reaches them all.
     The capacity grows (doubling, up to n_ctx) for all slots together; slot(i) is slot
@@ -105,12 +105,7 @@ class SlotPool:
         self.n_slots, self.n_ctx = n_slots, n_ctx
         self._shape = (n_slots, cfg.n_layer, cfg.n_head_kv), cfg.head_dim, cfg.v_head_dim
         self.k = self.v = None
-        KVCache._grow(self, min(n_ctx, KVCache.START))
-
-    _grow = KVCache._grow
-    reserve = KVCache.reserve
-    k16 = KVCache.k16
-    v16 = KVCache.v16
+        self._grow(min(n_ctx, self.START))
 
     @property
     def nbytes(self) -> int:
@@ -120,7 +115,7 @@ class SlotPool:
         """One slot's bytes for one position."""
         return (self.k.nbytes + self.v.nbytes) // (self.n_slots * self.k.shape[-2])
 
-    def slot(self, i: int) -> "SlotKV":
+    def slot(self, i: int) -> SlotKV:
         return SlotKV(self, i)
 
 
