@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 def load(model: str | os.PathLike | None = None, *, n_ctx: int | None = None, n_threads: int | None = None,
          memory_budget: str | int | None = None, streaming=None, experts: dict | None = None,
-         parallel: int = 1, cache_ram: str | int = 0) -> Model:
+         parallel: int = 1, cache_ram: str | int = 0, speculative=None) -> Model:
     """Load a model: a .gguf path, an HF folder, or a registry name ("smollm2-135m",
     "gemma3-270m"; fetched into the cache on first use). None loads the default model.
 
@@ -34,9 +34,15 @@ def load(model: str | os.PathLike | None = None, *, n_ctx: int | None = None, n_
     parallel, cache_ram: what Model.batch() (and `flashlm serve`) decode at once: the
     sequences, each with its own KV cache, and the bytes of prompt cache kept for later
     prompts; the memory plan counts both.
+    speculative: speculative decoding for every generation (runtime/speculate.py): a
+    draft source, "ngram" (prompt lookup), "model:PATH" (a small model with the same
+    vocabulary; the plan counts it) or "self" (a streamed model from what it holds in
+    memory), or a dict {"source", "draft_max", "draft_min", "adaptive"}. Greedy output
+    is the same with it as without.
     """
     from .formats.registry import resolve
     from .runtime.loader import load_model
 
     return load_model(resolve(model), n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget,
-                      streaming=streaming, experts=experts, parallel=parallel, cache_ram=cache_ram)
+                      streaming=streaming, experts=experts, parallel=parallel, cache_ram=cache_ram,
+                      speculative=speculative)

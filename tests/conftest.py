@@ -19,6 +19,18 @@ def pytest_configure(config):
     llama_cpp._logger.logger.setLevel(logging.CRITICAL + 1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernels():
+    """The kernels every kind of model runs (resident, flash-streamed with its weights in
+    memory, mixtures of experts resident and streamed), loaded from numba's cache, or
+    compiled into it, before the first test. A fresh checkout compiles for minutes: that
+    belongs to no test, and inside the first one it overran a wait for the interface."""
+    from flashlm.runtime import warmup
+
+    warmup.warm([(s, True) for s in warmup.STEPS] + [(s, False) for s in (
+        "decode by layer", "decode batch", "products", "experts")])
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     return registry.pull("smollm2-135m", quiet=True)

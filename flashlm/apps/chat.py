@@ -94,14 +94,15 @@ class ChatApp(App):
                 Binding("ctrl+c", "ctrl_c", "stop / quit", show=False, priority=True)]
 
     def __init__(self, model=None, *, n_ctx: int | None = None, n_threads: int | None = None,
-                 memory_budget=None, system: str | None = None, streaming=None, experts=None, **settings):
+                 memory_budget=None, system: str | None = None, streaming=None, experts=None, speculative=None,
+                 **settings):
         super().__init__()
         self._spec = model
         self.model = model if hasattr(model, "chat") else None
         self.model_name = display_name(model if self.model is None else self.model.path)  # for the header and footer
         self.warnings: list[str] = []  # what loading warned of: notes here, printed on stderr after (run_chat)
         self._load_kw = dict(n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget, streaming=streaming,
-                             experts=experts)
+                             experts=experts, speculative=speculative)
         self.system = system
         self.messages: list[dict] = []
         self.settings = {"max_tokens": 512, **settings}
@@ -288,9 +289,10 @@ class ChatApp(App):
             return "no reply yet"
         c = self.last
         rss = psutil.Process().memory_info().rss / 2**20
+        spec = f"; {c.speculation.describe()}" if c.speculation is not None else ""
         return (f"last reply: {c.n_prompt} prompt tokens at {c.prompt_tokens_per_second:.1f} tok/s, "
                 f"{c.n_generated} generated at {c.tokens_per_second:.1f} tok/s; RSS {rss:.0f} MiB; "
-                f"threads {self.model.threads}")
+                f"threads {self.model.threads}{spec}")
 
     def _save_to(self, arg: str) -> None:
         if not arg:

@@ -61,6 +61,14 @@ def _add_model(p: argparse.ArgumentParser):
     g.add_argument("--no-verify", action="store_true",
                    help="use a flash file's streamed records without checking their checksums (saves ~13-23%% of a token's "
                         "time on SmolLM2; a damaged file then gives wrong text instead of an error)")
+    g = p.add_argument_group("speculative decoding (greedy output is the same with it)")
+    g.add_argument("--draft", metavar="SRC", default=None,
+                   help="draft tokens to verify in one pass: ngram (prompt lookup), model:PATH (a small model with "
+                        "the same vocabulary) or self (a streamed model from what it holds in memory)")
+    g.add_argument("--draft-max", type=int, default=8, help="most tokens drafted at once (default 8)")
+    g.add_argument("--draft-min", type=int, default=1, help="fewest drafted tokens worth a pass (default 1)")
+    g.add_argument("--draft-always", action="store_true",
+                   help="speculate at every step (by default it pauses while it decodes slower than without)")
     g = p.add_argument_group("mixture-of-experts models under --memory-budget (experts stream into a cache)")
     g.add_argument("--policy", choices=["freq", "score", "lru", "lfu"], default="freq",
                    help="which cached expert makes room: the least often chosen lately (a moving average), the "
@@ -96,6 +104,17 @@ def _streaming(args) -> dict:
 def _experts(args) -> dict:
     """The expert-cache options the command line set."""
     return {"policy": args.policy, "prefetch": _prefetch(args), "bundle": not args.no_bundle}
+
+
+def _speculative(args) -> dict | None:
+    """--draft and its settings as load()'s speculative (checked), or None."""
+    from ..runtime.speculate import Speculation
+
+    if getattr(args, "draft", None) is None:
+        return None
+    out = dict(source=args.draft, draft_max=args.draft_max, draft_min=args.draft_min, adaptive=not args.draft_always)
+    Speculation.parse(out)
+    return out
 
 
 def _prefetch(args) -> bool | str:
@@ -145,7 +164,8 @@ def cmd_chat(args) -> int:
     if args.memory_budget is not None:
         parse_size(args.memory_budget)
     return run_chat(args.model, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
-                    streaming=_streaming(args), experts=_experts(args), system=args.system, **sampling)
+                    streaming=_streaming(args), experts=_experts(args), speculative=_speculative(args),
+                    system=args.system, **sampling)
 
 
 def cmd_run(args) -> int:
@@ -157,7 +177,7 @@ def cmd_run(args) -> int:
     prompt, sampling = _prompt(args), _sampling(args)
     read0 = device_read_bytes()
     model = flashlm.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
-                         streaming=_streaming(args), experts=_experts(args))
+                         streaming=_streaming(args), experts=_experts(args), speculative=_speculative(args))
     with model:
         warn_context(model, args.model)
         if args.raw or not model.has_chat_template:
@@ -181,6 +201,8 @@ def cmd_run(args) -> int:
                   f"read from disk {read / 1e6:.1f} MB | load {model.load_seconds:.2f} s | "
                   f"threads {model.threads}", file=sys.stderr)
             _print_stream_stats(model.take_stats(), model.expert_prefetch)
+            if last.speculation is not None:
+                print(last.speculation.describe(), file=sys.stderr)
     return 0
 
 
@@ -213,6 +235,9 @@ def cmd_serve(args) -> int:
 
     if args.parallel < 1:
         raise InvalidArgumentError(f"--parallel must be at least 1, got {args.parallel}")
+    if args.draft is not None:
+        raise InvalidArgumentError("--draft: the server's batch engine does not speculate yet; "
+                                   "use it with `flashlm run` or `flashlm chat`")
     if not 0 <= args.port <= 65535:
         raise InvalidArgumentError(f"--port must be in [0, 65535], got {args.port}")
     if args.n_predict is not None and args.n_predict < 1:

@@ -61,11 +61,12 @@ class MemoryPlan:
     expert_bytes: int = 0
     sequences: int = 1  # KV caches in `kv` (sequences decoded together)
     prompt_cache: int = 0
+    draft: int = 0  # a speculative draft model, resident (its weights and KV cache)
 
     @property
     def fixed(self) -> int:
         """Everything but the cache and the spill buffer."""
-        return self.resident + self.predictor + self.kv + self.prompt_cache + self.buffers
+        return self.resident + self.predictor + self.kv + self.prompt_cache + self.draft + self.buffers
 
     @property
     def n_ff(self) -> int:
@@ -80,12 +81,12 @@ class MemoryPlan:
         """The plan as `flashlm info` prints it."""
         kv = "KV cache" if self.sequences == 1 else f"KV cache ({self.sequences} seq)"
         rows = [("resident weights", self.resident), ("predictor", self.predictor), (kv, self.kv),
-                ("prompt cache", self.prompt_cache), ("buffers, tokenizer", self.buffers)]
+                ("prompt cache", self.prompt_cache), ("draft model", self.draft), ("buffers, tokenizer", self.buffers)]
         if self.cache:
             rows.append((self.cache, self.cache_bytes))
         if self.spill:
             rows.append(("spill buffer", self.spill))
-        rows = [(n, b) for n, b in rows if b or n not in ("predictor", "prompt cache")]
+        rows = [(n, b) for n, b in rows if b or n not in ("predictor", "prompt cache", "draft model")]
         out = [f"memory plan for a budget of {format_size(self.budget)} (minimum {format_size(self.minimum)}):"]
         out += [f"  {name:<18} {format_size(n):>10}" for name, n in rows]
         left = self.budget - self.fixed - self.cache_bytes - self.spill
@@ -97,21 +98,22 @@ class MemoryPlan:
 
 def plan_budget(budget: int, n_ctx: int, *, resident: int, kv: int, buffers: int, predictor: int = 0,
                 sizing: CacheSizing | None = None, advice: str = "raise the budget or lower n_ctx",
-                sequences: int = 1, prompt_cache: int = 0) -> MemoryPlan:
+                sequences: int = 1, prompt_cache: int = 0, draft: int = 0) -> MemoryPlan:
     """Divide `budget` bytes; FlashLMError naming the minimum when it is below (with
     `advice`: what the user can do). kv: one sequence's KV cache; `sequences` of them."""
     kv *= sequences
-    fixed = resident + predictor + kv + prompt_cache + buffers
+    fixed = resident + predictor + kv + prompt_cache + draft + buffers
     least = sizing.least if sizing is not None else 0
     minimum = fixed + least
     if budget < minimum:
         what = f", {sizing.least_what}" if sizing is not None else ""
         seqs = f" x {sequences} sequences" if sequences > 1 else ""
         pc = f", prompt cache {format_size(prompt_cache)}" if prompt_cache else ""
+        pc += f", draft model {format_size(draft)}" if draft else ""
         raise FlashLMError(f"memory budget {format_size(budget)} is below the minimum {format_size(minimum)} for this "
                            f"model at n_ctx={n_ctx}{seqs} (resident weights {format_size(resident)}, KV cache "
                            f"{format_size(kv)}{pc}{what}); {advice}")
-    extra = dict(sequences=sequences, prompt_cache=prompt_cache)
+    extra = dict(sequences=sequences, prompt_cache=prompt_cache, draft=draft)
     if sizing is None:
         return MemoryPlan(budget, resident, kv, buffers, minimum, fixed, predictor, **extra,
                           holds="every weight resident (`flashlm convert --flash OUT` makes a layout whose FFN streams)")

@@ -177,13 +177,71 @@ class MoEFFN:
         return None
 
     def __call__(self, h: np.ndarray) -> np.ndarray:
-        if h.shape[0] == 1:
+        if h.shape[0] == 1 and getattr(self.experts, "memory_only", False):
+            out, shared = self._cached_only(h), _shared_expert(self.store, self.cfg, self.layer, h, self.gelu)
+        elif h.shape[0] == 1:
             out, shared = self._decode(h)
         else:
             out = self._prefill(h)
             shared = _shared_expert(self.store, self.cfg, self.layer, h, self.gelu)
         if shared is not None:
             out += shared
+        return out
+
+    def _cached_only(self, h: np.ndarray) -> np.ndarray:
+        """A self-draft's routed experts for one token (speculate.py): the chosen ones the
+        cache holds, and for each one it lacks, the most probable cached expert not
+        chosen, with the missing one's weight (else skipped). Nothing is read, and the
+        cache does not learn from it."""
+        store, experts, cfg, layer = self.store, self.experts, self.cfg, self.layer
+        x = np.ascontiguousarray(h[0], dtype=np.float32)
+        ids, w, p = route_one(store, cfg, layer, x)
+        _, _, ok = experts.cached(layer, ids)
+        if not ok.all():
+            others = np.argsort(-p, kind="stable")
+            others = others[~np.isin(others, ids)]
+            _, _, held = experts.cached(layer, others)
+            subs = others[held][:int((~ok).sum())]
+            ids = np.concatenate([ids[ok], subs])
+            w = np.concatenate([w[ok], w[~ok][:len(subs)]]).astype(np.float32)
+        buf, offs, ok = experts.cached(layer, ids)
+        out = np.zeros((1, cfg.n_embd), dtype=np.float32)
+        if len(ids):
+            shapes, qts = experts.layout(layer)
+            M.moe_decode(buf, np.ascontiguousarray(offs), shapes, qts, x, np.ascontiguousarray(w), self.gelu,
+                         F16_TABLE, numba.get_num_threads(), _all_rows(max(shapes[0, 0], cfg.n_embd)), out[0])
+        return out
+
+    def rows(self, h: np.ndarray) -> np.ndarray:
+        """Tokens h (T, n_embd) decoded in one pass (a speculative verification): row t
+        is what a decode step gives token t alone (its routing, its experts' products
+        in the same compiled call), the union of their experts located, so read, once.
+        A union larger than the expert cache runs token by token."""
+        store, experts, cfg, layer, gelu = self.store, self.experts, self.cfg, self.layer, self.gelu
+        xs = np.ascontiguousarray(h, dtype=np.float32)
+        ids, w, p = route_rows(store, cfg, layer, xs)
+        union, inv = np.unique(ids, return_inverse=True)
+        cache = getattr(experts, "cache", None)
+        if h.shape[0] == 1 or (cache is not None and len(union) > len(cache.key_in)):
+            return np.concatenate([self(h[t:t + 1]) for t in range(h.shape[0])])
+        if self.on_route is not None:
+            self.on_route(layer, ids, w, p)
+        experts.begin_layer(layer, ids, p)
+        shapes, qts = experts.layout(layer)
+        out = np.zeros((h.shape[0], cfg.n_embd), dtype=np.float32)
+        rows = _all_rows(max(shapes[0, 0], cfg.n_embd))
+        try:
+            buf, offs = experts.locate(layer, union)
+            inv = inv.reshape(ids.shape)
+            for t in range(h.shape[0]):
+                M.moe_decode(buf, offs[inv[t]], shapes, qts, xs[t], w[t], gelu, F16_TABLE, numba.get_num_threads(),
+                             rows, out[t])
+        finally:
+            experts.end_layer(layer)
+        for t in range(h.shape[0]):
+            shared = _shared_expert(store, cfg, layer, h[t:t + 1], gelu)
+            if shared is not None:
+                out[t] += shared[0]
         return out
 
     def _prefill(self, h: np.ndarray) -> np.ndarray:

@@ -311,6 +311,18 @@ class StreamedExperts(ExpertReads):
         return (f"experts streamed into a cache of {self.cache.n_slots:,} ({self.cache.policy}; prefetch "
                 f"{self.prefetch_state()}; {'bundled' if self.bundle is not None else 'from the GGUF'})")
 
+    memory_only = False  # a self-draft's passes: the cached experts only, nothing read (speculate.py)
+
+    def cached(self, layer: int, ids) -> tuple:
+        """(the pool, (k, 3) byte offsets, (k,) mask) of experts ids that the cache holds
+        now, read in full (none in flight); reads, pins and evicts nothing."""
+        keys = np.asarray(ids, dtype=np.int64) + layer * self.cfg.n_expert
+        slots = self.cache.slot_of[keys]
+        ok = (slots >= 0) & np.array([k not in self.pending for k in keys.tolist()], dtype=bool)
+        if self._missing is not None:
+            ok &= ~np.isin(keys, self._missing)
+        return self._flat, self._slot_offs[np.where(ok, slots, 0)], ok
+
     def take_pass(self) -> TokenStats:
         """What the cache read and held since the last call (the model's last pass)."""
         out, self.totals = self.totals, TokenStats()

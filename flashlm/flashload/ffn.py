@@ -18,5 +18,8 @@ class NeuronFFN:
     def __call__(self, h: np.ndarray) -> np.ndarray:
         return self.store.ffn_forward(self.layer, h, self.gelu)
 
+    def rows(self, h: np.ndarray) -> np.ndarray:
+        return self.store.ffn_rows(self.layer, h, self.gelu)
+
     def weights(self) -> None:
         return None

@@ -193,8 +193,12 @@ class FlashStore(HotTails, WeightStore):
 
     # -- the FFN ------------------------------------------------------------------------
 
+    memory_only = False  # a self-draft's passes: the neurons held in memory only, nothing read (speculate.py)
+
     def ffn_forward(self, i: int, h: np.ndarray, gelu: bool) -> np.ndarray:
         """Layer i's FFN of h (T, n_embd) -> (T, n_embd)."""
+        if self.memory_only and h.shape[0] == 1:
+            return self._ffn_in_memory(i, np.ascontiguousarray(h[0], dtype=np.float32), gelu)
         if i == 0:
             self._begin_pass(h.shape[0])
         st = self.current
@@ -202,13 +206,10 @@ class FlashStore(HotTails, WeightStore):
             return self._dense(i, h, gelu, st)
         x = np.ascontiguousarray(h[0], dtype=np.float32)
         lb, win = self.plans[i], self.windows[i]
-        if self.predictor is None:
-            needed, g = np.arange(lb.n_ff), None
-        else:
-            needed, g = self.predictor.select(i, x, self.settings.keep, gelu)  # sorted ids; exact gate or None
+        needed, g = self._select(i, x, gelu)
         t1 = time.perf_counter()
         if self.hot:
-            return self._ffn_hot(i, x, needed, g, gelu, t1)
+            return self._ffn_hot(i, x[None], [(needed, g)], gelu, t1)
         slots, missed = win.place(needed, self.t, self.settings.window)
         kept = slots >= 0
         st.neurons_needed += len(needed)
@@ -235,38 +236,80 @@ class FlashStore(HotTails, WeightStore):
         self._ffn_rows(win.refs(), x, slots, g, gelu, out, st)
         return out.reshape(1, -1)
 
-    def _ffn_hot(self, i: int, x: np.ndarray, needed: np.ndarray, g, gelu: bool, t1: float) -> np.ndarray:
-        """One token's FFN with a hot window: the neurons below its capacity are held (the
-        first use reads them, in one large read, for good); the rest are read straight
-        from the file into the tail buffer and multiplied where they landed, the down
-        products of both in one sum in neuron order (kernels_cpu.matvec_t_split): the output does not depend
-        on the capacity, so neither on the budget nor on the plan's measurements."""
+    def ffn_rows(self, i: int, h: np.ndarray, gelu: bool) -> np.ndarray:
+        """Layer i's FFN of T tokens decoded in one pass (a speculative verification's):
+        row t is what ffn_forward gives token t alone, from its own predicted neurons,
+        and the union of their records is read once. Sliding windows (hot=False), whose
+        spill buffer takes one token's neurons, run the rows one by one."""
+        if h.shape[0] == 1 or not self.hot:
+            return np.concatenate([self.ffn_forward(i, h[t:t + 1], gelu) for t in range(h.shape[0])])
+        if i == 0:
+            self.t += h.shape[0]
+        xs = np.ascontiguousarray(h, dtype=np.float32)
+        sel = [self._select(i, x, gelu) for x in xs]
+        return self._ffn_hot(i, xs, sel, gelu, time.perf_counter())
+
+    def _ffn_in_memory(self, i: int, x: np.ndarray, gelu: bool) -> np.ndarray:
+        """A self-draft's FFN of one token: its predicted neurons that layer i's window
+        holds (a hot window's first neurons, or a sliding window's rows), the others
+        skipped. Nothing is read, and the window does not change."""
+        win = self.windows[i]
+        needed, g = self._select(i, x, gelu)
+        if self.hot:
+            rows = needed[:int(np.searchsorted(needed, win.n))]  # hot windows fill in order: row = neuron
+            keep = slice(0, len(rows))
+        else:
+            slots = win.slot_of[needed]
+            keep = slots >= 0
+            rows = slots[keep]
+        out = np.zeros((1, self.plans[i].n_embd), dtype=np.float32)
+        if len(rows):
+            self._ffn_rows(win.refs(), x, rows, None if g is None else g[keep], gelu, out[0], self.current)
+        return out
+
+    def _select(self, i: int, x: np.ndarray, gelu: bool) -> tuple:
+        """The neurons token x needs in layer i (sorted ids), and their exact gate values
+        where the predictor computed them (else None)."""
+        if self.predictor is None:
+            return np.arange(self.plans[i].n_ff), None
+        return self.predictor.select(i, x, self.settings.keep, gelu)
+
+    def _ffn_hot(self, i: int, xs: np.ndarray, sel: list, gelu: bool, t1: float) -> np.ndarray:
+        """The FFN of tokens xs (T, n_embd), token t needing sel[t] = (neurons, gate values
+        or None), with a hot window: the neurons below its capacity are held (the first
+        use reads them, in one large read, for good); the rest, the union of the
+        tokens', are read straight from the file into the tail buffer once and
+        multiplied where they landed. Each token's down products are one sum over its
+        needed rows in neuron order, held or not (kernels_cpu.matvec_t_split): its row
+        depends neither on the capacity (so neither on the budget nor on the plan's
+        measurements) nor on the tokens beside it."""
         st, lb, win = self.current, self.plans[i], self.windows[i]
         first = win.cap and win.cache.key_in[-1] < 0  # not full (hot windows fill in order)
         if first:  # first use (or one that failed): read now, in prefill-sized chunks (bounded buffers)
             for c0 in range(win.n, win.cap, PREFILL_NEURONS):
                 ids = np.arange(c0, min(win.cap, c0 + PREFILL_NEURONS))
                 self._load(win, ids, win.hold(ids))
-        cut = int(np.searchsorted(needed, win.cap))
-        st.neurons_needed += len(needed)
+        union = sel[0][0] if len(sel) == 1 else np.unique(np.concatenate([n for n, _ in sel]))
+        cut = int(np.searchsorted(union, win.cap))
+        st.neurons_needed += len(union)
         st.neuron_hits += 0 if first else cut
         st.bookkeeping_s += time.perf_counter() - t1
-        out = np.zeros(lb.n_embd, dtype=np.float32)
+        out = np.zeros((len(sel), lb.n_embd), dtype=np.float32)
         held = win.refs()
         if win.cap == lb.n_ff:  # every neuron held: row = neuron
-            self._ffn_rows(held, x, needed, g, gelu, out, st)
-            return out.reshape(1, -1)
-        tail = self._read_tail(i, needed[cut:])  # also with none needed: it starts the next layer's reads
-        coef = np.empty(len(needed), dtype=np.float32)
-        if cut:
-            coef[:cut] = self._coef(held, x, needed[:cut], None if g is None else g[:cut], gelu)
-        if cut < len(needed):
-            coef[cut:] = self._coef(tail, x, needed[cut:] - win.cap, None if g is None else g[cut:], gelu)
-        # the down products in one sum over the needed rows in neuron order, wherever they lie
-        # (window or tail): not one per buffer, whose sum would change with the capacity, which
-        # the plan draws from the budget and a measured RSS (logits changed between loads)
-        K.matvec_t_split(coef, held[2].data, tail[2].data, win.cap, int(lb.types[2]), needed, out)
-        return out.reshape(1, -1)
+            for x, (needed, g), o in zip(xs, sel, out):
+                self._ffn_rows(held, x, needed, g, gelu, o, st)
+            return out
+        tail = self._read_tail(i, union[cut:])  # also with none needed: it starts the next layer's reads
+        for x, (needed, g), o in zip(xs, sel, out):
+            c = int(np.searchsorted(needed, win.cap))
+            coef = np.empty(len(needed), dtype=np.float32)
+            if c:
+                coef[:c] = self._coef(held, x, needed[:c], None if g is None else g[:c], gelu)
+            if c < len(needed):
+                coef[c:] = self._coef(tail, x, needed[c:] - win.cap, None if g is None else g[c:], gelu)
+            K.matvec_t_split(coef, held[2].data, tail[2].data, win.cap, int(lb.types[2]), needed, o)
+        return out
 
     def _ffn_rows(self, refs, x, rows, g, gelu: bool, out: np.ndarray, st: TokenStats) -> None:
         """out += the FFN's part from rows `rows` of refs (gate, up, down_t), given their

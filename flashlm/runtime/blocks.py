@@ -343,15 +343,31 @@ class FusedDecoder:
         n_layer, n_kv, capacity, head_dim) uint16 (float16 bits, as KVCache.k16): each
         weight read once for all B, each row's logits and KV those `step` gives that
         sequence alone, bit for bit."""
-        toks, pos, slots = self._batch_args(toks, pos, slots, kv_pool_k16, kv_pool_v16)
+        args = self._batch_args(toks, pos, slots, kv_pool_k16, kv_pool_v16)
+        return self._rows(*args, kv_pool_k16, kv_pool_v16)
+
+    def verify(self, toks, pos0: int, kv) -> np.ndarray:
+        """Logits (T, n_vocab) float32 of one sequence's tokens toks (T,) at positions
+        pos0, pos0 + 1, ... in one pass (a speculative verification of drafted tokens):
+        each weight read once for all T, row t and the keys and values at pos0 + t what
+        `step` gives token t after the ones before it, bit for bit (inside each layer
+        the rows run in order, each attending to what the rows before it wrote)."""
+        kv.reserve(pos0 + len(toks))
+        pk, pv = kv.k16[None], kv.v16[None]
+        pos = pos0 + np.arange(len(toks), dtype=np.int64)
+        args = self._batch_args(toks, pos, np.zeros(len(toks), dtype=np.int64), pk, pv, chain=True)
+        return self._rows(*args, pk, pv)
+
+    def _rows(self, toks, pos, slots, pk, pv) -> np.ndarray:
         logits = np.empty((len(toks), self.cfg.n_vocab), dtype=np.float32)
-        D.decode_batch(toks, pos, slots, self.arena, self.mats, self.qt, self.vecs, self.swa, kv_pool_k16,
-                       kv_pool_v16, self.arch, numba.get_num_threads(), F16_TABLE, self.all_rows, logits)
+        D.decode_batch(toks, pos, slots, self.arena, self.mats, self.qt, self.vecs, self.swa, pk, pv, self.arch,
+                       numba.get_num_threads(), F16_TABLE, self.all_rows, logits)
         return logits
 
-    def _batch_args(self, toks, pos, slots, pk: np.ndarray, pv: np.ndarray) -> tuple:
+    def _batch_args(self, toks, pos, slots, pk: np.ndarray, pv: np.ndarray, chain: bool = False) -> tuple:
         """toks, pos, slots as int64 arrays, checked against the pools (the compiled kernels
-        index them unchecked: this is what keeps their writes inside)."""
+        index them unchecked: this is what keeps their writes inside). chain: rows may
+        share a slot, in the order of their positions (one sequence's consecutive tokens)."""
         cfg = self.cfg
         toks, pos, slots = (np.ascontiguousarray(a, dtype=np.int64).reshape(-1) for a in (toks, pos, slots))
         lead = (cfg.n_layer, cfg.n_head_kv)
@@ -369,7 +385,9 @@ class FusedDecoder:
             raise InvalidArgumentError(f"token ids must be in [0, {cfg.n_vocab})")
         if pos.min() < 0 or pos.max() >= pk.shape[3]:
             raise ContextLengthError(f"positions must be in [0, {pk.shape[3]}) (the pool's capacity)")
-        if slots.min() < 0 or slots.max() >= pk.shape[0] or len(np.unique(slots)) != len(slots):
+        if chain and (len(np.unique(slots)) != 1 or (np.diff(pos) != 1).any()):
+            raise InvalidArgumentError("a chain of rows is one slot's consecutive positions")
+        if slots.min() < 0 or slots.max() >= pk.shape[0] or (not chain and len(np.unique(slots)) != len(slots)):
             raise InvalidArgumentError(f"slots must be distinct, in [0, {pk.shape[0]})")
         return toks, pos, slots
 
@@ -401,24 +419,19 @@ class LayerDecoder(FusedDecoder):
         D.decode_head(x, ar, m, qt, vecs, a, nt, F16_TABLE, rows, logits)
         return logits
 
-    def step_batch(self, toks, pos, slots, kv_pool_k16: np.ndarray, kv_pool_v16: np.ndarray) -> np.ndarray:
-        """FusedDecoder.step_batch around FFNs that run in Python: the attention of all B
-        rows in one compiled call per layer; the FFN row by row (a strategy given several
-        rows computes them as a prefill does: all neurons, or each expert as a GEMM, not
-        what it computes for one token)."""
-        toks, pos, slots = self._batch_args(toks, pos, slots, kv_pool_k16, kv_pool_v16)
+    def _rows(self, toks, pos, slots, pk, pv) -> np.ndarray:
+        """FusedDecoder's rows around FFNs that run in Python: the attention of all rows in
+        one compiled call per layer; the FFN strategy's `rows` (each row its token's alone,
+        what streams read once for all)."""
         nt = numba.get_num_threads()
         x = np.empty((len(toks), self.cfg.n_embd), dtype=np.float32)
         h = np.empty_like(x)
-        o = np.empty_like(x)
         logits = np.empty((len(toks), self.cfg.n_vocab), dtype=np.float32)
         ar, m, qt, vecs, a, rows = self.arena, self.mats, self.qt, self.vecs, self.arch, self.all_rows
         D.decode_embed_batch(toks, ar, m, qt, a, F16_TABLE, x)
         for i in range(self.cfg.n_layer):
-            D.decode_attn_batch(i, pos, slots, x, h, ar, m, qt, vecs, self.swa, kv_pool_k16, kv_pool_v16, a, nt,
-                                F16_TABLE, rows)
-            for b in range(len(toks)):
-                o[b] = self.layer_ffn[i](h[b:b + 1])[0]
+            D.decode_attn_batch(i, pos, slots, x, h, ar, m, qt, vecs, self.swa, pk, pv, a, nt, F16_TABLE, rows)
+            o = np.ascontiguousarray(self.layer_ffn[i].rows(h), dtype=np.float32)
             D.decode_add_ffn(i, o, x, vecs, a)
         D.decode_head_batch(x, ar, m, qt, vecs, a, nt, F16_TABLE, rows, logits)
         return logits

@@ -3,6 +3,10 @@
 A layer's FFN is an object the loader (loader.py) chose for it:
 
     ffn(h)          (T, n_embd) float32 -> (T, n_embd): the FFN before any post-norm
+                    (one row: a decode step's; several: a prefill's, computed as one)
+    ffn.rows(h)     several tokens decoded in one pass (a speculative verification):
+                    each row what ffn(h[t:t+1]) gives, and what streams is read once
+                    for all of them (the union of their neurons or experts)
     ffn.weights()   the resident (gate, up, down) TensorRefs the compiled decode step
                     may read straight from the mapping, or None: it runs in Python
                     between the compiled attention calls (blocks.LayerDecoder)
@@ -31,6 +35,8 @@ class FFN(Protocol):
 
     def __call__(self, h: np.ndarray) -> np.ndarray: ...
 
+    def rows(self, h: np.ndarray) -> np.ndarray: ...
+
     def weights(self) -> tuple | None: ...
 
 
@@ -48,6 +54,9 @@ class DenseFFN:
         gate, up, down = self.refs
         g, u = K.linear_many(h, [gate, up])
         return K.linear(K.glu(g, u, self.gelu), down)
+
+    def rows(self, h: np.ndarray) -> np.ndarray:
+        return np.concatenate([self(h[t:t + 1]) for t in range(h.shape[0])])
 
     def weights(self) -> tuple:
         return self.refs

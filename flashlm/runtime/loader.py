@@ -38,6 +38,7 @@ from .config import check_tensors, config_from_gguf, config_from_hf
 from .ffn import DenseFFN
 from .model import Model
 from .models import model_class
+from .speculate import ModelDraft, Speculation
 from .tokenizer import HFTokenizer, LlamaCppTokenizer
 from .warmup import warm_kernels_for
 
@@ -46,24 +47,48 @@ _TOKENIZER_BYTES: dict[str, int] = {}  # per model file: the RSS its tokenizer t
 
 def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
                memory_budget: str | int | None = None, streaming=None, experts: dict | None = None,
-               parallel: int = 1, cache_ram: str | int = 0) -> Model:
+               parallel: int = 1, cache_ram: str | int = 0, speculative=None) -> Model:
     """The model in file or folder `path`, composed for these options (flashlm.load's), its
     kernels loaded (or compiled where numba's cache lacks them: a bar on stderr). A status
     line on stderr says what loads while that takes more than a second."""
     t0 = time.perf_counter()
+    spec = Speculation.parse(speculative)
+    draft = None
+    if spec is not None and spec.source.startswith("model:"):  # loaded first: the plan counts it
+        from ..formats.registry import resolve
+
+        draft = load_model(resolve(spec.source[len("model:"):]), n_ctx=n_ctx, n_threads=n_threads)
     with progress.task(f"loading {Path(path).name}", delay=1.0):
-        model = _compose(path, n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget, streaming=streaming,
-                         experts=experts, parallel=parallel, cache_ram=cache_ram)
         try:
+            model = _compose(path, n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget, streaming=streaming,
+                             experts=experts, parallel=parallel, cache_ram=cache_ram,
+                             draft=0 if draft is None else _draft_bytes(draft))
+        except BaseException:
+            if draft is not None:
+                draft.close()
+            raise
+        try:
+            if draft is not None:
+                model._drafters[spec.source] = ModelDraft(draft, model.tokenizer, spec.source[len("model:"):])
+            model.speculation = spec
+            if spec is not None:
+                model.drafter(spec)  # 'self' on a model held in memory is refused here
             warm_kernels_for(model)
         except BaseException:
+            if draft is not None and spec.source not in model._drafters:
+                draft.close()
             model.close()
             raise
     model.load_seconds = time.perf_counter() - t0
     return model
 
 
-def _compose(path, *, n_ctx, n_threads, memory_budget, streaming, experts, parallel, cache_ram) -> Model:
+def _draft_bytes(draft: Model) -> int:
+    """What a resident draft model takes: its weights and its KV cache."""
+    return draft.store.resident_bytes + draft.n_ctx * draft.config.kv_bytes_per_token // 2
+
+
+def _compose(path, *, n_ctx, n_threads, memory_budget, streaming, experts, parallel, cache_ram, draft=0) -> Model:
     path = Path(path)
     opened = []  # what to close, last first, if loading fails
     try:
@@ -75,7 +100,7 @@ def _compose(path, *, n_ctx, n_threads, memory_budget, streaming, experts, paral
             raise InvalidArgumentError(f"n_threads must be a positive integer, got {n_threads!r}")
         if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
             raise InvalidArgumentError(f"parallel must be a positive integer, got {parallel!r}")
-        sequences = dict(sequences=parallel, prompt_cache=parse_size(cache_ram) if cache_ram else 0)
+        sequences = dict(sequences=parallel, prompt_cache=parse_size(cache_ram) if cache_ram else 0, draft=draft)
         threads = kernels_cpu.set_threads(n_threads) if n_threads else AutoThreads(kernels_cpu.set_threads(_cores()))
         store = FlashStore(file, _stream_settings(streaming)) if flash else WeightStore(file)
         opened[-1] = store  # closing the store closes the file

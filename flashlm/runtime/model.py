@@ -7,6 +7,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +20,7 @@ from .autothreads import AutoThreads
 from .blocks import Cancelled, Context, KVCache
 from .output import Chunk, Sequence
 from .sampler import Sampler, SamplingParams
+from .speculate import Adaptive, Speculation, SpecStats
 
 PREFILL_CHUNK = 128  # tokens per prefill forward pass
 
@@ -61,6 +63,9 @@ class Model:
         self._state = threading.Lock()  # guards _running and the cancel event between threads
         self._running = None  # the generation running, if any
         self._pending: weakref.WeakSet = weakref.WeakSet()  # generations made by stream(), not finished
+        self.speculation: Speculation | None = None  # stream()'s default (load(speculative=...))
+        self._drafters: dict = {}  # draft source -> its drafter (speculate.py), made on first use
+        self.spec_stats = SpecStats()  # speculation since loading, all generations
 
     # -- basics -------------------------------------------------------------------
 
@@ -123,6 +128,9 @@ class Model:
             self.tokenizer.close()
         if self.experts is not None:
             self.experts.close()
+        for d in self._drafters.values():
+            d.close()
+        self._drafters = {}
         self.store.close()
         self._rss.close()
         self._ctx = None
@@ -240,14 +248,16 @@ class Model:
         return self.tokenizer.encode(text, add_special=add_special)
 
     def stream(self, prompt: str | list[int], max_tokens: int = 256, stop: list[str] | str | None = None,
-               grammar=None, **sampling) -> Iterator[Chunk]:
+               grammar=None, speculative=None, **sampling) -> Iterator[Chunk]:
         """Generate from prompt (text, or token ids), yielding Chunks as text arrives.
 
         Sampling: temperature (0 = greedy), top_k, top_p, min_p, repeat_penalty,
         repeat_last_n, seed. Stops at an end-of-generation token, a stop string (never
         shown), max_tokens, or a full context. grammar: a runtime.constrain.Grammar the
         output keeps to (e.g. json_schema_grammar(schema, m.tokenizer)); it stops where
-        the grammar is complete.
+        the grammar is complete. speculative: a draft source ("ngram", "model:PATH",
+        "self"), a dict of speculate.Speculation's fields, or False; default the one
+        load() was given (runtime/speculate.py). Greedy output is the same with it.
         """
         unknown = set(sampling) - _SAMPLING_KEYS
         if unknown:
@@ -263,6 +273,9 @@ class Model:
         self._check_tokens(tokens)
         gen = _Generation()
         gen.grammar = grammar
+        gen.spec = self.speculation if speculative is None else Speculation.parse(speculative)
+        if gen.spec is not None:
+            self.drafter(gen.spec)  # a bad source fails here, not at the first token
         self._pending.add(gen)  # from here, not from its first chunk: a cancel() in between holds
         return self._generate(gen, tokens, sampler, max_tokens, stops)
 
@@ -347,6 +360,62 @@ class Model:
         ends = range(c0 + PREFILL_CHUNK, len(tokens), PREFILL_CHUNK)
         return self._extend(ctx, tokens[keep:], [0] + [e - keep for e in ends]), keep
 
+    def drafter(self, spec: Speculation):
+        """The draft source of spec (speculate.py), made on first use and kept. A draft
+        model is loaded with the model (load's speculative=), where the plan counts it."""
+        from .speculate import NgramDraft, SelfDraft
+
+        d = self._drafters.get(spec.source)
+        if d is None:
+            if spec.source == "ngram":
+                d = NgramDraft()
+            elif spec.source == "self":
+                d = SelfDraft(self)
+            else:
+                raise InvalidArgumentError(f"draft {spec.source!r} is not loaded: a draft model is loaded with the "
+                                           f"model, flashlm.load(..., speculative={spec.source!r}) (or --draft)")
+            self._drafters[spec.source] = d
+        return d
+
+    def _verify(self, ctx: Context, toks: list[int]) -> np.ndarray:
+        """Run toks after ctx's tokens in one pass: logits (T, n_vocab), row t what a decode
+        step gives toks[t] after the ones before it, bit for bit (a speculative
+        verification; blocks.FusedDecoder.verify)."""
+        if self.model.cancel_event.is_set():
+            raise Cancelled()
+        kernels_cpu.set_threads(self.n_threads)
+        t0 = time.perf_counter()
+        pos = len(ctx.tokens)
+        fused = self.model.fused
+        if fused is not None:
+            logits = fused.verify(toks, pos, ctx.kv)
+            ctx.kv.pos = pos + len(toks)
+        else:
+            logits = np.concatenate([self.model.forward(np.array([t]), pos + j, ctx.kv) for j, t in enumerate(toks)])
+        ctx.tokens += toks
+        ctx.exact = min(ctx.exact, pos)
+        st = self._record(len(toks), False, t0)
+        if self._unreported is not None:
+            self._unreported.append(st)
+        return logits
+
+    def _next(self, ctx: Context, tok: int, seq: Sequence, spec, adapt) -> tuple[list, list, float]:
+        """Run tok after ctx's tokens, and with speculation the tokens drafted after it:
+        (rows of logits, the drafted tokens the rows after the first check, the seconds
+        drafting and the pass took)."""
+        t0 = time.perf_counter()
+        if spec is not None and adapt.speculate():
+            k = min(adapt.k, self.n_ctx - len(ctx.tokens) - 1, seq.max_tokens - len(seq.generated))
+            drafts = self._drafters[spec.source].propose(ctx.tokens + [tok], k, ctx) if k >= spec.draft_min else []
+            if len(drafts) >= spec.draft_min:
+                rows = list(self._verify(ctx, [tok] + drafts))
+                return rows, drafts, time.perf_counter() - t0
+        logits = self._extend(ctx, [tok], [0])
+        dt = time.perf_counter() - t0
+        if adapt is not None:
+            adapt.plain(dt)
+        return [logits], [], dt
+
     def _generate(self, gen, tokens, sampler, max_tokens, stops) -> Iterator[Chunk]:
         try:
             with self._exclusive():
@@ -370,16 +439,28 @@ class Model:
             self._running = gen
             if gen.cancelled:
                 self.model.cancel_event.set()
+        spec, ctx = gen.spec, self._ctx
+        adapt = Adaptive(spec) if spec is not None else None
+        gen.stats = SpecStats()
         try:
-            logits, n_cached = self._prefill(self._ctx, tokens)
+            logits, n_cached = self._prefill(ctx, tokens)
             pp_speed = (len(tokens) - n_cached) / max(time.perf_counter() - t_prompt, 1e-9)
+            rows, drafts, seconds = [logits], [], 0.0
             while True:
-                piece, tok = seq.advance(logits)
-                if piece or seq.out.stopped:
-                    yield chunk(piece, tok, None)
+                base = len(ctx.tokens) - len(rows)  # before the token the rows ran after
+                for i, row in enumerate(rows):
+                    draft = drafts[i] if i < len(drafts) else None
+                    piece, tok = seq.advance(row, draft)
+                    if piece or seq.out.stopped:
+                        yield chunk(piece, tok, None)
+                    if seq.finish or tok != draft:
+                        break
+                if drafts:  # keep the keys and values of the accepted drafts, drop the rest
+                    ctx.truncate(base + 1 + i)
+                    self._speculated(gen.stats, adapt, len(drafts), i, seconds)
                 if seq.finish:
                     break
-                logits = self._extend(self._ctx, [tok], [0])
+                rows, drafts, seconds = self._next(ctx, tok, seq, spec, adapt)
         except Cancelled:
             seq.finish = "cancelled"
         finally:
@@ -390,12 +471,30 @@ class Model:
         if rest:
             yield chunk(rest, None, None)
         last = chunk("", None, seq.finish)
+        if gen.stats.passes:
+            last = replace(last, speculation=gen.stats)
         self._unreported = None
         yield last
+
+    def _speculated(self, stats: SpecStats, adapt, drafted: int, accepted: int, dt: float) -> None:
+        """Count a round of drafting and verification that took dt seconds (into the
+        generation's and the model's SpecStats, and the adaptive draft length)."""
+        adapt.round(drafted, accepted, dt, accepted + 1)
+        last = self._passes[-1]
+        for s in (stats, self.spec_stats):
+            s.passes += 1
+            s.drafted += drafted
+            s.accepted += accepted
+            s.produced += accepted + 1
+            s.bytes_read += last.bytes_read
+            s.verify_seconds += last.seconds
+            s.draft_seconds += dt - last.seconds
 
 
 class _Generation:
     """One stream() call's generation, until it ends: whether cancel() asked it to stop,
-    and the grammar it keeps to (or None)."""
+    the grammar it keeps to (or None), its speculation (or None) and what that did."""
     cancelled = False
     grammar = None
+    spec = None
+    stats = None

@@ -27,6 +27,7 @@ class Chunk:
     stats: TokenStats | None = None  # the forward passes since the last chunk (TokenStats.total of them)
     n_cached: int = 0  # prompt tokens whose keys and values were reused, not computed
     logprobs: tuple = ()  # with logprobs asked for: one TokenLogprob per token this chunk's text came from
+    speculation: object = None  # the last chunk of a speculative generation: its speculate.SpecStats
 
 
 @dataclass(frozen=True)
@@ -106,13 +107,15 @@ class Sequence:
     def generated(self) -> list[int]:
         return self.out.tokens
 
-    def advance(self, logits: np.ndarray) -> tuple[str, int | None]:
+    def advance(self, logits: np.ndarray, draft: int | None = None) -> tuple[str, int | None]:
         """The next token from logits (n_vocab,), changed in place by the grammar's mask:
-        (text to show now, the token), or ("", None) at an end-of-generation token."""
+        (text to show now, the token), or ("", None) at an end-of-generation token.
+        draft: the token a draft source proposed there (speculate.py; the sampler keeps
+        or replaces it so that the token is distributed as without one)."""
         raw = logits.copy() if self.logprobs is not None and self.matcher is not None else logits
         if self.matcher is not None:
             self.matcher.mask(logits)
-        tok = self.sampler(logits, self.prompt + self.generated)
+        tok = self.sampler(logits, self.prompt + self.generated, draft)
         if tok in self.eog:
             self.finish = "stop"
             return "", None

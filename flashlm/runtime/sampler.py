@@ -48,8 +48,15 @@ class Sampler:
         self.p = params
         self.rng = np.random.default_rng(None if params.seed == -1 else params.seed)
 
-    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
-        """Pick a token from logits (n_vocab,) float32, given the tokens so far."""
+    def __call__(self, logits: np.ndarray, history: list[int], draft: int | None = None,
+                 q: np.ndarray | None = None) -> int:
+        """Pick a token from logits (n_vocab,) float32, given the tokens so far.
+
+        draft: a token a draft source proposed, drawn from its distribution q (n_vocab,)
+        (None: it was certain, as a greedy draft's or prompt lookup's). Greedy picks as
+        without it. A draw keeps the draft with probability min(1, p/q), else draws from
+        norm(max(0, p - q)) (q one-hot: p without the draft): the token is distributed
+        as a plain draw (speculative sampling)."""
         p = self.p
         logits = logits.astype(np.float64)
         if p.repeat_penalty != 1.0 and p.repeat_last_n and history:
@@ -58,6 +65,25 @@ class Sampler:
             logits[recent] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
         if p.temperature == 0:
             return int(np.argmax(logits))
+        idx, probs = self._distribution(logits)
+        if draft is None:
+            return int(idx[self.rng.choice(len(idx), p=probs)])
+        at = np.flatnonzero(idx == draft)
+        p_d = float(probs[at[0]]) if len(at) else 0.0
+        q_d = 1.0 if q is None else float(q[draft])
+        if p_d > 0 and self.rng.random() < min(1.0, p_d / q_d):
+            return int(draft)
+        if q is None:
+            rest = probs.copy()
+            rest[at] = 0.0
+        else:
+            rest = np.maximum(0.0, probs - np.asarray(q, dtype=np.float64)[idx])
+        return int(idx[self.rng.choice(len(idx), p=rest / rest.sum())])
+
+    def _distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates (token ids) and their probabilities after top-k, top-p, min-p and
+        the temperature, from penalized float64 logits."""
+        p = self.p
         # Candidates sorted by logit, best first.
         k = p.top_k if 0 < p.top_k < logits.size else logits.size
         idx = np.argpartition(-logits, k - 1)[:k] if k < logits.size else np.arange(logits.size)
@@ -74,4 +100,4 @@ class Sampler:
         z = cand / p.temperature
         probs = np.exp(z - z.max())
         probs /= probs.sum()
-        return int(idx[self.rng.choice(len(idx), p=probs)])
+        return idx, probs

@@ -32,8 +32,8 @@ def warm_decode_kernels() -> None:
     all-zero model (one layer, width 32, Q8_0), with the argument types real models
     pass: their machine code is then loaded (from numba's cache) as part of an idle
     process, like every other kernel, not at a model's first token."""
-    warm([("decode step", True), ("decode by layer", True), ("prompt steps", True), ("experts", True),
-          ("experts", False), ("routing", True), ("expert cache", True)])
+    warm([("decode step", True), ("decode by layer", True), ("decode batch", True), ("prompt steps", True),
+          ("experts", True), ("experts", False), ("routing", True), ("expert cache", True)])
 
 
 def warm_kernels_for(model) -> None:
@@ -54,6 +54,7 @@ def steps_for(model) -> list[tuple[str, bool]]:
     steps = [("prompt steps", True), ("products", mapped)]
     if lm.fused is not None:
         steps.append(("decode by layer" if isinstance(lm.fused, LayerDecoder) else "decode step", mapped))
+        steps.append(("decode batch", mapped))
     if isinstance(model.store, FlashStore):  # windows in memory; the gate predictor reads the mapping
         steps += [("products", not mapped), ("neuron windows", True)]
     if model.experts is not None:
@@ -131,6 +132,19 @@ def _decode_by_layer(t) -> None:
     D.decode_attn(0, 1, t.x, t.h, t.arena, t.mats, t.qt, t.vecs, t.swa, t.kc, t.vc, t.a, t.nt, F16_TABLE, t.rows)
     D.decode_add_ffn(0, t.o, t.x, t.vecs, t.a)
     D.decode_head(t.x, t.arena, t.mats, t.qt, t.vecs, t.a, t.nt, F16_TABLE, t.rows, t.logits)
+
+
+def _decode_batch(t) -> None:
+    """Several rows' decode step at once (the batch engine's sequences, a speculative
+    verification's drafted tokens), whole and in the pieces around a Python FFN."""
+    pk, pv = t.kc[None], t.vc[None]
+    toks, pos, slots = np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    D.decode_batch(toks, pos, slots, t.arena, t.mats, t.qt, t.vecs, t.swa, pk, pv, t.a, t.nt, F16_TABLE, t.rows,
+                   t.logits[None])
+    D.decode_embed_batch(toks, t.arena, t.mats, t.qt, t.a, F16_TABLE, t.x)
+    D.decode_attn_batch(0, pos, slots, t.x, t.h, t.arena, t.mats, t.qt, t.vecs, t.swa, pk, pv, t.a, t.nt, F16_TABLE,
+                        t.rows)
+    D.decode_head_batch(t.x, t.arena, t.mats, t.qt, t.vecs, t.a, t.nt, F16_TABLE, t.rows, t.logits[None])
 
 
 def _prompt_steps(t) -> None:
@@ -211,6 +225,7 @@ def _expert_cache(t) -> None:
     cache.assign(ids, pin=True)
 
 
-STEPS = {"decode step": _decode_step, "decode by layer": _decode_by_layer, "prompt steps": _prompt_steps,
+STEPS = {"decode step": _decode_step, "decode by layer": _decode_by_layer, "decode batch": _decode_batch,
+         "prompt steps": _prompt_steps,
          "products": _products, "neuron windows": _neuron_windows, "experts": _experts, "routing": _routing,
          "expert cache": _expert_cache}
