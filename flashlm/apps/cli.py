@@ -235,9 +235,6 @@ def cmd_serve(args) -> int:
 
     if args.parallel < 1:
         raise InvalidArgumentError(f"--parallel must be at least 1, got {args.parallel}")
-    if args.draft is not None:
-        raise InvalidArgumentError("--draft: the server's batch engine does not speculate yet; "
-                                   "use it with `flashlm run` or `flashlm chat`")
     if not 0 <= args.port <= 65535:
         raise InvalidArgumentError(f"--port must be in [0, 65535], got {args.port}")
     if args.n_predict is not None and args.n_predict < 1:
@@ -262,7 +259,8 @@ def cmd_serve(args) -> int:
         base = idle_rss(psutil.Process())
         model = flashlm.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads,
                              memory_budget=args.memory_budget, streaming=_streaming(args), experts=_experts(args),
-                             parallel=args.parallel, cache_ram=cache_ram)  # the plan counts both
+                             parallel=args.parallel, cache_ram=cache_ram,  # the plan counts both
+                             speculative=_speculative(args))
         with model:
             warn_context(model, args.model)
             serve(model, sock=sock, api_key=args.api_key, slot_save_path=args.slot_save_path,

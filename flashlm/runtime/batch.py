@@ -12,6 +12,10 @@ llama-server's --cache-ram.
 Each slot runs exactly what Model.stream would: the same prefill, and a batched decode
 step whose rows are bit for bit the single-token step's (kernels_cpu.decode). Greedy
 output at any batch size is the single request's.
+
+With speculation (the model's, load(speculative=...)), a sequence decoding alone
+drafts and verifies as Model.stream does (runtime/speculate.py); several decode
+together in plain batched steps, which already share each weight read among them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..errors import ContextLengthError, FlashLMError, InvalidArgumentError
 from .blocks import Cancelled, Context, SlotPool
 from .output import Chunk, Sequence
 from .sampler import Sampler, SamplingParams
+from .speculate import Adaptive, SpecStats, accept
 
 _SAMPLING_KEYS = set(SamplingParams.__dataclass_fields__)
 
@@ -57,6 +62,7 @@ class Job:
         self.cancelled = False
         self.slot = None
         self.feed = None  # the token the next step runs
+        self.adapt = None  # with speculation: its draft length and whether it pays (speculate.Adaptive)
         self.pp_speed = 0.0
         self.finish_reason = None
         self._q: queue.SimpleQueue = queue.SimpleQueue()
@@ -96,6 +102,10 @@ class Engine:
         if not isinstance(parallel, int) or parallel < 1:
             raise InvalidArgumentError(f"parallel must be a positive integer, got {parallel!r}")
         self.model, self.parallel, self.cache_bytes = model, parallel, int(cache_bytes)
+        self.spec = model.speculation  # a sequence decoding alone speculates with it
+        self.spec_stats = SpecStats()
+        if self.spec is not None:
+            model.drafter(self.spec)
         self.pool = SlotPool(model.config, parallel, model.n_ctx)
         self.slots = [Context(self.pool.slot(i)) for i in range(parallel)]
         self._job_of: list[Job | None] = [None] * parallel
@@ -332,6 +342,8 @@ class Engine:
             jobs = list(self._active)
         if not jobs:
             return
+        if self.spec is not None and len(jobs) == 1 and not self._queue:
+            return self._spec_step(jobs[0])
         m = self.model
         t0 = time.perf_counter()
         try:
@@ -351,6 +363,39 @@ class Engine:
         c["bytes_read"] = m.bytes_read
         for b, j in enumerate(jobs):
             self._next(j, logits[b])
+
+    def _spec_step(self, job: Job) -> None:
+        """A sequence decoding alone: its next token, and the tokens a draft source
+        proposes after it, verified in one pass (Model.stream's way, in its slot)."""
+        m, ctx, seq = self.model, self.slots[job.slot], job.seq
+        if job.adapt is None:
+            job.adapt = Adaptive(self.spec)
+        try:
+            with m._exclusive():
+                rows, drafts, dt = m._next(ctx, job.feed, seq, self.spec, job.adapt)
+        except BaseException as e:
+            return self._finish(job, None, error=e)
+        base = len(ctx.tokens) - len(rows)
+        c = self.counters
+        c["steps"] += 1
+        c["decode_seconds"] += dt
+        c["bytes_read"] = m.bytes_read
+        if not drafts:
+            c["decode_tokens"] += 1
+            self._recent.append((dt, 1))
+            return self._next(job, rows[0])
+        try:
+            i, tok = accept(seq, rows, drafts, lambda piece, tok: self._emit(job, piece, tok, None))
+        except BaseException as e:  # (a grammar's failure ends this sequence only)
+            return self._finish(job, None, error=e)
+        ctx.truncate(base + 1 + i)
+        m._speculated(self.spec_stats, job.adapt, len(drafts), i, dt)
+        c["generated_tokens"] += i + 1 - (tok is None)
+        c["decode_tokens"] += i + 1
+        self._recent.append((dt, i + 1))
+        if seq.finish:
+            return self._finish(job, seq.finish)
+        job.feed = tok
 
     def _next(self, job: Job, logits: np.ndarray) -> None:
         """Sample job's next token from logits and hand on its text; finish it where it ends."""

@@ -52,6 +52,7 @@ def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: 
     kernels loaded (or compiled where numba's cache lacks them: a bar on stderr). A status
     line on stderr says what loads while that takes more than a second."""
     t0 = time.perf_counter()
+    _check_counts(n_threads, parallel)  # a bad argument fails before anything loads (or says it loads)
     spec = Speculation.parse(speculative)
     draft = None
     if spec is not None and spec.source.startswith("model:"):  # loaded first: the plan counts it
@@ -83,6 +84,13 @@ def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: 
     return model
 
 
+def _check_counts(n_threads, parallel) -> None:
+    if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
+        raise InvalidArgumentError(f"n_threads must be a positive integer, got {n_threads!r}")
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise InvalidArgumentError(f"parallel must be a positive integer, got {parallel!r}")
+
+
 def _draft_bytes(draft: Model) -> int:
     """What a resident draft model takes: its weights and its KV cache."""
     return draft.store.resident_bytes + draft.n_ctx * draft.config.kv_bytes_per_token // 2
@@ -96,10 +104,7 @@ def _compose(path, *, n_ctx, n_threads, memory_budget, streaming, experts, paral
         opened.append(file)
         cfg, arch, flash = _validated(file)
         n_ctx = _check_ctx(n_ctx, cfg)
-        if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
-            raise InvalidArgumentError(f"n_threads must be a positive integer, got {n_threads!r}")
-        if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
-            raise InvalidArgumentError(f"parallel must be a positive integer, got {parallel!r}")
+        _check_counts(n_threads, parallel)
         sequences = dict(sequences=parallel, prompt_cache=parse_size(cache_ram) if cache_ram else 0, draft=draft)
         threads = kernels_cpu.set_threads(n_threads) if n_threads else AutoThreads(kernels_cpu.set_threads(_cores()))
         store = FlashStore(file, _stream_settings(streaming)) if flash else WeightStore(file)

@@ -20,7 +20,7 @@ from .autothreads import AutoThreads
 from .blocks import Cancelled, Context, KVCache
 from .output import Chunk, Sequence
 from .sampler import Sampler, SamplingParams
-from .speculate import Adaptive, Speculation, SpecStats
+from .speculate import Adaptive, Speculation, SpecStats, accept
 
 PREFILL_CHUNK = 128  # tokens per prefill forward pass
 
@@ -448,13 +448,9 @@ class Model:
             rows, drafts, seconds = [logits], [], 0.0
             while True:
                 base = len(ctx.tokens) - len(rows)  # before the token the rows ran after
-                for i, row in enumerate(rows):
-                    draft = drafts[i] if i < len(drafts) else None
-                    piece, tok = seq.advance(row, draft)
-                    if piece or seq.out.stopped:
-                        yield chunk(piece, tok, None)
-                    if seq.finish or tok != draft:
-                        break
+                out = []
+                i, tok = accept(seq, rows, drafts, lambda piece, tok: out.append(chunk(piece, tok, None)))
+                yield from out
                 if drafts:  # keep the keys and values of the accepted drafts, drop the rest
                     ctx.truncate(base + 1 + i)
                     self._speculated(gen.stats, adapt, len(drafts), i, seconds)

@@ -160,6 +160,21 @@ class SelfDraft:
         pass
 
 
+def accept(seq, rows, drafts: list[int], emit) -> tuple[int, int | None]:
+    """Advance seq (an output.Sequence) over a verification pass's rows of logits, row t
+    checking drafts[t]: a token per row until one differs from its draft (the row after
+    the last draft always does) or the sequence ends; emit(text, token) for each whose
+    text is due. (accepted drafts, the last token sampled: the next to run, or None)."""
+    for i, row in enumerate(rows):
+        draft = drafts[i] if i < len(drafts) else None
+        piece, tok = seq.advance(row, draft)
+        if piece or seq.out.stopped:
+            emit(piece, tok)
+        if seq.finish or tok != draft:
+            return i, tok
+    raise AssertionError("the row after the last draft has no draft to match")
+
+
 def check_vocab(draft_tok, target_tok, path) -> None:
     """InvalidArgumentError unless the draft's vocabulary is the target's, token by token."""
     if draft_tok.n_vocab != target_tok.n_vocab:

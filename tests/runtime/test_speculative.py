@@ -156,3 +156,14 @@ def test_the_kv_cache_keeps_only_accepted_tokens(smollm2):
     out = [c.token for c in chunks if c.token is not None]
     assert chunks[-1].speculation.drafted > chunks[-1].speculation.accepted  # some drafts were rejected
     assert smollm2._ctx.tokens == prompt + out[:-1]
+
+
+def test_the_batch_engine_speculates_for_a_sequence_alone(smollm2_path):
+    """The server's engine: one sequence at a time drafts and verifies (the same greedy
+    text as generate()); several decode together in plain batched steps."""
+    with flashlm.load(smollm2_path, n_ctx=512, n_threads=2, speculative=dict(source="ngram", **FIXED)) as m:
+        want = m.generate(REPEAT, max_tokens=24, temperature=0, speculative=False)
+        with m.batch(parallel=2) as engine:
+            assert engine.generate([REPEAT], max_tokens=24, temperature=0) == [want]
+            assert engine.spec_stats.passes > 0 and engine.spec_stats.accepted > 0
+            assert engine.generate([REPEAT, FREE], max_tokens=24, temperature=0)[0] == want
