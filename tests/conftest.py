@@ -27,8 +27,7 @@ def compiled_kernels():
     belongs to no test, and inside the first one it overran a wait for the interface."""
     from flashlm.runtime import warmup
 
-    warmup.warm([(s, True) for s in warmup.STEPS] + [(s, False) for s in (
-        "decode by layer", "decode batch", "products", "experts")])
+    warmup.warm(list(warmup.STEPS))
 
 
 @pytest.fixture(scope="session")

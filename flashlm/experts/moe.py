@@ -24,7 +24,7 @@ import numpy as np
 from .. import kernels_cpu as K
 from ..kernels_cpu import F16_TABLE, _all_rows
 from ..kernels_cpu import moe as M
-from ..formats.modelfile import TensorRef
+from ..formats.modelfile import TensorRef, readonly
 
 PARTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
@@ -101,7 +101,7 @@ def part_layout(stacks) -> tuple[np.ndarray, np.ndarray]:
 def _root(a: np.ndarray) -> np.ndarray:
     while isinstance(a.base, np.ndarray):
         a = a.base
-    return a.reshape(-1).view(np.uint8).view(np.ndarray)
+    return readonly(a.reshape(-1).view(np.uint8).view(np.ndarray))  # as every weight (TensorRef)
 
 
 def expert_ffn(x: np.ndarray, gate: TensorRef, up: TensorRef, down: TensorRef, gelu: bool = False) -> np.ndarray:

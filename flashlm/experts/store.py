@@ -35,7 +35,7 @@ import numpy as np
 
 from ..cache import SlotCache
 from ..io import NativeAIO, ReadEngine
-from ..formats.modelfile import TensorRef
+from ..formats.modelfile import TensorRef, readonly
 from ..stats import TokenStats
 from .autoprefetch import AutoPrefetch
 from .bundle import ensure_bundle, map_resident_only, part_sizes, read_checksums, record_bytes
@@ -81,7 +81,7 @@ class StreamedExperts(ExpertReads):
         self.verify = self._sums is not None  # each record read checked against it (the GGUF's slices have none)
         map_resident_only(model_file, self.stacks)
         self.cache = SlotCache(n_slots, record_bytes(self.part_bytes), policy, n_keys=cfg.n_layer * cfg.n_expert)
-        self._flat = self.cache.pool.reshape(-1)  # the pool as one buffer, for the kernels
+        self._flat = readonly(self.cache.pool.reshape(-1))  # the pool as one buffer, for the kernels (read-only)
         self._pool_addr = self.cache.pool.ctypes.data
         g, u, _ = self.part_bytes
         # each slot's gate, up and down: byte offsets in the pool

@@ -19,6 +19,7 @@ from ..errors import ContextLengthError, FlashLMError, InvalidArgumentError
 from ..kernels_cpu import F16_TABLE
 from ..kernels_cpu import decode as D
 from ..kernels_cpu import layer as L
+from ..formats.modelfile import readonly
 from ..kernels_cpu.layer import ROPE_NEOX
 from .config import ModelConfig
 
@@ -308,7 +309,7 @@ def _arena(refs) -> tuple[np.ndarray, np.ndarray]:
     (0, 0, 0 for a None). A table of offsets, not a numba typed List of arrays: that
     List costs ~70 MB of compiler memory and 0.4 s at start, measured."""
     root = root_buffer(next(r for r in refs if r is not None).data)
-    arena = root.reshape(-1).view(np.uint8).view(np.ndarray)
+    arena = readonly(root.reshape(-1).view(np.uint8).view(np.ndarray))  # as every weight (TensorRef)
     base = arena.ctypes.data
     mats = np.array([(r.data.ctypes.data - base, r.data.shape[0], r.data.shape[1]) if r is not None else (0, 0, 0)
                      for r in refs], dtype=np.int64)

@@ -449,7 +449,7 @@ class Model:
             while True:
                 base = len(ctx.tokens) - len(rows)  # before the token the rows ran after
                 out = []
-                i, tok = accept(seq, rows, drafts, lambda piece, tok: out.append(chunk(piece, tok, None)))
+                i, tok = accept(seq, rows, drafts, lambda piece, tok, out=out: out.append(chunk(piece, tok, None)))
                 yield from out
                 if drafts:  # keep the keys and values of the accepted drafts, drop the rest
                     ctx.truncate(base + 1 + i)

@@ -23,7 +23,7 @@ from ..kernels_cpu import moe as M
 
 COMPILING = "compiling kernels for this CPU (first run only, about a minute)"
 Q8_0 = GGMLQuantizationType.Q8_0
-_warmed: set[tuple[str, bool]] = set()  # (step, mapped) run in this process
+_warmed: set[str] = set()  # steps run in this process
 
 
 def warm_decode_kernels() -> None:
@@ -32,50 +32,48 @@ def warm_decode_kernels() -> None:
     all-zero model (one layer, width 32, Q8_0), with the argument types real models
     pass: their machine code is then loaded (from numba's cache) as part of an idle
     process, like every other kernel, not at a model's first token."""
-    warm([("decode step", True), ("decode by layer", True), ("decode batch", True), ("prompt steps", True),
-          ("experts", True), ("experts", False), ("routing", True), ("expert cache", True)])
+    warm(["decode step", "decode by layer", "decode batch", "prompt steps", "experts", "routing", "expert cache"])
 
 
 def warm_kernels_for(model) -> None:
-    """Warm the kernels a loaded Model runs, with its argument types (weights mapped from
-    the file, read-only, or held in memory): its decoder, its prompt's products, and what
+    """Warm the kernels a loaded Model runs: its decoder, its prompt's products, and what
     its FFN strategy calls (neuron windows, experts, routing, the expert cache)."""
     warm(steps_for(model))
 
 
-def steps_for(model) -> list[tuple[str, bool]]:
-    """The (step, mapped) pairs of STEPS that a loaded Model's calls take."""
+def steps_for(model) -> list[str]:
+    """The STEPS that a loaded Model's calls take. (Every weight reaches the kernels
+    read-only, held in memory or mapped from the file alike: one compiled variant of
+    each, not two; formats.modelfile.TensorRef.)"""
     from ..experts.store import StreamedExperts
     from ..flashload.store import FlashStore
-    from .blocks import LayerDecoder, root_buffer
+    from .blocks import LayerDecoder
 
     lm = model.model
-    mapped = not root_buffer(lm.tok_embd.data).flags.writeable
-    steps = [("prompt steps", True), ("products", mapped)]
+    steps = ["prompt steps", "products"]
     if lm.fused is not None:
-        steps.append(("decode by layer" if isinstance(lm.fused, LayerDecoder) else "decode step", mapped))
-        steps.append(("decode batch", mapped))
-    if isinstance(model.store, FlashStore):  # windows in memory; the gate predictor reads the mapping
-        steps += [("products", not mapped), ("neuron windows", True)]
+        steps += ["decode by layer" if isinstance(lm.fused, LayerDecoder) else "decode step", "decode batch"]
+    if isinstance(model.store, FlashStore):
+        steps.append("neuron windows")
     if model.experts is not None:
-        steps += [("routing", mapped), ("experts", mapped)]
-        if isinstance(model.experts, StreamedExperts):  # experts from the cache's pool, in memory
-            steps += [("experts", False), ("products", False), ("expert cache", True)]
-    return list(dict.fromkeys(steps))
+        steps += ["routing", "experts"]
+        if isinstance(model.experts, StreamedExperts):
+            steps.append("expert cache")
+    return steps
 
 
-def warm(steps: list[tuple[str, bool]]) -> None:
-    """Run these (step, mapped) once per process; a bar of them on stderr once numba
-    has to compile one (its cache lacks it)."""
+def warm(steps: list[str]) -> None:
+    """Run these STEPS once per process; a bar of them on stderr once numba has to
+    compile one (its cache lacks it)."""
     todo = [s for s in steps if s not in _warmed]
     if not todo:
         return
     with progress.task(COMPILING, total=len(todo), delay=None, done="compiled the kernels for this CPU") as bar, \
             _on_compile(bar.show):
-        for k, (name, mapped) in enumerate(todo):
-            bar.update(k, what=f"{name} ({'mapped' if mapped else 'in memory'})")
-            STEPS[name](_tiny(mapped))
-            _warmed.add((name, mapped))
+        for k, name in enumerate(todo):
+            bar.update(k, what=name)
+            STEPS[name](_tiny())
+            _warmed.add(name)
         bar.update(len(todo), what="")
 
 
@@ -99,12 +97,12 @@ def _on_compile(call):
         event.unregister("numba:compile", listener)
 
 
-def _tiny(mapped: bool) -> SimpleNamespace:
+def _tiny() -> SimpleNamespace:
     """An all-zero model of one layer, width d = 32, Q8_0 (34 bytes a row), in decode_step's
-    arena form; mapped: read-only, as a mapped file."""
+    arena form, read-only (as the kernels get every weight)."""
     d, n = 32, 2 * D.N_SLOTS + 2
     arena = np.zeros(n * d * 34, dtype=np.uint8)
-    arena.setflags(write=not mapped)
+    arena.setflags(write=False)
     t = SimpleNamespace(d=d, arena=arena, nt=numba.get_num_threads(), rows=np.arange(d, dtype=np.int64))
     t.mats = np.array([(i * d * 34, d, 34) for i in range(n)], dtype=np.int64)
     t.qt = np.full(n, int(Q8_0), dtype=np.int64)
@@ -169,8 +167,7 @@ def _products(t) -> None:
     K.linear_many(x2, [t.w, t.w])
     K.linear(x2[:1], t.w)
     K.matvec(x2[0], t.w, t.rows[:4])
-    if t.arena.flags.writeable:  # a flash window's down rows (always in memory)
-        K.matvec_t(np.ones(4, dtype=np.float32), t.w, t.rows[:4], np.zeros(t.d, dtype=np.float32))
+    K.matvec_t(np.ones(4, dtype=np.float32), t.w, t.rows[:4], np.zeros(t.d, dtype=np.float32))  # a flash window's
     K.embed(t.w, t.rows[:2])
     K.dequantize(t.w)
 
@@ -195,18 +192,16 @@ def _experts(t) -> None:
     qt = t.qt[:3].copy()
     M.moe_decode(t.arena, offs, shapes, qt, t.x[0], np.ones(1, dtype=np.float32), False, F16_TABLE, t.nt, t.rows,
                  np.zeros((1, t.d), dtype=np.float32)[0])
-    if t.arena.flags.writeable:
-        y = np.zeros((1, t.d), dtype=np.float32)
-        M.moe_experts(t.arena, offs, np.zeros(1, dtype=np.int64), shapes, qt, t.x[0], False, F16_TABLE, t.nt,
-                      t.rows, y)
-        M.moe_combine(y, np.ones(1, dtype=np.float32), np.zeros(t.d, dtype=np.float32))
+    y = np.zeros((1, t.d), dtype=np.float32)
+    M.moe_experts(t.arena, offs, np.zeros(1, dtype=np.int64), shapes, qt, t.x[0], False, F16_TABLE, t.nt, t.rows, y)
+    M.moe_combine(y, np.ones(1, dtype=np.float32), np.zeros(t.d, dtype=np.float32))
 
 
 def _routing(t) -> None:
     """A token's routing (a float32 router of 2 experts; with the next layer's, to
     prefetch) and a prompt's."""
     router = np.zeros((2, 4 * t.d), dtype=np.uint8)
-    router.setflags(write=t.arena.flags.writeable)
+    router.setflags(write=False)
     f32 = int(GGMLQuantizationType.F32)
     x, x2 = t.x[0], np.zeros((2, t.d), dtype=np.float32)
     ids, wts, p = np.empty(1, dtype=np.int64), np.empty(1, dtype=np.float32), np.empty(2, dtype=np.float32)

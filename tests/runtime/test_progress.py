@@ -147,7 +147,7 @@ def test_a_warm_fast_load_says_nothing_and_a_slow_one_says_what_loads(random_ggu
 COLD = """
 import sys
 from flashlm.runtime.warmup import warm
-warm([("prompt steps", True)])
+warm(["prompt steps"])
 print("warmed")
 """
 
