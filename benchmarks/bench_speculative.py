@@ -66,7 +66,7 @@ import json, sys, time
 import llama_cpp
 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 path, messages, n, lookup = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-kw = dict(draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10)) if lookup else {}
+kw = dict(draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10), logits_all=True) if lookup else {}
 llm = llama_cpp.Llama(path, n_ctx=1024, n_threads=2, verbose=False, **kw)
 llm.create_chat_completion(messages, max_tokens=4, temperature=0)  # warm
 t0 = time.perf_counter()

@@ -4,6 +4,12 @@ the same thread count, in one run; a llama-bench-style table of medians.
 pp N: prefill of N tokens (tok/s over the whole prompt); tg N: N decode steps, one
 token at a time, after a one-token prompt. Tokens are fixed pseudo-random ids, as in
 llama-bench, so both engines do identical work.
+
+With a draft source (--draft), "copy N": N greedy tokens generated after a prompt that
+asks to copy a paragraph (speculation's best case, and the one prompt lookup is for):
+decode tok/s (tokens after the first over the time since it), flashlm without and with
+speculation, llama.cpp without and (for ngram) with its prompt-lookup decoding
+(llama-cpp-python's LlamaPromptLookupDecoding).
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ class BenchRow:
     test: str
     tok_s: float  # median
     runs: list[float]
+
+
+COPY = ("Copy the text below exactly.\n\nText: The river rises in the northern hills, runs south through the old "
+        "market town, and turns east below the mill before it reaches the sea. Its water once drove the looms of "
+        "the town, and the mill still stands beside the weir.\n\nCopy: The river rises")
 
 
 def _tokens(n: int, n_vocab: int, seed: int = 1234) -> list[int]:
@@ -58,6 +69,12 @@ class _Flashlm:
             m.eval([tok])
         return time.perf_counter() - t
 
+    def copy(self, n: int, draft) -> float:
+        """Decode tok/s of n greedy tokens after COPY (speculating with draft, if given)."""
+        self.m.reset()
+        last = list(self.m.stream(COPY, max_tokens=n, temperature=0, speculative=draft or False))[-1]
+        return last.tokens_per_second
+
     def close(self):
         self.m.close()
 
@@ -73,6 +90,7 @@ class _LlamaCpp:
         with quiet_stderr():
             self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
                                        n_threads_batch=threads, verbose=False)
+        self.path, self.n_ctx, self.threads, self._lookup = path, n_ctx, threads, None
         self.n_vocab = self.llm.n_vocab()
 
     def warm(self):
@@ -93,14 +111,41 @@ class _LlamaCpp:
             self.llm.eval([tok])
         return time.perf_counter() - t
 
+    def copy(self, n: int, draft) -> float:
+        """Decode tok/s of n greedy tokens after COPY (with prompt lookup for an ngram draft:
+        a Llama of its own, made once, with logits_all, which llama-cpp-python's drafts need)."""
+        llm = self.llm
+        if draft == "ngram":
+            if self._lookup is None:
+                import llama_cpp
+                from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+                from ..runtime.tokenizer import quiet_stderr
+
+                with quiet_stderr():
+                    self._lookup = llama_cpp.Llama(str(self.path), n_ctx=self.n_ctx, n_threads=self.threads,
+                                                   n_threads_batch=self.threads, logits_all=True, verbose=False,
+                                                   draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10))
+            llm = self._lookup
+        llm.reset()
+        t, first, k = time.perf_counter(), None, 0
+        for _ in llm.create_completion(COPY, max_tokens=n, temperature=0.0, stream=True):
+            k += 1
+            if first is None:
+                first = time.perf_counter()
+        return (k - 1) / max(time.perf_counter() - (first or t), 1e-9)
+
     def close(self):
         self.llm.close()
+        if self._lookup is not None:
+            self._lookup.close()
 
 
 def run_bench(model=None, threads: int = 2, pp: int = 128, tg: int = 128, reps: int = 3,
-              engines=("flashlm", "llama.cpp"), progress=None) -> list[BenchRow]:
+              engines=("flashlm", "llama.cpp"), progress=None, draft: str | None = None) -> list[BenchRow]:
     """Measure each engine on each test, reps times, engines interleaved per repetition
-    so that machine noise hits both alike. Returns one BenchRow per (engine, test)."""
+    so that machine noise hits both alike. Returns one BenchRow per (engine, test).
+    draft: also the "copy" test, with and without that draft source."""
     from ..formats.registry import resolve
 
     path = resolve(model)
@@ -124,6 +169,10 @@ def run_bench(model=None, threads: int = 2, pp: int = 128, tg: int = 128, reps: 
                     times[(r.name, f"pp{pp}")].append(pp / r.prefill(pp_toks))
                 if tg:
                     times[(r.name, f"tg{tg}")].append(tg / r.decode(tg_toks[0], tg_toks))
+                if tg and draft:
+                    with_draft = f"flashlm --draft {draft}" if r.name == "flashlm" else "llama.cpp prompt lookup"
+                    times.setdefault((r.name, f"copy{tg}"), []).append(r.copy(tg, None))
+                    times.setdefault((with_draft, f"copy{tg}"), []).append(r.copy(tg, draft))
     finally:
         for r in runners:
             r.close()

@@ -335,7 +335,7 @@ def cmd_bench(args) -> int:
     rows = []
     for model in models:
         rows += run_bench(model, threads=args.threads, pp=args.n_prompt, tg=args.n_gen, reps=args.reps,
-                          progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+                          progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True), draft=args.draft)
     print(format_table(rows))
     return 0
 
@@ -364,7 +364,7 @@ def cmd_profile(args) -> int:
         raise InvalidArgumentError("-n must be at least 1")
     if args.sweep:
         runs = sweep(args.model, out, parse_fractions(args.sweep), args.prompt, args.n_predict, args.ctx_size,
-                     args.threads, _streaming(args), experts=_experts(args))
+                     args.threads, _streaming(args), experts=_experts(args), speculative=_speculative(args))
         moe = any(r.get("expert_hit_rate") is not None for r in runs)
         print(f"| budget % | budget MiB | tok/s | MB read/token | {'expert cache hits' if moe else 'window hits'} |")
         print("|---:|---:|---:|---:|---:|")
@@ -379,7 +379,7 @@ def cmd_profile(args) -> int:
         print(f"wrote {out}/sweep.json and {out}/sweep.png")
         return 0
     prof = profile_run(args.model, out, args.prompt, args.n_predict, args.memory_budget, args.ctx_size, args.threads,
-                       _streaming(args), experts=_experts(args))
+                       _streaming(args), experts=_experts(args), speculative=_speculative(args))
     print(summary_table(prof))
     print(f"wrote {out}/profile.json and {out}/profile.png")
     return 0
@@ -485,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--n-prompt", type=int, default=128, help="prefill test length (default 128; 0 = skip)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="decode test length (default 128; 0 = skip)")
     p.add_argument("-r", "--reps", type=int, default=3, help="repetitions; the table shows medians (default 3)")
+    p.add_argument("--draft", choices=["ngram"], default=None,
+                   help="also a copy task, greedy, with and without prompt-lookup drafts (flashlm's ngram beside "
+                        "llama.cpp's prompt lookup)")
     p.add_argument("--kernels", action="store_true",
                    help="instead: the kernel micro-benchmark (GB/s of weights per type and shape)")
     p.set_defaults(func=cmd_bench)

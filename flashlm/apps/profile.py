@@ -25,17 +25,20 @@ MIB = 2**20
 
 
 def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n_ctx=None, n_threads=None,
-                streaming=None, plot: bool = True, experts: dict | None = None, warn: bool = True) -> dict:
+                streaming=None, plot: bool = True, experts: dict | None = None, warn: bool = True,
+                speculative=None) -> dict:
     """Profile one run; returns the profile dict (also written to out_dir). A
     mixture-of-experts model under a budget reports its expert cache instead of
     windows: hits are cached experts, I/O the wait for expert reads. warn: print a
-    context longer than the model's trained one to stderr."""
+    context longer than the model's trained one to stderr. speculative: greedy decoding
+    with that draft source; a row per pass (a verification's `tokens` > 1) and the
+    summary's `speculation` (acceptance, tokens per pass, MB read per token)."""
     import flashlm
 
     proc = psutil.Process()
     base = idle_rss(proc)
     with flashlm.load(spec, n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget,
-                      streaming=streaming, experts=experts) as m:
+                      streaming=streaming, experts=experts, speculative=speculative) as m:
         if warn:
             warn_context(m, spec)
         tokens = m.tokenize(prompt)
@@ -43,13 +46,20 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
             raise InvalidArgumentError(f"{len(tokens)} prompt tokens + {n_tokens} do not fit n_ctx={m.n_ctx}; "
                                        "pass a larger -c or fewer tokens")
         m.take_stats()
-        logits = m.eval(tokens)
-        prefill = TokenStats.total(m.take_stats())
-        passes = []
-        for _ in range(n_tokens):
-            logits = m.eval([int(np.argmax(logits))])
-            passes += m.take_stats()
-        rows = [dict(token=i, latency_ms=1e3 * st.seconds, compute_ms=1e3 * st.compute_s, io_ms=1e3 * st.io_wait_s,
+        sp = None
+        if speculative is None:
+            logits = m.eval(tokens)
+            prefill = TokenStats.total(m.take_stats())
+            passes = []
+            for _ in range(n_tokens):
+                logits = m.eval([int(np.argmax(logits))])
+                passes += m.take_stats()
+        else:  # generated as a user's run is: drafts verified in passes of several tokens
+            sp = list(m.stream(tokens, max_tokens=n_tokens, temperature=0))[-1].speculation
+            every = m.take_stats()
+            prefill = TokenStats.total(p for p in every if p.prefill)
+            passes = [p for p in every if not p.prefill]
+        rows = [dict(token=i, tokens=st.tokens, latency_ms=1e3 * st.seconds, compute_ms=1e3 * st.compute_s, io_ms=1e3 * st.io_wait_s,
                      bookkeeping_ms=1e3 * st.bookkeeping_s, bytes_read=st.bytes_read, reads=st.reads,
                      needed=st.neurons_needed + st.experts_needed, hits=st.neuron_hits + st.expert_hits,
                      rss_mib=st.rss / MIB) for i, st in enumerate(passes)]
@@ -59,7 +69,7 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
                    experts=every.experts_needed > 0, memory_budget=m.memory_budget, n_ctx=m.n_ctx, n_threads=m.n_threads, plan=plan,
                    idle_rss_mib=base / MIB, prompt_tokens=len(tokens), prefill_ms=1e3 * prefill.seconds,
                    prefill_bytes_read=prefill.bytes_read, tokens=rows)
-    lat = [r["latency_ms"] for r in rows]
+    lat = [r["latency_ms"] / r["tokens"] for r in rows]  # per token (a verification pass runs several)
     needed = sum(r["needed"] for r in rows)
     hit_rate = sum(r["hits"] for r in rows) / needed if needed else None
     out["summary"] = dict(tokens_per_second=1e3 / float(np.median(lat)) if lat else 0.0,
@@ -69,6 +79,13 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
                           window_hit_rate=None if out["experts"] else hit_rate,
                           expert_hit_rate=hit_rate if out["experts"] else None,
                           peak_rss_mib=max([r["rss_mib"] for r in rows], default=proc.memory_info().rss / MIB))
+    if speculative is not None:  # tokens per second over the whole decode (passes differ in size)
+        n = sum(r["tokens"] for r in rows)
+        out["summary"].update(
+            tokens_per_second=n / max(1e-9, sum(r["latency_ms"] for r in rows) / 1e3),
+            mb_read_per_token=sum(r["bytes_read"] for r in rows) / max(1, n) / 1e6,
+            speculation=None if sp is None else dict(passes=sp.passes, drafted=sp.drafted, accepted=sp.accepted,
+                                                     acceptance=sp.acceptance, tokens_per_pass=sp.tokens_per_pass))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "profile.json").write_text(json.dumps(out, indent=1))
@@ -149,7 +166,7 @@ def _plot(prof: dict, path: Path) -> None:
 
 
 def sweep(spec, out_dir, fractions: list[float], prompt: str, n_tokens: int, n_ctx=None, n_threads=None,
-          streaming=None, experts: dict | None = None) -> list[dict]:
+          streaming=None, experts: dict | None = None, speculative=None) -> list[dict]:
     """Profile at budgets that are `fractions` of what holds every streamed neuron (or,
     for a mixture of experts, every expert); budgets below the minimum are recorded as such."""
     import flashlm
@@ -167,7 +184,7 @@ def sweep(spec, out_dir, fractions: list[float], prompt: str, n_tokens: int, n_c
         budget = int(f * full)
         try:
             prof = profile_run(spec, out_dir / f"budget-{f:.0%}", prompt, n_tokens, budget, n_ctx, n_threads,
-                               streaming, experts=experts, warn=False)
+                               streaming, experts=experts, warn=False, speculative=speculative)
             results.append(dict(fraction=f, budget=budget, **prof["summary"]))
         except FlashLMError as e:
             results.append(dict(fraction=f, budget=budget, error=str(e)))
@@ -212,6 +229,10 @@ def summary_table(prof: dict) -> str:
              f"{s['mb_read_per_token']:.2f} | "
              f"{'-' if hits is None else format(hits, '.0%')} | "
              f"{s['peak_rss_mib']:.0f} |"]
+    if s.get("speculation"):
+        sp = s["speculation"]
+        lines.append(f"speculation: {sp['drafted']} drafted, {sp['accepted']} accepted ({sp['acceptance']:.0%}), "
+                     f"{sp['tokens_per_pass']:.2f} tokens per pass")
     if prof.get("experts") and prof["plan"]:
         p = prof["plan"]
         lines.append(f"expert cache: {p['n_slots']:,} of {p['n_experts']:,} experts; prefetch {p['prefetch']}")

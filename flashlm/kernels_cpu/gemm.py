@@ -8,7 +8,9 @@ llama.cpp quantizes them. So a block's product is
     a * dx * (codes . xq)  +  c * (dx * sum(xq))
 
 and the inner `codes . xq` is integer work: `vpdpbusd` (u8 x i8, four products summed
-into an int32 lane) where the host has VNNI.
+into an int32 lane) where the host has VNNI; on AVX2, `vpmaddubsw` and `vpmaddwd`
+(simd.dpbusd7: exact for codes below 128, every type's but Q8_0's, which takes the
+exact emulation of vpdpbusd).
 
 Rows are taken 16 at a time: their codes are unpacked from the file's blocks into an
 interleaved tile (per 4 elements, 8 rows side by side, so one 32-byte load feeds 8
@@ -22,7 +24,7 @@ import numpy as np
 from numba import njit
 
 from .quants import _Q4_0, _Q4_1, _Q4_K, _Q5_0, _Q5_1, _Q5_K, _Q6_K, _Q8_0, _f16, _qh, _scale_min_k4
-from .simd import bcast4, dpbusd, load32, load8f, scale2, store8f, zeros_f, zeros_i
+from .simd import bcast4, dpbusd, dpbusd7, load32, load8f, scale2, store8f, zeros_f, zeros_i
 
 TYPES = (_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q4_K, _Q5_K, _Q6_K)
 ROWS = 16  # weight rows per tile: the GEMM takes row ranges in multiples of this
@@ -153,6 +155,7 @@ def gemm_rows(qtype, w, r0, r1, xq, dx, sx, out, lut):
     nb = n_in // blk
     ng = blk // 4
     n_out = out.shape[1]
+    wide = qtype == _Q8_0  # codes up to 255: dpbusd; the others' fit dpbusd7
     codes = np.empty(n_in, np.uint8)
     ra = np.empty(nb, np.float32)
     rc = np.empty(nb, np.float32)
@@ -180,10 +183,16 @@ def gemm_rows(qtype, w, r0, r1, xq, dx, sx, out, lut):
                     y1 = bcast4(xf, xo + n_in + 4 * g)
                     y2 = bcast4(xf, xo + 2 * n_in + 4 * g)
                     y3 = bcast4(xf, xo + 3 * n_in + 4 * g)
-                    i0 = dpbusd(i0, u, y0); i1 = dpbusd(i1, u, y1)  # noqa: E702
-                    i2 = dpbusd(i2, u, y2); i3 = dpbusd(i3, u, y3)  # noqa: E702
-                    j0 = dpbusd(j0, v, y0); j1 = dpbusd(j1, v, y1)  # noqa: E702
-                    j2 = dpbusd(j2, v, y2); j3 = dpbusd(j3, v, y3)  # noqa: E702
+                    if wide:
+                        i0 = dpbusd(i0, u, y0); i1 = dpbusd(i1, u, y1)  # noqa: E702
+                        i2 = dpbusd(i2, u, y2); i3 = dpbusd(i3, u, y3)  # noqa: E702
+                        j0 = dpbusd(j0, v, y0); j1 = dpbusd(j1, v, y1)  # noqa: E702
+                        j2 = dpbusd(j2, v, y2); j3 = dpbusd(j3, v, y3)  # noqa: E702
+                    else:
+                        i0 = dpbusd7(i0, u, y0); i1 = dpbusd7(i1, u, y1)  # noqa: E702
+                        i2 = dpbusd7(i2, u, y2); i3 = dpbusd7(i3, u, y3)  # noqa: E702
+                        j0 = dpbusd7(j0, v, y0); j1 = dpbusd7(j1, v, y1)  # noqa: E702
+                        j2 = dpbusd7(j2, v, y2); j3 = dpbusd7(j3, v, y3)  # noqa: E702
                 sa = load8f(a, b * 8)
                 sc = load8f(c, b * 8)
                 f0 = scale2(i0, sa, dx[t, b], sc, sx[t, b], f0)

@@ -173,8 +173,17 @@ def _products(t) -> None:
 
 
 def _neuron_windows(t) -> None:
-    """A flash layer's window: its cache of rows, and records copied into them."""
+    """A flash layer's window: its cache of rows, records copied into them, and the
+    products over records read past it (a tail buffer's rows: strided views, another
+    array type to numba than the window's)."""
     from ..flashload.window import _put_rows
+
+    rec = np.zeros((4, 3 * 34), dtype=np.uint8)
+    tail = [TensorRef("w", Q8_0, (4, t.d), rec[:, k * 34:(k + 1) * 34], 0) for k in range(3)]
+    rows = t.rows[:2]
+    K.matvec(t.x[0], tail[0], rows)
+    K.matvec_t_split(np.ones(2, dtype=np.float32), t.w.data, tail[2].data, 1, int(Q8_0), rows,
+                     np.zeros(t.d, dtype=np.float32))
 
     cache = SlotCache(4, 0, "lru", n_keys=8)
     slots = cache.assign(np.arange(2, dtype=np.int64), pin=False)[0]

@@ -85,30 +85,39 @@ def test_greedy_output_is_the_same_with_speculation_in_ram(smollm2, smollm2_path
         assert st.accepted > 0  # the draft model is the model itself: most drafts are kept
         with pytest.raises(InvalidArgumentError, match="not loaded"):
             m.generate(FREE, speculative=f"model:{gemma3_path}")
-    with flashlm.load(gemma3_path, n_ctx=256, n_threads=2) as g:
-        want, _ = _greedy(g, REPEAT)
-        got, st = _greedy(g, REPEAT, speculative=dict(source="ngram", **FIXED))
-        assert got == want and st.accepted > 0
+    with flashlm.load(gemma3_path, n_ctx=256, n_threads=2, speculative=f"model:{gemma3_path}") as g:
+        want, _ = _greedy(g, REPEAT, speculative=False)
+        for src in ("ngram", f"model:{gemma3_path}"):
+            got, st = _greedy(g, REPEAT, speculative=dict(source=src, **FIXED))
+            assert got == want and st.accepted > 0, src
 
 
 @pytest.mark.parametrize("kind", ["flash-smollm2", "flash-gemma3", "moe"])
-def test_greedy_output_is_the_same_with_speculation_when_streamed(flash_files, moe_gguf, kind):
-    """Streamed models (FFN rows at about a third of SmolLM2's, experts at half the
-    cache), each draft source that suits them: the same greedy text; the passes read the
-    union of the tokens' neurons or experts, and 'self' reads nothing to draft."""
+def test_greedy_output_is_the_same_with_speculation_when_streamed(flash_files, moe_gguf, smollm2_path, gemma3_path,
+                                                                   kind):
+    """Streamed models (half of the FFN records, less the spill buffer; half of the
+    experts), every draft source: the same greedy text; the passes read the union of the
+    tokens' neurons or experts, and 'self' reads nothing to draft. (The draft model is
+    the resident original of the streamed file, or SmolLM2 for the MoE built on its
+    vocabulary.)"""
     if kind == "moe":
-        path = moe_gguf("qwen2moe")
-        with flashlm.load(path, n_ctx=256, memory_budget=1 << 40) as m:
-            kw = dict(memory_budget=m.plan.fixed + m.plan.n_experts // 2 * m.plan.expert_bytes)
+        path, draft = moe_gguf("qwen2moe"), smollm2_path
     else:
-        name = kind.split("-")[1]
-        path, kw = flash_files[name], dict(memory_budget="125MiB" if name == "smollm2" else "260MiB")
-    with flashlm.load(path, n_ctx=256, n_threads=2, **kw) as m:
-        assert m.layout != "every weight resident (mapped)"
+        path = flash_files[kind.split("-")[1]]
+        draft = smollm2_path if kind == "flash-smollm2" else gemma3_path
+    with flashlm.load(path, n_ctx=256, memory_budget=1 << 40, speculative=f"model:{draft}") as m:  # the plan's parts
+        p = m.plan  # (its fixed part counts the draft model)
+        half = p.n_experts // 2 * p.expert_bytes if kind == "moe" else (p.full - p.fixed) // 2
+        kw = dict(memory_budget=p.fixed + half)
+    with flashlm.load(path, n_ctx=256, n_threads=2, speculative=f"model:{draft}", **kw) as m:
+        assert m.layout != "every weight resident (mapped)" and m.plan.draft > 0
         if kind == "moe":
             assert m.plan.n_slots < m.plan.n_experts
-        for source in ("ngram", "self"):
-            want, _ = _greedy(m, REPEAT)
+        else:
+            assert sum(w.cap for w in m.store.windows) < sum(lb.n_ff for lb in m.store.plans) / 2
+        want, none = _greedy(m, REPEAT, speculative=False)
+        assert none is None
+        for source in ("ngram", "self", f"model:{draft}"):
             got, st = _greedy(m, REPEAT, speculative=dict(source=source, **FIXED))
             assert got == want, source
             if source == "self" or kind != "moe":  # (random weights write no text to look up)
@@ -167,3 +176,21 @@ def test_the_batch_engine_speculates_for_a_sequence_alone(smollm2_path):
             assert engine.generate([REPEAT], max_tokens=24, temperature=0) == [want]
             assert engine.spec_stats.passes > 0 and engine.spec_stats.accepted > 0
             assert engine.generate([REPEAT, FREE], max_tokens=24, temperature=0)[0] == want
+
+
+def test_profile_and_bench_report_speculation(smollm2_path, tmp_path):
+    """`flashlm profile --draft` rows are passes (several tokens each), its summary the
+    acceptance; `flashlm bench --draft ngram` adds the copy task for both engines."""
+    from flashlm.apps.bench import run_bench
+    from flashlm.apps.profile import profile_run
+
+    prof = profile_run(smollm2_path, tmp_path, REPEAT, 24, n_ctx=256, n_threads=2, plot=False,
+                       speculative=dict(source="ngram", **FIXED))
+    sp = prof["summary"]["speculation"]
+    assert sp["passes"] > 0 and sp["accepted"] > 0
+    assert sum(r["tokens"] for r in prof["tokens"]) >= 23 and max(r["tokens"] for r in prof["tokens"]) > 1
+    rows = run_bench(smollm2_path, threads=2, pp=0, tg=16, reps=1, draft="ngram")
+    got = {(r.engine, r.test) for r in rows}
+    assert {("flashlm", "copy16"), ("flashlm --draft ngram", "copy16"), ("llama.cpp", "copy16"),
+            ("llama.cpp prompt lookup", "copy16")} <= got
+    assert all(r.tok_s > 0 for r in rows)
