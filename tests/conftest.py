@@ -21,12 +21,24 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session", autouse=True)
 def compiled_kernels():
-    """The kernels every kind of model runs (resident, flash-streamed with its weights in
-    memory, mixtures of experts resident and streamed), loaded from numba's cache, or
-    compiled into it, before the first test. A fresh checkout compiles for minutes: that
-    belongs to no test, and inside the first one it overran a wait for the interface."""
+    """The kernels every kind of model runs (resident, flash-streamed, mixtures of experts
+    resident and streamed), loaded from numba's cache, or compiled into it, before the
+    first test. A fresh checkout compiles for two minutes: that belongs to no test, and
+    inside the first one it overran a wait for the interface."""
+    import subprocess
+    import sys
+
     from flashlm.runtime import warmup
 
+    # in two processes at once (numba compiles on one core): the experts' kernels, which
+    # share no compiled function with the rest, in a child; then all of them loaded here
+    moe = ["experts", "routing", "expert cache"]
+    child = subprocess.Popen([sys.executable, "-c", f"from flashlm.runtime import warmup; warmup.warm({moe!r})"],
+                             stderr=subprocess.DEVNULL)
+    try:
+        warmup.warm([s for s in warmup.STEPS if s not in moe])
+    finally:
+        child.wait()
     warmup.warm(list(warmup.STEPS))
 
 
