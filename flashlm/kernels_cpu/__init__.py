@@ -265,10 +265,10 @@ def linear_many(x: np.ndarray, ws: list) -> list[np.ndarray]:
 
 
 # The integer prefill GEMM: on by default on x86 with AVX2 (vpdpbusd with VNNI; else
-# vpmaddubsw/vpmaddwd, simd.dpbusd7, as fast as BLAS on dequantized tiles: pp128 1.0x on
-# SmolLM2 and 0.95x on Gemma 3, FLASHLM_SIMD=avx2 on this project's machine), where it
-# makes a prefill's rows the decode step's math (8-bit activations), so a reused prefix
-# and a fresh prefill agree. The portable path keeps BLAS. (FLASHLM_PREFILL=blas or =int8
+# vpmaddubsw/vpmaddwd, simd.dpbusd7: pp128 1.7x BLAS on dequantized tiles on SmolLM2 and
+# 1.3-1.4x on Gemma 3, FLASHLM_SIMD=avx2 on this project's machine). It also makes a
+# prefill's rows the decode step's math (8-bit activations), so a reused prefix and a
+# fresh prefill agree. The portable path keeps BLAS. (FLASHLM_PREFILL=blas or =int8
 # overrides; the tests use both.)
 INT8_GEMM = {"blas": False, "int8": True}.get(os.environ.get("FLASHLM_PREFILL", "").strip().lower(),
                                               simd.MODE == "avx2")
