@@ -32,7 +32,7 @@ from ..errors import ContextLengthError, FlashLMError, InvalidArgumentError
 from .blocks import Cancelled, Context, SlotPool
 from .output import Chunk, Sequence
 from .sampler import Sampler, SamplingParams
-from .speculate import Adaptive, SpecStats, accept
+from .speculate import Adaptive, SpecStats
 
 _SAMPLING_KEYS = set(SamplingParams.__dataclass_fields__)
 
@@ -375,7 +375,6 @@ class Engine:
                 rows, drafts, dt = m._next(ctx, job.feed, seq, self.spec, job.adapt)
         except BaseException as e:
             return self._finish(job, None, error=e)
-        base = len(ctx.tokens) - len(rows)
         c = self.counters
         c["steps"] += 1
         c["decode_seconds"] += dt
@@ -385,11 +384,10 @@ class Engine:
             self._recent.append((dt, 1))
             return self._next(job, rows[0])
         try:
-            i, tok = accept(seq, rows, drafts, lambda piece, tok: self._emit(job, piece, tok, None))
+            i, tok = m._accept(ctx, seq, rows, drafts, dt, self.spec_stats, job.adapt,
+                               lambda piece, tok: self._emit(job, piece, tok, None))
         except BaseException as e:  # (a grammar's failure ends this sequence only)
             return self._finish(job, None, error=e)
-        ctx.truncate(base + 1 + i)
-        m._speculated(self.spec_stats, job.adapt, len(drafts), i, dt)
         c["generated_tokens"] += i + 1 - (tok is None)
         c["decode_tokens"] += i + 1
         self._recent.append((dt, i + 1))

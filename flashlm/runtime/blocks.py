@@ -254,6 +254,17 @@ class DecoderLM:
         with K.blas_one_thread():
             return self._forward(tokens, pos0, kv, all_logits)
 
+    def verify(self, tokens: list[int], pos0: int, kv) -> np.ndarray:
+        """Logits (T, n_vocab) of tokens run one after another from pos0, each row what a
+        one-token forward gives, in one pass where the decoder allows (FusedDecoder.verify)."""
+        if self.cancel_event.is_set():
+            raise Cancelled()
+        if self.fused is None:
+            return np.concatenate([self.forward(np.array([t]), pos0 + j, kv) for j, t in enumerate(tokens)])
+        logits = self.fused.verify(tokens, pos0, kv)
+        kv.pos = pos0 + len(tokens)
+        return logits
+
     def _forward(self, tokens: np.ndarray, pos0: int, kv: KVCache, all_logits: bool) -> np.ndarray:
         cfg, a = self.cfg, self.arch
         x = K.embed(self.tok_embd, tokens)  # (T, n_embd), the residual stream

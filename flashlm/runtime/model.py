@@ -174,12 +174,16 @@ class Model:
         return None if self.experts is None else self.experts.prefetch_state()
 
     def _forward(self, tokens, pos, kv, prefill: bool = False, **kw) -> np.ndarray:
+        return self._pass(lambda: self.model.forward(tokens, pos, kv, **kw), len(tokens), prefill)
+
+    def _pass(self, run, n_tokens: int, prefill: bool):
+        """run() as a forward pass of n_tokens: on this model's threads, its TokenStats kept."""
         # numba's thread count is per calling thread: a model built on one thread and
         # used from another (a UI worker) would otherwise run on all cores.
         kernels_cpu.set_threads(self.n_threads)
         t0 = time.perf_counter()
-        out = self.model.forward(tokens, pos, kv, **kw)
-        st = self._record(len(tokens), prefill, t0)
+        out = run()
+        st = self._record(n_tokens, prefill, t0)
         if self._unreported is not None:
             self._unreported.append(st)
         return out
@@ -380,24 +384,23 @@ class Model:
     def _verify(self, ctx: Context, toks: list[int]) -> np.ndarray:
         """Run toks after ctx's tokens in one pass: logits (T, n_vocab), row t what a decode
         step gives toks[t] after the ones before it, bit for bit (a speculative
-        verification; blocks.FusedDecoder.verify)."""
-        if self.model.cancel_event.is_set():
-            raise Cancelled()
-        kernels_cpu.set_threads(self.n_threads)
-        t0 = time.perf_counter()
+        verification; blocks.DecoderLM.verify)."""
         pos = len(ctx.tokens)
-        fused = self.model.fused
-        if fused is not None:
-            logits = fused.verify(toks, pos, ctx.kv)
-            ctx.kv.pos = pos + len(toks)
-        else:
-            logits = np.concatenate([self.model.forward(np.array([t]), pos + j, ctx.kv) for j, t in enumerate(toks)])
+        logits = self._pass(lambda: self.model.verify(toks, pos, ctx.kv), len(toks), False)
         ctx.tokens += toks
         ctx.exact = min(ctx.exact, pos)
-        st = self._record(len(toks), False, t0)
-        if self._unreported is not None:
-            self._unreported.append(st)
         return logits
+
+    def _accept(self, ctx: Context, seq: Sequence, rows, drafts: list[int], seconds: float, stats: SpecStats, adapt,
+                emit) -> tuple[int, int | None]:
+        """Take the rows _next ran (speculate.accept) and keep the keys and values of the
+        accepted drafts only; count the round. (accepted drafts, the token to run next)."""
+        base = len(ctx.tokens) - len(rows)  # before the token the rows ran after
+        i, tok = accept(seq, rows, drafts, emit)
+        if drafts:
+            ctx.truncate(base + 1 + i)
+            self._speculated(stats, adapt, len(drafts), i, seconds)
+        return i, tok
 
     def _next(self, ctx: Context, tok: int, seq: Sequence, spec, adapt) -> tuple[list, list, float]:
         """Run tok after ctx's tokens, and with speculation the tokens drafted after it:
@@ -447,13 +450,10 @@ class Model:
             pp_speed = (len(tokens) - n_cached) / max(time.perf_counter() - t_prompt, 1e-9)
             rows, drafts, seconds = [logits], [], 0.0
             while True:
-                base = len(ctx.tokens) - len(rows)  # before the token the rows ran after
                 out = []
-                i, tok = accept(seq, rows, drafts, lambda piece, tok, out=out: out.append(chunk(piece, tok, None)))
+                _, tok = self._accept(ctx, seq, rows, drafts, seconds, gen.stats, adapt,
+                                      lambda piece, tok, out=out: out.append(chunk(piece, tok, None)))
                 yield from out
-                if drafts:  # keep the keys and values of the accepted drafts, drop the rest
-                    ctx.truncate(base + 1 + i)
-                    self._speculated(gen.stats, adapt, len(drafts), i, seconds)
                 if seq.finish:
                     break
                 rows, drafts, seconds = self._next(ctx, tok, seq, spec, adapt)
