@@ -53,6 +53,8 @@ def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: 
     line on stderr says what loads while that takes more than a second."""
     t0 = time.perf_counter()
     _check_counts(n_threads, parallel)  # a bad argument fails before anything loads (or says it loads)
+    if memory_budget is not None:
+        parse_size(memory_budget)
     spec = Speculation.parse(speculative)
     draft = None
     if spec is not None and spec.source.startswith("model:"):  # loaded first: the plan counts it
