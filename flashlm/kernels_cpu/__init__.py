@@ -85,7 +85,9 @@ def dequantize(w) -> np.ndarray:
     rows = w.data.shape[0]
     cols = w.shape[-1]
     out = np.empty((rows, cols), dtype=np.float32)
-    quants.dequant_rows(int(w.qtype), w.data, 0, out, F16_TABLE)
+    # a few rows (a norm vector, a bias: a model loads hundreds) on this thread: a parallel
+    # region per vector cost 8 ms each on a busy machine, half a second of a load
+    (quants.dequant_rows if rows >= 64 else quants.dequant_rows_serial)(int(w.qtype), w.data, 0, out, F16_TABLE)
     return out.reshape(w.shape)
 
 
