@@ -30,6 +30,8 @@ def _numba_cache_dir() -> None:
 
 _numba_cache_dir()
 
+from . import target  # noqa: E402,F401  (numba's target CPU, before numba compiles anything)
+
 from .errors import (ContextLengthError, FlashLMError, InvalidArgumentError, ModelFetchError,  # noqa: F401
                      ModelFormatError, ModelNotFoundError, UnsupportedModelError)
 from .runtime.model import Chunk, Model  # noqa: F401

@@ -40,20 +40,30 @@ def _load_numba_without_scipy_blas():
 
 _load_numba_without_scipy_blas()
 
+from ..target import TARGET  # noqa: E402
 from . import simd  # noqa: E402  (imports no kernels: their cache is checked first)
+
+
+def sources_digest() -> str:
+    """The kernel sources' digest: what a cache of their compiled code is valid for."""
+    here = Path(__file__).parent
+    sources = b"".join(p.read_bytes() for p in sorted(here.glob("*.py")))
+    # (numba keys entries on its target CPU: the portable targets' caches live side by
+    # side; code for the host's own name depends on the path it was compiled for)
+    host = f"{simd.MODE} vnni={simd.VNNI}" if TARGET.cpu_name is None else ""
+    return hashlib.sha256(sources + host.encode()).hexdigest()
 
 
 def _drop_stale_numba_cache():
     """Numba's on-disk cache checks only the changed function's own file, so a kernel
     that inlines code from a sibling file would keep stale machine code after an
-    upgrade. Key the whole folder's cache on all kernel sources, and on the SIMD path
-    they were compiled for, instead. (A cache in NUMBA_CACHE_DIR is left alone.)"""
+    upgrade. Key the whole folder's cache on all kernel sources, and, for code compiled
+    for the host's own CPU name, on the SIMD path, instead. (A cache in NUMBA_CACHE_DIR
+    is left alone.)"""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return
-    here = Path(__file__).parent
-    sources = b"".join(p.read_bytes() for p in sorted(here.glob("*.py")))
-    digest = hashlib.sha256(sources + f"{simd.MODE} vnni={simd.VNNI}".encode()).hexdigest()
-    cache = here / "__pycache__"
+    digest = sources_digest()
+    cache = Path(__file__).parent / "__pycache__"
     stamp = cache / "numba-sources.sha256"
     try:
         if stamp.exists() and stamp.read_text() == digest:
@@ -67,6 +77,59 @@ def _drop_stale_numba_cache():
 
 
 _drop_stale_numba_cache()
+
+PREBUILT = Path(__file__).parent.parent / "_prebuilt"  # compiled kernels a wheel carries (apps/prebuild.py)
+
+
+def numba_cache_path(package_dir: Path) -> Path:
+    """Where numba keeps the compiled code of the functions in package_dir's files."""
+    if numba.config.CACHE_DIR:
+        from numba.core.caching import UserProvidedCacheLocator
+
+        sub = UserProvidedCacheLocator.get_suitable_cache_subpath(str(package_dir / "x.py"))
+        return Path(numba.config.CACHE_DIR) / sub
+    return package_dir / "__pycache__"
+
+
+def prebuilt_matches(manifest: dict) -> bool:
+    """Whether compiled kernels described by `manifest` (apps/prebuild.py's) run here:
+    this numba, this Python, these kernel sources, this target."""
+    return (manifest.get("numba") == numba.__version__ and manifest.get("python") == sys.implementation.cache_tag
+            and manifest.get("sources") == sources_digest() and TARGET.tag in manifest.get("targets", ()))
+
+
+def _seed_prebuilt() -> int:
+    """Copy the wheel's compiled kernels (PREBUILT) into numba's cache, for each function
+    whose cache index is not there yet (a user's own cache is never overwritten), when
+    they were built for this numba, Python, kernel sources and target. A first run then
+    loads machine code instead of compiling it for a minute. Returns the indexes copied."""
+    import json
+    import shutil
+
+    try:
+        manifest = json.loads((PREBUILT / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    if not prebuilt_matches(manifest):
+        return 0
+    copied = 0
+    try:
+        for sub in sorted(p for p in PREBUILT.iterdir() if p.is_dir()):
+            dest = numba_cache_path(PREBUILT.parent / sub.name)
+            for index in sorted(sub.glob("*.nbi")):
+                if (dest / index.name).exists():
+                    continue
+                dest.mkdir(parents=True, exist_ok=True)
+                for data in sub.glob(index.name[:-len(".nbi")] + ".*.nbc"):
+                    shutil.copyfile(data, dest / data.name)
+                shutil.copyfile(index, dest / index.name)  # last: the index names the data files
+                copied += 1
+    except OSError:  # a read-only cache: numba compiles, as without them
+        pass
+    return copied
+
+
+_seed_prebuilt()
 
 from . import gemm, qdot, quants  # noqa: E402
 from .layer import act_rows, attend_queries, glu_rows  # noqa: E402

@@ -25,43 +25,19 @@ most 255 and a pair of its products fits int16 (6-bit codes times int8: 16002).
 """
 
 import inspect
-import os
 
-import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-
-def _pick_mode() -> str:
-    forced = os.environ.get("FLASHLM_SIMD", "").strip().lower()
-    if forced in ("generic", "avx2"):
-        return forced
-    try:
-        feats = llvm.get_host_cpu_features()
-        return "avx2" if feats.get("avx2") and not os.environ.get("NUMBA_CPU_NAME") else "generic"
-    except Exception:  # a platform llvmlite cannot query
-        return "generic"
+from ..target import TARGET
 
 
-MODE = _pick_mode()
-
-
-def _has_vnni() -> bool:
-    """Whether the host has vpdpbusd on 256-bit vectors (AVX512-VNNI with VL, or AVX-VNNI)."""
-    if MODE != "avx2" or os.environ.get("FLASHLM_SIMD", "").strip().lower() == "avx2":
-        return False
-    try:
-        f = llvm.get_host_cpu_features()
-        return bool((f.get("avx512vnni") and f.get("avx512vl")) or f.get("avxvnni"))
-    except Exception:
-        return False
-
-
-# vpdpbusd (u8 x i8 products summed in fours, added to i32 lanes, one instruction): the
-# prefill GEMM's core. Without it `dpbusd` is emulated exactly, and slower than BLAS.
-VNNI = _has_vnni()
+# The path and VNNI are the target's (flashlm/target.py), decided before numba compiled
+# anything. vpdpbusd (u8 x i8 products summed in fours, added to i32 lanes, one
+# instruction) is the prefill GEMM's core; without it `dpbusd` is emulated exactly.
+MODE, VNNI = TARGET.mode, TARGET.vnni
 
 _I1, _I8, _I16, _I32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32)
 _F32 = ir.FloatType()

@@ -3,12 +3,14 @@ fresh virtualenv without the dev extra, and run the default model (already fetch
 
     python tests/apps/install_check.py OUT_DIR      # writes OUT_DIR/result.json
 
-It records each step's seconds and output: the build, the install (`pip install -v`:
-its log shows whether any dependency had to be built from source, which needs a
-compiler), and `flashlm run -n 4` twice: cold (kernels compile into an empty numba
-cache) and warm. tests/apps/test_install.py runs it in the background from the start of
-a test session and checks what it wrote at the end; it is also the measurement behind the
-README's install and first-token figures.
+It records each step's seconds and output: the kernels packaged into a copy of the
+source (`python -m flashlm.apps.prebuild --targets host`, as a release does before
+building its wheel: this checkout's numba cache, compiling what it lacks), the build,
+the install (`pip install -v`: its log shows whether any dependency had to be built from
+source, which needs a compiler), and `flashlm run -n 4` twice: cold (an empty numba
+cache, which the wheel's compiled kernels seed) and warm. tests/apps/test_install.py
+runs it last in a test session; it is also the measurement behind the README's install
+and first-token figures.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _step(result: dict, name: str, cmd: list[str], env: dict | None = None, timeout: float = 600) -> bool:
+def _step(result: dict, name: str, cmd: list[str], env: dict | None = None, timeout: float = 600,
+          cwd: Path | None = None) -> bool:
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=result["dir"],
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd or result["dir"],
                            check=False)
         rc, out, err = p.returncode, p.stdout, p.stderr
     except subprocess.TimeoutExpired as e:
@@ -47,8 +50,18 @@ def main(out_dir: str) -> int:
     work.mkdir()
     result: dict = {"dir": str(work)}
     try:
-        dist, venv = work / "dist", work / "venv"
-        ok = _step(result, "build", [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(ROOT)])
+        dist, venv, src = work / "dist", work / "venv", work / "src"
+        src.mkdir()
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            if (ROOT / name).exists():
+                shutil.copyfile(ROOT / name, src / name)
+        shutil.copytree(ROOT / "flashlm", src / "flashlm",
+                        ignore=shutil.ignore_patterns("__pycache__", "_prebuilt", "*.egg-info"))
+        # the kernels, compiled (what this checkout's numba cache lacks) and packaged
+        ok = _step(result, "prebuild", [sys.executable, "-m", "flashlm.apps.prebuild", "--targets", "host", "--out",
+                                        str(src / "flashlm" / "_prebuilt")],
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, timeout=1200)
+        ok = ok and _step(result, "build", [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(src)])
         wheels = sorted(dist.glob("flashlm-*.whl")) if ok else []
         ok = ok and len(wheels) == 1 and _step(result, "venv", [sys.executable, "-m", "venv", str(venv)])
         pip, flashlm = str(venv / "bin" / "pip"), str(venv / "bin" / "flashlm")

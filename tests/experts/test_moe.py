@@ -10,6 +10,8 @@ import pytest
 import flashlm
 from flashlm.errors import ModelFormatError
 from flashlm.experts.moe import route_one, route_rows
+from flashlm.kernels_cpu import acts as _acts
+from flashlm.kernels_cpu import moe as _moe
 
 from conftest import cosine_rows, llama_cpp_logits, llama_cpp_model
 from parity_prompts import PROMPTS
@@ -97,22 +99,24 @@ def test_prompt_routing_is_one_tokens_routing_per_row(gating, norm, scale):
     assert (one[0] == ids[2]).all() and (one[1] == w[2]).all()
 
 
+@numba.njit(cache=True)
+def _generic_f32_rows(w, x, out, lut, rows):
+    _acts._mv(0, w, x, out, lut, 1, rows)
+
+
+@numba.njit(cache=True)
+def _in_place_f32_rows(w, x, out):
+    _moe._f32_rows(w, x, out)
+
+
 def test_compiled_routing():
     """One token's compiled routing: a float32 router read in place gives the generic
     float matvec's logits to the bit, and the k largest are picked as a stable sort
     would (ties to the lower id)."""
     from flashlm.kernels_cpu import F16_TABLE, _all_rows
-    from flashlm.kernels_cpu import acts
     from flashlm.kernels_cpu import moe as D
 
-    @numba.njit
-    def generic(w, x, out, lut, rows):
-        acts._mv(0, w, x, out, lut, 1, rows)
-
-    @numba.njit
-    def in_place(w, x, out):
-        D._f32_rows(w, x, out)
-
+    generic, in_place = _generic_f32_rows, _in_place_f32_rows
     rng = np.random.default_rng(7)
     for t in range(40):
         n, d = int(rng.integers(2, 40)), 16 * int(rng.integers(1, 40))

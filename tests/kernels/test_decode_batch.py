@@ -24,6 +24,7 @@ def test_products_of_b_vectors_are_each_vectors_own(qtype):
     order, a count not a multiple of 4) is matvec_rows of each vector."""
     rng = np.random.default_rng(int(qtype))
     raw = random_blocks(qtype, 50, 512, rng)
+    raw.setflags(write=False)  # as every weight reaches the kernels (one compiled variant, not two)
     x = rng.standard_normal((5, 512)).astype(np.float32)
     all_rows = np.arange(50, dtype=np.int64)
     out = np.empty((5, 50), dtype=np.float32)
