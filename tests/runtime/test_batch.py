@@ -156,7 +156,7 @@ def test_the_plan_counts_every_sequences_kv_cache_and_the_prompt_cache(smollm2_p
                       cache_ram="32MiB") as four:
         assert four.plan.kv == 4 * kv and four.plan.prompt_cache == 32 << 20
         assert four.plan.fixed - one.plan.fixed == 3 * kv + (32 << 20)
-        assert "KV cache (4 seq)" in four.plan.table() and "prompt cache" in four.plan.table()
+        assert "KV cache f16 (4 seq)" in four.plan.table() and "prompt cache" in four.plan.table()
         with four.batch() as engine:
             assert engine.parallel == 4 and engine.cache_bytes == 32 << 20
     with pytest.raises(FlashLMError, match="x 64 sequences"):
