@@ -316,12 +316,13 @@ def _gemm_product(act, w, r0: int, r1: int, out: np.ndarray) -> None:
 
 
 def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, layer: int, pos0: int, scale: float,
-           window: int = 0, k_type: int = KV_F16, v_type: int = KV_F16) -> np.ndarray:
+           window: int = 0, k_type: int = KV_F16, v_type: int = KV_F16, v_rot: int = 0) -> np.ndarray:
     """Causal attention of queries q (T, n_head, hd) at positions pos0.. over a layer
     of the KV cache, which already holds their own keys and values.
 
     k_cache: (n_layer, n_kv, n_ctx, words) uint16 rows of k_type (attention.py: f16, q8_0,
-    q4_0), v_cache likewise of v_type. window > 0 limits each query to its last `window`
+    q4_0), v_cache likewise of v_type (rotated in blocks of v_rot, attention.rotation: the
+    output is rotated back). window > 0 limits each query to its last `window`
     positions (sliding-window layers). Returns (T, n_head, hd_v). The (token, KV head)
     pairs are shared among the prefill threads.
     """
@@ -330,7 +331,8 @@ def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, layer: int, 
     q2 = np.ascontiguousarray(q.reshape(T, n_head * hd), dtype=np.float32)
     out = np.empty((T, n_head * hd_v), dtype=np.float32)
     _on_threads(attend_queries, [(q2, k_cache, v_cache, layer, pos0, n_head, n_kv, hd, hd_v, np.float32(scale),
-                                  window, k_type, v_type, out, a, b) for a, b in _attend_spans(T, n_kv, pos0, window)])
+                                  window, k_type, v_type, v_rot, out, a, b)
+                                 for a, b in _attend_spans(T, n_kv, pos0, window)])
     return out.reshape(T, n_head, hd_v)
 
 

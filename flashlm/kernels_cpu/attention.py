@@ -10,6 +10,11 @@ leading slot axis): one row per (layer, KV head, position), in the cache type's 
 
 (Both blocks are an even number of bytes, so a row of blocks is a row of uint16 words,
 and every cache type is one array type to numba: one compiled variant of each kernel.)
+As llama.cpp does (its attn_rot, on by default), keys and queries are rotated by a
+Walsh-Hadamard matrix before a quantized K cache stores them (q . k is unchanged, the
+outliers of a few channels spread over the block), values before a quantized V cache
+stores them and the attention's output rotated back (`rotation`: where and in what
+blocks; layer.py's `_qkv_rows` rotates, the attention rotates the output back).
 Rows are written as llama.cpp's reference quantize_row_q8_0 / q4_0 write them (and
 gguf-py's numpy `quantize`, the tests' oracle), one per token and KV head, when the
 token's keys and values are computed (layer.py's `_qkv_rows`).
@@ -24,34 +29,68 @@ each cached row is read once for the group):
     _softmax   in float32; for a float16 V cache each weight rounded to float16, as
                llama.cpp's default path rounds them for its f16 product with V
     _values    the weighted sum of the value rows, each converted to float32 once (a
-               quantized row block by block), in position order for each element
+               quantized row block by block), summed in position order within chunks
+               of CHUNK positions (aligned to multiples of CHUNK), then chunk by chunk
 
 Prefill (`attend_queries`) runs them one (token, KV head) after another on a prefill
 thread's share; a decoded token (`attend_rows`, on numba's threads) shares each step
-among the threads by what it is made of: the scores by chunks of CHUNK positions, the
-softmax by query heads, the values by 32-element blocks of the output. Every element is
-computed the same way in all of them, so a row's attention is the same bit for bit in
-prefill, a decode step, a batch and a speculative verification, on any thread count.
+among the threads by what it is made of: the scores and the values by chunks, the
+softmax by query heads. Every element is computed the same way in all of them, so a
+row's attention is the same bit for bit in prefill, a decode step, a batch and a
+speculative verification, on any thread count.
 """
 
+import os
+
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from .qdot import _round_half_away, f16_bits, round_f16
 from .quants import _F16, _Q4_0, _Q8_0, h2f
-from .simd import dot_ss, fma_i, hsum, load32, load_nibbles, sub_each, zeros_f
+from .simd import (
+    _LI,
+    _ptr,
+    dot_ss,
+    fma_i,
+    hsum,
+    load8s,
+    load32,
+    load_nibbles,
+    store8f,
+    sub_each,
+    v8i,
+    zeros_f,
+)
 
 F16, Q8_0, Q4_0 = _F16, _Q8_0, _Q4_0  # GGML's type ids, the cache types' codes
 CACHE_TYPES = {"f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
 TYPE_NAMES = {v: k for k, v in CACHE_TYPES.items()}
 _BLOCK_WORDS = {F16: 0, Q8_0: 17, Q4_0: 9}  # uint16 words of a 32-element block (f16: not blocked)
-CHUNK = 256  # positions per unit of a decoded token's scores (attend_rows)
+CHUNK = 256  # positions per chunk: a decoded token's unit of work (attend_rows), a partial sum of values
 
 
 def row_words(cache_type: int, n: int) -> int:
     """uint16 words of one cached row of n elements in cache_type (n a multiple of 32
     for the block types)."""
     return n if cache_type == F16 else n // 32 * _BLOCK_WORDS[cache_type]
+
+
+@intrinsic
+def _load8_nibbles(typingctx, arr, off, high):
+    """The low (high: the high) nibbles of the 8 bytes arr[off:off + 8], less 8, as int32
+    lanes: 8 elements of a Q4_0 block."""
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        b = builder.zext(builder.load(builder.bitcast(p, ir.VectorType(ir.IntType(8), 8).as_pointer()), align=1), _LI)
+        shift = builder.mul(context.cast(builder, args[2], sig.args[2], types.int32), ir.Constant(ir.IntType(32), 4))
+        b = builder.lshr(b, builder.shuffle_vector(builder.insert_element(ir.Constant(_LI, ir.Undefined), shift,
+                                                                         ir.Constant(ir.IntType(32), 0)),
+                                                   ir.Constant(_LI, ir.Undefined), ir.Constant(_LI, [0] * 8)))
+        return builder.sub(builder.and_(b, ir.Constant(_LI, [15] * 8)), ir.Constant(_LI, [8] * 8))
+
+    return v8i(arr, off, high), codegen
 
 
 # -- writing rows -----------------------------------------------------------------------
@@ -207,8 +246,7 @@ def _softmax(s, n, round_p):
     round_p (float16 values: llama.cpp multiplies them with weights it converted to f16)."""
     m = np.float32(-np.inf)
     for t in range(n):
-        if s[t] > m:
-            m = s[t]
+        m = max(m, s[t])
     tot = np.float32(0.0)
     for t in range(n):
         e = np.float32(np.exp(s[t] - m))
@@ -223,40 +261,47 @@ def _softmax(s, n, round_p):
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def _values(v, v_type, t0, t1, g, p, out, oo, hd_v, i0, i1):
-    """out[oo + h * hd_v + i] = the sum over t in t0..t1-1 of p[h, t - t0] * value t's
-    element i, for i in i0..i1-1 (a whole row, or a 32-element block of it) and each of
-    the g query heads, from one KV head's rows v (positions, words)."""
-    n = i1 - i0
-    vf = np.empty(n, dtype=np.float32)
-    for h in range(g):
-        for i in range(n):
-            out[oo + h * hd_v + i0 + i] = 0.0
+def _values(v, v_type, t0, t1, g, p, po, acc):
+    """acc[h] = the sum over t in t0..t1-1 of p[h, po + t - t0] * value row t, for the g
+    query heads of one KV head's rows v (positions, words); acc (g, hd_v)."""
+    hd_v = acc.shape[1]
+    vf = np.empty(hd_v, dtype=np.float32)
+    acc[:, :] = 0.0
+    v8 = v.view(np.uint8)  # (load8s reads its bytes as int8)
     for t in range(t0, t1):
         if v_type == F16:
-            for i in range(n):
-                vf[i] = h2f(v[t, i0 + i])
-        elif v_type == Q8_0:
-            v8 = v.view(np.int8)
-            for b in range(n // 32):
-                w = (i0 // 32 + b) * 17
-                d = h2f(v[t, w])
-                for j in range(32):
-                    vf[32 * b + j] = np.float32(v8[t, 2 * w + 2 + j]) * d
+            for i in range(hd_v):
+                vf[i] = h2f(v[t, i])
+        elif v_type == Q8_0:  # code * d, 8 at a time (numba leaves the scalar loop unvectorized: 8x slower)
+            r8 = v8[t]
+            for b in range(hd_v // 32):
+                d = h2f(v[t, 17 * b])
+                for k in range(4):
+                    store8f(vf, 32 * b + 8 * k, fma_i(load8s(r8, 34 * b + 2 + 8 * k), d, zeros_f()))
         else:
-            v8 = v.view(np.uint8)
-            for b in range(n // 32):
-                w = (i0 // 32 + b) * 9
-                d = h2f(v[t, w])
-                for j in range(16):
-                    c = v8[t, 2 * w + 2 + j]
-                    vf[32 * b + j] = np.float32(np.int32(c & 15) - 8) * d
-                    vf[32 * b + 16 + j] = np.float32(np.int32(c >> 4) - 8) * d
+            r8 = v8[t]
+            for b in range(hd_v // 32):
+                d = h2f(v[t, 9 * b])
+                for k in range(4):
+                    store8f(vf, 32 * b + 8 * k, fma_i(_load8_nibbles(r8, 18 * b + 2 + 8 * (k % 2), k // 2), d,
+                                                      zeros_f()))
         for h in range(g):
-            ph = p[h, t - t0]
-            o = out[oo + h * hd_v + i0:oo + h * hd_v + i1]
-            for i in range(n):
-                o[i] += ph * vf[i]
+            ph = p[h, po + t - t0]
+            for i in range(hd_v):
+                acc[h, i] += ph * vf[i]
+
+
+@njit(inline="always")
+def _add_chunk(first, acc, out, oo):
+    """out[oo + h * hd_v + i] (=, the first chunk, else +=) acc[h, i]: a query's value
+    sums added up chunk by chunk, in order."""
+    g, hd_v = acc.shape
+    for h in range(g):
+        for i in range(hd_v):
+            if first:
+                out[oo + h * hd_v + i] = acc[h, i]
+            else:
+                out[oo + h * hd_v + i] += acc[h, i]
 
 
 @njit(inline="always")
@@ -268,20 +313,63 @@ def _span(pos, window):
     return start
 
 
+def rotation(cache_type: int, n: int, values: bool = False) -> int:
+    """The Walsh-Hadamard rotation (its size; 0: none) that rows of n elements get before
+    they are cached as cache_type, as llama.cpp rotates a quantized cache's (its attn_rot:
+    a quantized type and a head size that is a multiple of 64; keys in blocks of the
+    largest power of two dividing it, values in blocks of 64). FLASHLM_KV_ROTATE=0 turns
+    it off (llama.cpp's LLAMA_ATTN_ROT_DISABLE=1)."""
+    if cache_type == F16 or n % 64 or os.environ.get("FLASHLM_KV_ROTATE", "1").strip() == "0":
+        return 0
+    size = 64
+    while not values and n % (2 * size) == 0:
+        size *= 2
+    return size
+
+
+@njit(inline="always")
+def _hadamard(x, o, n, size):
+    """x[o:o + n] = each block of `size` elements (a power of two) times the orthonormal
+    Walsh-Hadamard matrix of that size (Sylvester's order, as ggml_gen_hadamard makes it):
+    symmetric and its own inverse."""
+    norm = np.float32(1.0 / np.sqrt(size))
+    for b0 in range(o, o + n, size):
+        h = 1
+        while h < size:
+            for i in range(b0, b0 + size, 2 * h):
+                for j in range(i, i + h):
+                    a, c = x[j], x[j + h]
+                    x[j] = a + c
+                    x[j + h] = a - c
+            h *= 2
+        for j in range(b0, b0 + size):
+            x[j] *= norm
+
+
+@njit(nogil=True, cache=True)
+def hadamard_rows(x, size):
+    """x (R, n) rotated in place, each row in blocks of `size` (_hadamard; for tests)."""
+    for r in range(x.shape[0]):
+        _hadamard(x[r], 0, x.shape[1], size)
+
+
 def row_elems(cache_type: int, words: int) -> int:
     """Elements of a cached row of `words` uint16 words in cache_type."""
     return words if cache_type == F16 else words // _BLOCK_WORDS[cache_type] * 32
 
 
 @njit(nogil=True, cache=True)
-def attend_queries(q, kc, vc, layer, pos0, n_head, n_kv, hd, hd_v, scale, window, k_type, v_type, out, u0, u1):
+def attend_queries(q, kc, vc, layer, pos0, n_head, n_kv, hd, hd_v, scale, window, k_type, v_type, v_rot, out, u0,
+                   u1):
     """Causal attention of queries q (T, n_head * hd) at positions pos0.. over a cache
     that already holds them: units u0..u1-1 (a thread's share) of the T * n_kv units
     (token t = u // n_kv, KV head u % n_kv with its query heads). kc, vc: (n_layer, n_kv,
-    positions, words) uint16 rows of k_type, v_type; out: (T, n_head * hd_v)."""
+    positions, words) uint16 rows of k_type, v_type; out: (T, n_head * hd_v), rotated
+    back where the values were cached rotated (v_rot: rotation())."""
     g = n_head // n_kv
     qf, qq, qd = _query_scratch(g, hd)
     s = np.empty((g, pos0 + q.shape[0]), dtype=np.float32)
+    acc = np.empty((g, hd_v), dtype=np.float32)
     for u in range(u0, u1):
         t, kvh = u // n_kv, u % n_kv
         pos = pos0 + t
@@ -290,7 +378,12 @@ def attend_queries(q, kc, vc, layer, pos0, n_head, n_kv, hd, hd_v, scale, window
         _scores(kc[layer, kvh], k_type, start, pos + 1, g, hd, qf, qq, qd, scale, s, 0)
         for h in range(g):
             _softmax(s[h], pos + 1 - start, v_type == F16)
-        _values(vc[layer, kvh], v_type, start, pos + 1, g, s, out[t], kvh * g * hd_v, hd_v, 0, hd_v)
+        for c in range(start // CHUNK, pos // CHUNK + 1):
+            t0, t1 = max(start, c * CHUNK), min(pos + 1, (c + 1) * CHUNK)
+            _values(vc[layer, kvh], v_type, t0, t1, g, s, t0 - start, acc)
+            _add_chunk(c == start // CHUNK, acc, out[t], kvh * g * hd_v)
+        if v_rot:
+            _hadamard(out[t], kvh * g * hd_v, g * hd_v, v_rot)
 
 
 @njit(inline="always")
@@ -300,13 +393,12 @@ def _query_scratch(g, hd):
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def attend_rows(q, kc, vc, slots, pos, layer, window, n_kv, hd, hd_v, scale, k_type, v_type, out):
+def attend_rows(q, kc, vc, slots, pos, layer, window, n_kv, hd, hd_v, scale, k_type, v_type, v_rot, out):
     """Attention of B decoded tokens, q (B, n_head * hd), row b at position pos[b] in the
     cache pool's slot slots[b] (kc, vc: (n_slots, n_layer, n_kv, positions, words)),
     which already holds its key and value: out (B, n_head * hd_v), each row what
-    attend_queries gives it, bit for bit. The threads share the scores by (row, KV head,
-    CHUNK positions), the softmax by (row, head) and the values by (row, KV head, 32
-    elements of the row)."""
+    attend_queries gives it, bit for bit. The threads share the scores and the values by
+    (row, KV head, CHUNK positions), the softmax by (row, head)."""
     B = q.shape[0]
     n_head = q.shape[1] // hd
     g = n_head // n_kv
@@ -336,9 +428,14 @@ def attend_rows(q, kc, vc, slots, pos, layer, window, n_kv, hd, hd_v, scale, k_t
     for u in prange(B * n_head):
         b, h = u // n_head, u % n_head
         _softmax(s[b, h], pos[b] + 1 - _span(pos[b], window), v_type == F16)
-    n_blocks = (hd_v + 31) // 32
-    for u in prange(B * n_kv * n_blocks):
-        b, kvh, i = u // (n_kv * n_blocks), u // n_blocks % n_kv, u % n_blocks
+    acc = np.empty((n_a, g, hd_v), dtype=np.float32)
+    for u in prange(n_a):
+        b, kvh, c = units[u, 0], units[u, 1], units[u, 2]
         start = _span(pos[b], window)
-        _values(vc[slots[b], layer, kvh], v_type, start, pos[b] + 1, g, s[b, kvh * g:(kvh + 1) * g], out[b],
-                kvh * g * hd_v, hd_v, 32 * i, min(hd_v, 32 * i + 32))
+        t0, t1 = max(start, c * CHUNK), min(pos[b] + 1, (c + 1) * CHUNK)
+        _values(vc[slots[b], layer, kvh], v_type, t0, t1, g, s[b, kvh * g:(kvh + 1) * g], t0 - start, acc[u])
+    for u in range(n_a):
+        b, kvh, c = units[u, 0], units[u, 1], units[u, 2]
+        _add_chunk(c == _span(pos[b], window) // CHUNK, acc[u], out[b], kvh * g * hd_v)
+        if v_rot and c == pos[b] // CHUNK:  # its last chunk
+            _hadamard(out[b], kvh * g * hd_v, g * hd_v, v_rot)

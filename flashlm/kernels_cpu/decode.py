@@ -170,7 +170,7 @@ def _layer_attn(l, pos, slots, x, h, arena, mats, qt, vecs, swa, kc, vc, a, nt, 
     for b in range(B):  # each row's key and value into its cache, then every row's attention
         _qkv_rows(l, pos[b], q[b:b + 1], k[b:b + 1], v[b:b + 1], vl, swa[l], kc[slots[b]], vc[slots[b]], a)
     attend_rows(q, kc, vc, slots, pos, l, a.window if swa[l] else 0, a.n_head_kv, a.head_dim, a.v_head_dim,
-                1.0 if a.scale_q else a.attn_scale, a.k_type, a.v_type, att)
+                1.0 if a.scale_q else a.attn_scale, a.k_type, a.v_type, a.v_rot, att)
     _mv_multi(qt[base + 3], _mat(arena, mats, base + 3), att, o, lut, nt, all_rows)
     _attn_residual(o, x, h, vl, a)
 

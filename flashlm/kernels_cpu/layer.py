@@ -23,7 +23,7 @@ tests/reference.py; the tests hold the two together.
 import numpy as np
 from numba import njit
 
-from .attention import F16, _put_row, attend_queries  # noqa: F401  (attend_queries: prefill's attention)
+from .attention import F16, _hadamard, _put_row, attend_queries, rotation  # noqa: F401  (attend_queries: prefill's)
 from .qdot import f16_bits
 from .quants import GELU_AT
 
@@ -51,6 +51,7 @@ _FIELDS = [
     ("residual", np.float64),  # attention and FFN outputs times this before the residual add
     ("logit_scale", np.float64),  # logits divided by this
     ("k_type", np.int64), ("v_type", np.int64),  # the KV cache's row types (attention.py: f16, q8_0, q4_0)
+    ("k_rot", np.int64), ("v_rot", np.int64),  # Hadamard rotations of q and k, of v, before caching (0: none)
 ]
 ARCH = np.dtype(_FIELDS, align=True)  # a model's settings, by name, as the kernels read them
 
@@ -58,7 +59,7 @@ ARCH = np.dtype(_FIELDS, align=True)  # a model's settings, by name, as the kern
 def arch_array(**fields) -> np.ndarray:
     """An ARCH record (a one-element structured array: the kernels take it at the cost of
     any array, where a namedtuple costs a microsecond a call to unbox)."""
-    fields = {"k_type": F16, "v_type": F16, **fields}  # the cache types: f16 unless given
+    fields = {"k_type": F16, "v_type": F16, "k_rot": 0, "v_rot": 0, **fields}  # the cache: f16 unless given
     missing = set(ARCH.names) - set(fields)
     if missing:
         raise TypeError(f"arch_array: missing {', '.join(sorted(missing))}")
@@ -78,7 +79,8 @@ def make_arch(cfg, lm, bias: bool, k_type: int = F16, v_type: int = F16) -> np.n
         gelu=lm.activation == "gelu", scale_q=lm.scale_q, bias=bias, eps=cfg.rms_eps, rope_base=cfg.rope_base,
         rope_base_swa=cfg.rope_base_swa, rope_scale=cfg.rope_scale, attn_scale=cfg.attn_scale,
         embed_scale=cfg.embed_scale, softcap=cfg.final_softcap, residual=cfg.residual_scale,
-        logit_scale=cfg.logit_scale, k_type=k_type, v_type=v_type)
+        logit_scale=cfg.logit_scale, k_type=k_type, v_type=v_type, k_rot=rotation(k_type, cfg.head_dim),
+        v_rot=rotation(v_type, cfg.v_head_dim, values=True))
 
 
 # -- the ops on one row ---------------------------------------------------------------
@@ -159,8 +161,8 @@ def _norm_rows(x, w, eps, out):
 
 @njit(inline="always")
 def _qkv_rows(l, pos0, q, k, v, vl, is_swa, kc, vc, a):
-    """Rows t of q, k, v at positions pos0 + t: biases, q/k norms, RoPE, then k and v into
-    the cache (rows of the cache types, attention.py); q times the attention scale where the architecture says. Returns the scale
+    """Rows t of q, k, v at positions pos0 + t: biases, q/k norms, RoPE, the rotations of a
+    quantized cache, then k and v into the cache (rows of the cache types, attention.py); q times the attention scale where the architecture says. Returns the scale
     attention still applies."""
     hd, hd_v, n_head, n_kv, eps = a.head_dim, a.v_head_dim, a.n_head, a.n_head_kv, a.eps
     rb = a.rope_base_swa if is_swa else a.rope_base
@@ -186,6 +188,11 @@ def _qkv_rows(l, pos0, q, k, v, vl, is_swa, kc, vc, a):
         pos = pos0 + t
         _rope(qt, n_head, hd, pos, a.rope_dim, rb, rs, a.neox)
         _rope(kt, n_kv, hd, pos, a.rope_dim, rb, rs, a.neox)
+        if a.k_rot:  # (blocks of k_rot divide hd: none spans two heads)
+            _hadamard(qt, 0, n_head * hd, a.k_rot)
+            _hadamard(kt, 0, n_kv * hd, a.k_rot)
+        if a.v_rot:
+            _hadamard(vt, 0, n_kv * hd_v, a.v_rot)
         for hh in range(n_kv):
             _put_row(a.k_type, kt, hh * hd, hd, kc[l, hh, pos])
             _put_row(a.v_type, vt, hh * hd_v, hd_v, vc[l, hh, pos])

@@ -285,7 +285,7 @@ class DecoderLM:
         swa = cfg.swa_layers[i]
         scale = L.qkv_rows(i, pos0, q, k, v, vl, swa, kv.k16, kv.v16, a)
         o = K.attend(q.reshape(T, cfg.n_head, cfg.head_dim), kv.k16, kv.v16, i, pos0, scale,
-                     cfg.sliding_window if swa else 0, *self.cache_types)
+                     cfg.sliding_window if swa else 0, *self.cache_types, int(a["v_rot"][0]))
         o = K.linear(o.reshape(T, -1), s.get(f"blk.{i}.attn_output.weight"))
         L.attn_residual(o, x, h, vl, a)
 
