@@ -26,8 +26,10 @@ each cached row is read once for the group):
     _scores    q . k for every position: quantized keys in integer dot products with
                the query quantized to Q8_0 blocks (llama.cpp's vec_dot for K q8_0/q4_0),
                float16 keys in float products with the query rounded to float16
-    _softmax   in float32; for a float16 V cache each weight rounded to float16, as
-               llama.cpp's default path rounds them for its f16 product with V
+    _softmax   as ggml's: exp in its vectorized form (ggml_v_expf), the sum in float64,
+               the weights times its reciprocal; for a float16 V cache each weight
+               rounded to float16, as llama.cpp's default path rounds them for its f16
+               product with V
     _values    the weighted sum of the value rows, each converted to float32 once (a
                quantized row block by block), summed in position order within chunks
                of CHUNK positions (aligned to multiples of CHUNK), then chunk by chunk
@@ -45,10 +47,11 @@ import os
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .qdot import _round_half_away, f16_bits, round_f16
-from .quants import _F16, _Q4_0, _Q8_0, h2f
+from .quants import _F16, _Q4_0, _Q8_0, _bits_f32, h2f
 from .simd import (
     _LI,
     _ptr,
@@ -240,6 +243,37 @@ def _scores(k, k_type, t0, t1, g, hd, qf, qq, qd, scale, s, so):
                 s[h, so + t - t0] = hsum(acc) * np.float32(scale)
 
 
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c rounded once (llvm.fma: vfmadd where a loop of it vectorizes)."""
+    if not all(t == types.float32 for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f, [f, f, f]), "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return types.float32(a, b, c), codegen
+
+
+@njit(inline="always")
+def _exp(x):
+    """exp(x) for x <= 0 in float32 (a softmax's weights) as ggml's vectorized softmax
+    computes it (ggml_v_expf: ARM's optimized routine, within 1.5 ulp), for x >= -87.3:
+    below, a number under 1.2e-38 (ggml's is as negligible in a softmax's sum).
+    Branch-free, so that a loop of it vectorizes (np.exp calls libm's expf per element)."""
+    x = max(x, np.float32(-87.3))
+    z = _fma(x, np.float32(1.4426950216293335), np.float32(12582912.0))
+    n = z - np.float32(12582912.0)
+    b = _fma(-n, np.float32(1.428606765330187e-06), _fma(-n, np.float32(0.693145751953125), x))
+    u = b * b
+    j = _fma(_fma(_fma(np.float32(0.008247390389442444), b, np.float32(0.04189976677298546)), u,
+                  _fma(np.float32(0.16668395698070526), b, np.float32(0.4999912679195404))), u,
+             _fma(np.float32(0.9999994039535522), b, np.float32(1.0)))
+    return j * _bits_f32((np.int32(n) + np.int32(127)) << 23)
+
+
 @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 def _softmax(s, n, round_p):
     """s[:n] = the softmax of the scores s[:n]: each weight rounded to float16 where
@@ -247,17 +281,18 @@ def _softmax(s, n, round_p):
     m = np.float32(-np.inf)
     for t in range(n):
         m = max(m, s[t])
-    tot = np.float32(0.0)
+    tot = 0.0  # (float64, as ggml sums a softmax)
     for t in range(n):
-        e = np.float32(np.exp(s[t] - m))
+        e = _exp(s[t] - m)
         s[t] = e
         tot += e
+    inv = np.float32(1.0 / tot)
     if round_p:
         for t in range(n):
-            s[t] = round_f16(s[t] / tot)
+            s[t] = round_f16(s[t] * inv)
     else:
         for t in range(n):
-            s[t] = s[t] / tot
+            s[t] = s[t] * inv
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
