@@ -9,6 +9,27 @@ from __future__ import annotations
 
 import os
 
+
+def _numba_cache_dir() -> None:
+    """Numba keeps compiled kernels beside their source (__pycache__); where the package
+    folder is read-only (a system or shared install) they go under FLASHLM_HOME instead,
+    so that only the first run compiles. NUMBA_CACHE_DIR, if set, wins."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    kernels = os.path.join(os.path.dirname(__file__), "kernels_cpu")
+    if os.access(kernels, os.W_OK):
+        return
+    from .paths import home
+
+    os.environ["NUMBA_CACHE_DIR"] = str(home() / "numba")
+    import sys
+
+    if "numba" in sys.modules:  # (imported before flashlm: its config was read already)
+        sys.modules["numba"].config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+
+
+_numba_cache_dir()
+
 from .errors import (ContextLengthError, FlashLMError, InvalidArgumentError, ModelFetchError,  # noqa: F401
                      ModelFormatError, ModelNotFoundError, UnsupportedModelError)
 from .runtime.model import Chunk, Model  # noqa: F401

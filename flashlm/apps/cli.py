@@ -1,4 +1,4 @@
-"""The `flashlm` command line: run, chat, serve, pull, list, info, bench, convert, profile, probe-disk.
+"""The `flashlm` command line: run, chat, serve, pull, warmup, list, info, bench, convert, profile, probe-disk.
 
 Errors a user can cause print one line and exit 2; bugs keep their traceback.
 """
@@ -306,6 +306,28 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def cmd_warmup(args) -> int:
+    """Compile the kernels ahead (numba's cache keeps them): the ones a model runs, with
+    -m (loading it warms them), else every kernel any model may run."""
+    import numba
+
+    from ..runtime import warmup
+
+    t0 = time.perf_counter()
+    if args.model:
+        import flashlm
+
+        with flashlm.load(args.model, n_threads=args.threads):
+            pass
+        what = f"the kernels {args.model} runs"
+    else:
+        warmup.warm(list(warmup.STEPS))
+        what = "every kernel"
+    where = numba.config.CACHE_DIR or "numba's default (__pycache__ beside the package)"
+    print(f"{what}: ready in {time.perf_counter() - t0:.1f} s (compiled code kept in {where})")
+    return 0
+
+
 def cmd_list(args) -> int:
     from ..formats import registry
 
@@ -358,10 +380,18 @@ def cmd_bench(args) -> int:
         print(format_kernel_table(rows, args.threads))
         return 0
     models = args.model or [None]
+    engines = ("flashlm", "llama.cpp")
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:  # an optional extra
+        engines = ("flashlm",)
+        print("note: llama.cpp is not installed, so there is no baseline column; for it:"
+              " pip install 'flashlm[llamacpp]'", file=sys.stderr)
     rows = []
     for model in models:
         rows += run_bench(model, threads=args.threads, pp=args.n_prompt, tg=args.n_gen, reps=args.reps,
-                          progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True), draft=args.draft,
+                          engines=engines, draft=args.draft,
+                          progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True),
                           **_cache_types(args))
     print(format_table(rows))
     return 0
@@ -498,6 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", help="registry names (default: the default model)")
     p.set_defaults(func=cmd_pull)
+    p = sub.add_parser("warmup", help="compile the kernels ahead (first run only; numba's cache keeps them)",
+                       epilog="examples:\n  flashlm warmup\n  flashlm warmup -m gemma3-270m",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", default=None,
+                   help="compile only what this model runs (it loads); default: every kernel")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: the physical cores)")
+    p.set_defaults(func=cmd_warmup)
     p = sub.add_parser("list", help="list registry models")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("info", help="describe a model", epilog="examples:\n  flashlm info gemma3-270m\n"

@@ -213,8 +213,8 @@ def _array(mf, key: str, item_types, required: bool = False):
 
 
 def check_tokenizer(mf, n_vocab: int) -> None:
-    """The tokenizer.ggml.* metadata llama.cpp's vocabulary load reads, checked so that
-    nothing in it can crash it: a known model, n_vocab unique tokens, scores and types
+    """The tokenizer.ggml.* metadata a vocabulary load reads (ours, runtime/gguf_tokenizer,
+    and llama.cpp's, which must not crash on a file flashlm accepts): a known model, n_vocab unique tokens, scores and types
     of the same length (types known, BYTE tokens spelled <0xXX>), well-formed merges,
     special token ids inside the vocabulary."""
     md = Metadata(mf.metadata, mf.path, "tokenizer.ggml.")

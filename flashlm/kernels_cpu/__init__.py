@@ -87,7 +87,9 @@ def dequantize(w) -> np.ndarray:
     rows = w.data.shape[0]
     cols = w.shape[-1]
     out = np.empty((rows, cols), dtype=np.float32)
-    quants.dequant_rows(int(w.qtype), w.data, 0, out, F16_TABLE)
+    # a few rows (a norm vector, a bias: a model loads hundreds) on this thread: a parallel
+    # region per vector cost 8 ms each on a busy machine, half a second of a load
+    (quants.dequant_rows if rows >= 64 else quants.dequant_rows_serial)(int(w.qtype), w.data, 0, out, F16_TABLE)
     return out.reshape(w.shape)
 
 
@@ -266,14 +268,15 @@ def linear_many(x: np.ndarray, ws: list) -> list[np.ndarray]:
     return [o[:T] for o in outs]
 
 
-# The integer prefill GEMM: on by default on x86 with AVX2 (vpdpbusd with VNNI; else
-# vpmaddubsw/vpmaddwd, simd.dpbusd7: pp128 1.7x BLAS on dequantized tiles on SmolLM2 and
-# 1.3-1.4x on Gemma 3, FLASHLM_SIMD=avx2 on this project's machine). It also makes a
-# prefill's rows the decode step's math (8-bit activations), so a reused prefix and a
-# fresh prefill agree. The portable path keeps BLAS. (FLASHLM_PREFILL=blas or =int8
-# overrides; the tests use both.)
-INT8_GEMM = {"blas": False, "int8": True}.get(os.environ.get("FLASHLM_PREFILL", "").strip().lower(),
-                                              simd.MODE == "avx2")
+# The integer prefill GEMM, on every path by default: vpdpbusd with VNNI; on AVX2
+# vpmaddubsw/vpmaddwd (simd.dpbusd7: pp128 1.7x BLAS on dequantized tiles on SmolLM2 and
+# 1.3-1.4x on Gemma 3, FLASHLM_SIMD=avx2 on this project's machine); on the portable path
+# simd's plain LLVM vector IR. It makes a prefill's rows the decode step's math (8-bit
+# activations), each row alike in any batch: so a reused prefix and a fresh prefill agree
+# on every path. BLAS on dequantized tiles (FLASHLM_PREFILL=blas; float weights always)
+# sums a row differently with the batch's size. (FLASHLM_PREFILL=blas or =int8 overrides;
+# the tests use both.)
+INT8_GEMM = {"blas": False, "int8": True}.get(os.environ.get("FLASHLM_PREFILL", "").strip().lower(), True)
 _WITH_MIN = (int(quants.T.Q4_1), int(quants.T.Q5_1))
 
 

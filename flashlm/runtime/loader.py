@@ -40,7 +40,8 @@ from .ffn import DenseFFN
 from .model import Model
 from .models import model_class
 from .speculate import ModelDraft, Speculation
-from .tokenizer import HFTokenizer, LlamaCppTokenizer
+from .gguf_tokenizer import GGUFTokenizer
+from .tokenizer import HFTokenizer
 from .warmup import warm_kernels_for
 
 _TOKENIZER_BYTES: dict[str, int] = {}  # per model file: the RSS its tokenizer took to load, first time
@@ -219,7 +220,7 @@ def _tokenizer(path: Path, file, cfg):
     plan per file and process)."""
     rss0 = psutil.Process().memory_info().rss
     if file.kind == "gguf":
-        tok = LlamaCppTokenizer(path, file.metadata, cfg.arch)
+        tok = GGUFTokenizer(path, file.metadata, cfg.arch, file=file)
     else:
         tok = HFTokenizer(path, file.config)
         if tok.n_vocab > cfg.n_vocab:  # its ids would run past the embedding's rows

@@ -1,20 +1,18 @@
 """Tokenizers and chat templates.
 
-GGUF models tokenize with llama.cpp itself (a vocab-only llama_cpp model), so token ids
-are exactly llama.cpp's. HF folders tokenize with `tokenizers` (tokenizer.json).
+GGUF models tokenize with gguf_tokenizer.GGUFTokenizer: `tokenizers` objects built from
+the file's vocabulary, giving llama.cpp's token ids exactly. HF folders tokenize with
+`tokenizers` from their tokenizer.json.
 Chat messages render through the model's own jinja2 `chat_template`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import json
-import logging
 import os
 import sys
-import weakref
 from datetime import datetime
 from pathlib import Path
 
@@ -86,8 +84,8 @@ def _raise_exception(message):
 
 @contextlib.contextmanager
 def quiet_stderr():
-    """Silence writes to stderr, C-level and Python-level (llama.cpp logs some lines
-    whatever its settings)."""
+    """Silence writes to stderr, C-level and Python-level (llama.cpp, the benchmarks'
+    baseline, logs some lines whatever its settings)."""
     try:
         fd = sys.stderr.fileno()
     except (AttributeError, ValueError, io.UnsupportedOperation):  # not a real file (captured)
@@ -111,88 +109,6 @@ def quiet_stderr():
             sys.stderr = py_stderr
             os.dup2(saved, fd)
             os.close(saved)
-
-
-class LlamaCppTokenizer:
-    """llama.cpp's tokenizer for a GGUF file (loads the vocabulary only, no weights).
-
-    llama.cpp trusts the file: a fault in it (an assertion, an exception out of a C
-    call, a read out of bounds) ends the process. So the loader hands it only files whose
-    vocabulary formats.validate.check_tokenizer passed, and token ids only inside it."""
-
-    def __init__(self, path: str | Path, metadata: dict, arch: str):
-        import llama_cpp
-        import llama_cpp._logger
-
-        llama_cpp._logger.logger.setLevel(logging.CRITICAL + 1)  # silence all of llama.cpp's log lines
-        self._lib = llama_cpp
-        # The C API directly: the high-level Llama object would also build a context
-        # and sampler we never use (13 MB more, measured).
-        params = llama_cpp.llama_model_default_params()
-        params.vocab_only = True
-        with quiet_stderr():
-            model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-        if not model:  # it throws (and returns nothing) on what it does not know, such as the pre-tokenizer
-            kind, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre")
-            raise ModelFormatError(f"{path}: llama.cpp could not read the vocabulary (tokenizer.ggml.model {kind!r},"
-                                   f" tokenizer.ggml.pre {pre!r}); use a GGUF made by a recent llama.cpp")
-        self._free = weakref.finalize(self, llama_cpp.llama_model_free, model)
-        self._vocab = llama_cpp.llama_model_get_vocab(model)
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self.bos_id = int(llama_cpp.llama_vocab_bos(self._vocab))
-        self.eos_id = int(llama_cpp.llama_vocab_eos(self._vocab))
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
-        self.eog_ids = frozenset(i for i in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, i))
-        own = metadata.get("tokenizer.chat_template")
-        self.template = ChatTemplate(own or FALLBACK_TEMPLATES.get(arch, CHATML_TEMPLATE),
-                                     self.piece(self.bos_id, special=True).decode("utf-8", "replace"),
-                                     self.piece(self.eos_id, special=True).decode("utf-8", "replace"), own=bool(own))
-
-    def _check_ids(self, tokens) -> None:
-        # llama.cpp looks ids up with .at(): one outside the vocabulary throws through
-        # its C API, which aborts the process
-        if not _ids_within(tokens, self.n_vocab):
-            raise InvalidArgumentError(f"token ids must be integers in [0, {self.n_vocab})")
-
-    def _v(self):
-        if not self._free.alive:
-            raise FlashLMError("the model is closed; load it again to use its tokenizer")
-        return self._vocab
-
-    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        """Token ids of `text`; add_special adds BOS if the model wants it."""
-        data = _utf8(text)  # (llama.cpp's tokenizer throws on bytes that are not UTF-8: the process aborts)
-        n_max = len(data) + 8
-        buf = (self._lib.llama_token * n_max)()
-        n = self._lib.llama_tokenize(self._v(), data, len(data), buf, n_max, add_special, parse_special)
-        if n < 0:
-            raise RuntimeError(f"llama_tokenize needed {-n} slots")
-        return list(buf[:n])
-
-    def piece(self, token: int, special: bool = False) -> bytes:
-        """The text of token (b"" for an id outside the vocabulary, as a missing BOS's -1)."""
-        if not 0 <= token < self.n_vocab:
-            return b""
-        buf = ctypes.create_string_buffer(256)
-        n = self._lib.llama_token_to_piece(self._v(), token, buf, 256, 0, special)
-        return buf.raw[:max(n, 0)]
-
-    def decode(self, tokens: list[int], skip_special: bool = True) -> str:
-        """Text of `tokens`, as llama.cpp's llama_detokenize gives it."""
-        if not tokens:
-            return ""
-        self._check_ids(tokens)
-        arr = (self._lib.llama_token * len(tokens))(*tokens)
-        size = 16 * len(tokens) + 64
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = self._lib.llama_detokenize(self._v(), arr, len(tokens), buf, size, skip_special, not skip_special)
-            if n >= 0:
-                return buf.raw[:n].decode("utf-8", errors="replace")
-            size = -n + 16
-
-    def close(self):
-        self._free()  # once; later calls do nothing
 
 
 class HFTokenizer:

@@ -158,3 +158,22 @@ def test_info_and_pull_against_the_cache(capsys, smollm2_path):
     assert "architecture: llama, 30 layers" in out and "Q4_1" in out and "memory plan" in out
     assert main(["pull", "smollm2-135m"]) == 0
     assert f"smollm2-135m: already in the cache {smollm2_path}" in capsys.readouterr().out
+
+
+def test_bench_without_llama_cpp_says_how_to_add_it(smollm2_path):
+    """llama.cpp is an optional extra: without it, bench measures flashlm alone and says
+    how to install the baseline."""
+    code = ("import sys; sys.modules['llama_cpp'] = None\n"  # (import llama_cpp then raises ImportError)
+            "from flashlm.apps.cli import main\n"
+            f"sys.exit(main(['bench', '-m', {str(smollm2_path)!r}, '-p', '8', '-n', '4', '-r', '1']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "pip install 'flashlm[llamacpp]'" in r.stderr and "Traceback" not in r.stderr
+    assert "| flashlm | pp8 |" in r.stdout and "| llama.cpp |" not in r.stdout
+
+
+def test_warmup_compiles_ahead(smollm2_path):
+    r = subprocess.run(_flashlm_cmd() + ["warmup", "-m", str(smollm2_path), "-t", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"ready in [\d.]+ s", r.stdout), r.stdout

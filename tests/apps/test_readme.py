@@ -8,7 +8,10 @@ scripts with this interpreter. What is not run as it stands, and why:
 
 - The block under "## Set-up" is skipped: it makes the virtual environment, then the
   install and `pytest` themselves, which .ci/run runs as they are (pytest here would
-  run this test again). test_readme_has_what_this_file_runs checks it holds nothing else.
+  run this test again). So is the block under "## Install" (the user's `pip install .`
+  would replace the editable install under test): test_install.py installs the built
+  wheel into a fresh virtualenv instead, and runs the default model from it.
+  test_readme_has_what_this_file_runs checks both hold nothing else.
 - `flashlm convert` runs in order like the rest, after the fixture has made the
   default model's conversion in the cache (runtime.convert.cached(), as
   examples/memory_budget.py and the README's Python block do): convert then copies that
@@ -51,7 +54,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
-SKIP_SECTION = "Set-up"  # the install and pytest (see the docstring)
+SKIP_SECTIONS = {  # the blocks not run here, and what each holds (see the docstring)
+    "Install": [["pip install .", "flashlm chat"]],
+    "Set-up": [["python3 -m venv .venv && . .venv/bin/activate", 'pip install -e ".[dev]"', "pytest"]],
+}
 TIMEOUT = 300  # seconds a command may take (a fresh checkout's first run compiles the kernels)
 README_PORT = 8080  # the server's port as the README writes it, replaced with a free one here
 OPTIONAL = {"langchain_openai": "langchain-openai"}  # module a block may import: the package that has it
@@ -89,10 +95,10 @@ def fenced_blocks(text: str) -> list[tuple[str, str, int, list[str]]]:
 
 def readme_cases(text: str) -> list[Case]:
     """The README's commands (one a line of a ```sh block, `\\`-continued lines joined)
-    and ```python blocks, in order, but for the block under SKIP_SECTION."""
+    and ```python blocks, in order, but for the blocks under SKIP_SECTIONS."""
     cases = []
     for section, lang, start, body in fenced_blocks(text):
-        if section == SKIP_SECTION:
+        if section in SKIP_SECTIONS:
             continue
         if lang == "python":
             cases.append(Case("python", start, "\n".join(body) + "\n", section))
@@ -119,12 +125,12 @@ CASES = readme_cases(README.read_text())
 
 def test_readme_has_what_this_file_runs():
     """The parse finds the README's commands (so an edit that breaks a fence shows here),
-    every block is one it runs (or the layout's plain text), and the set-up block it
-    skips holds the venv, the install and pytest, nothing else."""
+    every block is one it runs (or the layout's plain text), and the blocks it skips
+    hold the user's install, and the developers' venv, install and pytest, nothing else."""
     blocks = fenced_blocks(README.read_text())
     assert {lang for _, lang, _, _ in blocks} <= {"sh", "python", ""}
-    assert [body for section, _, _, body in blocks if section == SKIP_SECTION] == [
-        ["python3 -m venv .venv && . .venv/bin/activate", 'pip install -e ".[dev]"', "pytest"]]
+    for skipped, bodies in SKIP_SECTIONS.items():
+        assert [body for section, _, _, body in blocks if section == skipped] == bodies, skipped
     kinds = {c.kind for c in CASES}
     assert {"sh", "chat", "serve", "python"} <= kinds, kinds
     serve = next(c for c in CASES if c.kind == "serve")  # what uses the server follows it in its section

@@ -20,7 +20,8 @@ from flashlm.runtime.constrain import (
     tools_grammar,
     tools_system_prompt,
 )
-from flashlm.runtime.tokenizer import HFTokenizer, LlamaCppTokenizer
+from flashlm.runtime.gguf_tokenizer import GGUFTokenizer
+from flashlm.runtime.tokenizer import HFTokenizer
 
 PERSON = {  # nested, every string and array bounded so random walks finish
     "type": "object",
@@ -57,7 +58,7 @@ TOOLS = [WEATHER, SEARCH]
 
 def _gguf_tokenizer(path):
     f = GGUFModelFile(path)
-    return LlamaCppTokenizer(path, f.metadata, f.arch)
+    return GGUFTokenizer(path, f.metadata, f.arch, file=f)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +215,7 @@ def test_llguidance_tokenizer_built_once(smol_tok):
 
 
 def test_closed_tokenizer_refuses(smollm2_path):
-    """llguidance's tokenizer points into the GGUF vocabulary: once it is freed, no use."""
+    """A grammar of a closed model's tokenizer refuses to start a sequence."""
     tok = _gguf_tokenizer(smollm2_path)
     g = json_schema_grammar({"type": "object"}, tok)
     tok.close()
