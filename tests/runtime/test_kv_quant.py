@@ -186,6 +186,45 @@ def test_reused_prefixes_batches_and_verification_on_a_q8_0_cache(q8):
         assert job.text() == fresh and job.n_cached > 0 and engine.cache_used > 0
 
 
+def _chunks(job):
+    """A job's text and its tokens' log-probabilities (each a float64 of its logits)."""
+    chunks = list(job)
+    return "".join(c.text for c in chunks), [lp for c in chunks for lp in c.logprobs]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cache_type", ["f16", "q8_0", "q4_0"])
+def test_kept_keys_and_values_give_the_run_that_wrote_them_bit_for_bit(smollm2_path, cache_type, threads):
+    """Each cache type, on 1 and 2 threads: a prefix that prefill computed, reused after a
+    generation, gives a fresh prefill's logits bit for bit (past a prefill chunk); the
+    prompt cache's entry, which holds positions that decode steps wrote, gives back the
+    run that wrote them (text and log-probabilities, bit for bit). A fresh prefill of
+    decoded positions is not that run: the decode step's products sum in another order
+    than prefill's GEMM (on main too), which is why Model._prefill reuses decoded
+    positions only where asked to (the prompt cache's reuse_any)."""
+    with flashlm.load(smollm2_path, n_ctx=512, n_threads=threads, cache_type_k=cache_type,
+                      cache_type_v=cache_type) as m:
+        tokens = m.tokenize("The quick brown fox jumps over the lazy dog. " * 16)  # > one prefill chunk
+        n = len(tokens)
+        want = {}
+        for k in (n - 40, n):
+            m.reset()
+            want[k] = m.eval(tokens[:k])  # a prefill from position 0
+        m.reset()
+        m.generate(tokens[:n - 40], max_tokens=3, temperature=0)  # prefill, then decoded tokens
+        for k in (n - 40, n, n - 40):
+            assert np.array_equal(m._prefill(m._ctx, tokens[:k])[0], want[k]), k
+        kw = {"temperature": 0, "max_tokens": 8, "logprobs": 2}
+        with m.batch(parallel=1, cache_bytes=64 << 20) as engine:
+            first = m.tokenize("The capital of France is")
+            reply = engine.submit(first, **kw).text()
+            second = first + m.tokenize(reply, add_special=False)[:5] + m.tokenize(" and", add_special=False)
+            ran = _chunks(engine.submit(second, **kw))  # after decoded positions, kept in the slot
+            engine.submit("Something else entirely", **kw).text()  # the slot's entry goes to the prompt cache
+            job = engine.submit(second, **kw)
+            assert _chunks(job) == ran and job.n_cached == len(second) - 1
+
+
 def test_bad_cache_types_are_one_line_errors(smollm2_path, q8, capsys):
     for kw in ({"cache_type_k": "q5_0"}, {"cache_type_v": "bf16"}, {"cache_type_k": 8}):
         with pytest.raises(InvalidArgumentError, match="must be one of f16, q8_0, q4_0"):
