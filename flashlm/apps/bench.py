@@ -44,10 +44,10 @@ def _tokens(n: int, n_vocab: int, seed: int = 1234) -> list[int]:
 class _Flashlm:
     name = "flashlm"
 
-    def __init__(self, path, threads, n_ctx):
+    def __init__(self, path, threads, n_ctx, kv):
         import flashlm
 
-        self.m = flashlm.load(path, n_ctx=n_ctx, n_threads=threads)
+        self.m = flashlm.load(path, n_ctx=n_ctx, n_threads=threads, **kv)
         self.n_vocab = self.m.config.n_vocab
 
     def warm(self):
@@ -82,15 +82,15 @@ class _Flashlm:
 class _LlamaCpp:
     name = "llama.cpp"
 
-    def __init__(self, path, threads, n_ctx):
+    def __init__(self, path, threads, n_ctx, kv):
         import llama_cpp
 
         from ..runtime.tokenizer import quiet_stderr
 
         with quiet_stderr():
             self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
-                                       n_threads_batch=threads, verbose=False)
-        self.path, self.n_ctx, self.threads, self._lookup = path, n_ctx, threads, None
+                                       n_threads_batch=threads, verbose=False, **llama_cache_types(**kv))
+        self.path, self.n_ctx, self.threads, self._lookup, self.kv = path, n_ctx, threads, None, kv
         self.n_vocab = self.llm.n_vocab()
 
     def warm(self):
@@ -125,7 +125,8 @@ class _LlamaCpp:
                 with quiet_stderr():
                     self._lookup = llama_cpp.Llama(str(self.path), n_ctx=self.n_ctx, n_threads=self.threads,
                                                    n_threads_batch=self.threads, logits_all=True, verbose=False,
-                                                   draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10))
+                                                   draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10),
+                                                   **llama_cache_types(**self.kv))
             llm = self._lookup
         llm.reset()
         t, first, k = time.perf_counter(), None, 0
@@ -141,11 +142,24 @@ class _LlamaCpp:
             self._lookup.close()
 
 
+def llama_cache_types(cache_type_k: str = "f16", cache_type_v: str = "f16") -> dict:
+    """llama-cpp-python's Llama arguments for a KV cache of these types (a quantized V
+    cache needs llama.cpp's flash attention)."""
+    from ..kernels_cpu.attention import CACHE_TYPES
+
+    kw = {"type_k": CACHE_TYPES[cache_type_k], "type_v": CACHE_TYPES[cache_type_v]}
+    if cache_type_v != "f16":
+        kw["flash_attn"] = True
+    return kw
+
+
 def run_bench(model=None, threads: int = 2, pp: int = 128, tg: int = 128, reps: int = 3,
-              engines=("flashlm", "llama.cpp"), progress=None, draft: str | None = None) -> list[BenchRow]:
+              engines=("flashlm", "llama.cpp"), progress=None, draft: str | None = None, cache_type_k: str = "f16",
+              cache_type_v: str = "f16") -> list[BenchRow]:
     """Measure each engine on each test, reps times, engines interleaved per repetition
     so that machine noise hits both alike. Returns one BenchRow per (engine, test).
-    draft: also the "copy" test, with and without that draft source."""
+    draft: also the "copy" test, with and without that draft source. cache_type_k,
+    cache_type_v: both engines' KV cache types."""
     from ..formats.registry import resolve
 
     path = resolve(model)
@@ -153,7 +167,10 @@ def run_bench(model=None, threads: int = 2, pp: int = 128, tg: int = 128, reps: 
     n_ctx = max(512, pp + tg + 16)
     label = path.name
     makers = {"flashlm": _Flashlm, "llama.cpp": _LlamaCpp}
-    runners = [makers[e](path, threads, n_ctx) for e in engines]
+    kv = {"cache_type_k": cache_type_k, "cache_type_v": cache_type_v}
+    if kv != {"cache_type_k": "f16", "cache_type_v": "f16"}:
+        label += f" KV {cache_type_k}/{cache_type_v}"
+    runners = [makers[e](path, threads, n_ctx, kv) for e in engines]
     try:
         for r in runners:
             r.warm()

@@ -95,14 +95,15 @@ class ChatApp(App):
 
     def __init__(self, model=None, *, n_ctx: int | None = None, n_threads: int | None = None,
                  memory_budget=None, system: str | None = None, streaming=None, experts=None, speculative=None,
-                 **settings):
+                 cache_type_k: str = "f16", cache_type_v: str = "f16", **settings):
         super().__init__()
         self._spec = model
         self.model = model if hasattr(model, "chat") else None
         self.model_name = display_name(model if self.model is None else self.model.path)  # for the header and footer
         self.warnings: list[str] = []  # what loading warned of: notes here, printed on stderr after (run_chat)
         self._load_kw = dict(n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget, streaming=streaming,
-                             experts=experts, speculative=speculative)
+                             experts=experts, speculative=speculative, cache_type_k=cache_type_k,
+                             cache_type_v=cache_type_v)
         self.system = system
         self.messages: list[dict] = []
         self.settings = {"max_tokens": 512, **settings}

@@ -48,6 +48,7 @@ def _add_model(p: argparse.ArgumentParser):
                    help="threads (default: as many as run fastest, measured while decoding; physical cores at most)")
     p.add_argument("--memory-budget", default=None,
                    help="memory the model may use, beyond the process's own ~200 MiB; e.g. 800MiB or 2GiB")
+    _add_cache_types(p)
     g = p.add_argument_group("streaming (models in the flash layout, see `flashlm convert`)")
     g.add_argument("--predictor", choices=["gate", "lowrank", "none"], default="gate",
                    help="which neurons a token loads: gate (exact, gate resident), lowrank (SVD estimate), "
@@ -83,6 +84,27 @@ def _add_model(p: argparse.ArgumentParser):
     g.add_argument("--no-bundle", action="store_true",
                    help="read experts from the GGUF's stacked tensors (3 reads each) instead of writing their "
                         "bundle to the cache folder once (1 aligned read each; as large as the experts)")
+
+
+def _add_cache_types(p: argparse.ArgumentParser):
+    p.add_argument("-ctk", "--cache-type-k", default="f16", metavar="TYPE",
+                   help="the KV cache's type for keys: f16, q8_0 (about half the memory) or q4_0 (about a quarter) "
+                        "(default f16)")
+    p.add_argument("-ctv", "--cache-type-v", default="f16", metavar="TYPE",
+                   help="the KV cache's type for values: f16, q8_0 or q4_0 (default f16)")
+
+
+def _cache_types(args) -> dict:
+    """--cache-type-k and --cache-type-v as load()'s arguments (checked)."""
+    from ..kernels_cpu.attention import CACHE_TYPES
+
+    out = {}
+    for flag, key in (("--cache-type-k", "cache_type_k"), ("--cache-type-v", "cache_type_v")):
+        value = getattr(args, key, "f16").lower()
+        if value not in CACHE_TYPES:
+            raise InvalidArgumentError(f"{flag} must be one of {', '.join(CACHE_TYPES)}, got {value!r}")
+        out[key] = value
+    return out
 
 
 def _streaming(args) -> dict:
@@ -159,13 +181,14 @@ def cmd_chat(args) -> int:
 
     from ..units import parse_size
 
-    resolve(args.model)  # a missing file or unknown name fails here (and a registry model is pulled), before the UI
-    sampling = _sampling(args)  # and bad settings
+    sampling = _sampling(args)  # bad settings fail here, before the UI
+    kv = _cache_types(args)
     if args.memory_budget is not None:
         parse_size(args.memory_budget)
+    resolve(args.model)  # and a missing file or unknown name (a registry model is pulled)
     return run_chat(args.model, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
                     streaming=_streaming(args), experts=_experts(args), speculative=_speculative(args),
-                    system=args.system, **sampling)
+                    system=args.system, **kv, **sampling)
 
 
 def cmd_run(args) -> int:
@@ -174,10 +197,10 @@ def cmd_run(args) -> int:
     from ..io import device_read_bytes
     from .profile import warn_context
 
-    prompt, sampling = _prompt(args), _sampling(args)
+    prompt, sampling, kv = _prompt(args), _sampling(args), _cache_types(args)
     read0 = device_read_bytes()
     model = flashlm.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
-                         streaming=_streaming(args), experts=_experts(args), speculative=_speculative(args))
+                         streaming=_streaming(args), experts=_experts(args), speculative=_speculative(args), **kv)
     with model:
         warn_context(model, args.model)
         if args.raw or not model.has_chat_template:
@@ -242,6 +265,7 @@ def cmd_serve(args) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise InvalidArgumentError("--api-key needs a non-empty key")
     cache_ram = 0 if args.cache_ram.strip() in ("0", "off") else parse_size(args.cache_ram)
+    kv = _cache_types(args)
     if args.memory_budget is not None:
         parse_size(args.memory_budget)
     defaults = dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -260,7 +284,7 @@ def cmd_serve(args) -> int:
         model = flashlm.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads,
                              memory_budget=args.memory_budget, streaming=_streaming(args), experts=_experts(args),
                              parallel=args.parallel, cache_ram=cache_ram,  # the plan counts both
-                             speculative=_speculative(args))
+                             speculative=_speculative(args), **kv)
         with model:
             warn_context(model, args.model)
             serve(model, sock=sock, api_key=args.api_key, slot_save_path=args.slot_save_path,
@@ -327,7 +351,7 @@ def cmd_info(args) -> int:
     args.model = args.model or args.model_arg
     t0 = time.perf_counter()
     with flashlm.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, memory_budget=args.memory_budget,
-                      streaming=_streaming(args), experts=_experts(args)) as m:
+                      streaming=_streaming(args), experts=_experts(args), **_cache_types(args)) as m:
         warn_context(m, args.model)
         cfg = m.config
         types = Counter(t.qtype.name for t in m.file.tensors.values())
@@ -336,7 +360,8 @@ def cmd_info(args) -> int:
               f"heads={cfg.n_head}/{cfg.n_head_kv} kv, head_dim={cfg.head_dim}, vocab={cfg.n_vocab}")
         print(f"weights:      {format_size(m.store.resident_bytes)} "
               f"({', '.join(f'{k} x{v}' for k, v in types.most_common())})")
-        print(f"context:      {m.n_ctx} (trained {cfg.n_ctx_train}); KV cache {format_size(m.n_ctx * cfg.kv_bytes_per_token // 2)} at f16")
+        print(f"context:      {m.n_ctx} (trained {cfg.n_ctx_train}); KV cache "
+              f"{format_size(m.n_ctx * m.kv_bytes_per_position)} at {m.cache_type}")
         print(f"layout:       {m.layout}")
         if m.plan is not None:
             print(m.plan.table())
@@ -347,6 +372,7 @@ def cmd_info(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import format_kernel_table, format_table, run_bench, run_kernel_bench
 
+    _cache_types(args)
     if args.kernels:
         if args.threads < 1:
             raise InvalidArgumentError(f"--threads must be at least 1, got {args.threads}")
@@ -365,7 +391,8 @@ def cmd_bench(args) -> int:
     for model in models:
         rows += run_bench(model, threads=args.threads, pp=args.n_prompt, tg=args.n_gen, reps=args.reps,
                           engines=engines, draft=args.draft,
-                          progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+                          progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True),
+                          **_cache_types(args))
     print(format_table(rows))
     return 0
 
@@ -389,12 +416,14 @@ def cmd_convert(args) -> int:
 def cmd_profile(args) -> int:
     from .profile import ensure_dir, parse_fractions, profile_run, summary_table, sweep
 
-    out = ensure_dir(args.output)
     if args.n_predict < 1:
         raise InvalidArgumentError("-n must be at least 1")
+    _cache_types(args)
+    out = ensure_dir(args.output)
     if args.sweep:
         runs = sweep(args.model, out, parse_fractions(args.sweep), args.prompt, args.n_predict, args.ctx_size,
-                     args.threads, _streaming(args), experts=_experts(args), speculative=_speculative(args))
+                     args.threads, _streaming(args), experts=_experts(args), speculative=_speculative(args),
+                     **_cache_types(args))
         moe = any(r.get("expert_hit_rate") is not None for r in runs)
         print(f"| budget % | budget MiB | tok/s | MB read/token | {'expert cache hits' if moe else 'window hits'} |")
         print("|---:|---:|---:|---:|---:|")
@@ -409,7 +438,8 @@ def cmd_profile(args) -> int:
         print(f"wrote {out}/sweep.json and {out}/sweep.png")
         return 0
     prof = profile_run(args.model, out, args.prompt, args.n_predict, args.memory_budget, args.ctx_size, args.threads,
-                       _streaming(args), experts=_experts(args), speculative=_speculative(args))
+                       _streaming(args), experts=_experts(args), speculative=_speculative(args),
+                       **_cache_types(args))
     print(summary_table(prof))
     print(f"wrote {out}/profile.json and {out}/profile.png")
     return 0
@@ -527,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "llama.cpp's prompt lookup)")
     p.add_argument("--kernels", action="store_true",
                    help="instead: the kernel micro-benchmark (GB/s of weights per type and shape)")
+    _add_cache_types(p)
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("convert", help="write a model in the flash layout (FFN neurons bundled for streaming)",
                        epilog="examples:\n  flashlm convert -m smollm2-135m --flash smollm2.flash.gguf\n"

@@ -26,19 +26,21 @@ MIB = 2**20
 
 def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n_ctx=None, n_threads=None,
                 streaming=None, plot: bool = True, experts: dict | None = None, warn: bool = True,
-                speculative=None) -> dict:
+                speculative=None, cache_type_k: str = "f16", cache_type_v: str = "f16") -> dict:
     """Profile one run; returns the profile dict (also written to out_dir). A
     mixture-of-experts model under a budget reports its expert cache instead of
     windows: hits are cached experts, I/O the wait for expert reads. warn: print a
     context longer than the model's trained one to stderr. speculative: greedy decoding
     with that draft source; a row per pass (a verification's `tokens` > 1) and the
-    summary's `speculation` (acceptance, tokens per pass, MB read per token)."""
+    summary's `speculation` (acceptance, tokens per pass, MB read per token).
+    cache_type_k, cache_type_v: the KV cache's types (load's)."""
     import flashlm
 
     proc = psutil.Process()
     base = idle_rss(proc)
     with flashlm.load(spec, n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget,
-                      streaming=streaming, experts=experts, speculative=speculative) as m:
+                      streaming=streaming, experts=experts, speculative=speculative, cache_type_k=cache_type_k,
+                      cache_type_v=cache_type_v) as m:
         if warn:
             warn_context(m, spec)
         tokens = m.tokenize(prompt)
@@ -67,6 +69,7 @@ def profile_run(spec, out_dir, prompt: str, n_tokens: int, memory_budget=None, n
         plan = None if m.plan is None else dict(m.plan.as_dict(), prefetch=m.expert_prefetch)
         out = dict(model=display_name(spec), path=str(m.path), streamed=every.neurons_needed > 0,
                    experts=every.experts_needed > 0, memory_budget=m.memory_budget, n_ctx=m.n_ctx, n_threads=m.n_threads, plan=plan,
+                   cache_type=m.cache_type, kv_bytes=m.n_ctx * m.kv_bytes_per_position,
                    idle_rss_mib=base / MIB, prompt_tokens=len(tokens), prefill_ms=1e3 * prefill.seconds,
                    prefill_bytes_read=prefill.bytes_read, tokens=rows)
     lat = [r["latency_ms"] / r["tokens"] for r in rows]  # per token (a verification pass runs several)
@@ -166,13 +169,15 @@ def _plot(prof: dict, path: Path) -> None:
 
 
 def sweep(spec, out_dir, fractions: list[float], prompt: str, n_tokens: int, n_ctx=None, n_threads=None,
-          streaming=None, experts: dict | None = None, speculative=None) -> list[dict]:
+          streaming=None, experts: dict | None = None, speculative=None, cache_type_k: str = "f16",
+          cache_type_v: str = "f16") -> list[dict]:
     """Profile at budgets that are `fractions` of what holds every streamed neuron (or,
     for a mixture of experts, every expert); budgets below the minimum are recorded as such."""
     import flashlm
 
+    kv = {"cache_type_k": cache_type_k, "cache_type_v": cache_type_v}
     with flashlm.load(spec, n_ctx=n_ctx, n_threads=1, memory_budget=1 << 50, streaming=streaming,
-                      experts=experts) as m:
+                      experts=experts, **kv) as m:
         warn_context(m, spec)
         if not m.plan.cache:  # every weight resident: no budget to sweep
             raise FlashLMError("--sweep needs a model in the flash layout (flashlm convert --flash OUT) or a "
@@ -184,7 +189,7 @@ def sweep(spec, out_dir, fractions: list[float], prompt: str, n_tokens: int, n_c
         budget = int(f * full)
         try:
             prof = profile_run(spec, out_dir / f"budget-{f:.0%}", prompt, n_tokens, budget, n_ctx, n_threads,
-                               streaming, experts=experts, warn=False, speculative=speculative)
+                               streaming, experts=experts, warn=False, speculative=speculative, **kv)
             results.append(dict(fraction=f, budget=budget, **prof["summary"]))
         except FlashLMError as e:
             results.append(dict(fraction=f, budget=budget, error=str(e)))
@@ -233,6 +238,8 @@ def summary_table(prof: dict) -> str:
         sp = s["speculation"]
         lines.append(f"speculation: {sp['drafted']} drafted, {sp['accepted']} accepted ({sp['acceptance']:.0%}), "
                      f"{sp['tokens_per_pass']:.2f} tokens per pass")
+    if prof.get("cache_type"):
+        lines.append(f"KV cache: {prof['cache_type']}, {prof['kv_bytes'] / MIB:.1f} MiB at n_ctx={prof['n_ctx']}")
     if prof.get("experts") and prof["plan"]:
         p = prof["plan"]
         lines.append(f"expert cache: {p['n_slots']:,} of {p['n_experts']:,} experts; prefetch {p['prefetch']}")

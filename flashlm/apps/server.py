@@ -870,11 +870,11 @@ def serve(model, *, host: str = "127.0.0.1", port: int = 8080, sock: socket.sock
         app = make_app(model, engine, api_key=api_key, model_id=model_id, defaults=defaults, max_tokens=max_tokens,
                        slot_save_path=slot_save_path, base_rss=base_rss)
         server = make_server(app, sock)
-        kv = engine.parallel * model.n_ctx * model.config.kv_bytes_per_token // 2
+        kv = engine.parallel * model.n_ctx * model.kv_bytes_per_position
         cache = format_size(engine.cache_bytes) if engine.cache_bytes else "off"
         print(f"flashlm: serving {app.state.server.model_id} at {url_of(sock)}/v1 (OpenAI-compatible; Ctrl+C stops)")
         print(f"  {engine.parallel} sequences decoded together, context {model.n_ctx} each (KV caches up to "
-              f"{format_size(kv)}); prompt cache {cache}{'; API key required' if api_key else ''}")
+              f"{format_size(kv)} at {model.cache_type}); prompt cache {cache}{'; API key required' if api_key else ''}")
         print(model.plan.table() if model.plan is not None else
               "  no memory budget (--memory-budget sets one, and prints its plan here)")
         if not model.has_chat_template:

@@ -3,7 +3,8 @@ the cache of streamed weights.
 
     resident weights   everything not streamed (mapped, touched every token)
     predictor          a flash layout's sparsity predictor (the gate, or low-rank factors)
-    KV cache           n_ctx positions at float16, for each sequence decoded at once
+    KV cache           n_ctx positions in the cache type (f16, q8_0, q4_0), for each
+                       sequence decoded at once
     prompt cache       keys and values kept for later prompts (the server's --cache-ram)
     buffers            compute and I/O buffers, logits, the tokenizer's tables (measured
                        as it loads), and slack for the allocator
@@ -62,6 +63,7 @@ class MemoryPlan:
     sequences: int = 1  # KV caches in `kv` (sequences decoded together)
     prompt_cache: int = 0
     draft: int = 0  # a speculative draft model, resident (its weights and KV cache)
+    kv_type: str = "f16"  # the KV cache's type(s): "q8_0", or "K q8_0, V f16"
 
     @property
     def fixed(self) -> int:
@@ -79,7 +81,7 @@ class MemoryPlan:
 
     def table(self) -> str:
         """The plan as `flashlm info` prints it."""
-        kv = "KV cache" if self.sequences == 1 else f"KV cache ({self.sequences} seq)"
+        kv = f"KV cache {self.kv_type}" + ("" if self.sequences == 1 else f" ({self.sequences} seq)")
         rows = [("resident weights", self.resident), ("predictor", self.predictor), (kv, self.kv),
                 ("prompt cache", self.prompt_cache), ("draft model", self.draft), ("buffers, tokenizer", self.buffers)]
         if self.cache:
@@ -98,9 +100,10 @@ class MemoryPlan:
 
 def plan_budget(budget: int, n_ctx: int, *, resident: int, kv: int, buffers: int, predictor: int = 0,
                 sizing: CacheSizing | None = None, advice: str = "raise the budget or lower n_ctx",
-                sequences: int = 1, prompt_cache: int = 0, draft: int = 0) -> MemoryPlan:
+                sequences: int = 1, prompt_cache: int = 0, draft: int = 0, kv_type: str = "f16") -> MemoryPlan:
     """Divide `budget` bytes; FlashLMError naming the minimum when it is below (with
-    `advice`: what the user can do). kv: one sequence's KV cache; `sequences` of them."""
+    `advice`: what the user can do). kv: one sequence's KV cache (of kv_type, its
+    name); `sequences` of them."""
     kv *= sequences
     fixed = resident + predictor + kv + prompt_cache + draft + buffers
     least = sizing.least if sizing is not None else 0
@@ -112,8 +115,8 @@ def plan_budget(budget: int, n_ctx: int, *, resident: int, kv: int, buffers: int
         pc += f", draft model {format_size(draft)}" if draft else ""
         raise FlashLMError(f"memory budget {format_size(budget)} is below the minimum {format_size(minimum)} for this "
                            f"model at n_ctx={n_ctx}{seqs} (resident weights {format_size(resident)}, KV cache "
-                           f"{format_size(kv)}{pc}{what}); {advice}")
-    extra = dict(sequences=sequences, prompt_cache=prompt_cache, draft=draft)
+                           f"{format_size(kv)} at {kv_type}{pc}{what}); {advice}")
+    extra = dict(sequences=sequences, prompt_cache=prompt_cache, draft=draft, kv_type=kv_type)
     if sizing is None:
         return MemoryPlan(budget, resident, kv, buffers, minimum, fixed, predictor, **extra,
                           holds="every weight resident (`flashlm convert --flash OUT` makes a layout whose FFN streams)")

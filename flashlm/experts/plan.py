@@ -11,16 +11,19 @@ from .moe import PARTS
 
 
 def plan_experts(model_file, cfg, budget: int, n_ctx: int, tokenizer: int, prefetch: bool,
-                 io_threads: int = 8, max_read: int = 1 << 20, **sequences) -> MemoryPlan:
+                 io_threads: int = 8, max_read: int = 1 << 20, kv_position: int | None = None,
+                 **sequences) -> MemoryPlan:
     """Divide `budget`; FlashLMError naming the minimum (one token's experts in a layer,
     twice that with prefetch) when it is below. sequences: plan_budget's `sequences` and
-    `prompt_cache`."""
+    `prompt_cache`. kv_position: a KV cache's bytes per position (default: float16's)."""
     stacked = {f"blk.{i}.{p}.weight" for i in range(cfg.n_layer) for p in PARTS}
     resident = sum(t.nbytes for t in model_file.tensors.values() if t.name not in stacked)
     buffers = tokenizer + io_threads * max_read + 8 * cfg.n_vocab + SLACK + resident // 100
     sizing = ExpertSizing(record_bytes(part_sizes(model_file, cfg)), cfg.n_layer * cfg.n_expert,
                           cfg.n_expert_used * (2 if prefetch else 1))
-    return plan_budget(budget, n_ctx, resident=resident, kv=n_ctx * cfg.kv_bytes_per_token // 2, buffers=buffers,
+    if kv_position is None:
+        kv_position = cfg.kv_bytes_per_token // 2
+    return plan_budget(budget, n_ctx, resident=resident, kv=n_ctx * kv_position, buffers=buffers,
                        sizing=sizing, **sequences)
 
 

@@ -18,7 +18,7 @@ from ..cache import SLACK, MemoryPlan, plan_budget
 PREFILL_NEURONS = 512  # neurons per prefill chunk (store._dense)
 
 
-def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_vocab: int,
+def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_position: int, n_vocab: int,
               tokenizer: int = 0, **sequences) -> MemoryPlan:
     """Divide `budget` bytes for FlashStore `store` (its settings pick the predictor and
     keep). FlashLMError naming the minimum if the budget is below it. sequences:
@@ -36,7 +36,7 @@ def make_plan(store, budget: int, n_ctx: int, kv_bytes_per_token_f16: int, n_voc
                + 4 * n_vocab * 2)  # logits
     buffers += tokenizer  # the tokenizer's tables, measured at load
     buffers += SLACK + resident // 100  # allocator slack, and pages faulted in around the mapped weights
-    return plan_budget(budget, n_ctx, resident=resident, kv=n_ctx * kv_bytes_per_token_f16, buffers=buffers,
+    return plan_budget(budget, n_ctx, resident=resident, kv=n_ctx * kv_bytes_per_position, buffers=buffers,
                        predictor=store.predictor_bytes, sizing=NeuronSizing(store),
                        advice="raise the budget, lower -c/n_ctx, or lower --keep", **sequences)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 from pathlib import Path
 
@@ -132,7 +133,8 @@ def _seed_prebuilt() -> int:
 _seed_prebuilt()
 
 from . import gemm, qdot, quants  # noqa: E402
-from .layer import act_rows, attend_queries, glu_rows  # noqa: E402
+from .attention import CACHE_TYPES, F16 as KV_F16, attend_queries, row_elems  # noqa: F401
+from .layer import act_rows, glu_rows  # noqa: E402
 from .threads import _on_threads, _share_rows, _spans, _tiled_product, blas_one_thread, tile_rows  # noqa: E402,F401
 from .quants import F16_TABLE, SUPPORTED_TYPES  # noqa: F401
 
@@ -380,21 +382,35 @@ def _gemm_product(act, w, r0: int, r1: int, out: np.ndarray) -> None:
 
 
 def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, layer: int, pos0: int, scale: float,
-           window: int = 0) -> np.ndarray:
+           window: int = 0, k_type: int = KV_F16, v_type: int = KV_F16, v_rot: int = 0) -> np.ndarray:
     """Causal attention of queries q (T, n_head, hd) at positions pos0.. over a layer
     of the KV cache, which already holds their own keys and values.
 
-    k_cache: (n_layer, n_kv, n_ctx, hd) float16 bits (uint16), v_cache likewise. window > 0 limits each
-    query to its last `window` positions (sliding-window layers). Returns
-    (T, n_head, hd_v). Heads are shared among the prefill threads.
+    k_cache: (n_layer, n_kv, n_ctx, words) uint16 rows of k_type (attention.py: f16, q8_0,
+    q4_0), v_cache likewise of v_type (rotated in blocks of v_rot, attention.rotation: the
+    output is rotated back). window > 0 limits each query to its last `window`
+    positions (sliding-window layers). Returns (T, n_head, hd_v). The (token, KV head)
+    pairs are shared among the prefill threads.
     """
     T, n_head, hd = q.shape
-    n_kv, hd_v = k_cache.shape[1], v_cache.shape[-1]
+    n_kv, hd_v = k_cache.shape[1], row_elems(v_type, v_cache.shape[-1])
     q2 = np.ascontiguousarray(q.reshape(T, n_head * hd), dtype=np.float32)
     out = np.empty((T, n_head * hd_v), dtype=np.float32)
     _on_threads(attend_queries, [(q2, k_cache, v_cache, layer, pos0, n_head, n_kv, hd, hd_v, np.float32(scale),
-                                         window, out, a, b) for a, b in _spans(n_head)])
+                                  window, k_type, v_type, v_rot, out, a, b)
+                                 for a, b in _attend_spans(T, n_kv, pos0, window)])
     return out.reshape(T, n_head, hd_v)
+
+
+def _attend_spans(T: int, n_kv: int, pos0: int, window: int) -> list[tuple[int, int]]:
+    """attend_queries' T * n_kv units (token-major) cut into one span per prefill thread
+    of about equal work (a token's: the positions it attends to)."""
+    pos = pos0 + np.arange(T)
+    work = np.repeat(np.minimum(pos + 1, window) if window > 0 else pos + 1, n_kv)
+    ends = np.cumsum(work)
+    k = min(numba.get_num_threads(), T * n_kv)
+    cuts = [0] + [int(np.searchsorted(ends, ends[-1] * i / k)) for i in range(1, k)] + [T * n_kv]
+    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
 
 
 def glu(g: np.ndarray, u: np.ndarray, gelu: bool) -> np.ndarray:

@@ -21,16 +21,17 @@ Inputs (packed by runtime/blocks.py's FusedDecoder):
     qt:   int64 GGML type of each matrix.
     vecs: float32 (n_layer + 1, len(VECS), width) norm weights and biases (layer.py).
     arch: the model's layer.ARCH record (a one-element array); nt: threads for the products.
-    kc, vc: a sequence's KV cache, float16 bits as uint16 (n_layer, n_kv, n_ctx, hd); the
-          batch's take a pool of them (n_slots, n_layer, n_kv, n_ctx, hd), C-contiguous.
+    kc, vc: a sequence's KV cache, uint16 rows of the cache types arch names (n_layer, n_kv,
+          n_ctx, words; attention.py); the batch's take a pool of them (n_slots, n_layer,
+          n_kv, n_ctx, words), C-contiguous.
 """
 
 import numpy as np
 from numba import njit
 
 from .acts import _mv_multi
-from .layer import (V_ATTN_NORM, _act, _attend_head, _attn_residual, _ffn_residual, _logits_rows, _norm_rows,
-                    _qkv_rows)
+from .attention import attend_rows
+from .layer import V_ATTN_NORM, _act, _attn_residual, _ffn_residual, _logits_rows, _norm_rows, _qkv_rows
 from .quants import dequant_row
 
 SLOTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -51,8 +52,8 @@ def _one(kc):
 
 @njit(nogil=True, cache=True)
 def decode_step(tok, pos, arena, mats, qt, vecs, swa, kc, vc, arch, nt, lut, all_rows, logits):
-    """Run token `tok` at position `pos`: fill the KV caches kc/vc (float16 bits as
-    uint16, (n_layer, n_kv, n_ctx, hd)) and write the logits (n_vocab,)."""
+    """Run token `tok` at position `pos`: fill the KV caches kc/vc ((n_layer, n_kv, n_ctx,
+    words) uint16) and write the logits (n_vocab,)."""
     decode_batch(np.full(1, tok, dtype=np.int64), np.full(1, pos, dtype=np.int64), np.zeros(1, dtype=np.int64),
                  arena, mats, qt, vecs, swa, _one(kc), _one(vc), arch, nt, lut, all_rows,
                  logits.reshape((1, logits.shape[0])))
@@ -150,8 +151,10 @@ def _embed_rows(toks, arena, mats, qt, a, lut, x):
 @njit(inline="always")
 def _layer_attn(l, pos, slots, x, h, arena, mats, qt, vecs, swa, kc, vc, a, nt, lut, all_rows):
     """Layer l's attention for B tokens, x and h (B, n_embd), row b at position pos[b] in
-    the KV pool's slot slots[b]: layer.py's steps around products over all B rows, and
-    each row's own attention (_attend_row)."""
+    the KV pool's slot slots[b]: layer.py's steps around products over all B rows; the
+    rows' keys and values go into their caches before any row attends (in a chain of
+    one slot's consecutive positions, row b reads only the rows before it and its own,
+    as it would one row at a time), then all rows' attention at once (attention.py)."""
     B = x.shape[0]
     q = np.empty((B, a.n_head * a.head_dim), dtype=np.float32)
     k = np.empty((B, a.n_head_kv * a.head_dim), dtype=np.float32)
@@ -164,25 +167,12 @@ def _layer_attn(l, pos, slots, x, h, arena, mats, qt, vecs, swa, kc, vc, a, nt, 
     _mv_multi(qt[base], _mat(arena, mats, base), h, q, lut, nt, all_rows)
     _mv_multi(qt[base + 1], _mat(arena, mats, base + 1), h, k, lut, nt, all_rows)
     _mv_multi(qt[base + 2], _mat(arena, mats, base + 2), h, v, lut, nt, all_rows)
-    for b in range(B):
-        _attend_row(l, pos[b], q[b:b + 1], k[b:b + 1], v[b:b + 1], vl, swa[l], kc[slots[b]], vc[slots[b]], a,
-                    att[b])
+    for b in range(B):  # each row's key and value into its cache, then every row's attention
+        _qkv_rows(l, pos[b], q[b:b + 1], k[b:b + 1], v[b:b + 1], vl, swa[l], kc[slots[b]], vc[slots[b]], a)
+    attend_rows(q, kc, vc, slots, pos, l, a.window if swa[l] else 0, a.n_head_kv, a.head_dim, a.v_head_dim,
+                1.0 if a.scale_q else a.attn_scale, a.k_type, a.v_type, a.v_rot, att)
     _mv_multi(qt[base + 3], _mat(arena, mats, base + 3), att, o, lut, nt, all_rows)
     _attn_residual(o, x, h, vl, a)
-
-
-@njit(inline="always")
-def _attend_row(l, pos, q, k, v, vl, is_swa, kc, vc, a, att):
-    """One token's q, k, v (1, ...) at position pos: biases, norms, RoPE, its key and value
-    into its cache kc/vc (n_layer, n_kv, n_ctx, hd), then every head's attention into att."""
-    n_head, hd, hd_v = a.n_head, a.head_dim, a.v_head_dim
-    sc = _qkv_rows(l, pos, q, k, v, vl, is_swa, kc, vc, a)
-    window = a.window if is_swa else 0
-    s = np.empty(pos + 1, dtype=np.float32)
-    qh = np.empty(hd, dtype=np.float32)
-    g = n_head // a.n_head_kv
-    for hh in range(n_head):
-        _attend_head(q[0], hh * hd, kc, vc, l, hh // g, pos, window, hd, hd_v, sc, s, qh, att, hh * hd_v)
 
 
 @njit(inline="always")

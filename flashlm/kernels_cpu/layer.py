@@ -7,7 +7,7 @@ token). A layer, with x the residual stream (T, n_embd):
     h = norm_rows(x, attn_norm)                    the attention's input
     q, k, v = h @ Wq, Wk, Wv                       projections
     scale = qkv_rows(...)                          biases, q/k norms, RoPE; k, v into the cache
-    o = attention over the cache                   attend_queries
+    o = attention over the cache                   attention.py: attend_queries (T rows), attend_rows (decode)
     o = o @ Wo
     attn_residual(...)                             bias, post-norm, x += o; h = the FFN's input
     d = the layer's FFN strategy (runtime/ffn.py)
@@ -23,8 +23,9 @@ tests/reference.py; the tests hold the two together.
 import numpy as np
 from numba import njit
 
-from .qdot import f16_bits, round_f16
-from .quants import GELU_AT, h2f
+from .attention import F16, _hadamard, _put_row, attend_queries, rotation  # noqa: F401  (attend_queries: prefill's)
+from .qdot import f16_bits
+from .quants import GELU_AT
 
 ROPE_NORM = "norm"  # rotate pairs (2i, 2i+1): llama.cpp's LLAMA_ROPE_TYPE_NORM
 ROPE_NEOX = "neox"  # rotate pairs (i, i + d/2): GPT-NeoX / HF rotate_half
@@ -49,6 +50,8 @@ _FIELDS = [
     ("softcap", np.float64),  # of the logits (0: none)
     ("residual", np.float64),  # attention and FFN outputs times this before the residual add
     ("logit_scale", np.float64),  # logits divided by this
+    ("k_type", np.int64), ("v_type", np.int64),  # the KV cache's row types (attention.py: f16, q8_0, q4_0)
+    ("k_rot", np.int64), ("v_rot", np.int64),  # Hadamard rotations of q and k, of v, before caching (0: none)
 ]
 ARCH = np.dtype(_FIELDS, align=True)  # a model's settings, by name, as the kernels read them
 
@@ -56,6 +59,7 @@ ARCH = np.dtype(_FIELDS, align=True)  # a model's settings, by name, as the kern
 def arch_array(**fields) -> np.ndarray:
     """An ARCH record (a one-element structured array: the kernels take it at the cost of
     any array, where a namedtuple costs a microsecond a call to unbox)."""
+    fields = {"k_type": F16, "v_type": F16, "k_rot": 0, "v_rot": 0, **fields}  # the cache: f16 unless given
     missing = set(ARCH.names) - set(fields)
     if missing:
         raise TypeError(f"arch_array: missing {', '.join(sorted(missing))}")
@@ -65,8 +69,9 @@ def arch_array(**fields) -> np.ndarray:
     return a
 
 
-def make_arch(cfg, lm, bias: bool) -> np.ndarray:
-    """The ARCH record of config cfg and architecture class lm (runtime/blocks.DecoderLM)."""
+def make_arch(cfg, lm, bias: bool, k_type: int = F16, v_type: int = F16) -> np.ndarray:
+    """The ARCH record of config cfg and architecture class lm (runtime/blocks.DecoderLM),
+    with a KV cache of k_type and v_type rows."""
     return arch_array(
         n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, n_head_kv=cfg.n_head_kv, head_dim=cfg.head_dim,
         v_head_dim=cfg.v_head_dim, rope_dim=cfg.rope_dim or cfg.head_dim, neox=cfg.rope_type == ROPE_NEOX,
@@ -74,7 +79,8 @@ def make_arch(cfg, lm, bias: bool) -> np.ndarray:
         gelu=lm.activation == "gelu", scale_q=lm.scale_q, bias=bias, eps=cfg.rms_eps, rope_base=cfg.rope_base,
         rope_base_swa=cfg.rope_base_swa, rope_scale=cfg.rope_scale, attn_scale=cfg.attn_scale,
         embed_scale=cfg.embed_scale, softcap=cfg.final_softcap, residual=cfg.residual_scale,
-        logit_scale=cfg.logit_scale)
+        logit_scale=cfg.logit_scale, k_type=k_type, v_type=v_type, k_rot=rotation(k_type, cfg.head_dim),
+        v_rot=rotation(v_type, cfg.v_head_dim, values=True))
 
 
 # -- the ops on one row ---------------------------------------------------------------
@@ -144,61 +150,6 @@ def glu_rows(g, u, gelu, lut, out, r0, r1):
             out[r, j] = _act(g[r, j], gelu, lut) * u[r, j]
 
 
-# -- attention ------------------------------------------------------------------------
-
-
-@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def _attend_head(q, qo, kc, vc, layer, kvh, pos, window, hd, hd_v, scale, s, qh, out, oo):
-    """One head of one query at position `pos` over cached positions 0..pos (the last
-    `window` of them if window > 0): out[oo:oo+hd_v]. q and the attention weights are
-    rounded to f16 as llama.cpp does. s, qh: scratch of n_ctx and hd floats."""
-    start = 0
-    if window > 0 and pos - window + 1 > 0:
-        start = pos - window + 1
-    L = pos + 1
-    for i in range(hd):
-        qh[i] = round_f16(q[qo + i])
-    k = kc[layer, kvh]
-    v = vc[layer, kvh]
-    m = np.float32(-np.inf)
-    for t in range(start, L):
-        kt = k[t]
-        acc = np.float32(0.0)
-        for i in range(hd):
-            acc += qh[i] * h2f(kt[i])
-        acc *= np.float32(scale)
-        s[t] = acc
-        if acc > m:
-            m = acc
-    tot = np.float32(0.0)
-    for t in range(start, L):
-        e = np.float32(np.exp(s[t] - m))
-        s[t] = e
-        tot += e
-    o = out[oo:oo + hd_v]
-    o[:] = 0.0
-    for t in range(start, L):
-        p = round_f16(s[t] / tot)
-        vt = v[t]
-        for i in range(hd_v):
-            o[i] += p * h2f(vt[i])
-
-
-@njit(nogil=True, cache=True)
-def attend_queries(q, kc, vc, layer, pos0, n_head, n_kv, hd, hd_v, scale, window, out, h0, h1):
-    """Causal attention: queries q (T, n_head * hd) at positions pos0.. over the cache
-    (already holding them), heads h0..h1-1 only (a thread's share).
-    kc, vc: float16 bits as uint16, (n_layer, n_kv, n_ctx, hd). out: (T, n_head * hd_v)."""
-    g = n_head // n_kv
-    T = q.shape[0]
-    s = np.empty(pos0 + T, dtype=np.float32)
-    qh = np.empty(hd, dtype=np.float32)
-    for h in range(h0, h1):
-        for t in range(T):
-            _attend_head(q[t], h * hd, kc, vc, layer, h // g, pos0 + t, window, hd, hd_v, scale, s, qh,
-                         out[t], h * hd_v)
-
-
 # -- a layer's steps on T rows (inline, for the decode step; wrapped below for prefill) --
 
 
@@ -210,8 +161,8 @@ def _norm_rows(x, w, eps, out):
 
 @njit(inline="always")
 def _qkv_rows(l, pos0, q, k, v, vl, is_swa, kc, vc, a):
-    """Rows t of q, k, v at positions pos0 + t: biases, q/k norms, RoPE, then k and v into
-    the cache; q times the attention scale where the architecture says. Returns the scale
+    """Rows t of q, k, v at positions pos0 + t: biases, q/k norms, RoPE, the rotations of a
+    quantized cache, then k and v into the cache (rows of the cache types, attention.py); q times the attention scale where the architecture says. Returns the scale
     attention still applies."""
     hd, hd_v, n_head, n_kv, eps = a.head_dim, a.v_head_dim, a.n_head, a.n_head_kv, a.eps
     rb = a.rope_base_swa if is_swa else a.rope_base
@@ -237,11 +188,14 @@ def _qkv_rows(l, pos0, q, k, v, vl, is_swa, kc, vc, a):
         pos = pos0 + t
         _rope(qt, n_head, hd, pos, a.rope_dim, rb, rs, a.neox)
         _rope(kt, n_kv, hd, pos, a.rope_dim, rb, rs, a.neox)
+        if a.k_rot:  # (blocks of k_rot divide hd: none spans two heads)
+            _hadamard(qt, 0, n_head * hd, a.k_rot)
+            _hadamard(kt, 0, n_kv * hd, a.k_rot)
+        if a.v_rot:
+            _hadamard(vt, 0, n_kv * hd_v, a.v_rot)
         for hh in range(n_kv):
-            for i in range(hd):
-                kc[l, hh, pos, i] = np.uint16(f16_bits(kt[hh * hd + i]))
-            for i in range(hd_v):
-                vc[l, hh, pos, i] = np.uint16(f16_bits(vt[hh * hd_v + i]))
+            _put_row(a.k_type, kt, hh * hd, hd, kc[l, hh, pos])
+            _put_row(a.v_type, vt, hh * hd_v, hd_v, vc[l, hh, pos])
         if a.scale_q:
             for i in range(qt.shape[0]):
                 qt[i] *= np.float32(sc)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ContextLengthError, FlashLMError, InvalidArgumentError
-from .blocks import Cancelled, Context, SlotPool
+from .blocks import Cancelled, Context
 from .output import Chunk, Sequence
 from .sampler import Sampler, SamplingParams
 from .speculate import Adaptive, SpecStats
@@ -106,7 +106,7 @@ class Engine:
         self.spec_stats = SpecStats()
         if self.spec is not None:
             model.drafter(self.spec)
-        self.pool = SlotPool(model.config, parallel, model.n_ctx)
+        self.pool = model.model.slot_pool(parallel, model.n_ctx)
         self.slots = [Context(self.pool.slot(i)) for i in range(parallel)]
         self._job_of: list[Job | None] = [None] * parallel
         self._used = [0.0] * parallel  # when each slot last ran
@@ -219,9 +219,10 @@ class Engine:
                 e = _Entry(f["tokens"].tolist(), int(f["exact"]), f["k"], f["v"])
         except (OSError, ValueError, KeyError) as err:
             raise InvalidArgumentError(f"{path}: not a saved slot ({err})") from None
-        want = self.pool.k.shape[1:-2]
-        if e.k.shape[:-2] != want or e.k.shape[-1] != self.pool.k.shape[-1] or len(e.tokens) != e.k.shape[-2]:
-            raise InvalidArgumentError(f"{path}: a slot saved from another model")
+        fits = all(a.dtype == b.dtype and a.shape[:-2] == b.shape[1:-2] and a.shape[-1] == b.shape[-1]
+                   and a.shape[-2] == len(e.tokens) for a, b in ((e.k, self.pool.k), (e.v, self.pool.v)))
+        if not fits:
+            raise InvalidArgumentError(f"{path}: a slot saved from another model, or with another KV cache type")
         if len(e.tokens) > self.model.n_ctx:
             raise ContextLengthError(f"{path}: {len(e.tokens)} tokens do not fit the context of {self.model.n_ctx}")
         with self._cv:

@@ -17,6 +17,7 @@ import numpy as np
 from .. import kernels_cpu as K
 from ..errors import ContextLengthError, FlashLMError, InvalidArgumentError
 from ..kernels_cpu import F16_TABLE
+from ..kernels_cpu import attention as A
 from ..kernels_cpu import decode as D
 from ..kernels_cpu import layer as L
 from ..formats.modelfile import readonly
@@ -29,12 +30,44 @@ class Cancelled(FlashLMError):
     the finish_reason "cancelled")."""
 
 
+def cache_types(k: str = "f16", v: str = "f16", cfg: ModelConfig | None = None) -> tuple[int, int]:
+    """The KV cache's row types (attention.py's codes) for the names k and v ("f16", "q8_0",
+    "q4_0", llama.cpp's --cache-type-k/-v); InvalidArgumentError for another name, or a
+    block type on a model whose head size is not a multiple of its 32-element blocks."""
+    out = []
+    for what, name in (("cache_type_k", k), ("cache_type_v", v)):
+        code = A.CACHE_TYPES.get(name.lower()) if isinstance(name, str) else None
+        if code is None:
+            raise InvalidArgumentError(f"{what} must be one of {', '.join(A.CACHE_TYPES)}, got {name!r}")
+        out.append(code)
+    if cfg is not None:
+        for what, code, dim in (("cache_type_k", out[0], cfg.head_dim), ("cache_type_v", out[1], cfg.v_head_dim)):
+            if code != A.F16 and dim % 32:
+                raise InvalidArgumentError(f"{what} {A.TYPE_NAMES[code]} needs a head size that is a multiple of 32; "
+                                           f"this model's is {dim}: use f16")
+    return out[0], out[1]
+
+
+def kv_bytes_per_position(cfg: ModelConfig, types: tuple[int, int] = (A.F16, A.F16)) -> int:
+    """Bytes one position takes in a KV cache of these row types, all layers and KV heads."""
+    words = A.row_words(types[0], cfg.head_dim) + A.row_words(types[1], cfg.v_head_dim)
+    return 2 * cfg.n_layer * cfg.n_head_kv * words
+
+
+def cache_label(types: tuple[int, int]) -> str:
+    """The cache types' names: "q8_0", or "K q8_0, V f16" when they differ."""
+    k, v = (A.TYPE_NAMES[t] for t in types)
+    return k if k == v else f"K {k}, V {v}"
+
+
 class KVCache:
     """Keys and values of every position so far, up to n_ctx.
 
-    k: (n_layer, n_head_kv, capacity, head_dim) float16, v likewise with v_head_dim:
-    llama.cpp's default cache type, and half the memory of float32. (The kernels take
-    them as uint16 bits, `k16`/`v16`, and convert as they read.)
+    k: (n_layer, n_head_kv, capacity, words) in the cache type `types[0]`, v likewise in
+    `types[1]` (kernels_cpu/attention.py): float16 (llama.cpp's default cache type, and
+    half the memory of float32; words = head_dim), or Q8_0 / Q4_0 blocks held as uint16
+    words (17 / 9 a block of 32: about 1/2 and 1/4 of float16's bytes). The kernels take
+    them as uint16 words, `k16`/`v16`.
     The capacity grows (doubling, up to n_ctx) as positions are used: memory follows
     the conversation, not the context size. (A lazily mapped n_ctx-sized array does
     not: transparent huge pages make the first touch of each 2 MiB resident.)
@@ -42,17 +75,22 @@ class KVCache:
 
     START = 256  # positions
 
-    def __init__(self, cfg: ModelConfig, n_ctx: int):
+    def __init__(self, cfg: ModelConfig, n_ctx: int, types: tuple[int, int] = (A.F16, A.F16)):
         self.n_ctx = n_ctx
-        self._shape = (cfg.n_layer, cfg.n_head_kv), cfg.head_dim, cfg.v_head_dim
-        self.k = self.v = None
-        self._grow(min(n_ctx, self.START))
+        self._init(cfg, (cfg.n_layer, cfg.n_head_kv), types)
         self.pos = 0  # positions filled
 
+    def _init(self, cfg: ModelConfig, lead: tuple, types: tuple[int, int]):
+        self.types = tuple(types)
+        self._shape = lead, A.row_words(types[0], cfg.head_dim), A.row_words(types[1], cfg.v_head_dim)
+        self._dtypes = [np.float16 if t == A.F16 else np.uint16 for t in types]  # f16 rows as float16, blocks as words
+        self.k = self.v = None
+        self._grow(min(self.n_ctx, self.START))
+
     def _grow(self, cap: int):
-        (lead, hd, hd_v), old = self._shape, (0 if self.k is None else self.k.shape[-2])
-        k = np.empty(lead + (cap, hd), dtype=np.float16)
-        v = np.empty(lead + (cap, hd_v), dtype=np.float16)
+        (lead, wk, wv), old = self._shape, (0 if self.k is None else self.k.shape[-2])
+        k = np.empty(lead + (cap, wk), dtype=self._dtypes[0])
+        v = np.empty(lead + (cap, wv), dtype=self._dtypes[1])
         if old:
             k[..., :old, :] = self.k
             v[..., :old, :] = self.v
@@ -98,15 +136,13 @@ class Context:
 
 class SlotPool(KVCache):
     """The KV caches of a batch's sequences in one array per k and v, (n_slots, n_layer,
-    n_head_kv, capacity, head_dim) float16, so that one compiled step reaches them all.
+    n_head_kv, capacity, words) of the cache types (as KVCache's), so that one compiled step reaches them all.
     The capacity grows (doubling, up to n_ctx) for all slots together; slot(i) is slot
     i's KVCache-like view for the single-sequence passes (prefill)."""
 
-    def __init__(self, cfg: ModelConfig, n_slots: int, n_ctx: int):
+    def __init__(self, cfg: ModelConfig, n_slots: int, n_ctx: int, types: tuple[int, int] = (A.F16, A.F16)):
         self.n_slots, self.n_ctx = n_slots, n_ctx
-        self._shape = (n_slots, cfg.n_layer, cfg.n_head_kv), cfg.head_dim, cfg.v_head_dim
-        self.k = self.v = None
-        self._grow(min(n_ctx, self.START))
+        self._init(cfg, (n_slots, cfg.n_layer, cfg.n_head_kv), types)
 
     @property
     def nbytes(self) -> int:
@@ -125,6 +161,7 @@ class SlotKV:
 
     def __init__(self, pool: SlotPool, i: int):
         self.pool, self.i, self.n_ctx, self.pos = pool, i, pool.n_ctx, 0
+        self.types = pool.types
 
     def reserve(self, n: int):
         self.pool.reserve(n)
@@ -174,8 +211,9 @@ class DecoderLM:
         formats.validate.Metadata; its integer, number and text check a key's type and range)."""
         return {}
 
-    def __init__(self, cfg: ModelConfig, store, ffn: list):
+    def __init__(self, cfg: ModelConfig, store, ffn: list, cache_types: tuple[int, int] = (A.F16, A.F16)):
         self.cfg = cfg
+        self.cache_types = tuple(cache_types)  # the KV cache's row types (cache_types())
         self.store = store
         self.ffn = ffn  # one FFN strategy per layer (ffn.py)
         self.rows_independent = all(f.rows_independent for f in ffn)  # prefill rows: alike in any batch
@@ -184,7 +222,7 @@ class DecoderLM:
         self.output = store.get("output.weight") if store.has("output.weight") else self.tok_embd
         self.output_norm = store.vector("output_norm.weight")
         self.vecs, bias = self._vectors()
-        self.arch = L.make_arch(cfg, self, bias)
+        self.arch = L.make_arch(cfg, self, bias, *self.cache_types)
 
         # every FFN's weights addressable: the whole token in one compiled call; else the
         # compiled attention around FFNs that run in Python (streamed, or routed per token)
@@ -192,6 +230,21 @@ class DecoderLM:
         self.fused = None
         if fusable(weight_refs(self, ffn=whole)):
             self.fused = FusedDecoder(self) if whole else LayerDecoder(self)
+
+    def kv_cache(self, n_ctx: int) -> KVCache:
+        """A KV cache for this model (its cache types), up to n_ctx positions."""
+        return KVCache(self.cfg, n_ctx, self.cache_types)
+
+    def slot_pool(self, n_slots: int, n_ctx: int) -> SlotPool:
+        """n_slots KV caches in one pool (the batch engine's), up to n_ctx positions each."""
+        return SlotPool(self.cfg, n_slots, n_ctx, self.cache_types)
+
+    def _check_kv(self, kv) -> None:
+        """The compiled kernels read kv's rows in this model's cache types, unchecked: a
+        cache of other types is refused here."""
+        if kv.types != self.cache_types:
+            raise InvalidArgumentError(f"a KV cache of {cache_label(kv.types)} given to a model whose cache is "
+                                       f"{cache_label(self.cache_types)}")
 
     @property
     def on_route(self):
@@ -232,7 +285,7 @@ class DecoderLM:
         swa = cfg.swa_layers[i]
         scale = L.qkv_rows(i, pos0, q, k, v, vl, swa, kv.k16, kv.v16, a)
         o = K.attend(q.reshape(T, cfg.n_head, cfg.head_dim), kv.k16, kv.v16, i, pos0, scale,
-                     cfg.sliding_window if swa else 0)
+                     cfg.sliding_window if swa else 0, *self.cache_types, int(a["v_rot"][0]))
         o = K.linear(o.reshape(T, -1), s.get(f"blk.{i}.attn_output.weight"))
         L.attn_residual(o, x, h, vl, a)
 
@@ -245,6 +298,7 @@ class DecoderLM:
         Raises Cancelled between layers once cancel_event is set. One token goes
         through the compiled decode step (kernels_cpu.decode) when the weights allow.
         """
+        self._check_kv(kv)
         if len(tokens) == 1 and self.fused is not None:
             if self.cancel_event.is_set():
                 raise Cancelled()
@@ -259,6 +313,7 @@ class DecoderLM:
         one-token forward gives, in one pass where the decoder allows (FusedDecoder.verify)."""
         if self.cancel_event.is_set():
             raise Cancelled()
+        self._check_kv(kv)
         if self.fused is None:
             return np.concatenate([self.forward(np.array([t]), pos0 + j, kv) for j, t in enumerate(tokens)])
         logits = self.fused.verify(tokens, pos0, kv)
@@ -340,6 +395,8 @@ class FusedDecoder:
         self.all_rows = np.arange(max(r.data.shape[0] for r in refs if r is not None), dtype=np.int64)
         self.vecs, self.arch = model.vecs, model.arch
         self.swa = np.array(self.cfg.swa_layers, dtype=np.bool_)
+        kt, vt = model.cache_types
+        self.words = A.row_words(kt, self.cfg.head_dim), A.row_words(vt, self.cfg.v_head_dim)  # of a cached row
 
     def step(self, tok: int, pos: int, kv) -> np.ndarray:
         """Logits (n_vocab,) float32 of token tok at position pos; fills kv at pos."""
@@ -352,7 +409,8 @@ class FusedDecoder:
     def step_batch(self, toks, pos, slots, kv_pool_k16: np.ndarray, kv_pool_v16: np.ndarray) -> np.ndarray:
         """Logits (B, n_vocab) float32 of B sequences' next tokens toks (B,) at positions
         pos (B,), row b's keys and values in slot slots[b] of the KV pools (n_slots,
-        n_layer, n_kv, capacity, head_dim) uint16 (float16 bits, as KVCache.k16): each
+        n_layer, n_kv, capacity, words) uint16 (rows of the model's cache types, as
+        KVCache.k16): each
         weight read once for all B, each row's logits and KV those `step` gives that
         sequence alone, bit for bit."""
         args = self._batch_args(toks, pos, slots, kv_pool_k16, kv_pool_v16)
@@ -383,7 +441,7 @@ class FusedDecoder:
         cfg = self.cfg
         toks, pos, slots = (np.ascontiguousarray(a, dtype=np.int64).reshape(-1) for a in (toks, pos, slots))
         lead = (cfg.n_layer, cfg.n_head_kv)
-        for p, hd in ((pk, cfg.head_dim), (pv, cfg.v_head_dim)):
+        for p, hd in zip((pk, pv), self.words):
             if p.dtype != np.uint16 or p.ndim != 5 or p.shape[1:3] != lead or p.shape[4] != hd or \
                     not p.flags.c_contiguous or not p.flags.writeable:
                 raise InvalidArgumentError(f"a KV pool must be writable C-contiguous uint16 (n_slots, {lead[0]}, "

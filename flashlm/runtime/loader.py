@@ -34,6 +34,7 @@ from ..formats.validate import check_tokenizer, validate_flash_layout
 from ..formats.weights import WeightStore
 from ..units import parse_size
 from .autothreads import AutoThreads
+from .blocks import cache_label, cache_types, kv_bytes_per_position
 from .config import check_tensors, config_from_gguf, config_from_hf
 from .ffn import DenseFFN
 from .model import Model
@@ -48,7 +49,8 @@ _TOKENIZER_BYTES: dict[str, int] = {}  # per model file: the RSS its tokenizer t
 
 def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
                memory_budget: str | int | None = None, streaming=None, experts: dict | None = None,
-               parallel: int = 1, cache_ram: str | int = 0, speculative=None) -> Model:
+               parallel: int = 1, cache_ram: str | int = 0, speculative=None, cache_type_k: str = "f16",
+               cache_type_v: str = "f16") -> Model:
     """The model in file or folder `path`, composed for these options (flashlm.load's), its
     kernels loaded (or compiled where numba's cache lacks them: a bar on stderr). A status
     line on stderr says what loads while that takes more than a second."""
@@ -56,6 +58,7 @@ def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: 
     _check_counts(n_threads, parallel)  # a bad argument fails before anything loads (or says it loads)
     if memory_budget is not None:
         parse_size(memory_budget)
+    cache_types(cache_type_k, cache_type_v)
     spec = Speculation.parse(speculative)
     draft = None
     if spec is not None and spec.source.startswith("model:"):  # loaded first: the plan counts it
@@ -66,7 +69,7 @@ def load_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: 
         try:
             model = _compose(path, n_ctx=n_ctx, n_threads=n_threads, memory_budget=memory_budget, streaming=streaming,
                              experts=experts, parallel=parallel, cache_ram=cache_ram,
-                             draft=0 if draft is None else _draft_bytes(draft))
+                             draft=0 if draft is None else _draft_bytes(draft), kv_names=(cache_type_k, cache_type_v))
         except BaseException:
             if draft is not None:
                 draft.close()
@@ -96,10 +99,11 @@ def _check_counts(n_threads, parallel) -> None:
 
 def _draft_bytes(draft: Model) -> int:
     """What a resident draft model takes: its weights and its KV cache."""
-    return draft.store.resident_bytes + draft.n_ctx * draft.config.kv_bytes_per_token // 2
+    return draft.store.resident_bytes + draft.n_ctx * kv_bytes_per_position(draft.config, draft.model.cache_types)
 
 
-def _compose(path, *, n_ctx, n_threads, memory_budget, streaming, experts, parallel, cache_ram, draft=0) -> Model:
+def _compose(path, *, n_ctx, n_threads, memory_budget, streaming, experts, parallel, cache_ram, draft=0,
+             kv_names=("f16", "f16")) -> Model:
     path = Path(path)
     opened = []  # what to close, last first, if loading fails
     try:
@@ -108,7 +112,9 @@ def _compose(path, *, n_ctx, n_threads, memory_budget, streaming, experts, paral
         cfg, arch, flash = _validated(file)
         n_ctx = _check_ctx(n_ctx, cfg)
         _check_counts(n_threads, parallel)
-        sequences = dict(sequences=parallel, prompt_cache=parse_size(cache_ram) if cache_ram else 0, draft=draft)
+        kv_types = cache_types(*kv_names, cfg)
+        sequences = dict(sequences=parallel, prompt_cache=parse_size(cache_ram) if cache_ram else 0, draft=draft,
+                         kv_type=cache_label(kv_types))
         threads = kernels_cpu.set_threads(n_threads) if n_threads else AutoThreads(kernels_cpu.set_threads(_cores()))
         store = FlashStore(file, _stream_settings(streaming)) if flash else WeightStore(file)
         opened[-1] = store  # closing the store closes the file
@@ -116,8 +122,8 @@ def _compose(path, *, n_ctx, n_threads, memory_budget, streaming, experts, paral
         opened.append(tokenizer)
         budget = None if memory_budget is None else parse_size(memory_budget)
         plan, source, ffn, streams = _strategies(file, cfg, store, arch, flash, budget, n_ctx, tokenizer_bytes,
-                                                 experts, opened, sequences)
-        lm = arch(cfg, store, ffn)
+                                                 experts, opened, sequences, kv_bytes_per_position(cfg, kv_types))
+        lm = arch(cfg, store, ffn, kv_types)
     except BaseException:
         for o in reversed(opened):
             o.close()
@@ -156,17 +162,17 @@ def _validated(file):
 
 
 def _strategies(file, cfg, store, arch, flash: bool, budget, n_ctx: int, tokenizer_bytes: int, experts, opened,
-                sequences: dict):
+                sequences: dict, kv_position: int):
     """The memory plan (None without a budget), a mixture's expert source (else None), one
     FFN strategy per layer, and what streams (each pass's reads and hits: take_pass). What
     holds the weights is decided here and only here. sequences: the plan's KV caches
-    (sequences decoded together) and prompt cache bytes."""
+    (sequences decoded together, their cache type) and prompt cache bytes; kv_position:
+    a KV cache's bytes per position."""
     gelu = arch.activation == "gelu"
     plan = None
     if flash:  # FFN neurons streamed from the flash layout
         if budget is not None:
-            plan = make_plan(store, budget, n_ctx, cfg.kv_bytes_per_token // 2, cfg.n_vocab, tokenizer_bytes,
-                             **sequences)
+            plan = make_plan(store, budget, n_ctx, kv_position, cfg.n_vocab, tokenizer_bytes, **sequences)
             store.set_capacities(plan.capacities)
         return plan, None, [NeuronFFN(store, i, gelu) for i in range(cfg.n_layer)], [store]
     if cfg.n_expert:  # experts from the mapping, or streamed into a cache under a budget
@@ -177,13 +183,13 @@ def _strategies(file, cfg, store, arch, flash: bool, budget, n_ctx: int, tokeniz
 
             opts = _expert_options(experts)
             plan = plan_experts(file, cfg, budget, n_ctx, tokenizer_bytes,
-                                opts["prefetch"] is True, **sequences)  # auto: off in a cache too small
+                                opts["prefetch"] is True, kv_position=kv_position, **sequences)  # auto: off in a cache too small
             source = StreamedExperts(file, cfg, plan.n_slots, **opts)
             opened.append(source)
             streams = [source]
         return plan, source, [MoEFFN(store, source, cfg, i, gelu) for i in range(cfg.n_layer)], streams
     if budget is not None:  # every weight resident: the plan checks the budget holds them
-        plan = plan_budget(budget, n_ctx, resident=store.resident_bytes, kv=n_ctx * cfg.kv_bytes_per_token // 2,
+        plan = plan_budget(budget, n_ctx, resident=store.resident_bytes, kv=n_ctx * kv_position,
                            buffers=tokenizer_bytes + 8 * cfg.n_vocab + SLACK + store.resident_bytes // 100,
                            advice="raise the budget, lower n_ctx, or stream its FFN from a flash layout "
                                   "(flashlm convert --flash OUT)", **sequences)

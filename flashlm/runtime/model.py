@@ -17,7 +17,7 @@ from .. import kernels_cpu
 from ..errors import ContextLengthError, InvalidArgumentError, ModelBusyError
 from ..stats import RSSReader, TokenStats
 from .autothreads import AutoThreads
-from .blocks import Cancelled, Context, KVCache
+from .blocks import Cancelled, Context, cache_label, kv_bytes_per_position
 from .output import Chunk, Sequence
 from .sampler import Sampler, SamplingParams
 from .speculate import Adaptive, Speculation, SpecStats, accept
@@ -57,7 +57,7 @@ class Model:
         self.bytes_read = 0  # from the disk by streamed weights, all passes since loading
         self._unreported: list[TokenStats] | None = None  # while streaming: passes since the last Chunk
         self._rss = RSSReader()
-        self._ctx = Context(KVCache(config, n_ctx))  # the KV cache of stream() and eval(), and its tokens
+        self._ctx = Context(lm.kv_cache(n_ctx))  # the KV cache of stream() and eval(), and its tokens
         self._lock = threading.Lock()  # one call at a time
         self._owner: int | None = None  # the thread holding it
         self._state = threading.Lock()  # guards _running and the cancel event between threads
@@ -78,6 +78,17 @@ class Model:
     def threads(self) -> str:
         """How the thread count is chosen: "2 (fixed)", or "auto: 1 of 2" while decoding."""
         return f"{self._threads} (fixed)" if self._threads else self.auto_threads.describe()
+
+    @property
+    def cache_type(self) -> str:
+        """The KV cache's type: "f16" (the default), "q8_0", "q4_0", or "K q8_0, V f16"
+        when keys and values differ (load's cache_type_k and cache_type_v)."""
+        return cache_label(self.model.cache_types)
+
+    @property
+    def kv_bytes_per_position(self) -> int:
+        """Bytes one position takes in one sequence's KV cache (all layers, keys and values)."""
+        return kv_bytes_per_position(self.config, self.model.cache_types)
 
     @property
     def has_chat_template(self) -> bool:
@@ -147,7 +158,7 @@ class Model:
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Teacher-forced logits: (len(tokens), n_vocab) float32, row i predicts token i+1."""
         tokens = self._check_tokens(tokens)
-        kv = KVCache(self.config, len(tokens))
+        kv = self.model.kv_cache(len(tokens))
         out = np.empty((len(tokens), self.config.n_vocab), dtype=np.float32)
         with self._exclusive():
             for s in range(0, len(tokens), PREFILL_CHUNK):

@@ -99,11 +99,11 @@ class ModelDraft:
     own (reusing the prefix it shares with the context: rejected drafts are recomputed)."""
 
     def __init__(self, draft, target_tokenizer, path: str):
-        from .blocks import Context, KVCache
+        from .blocks import Context
 
         self.model, self.name = draft, f"model:{path}"
         check_vocab(draft.tokenizer, target_tokenizer, path)
-        self.ctx = Context(KVCache(draft.config, draft.n_ctx))
+        self.ctx = Context(draft.model.kv_cache(draft.n_ctx))
 
     def propose(self, tokens: list[int], k: int, ctx=None) -> list[int]:
         m = self.model

@@ -53,16 +53,19 @@ def test_a_later_prompt_reuses_an_earlier_ones_keys_and_values(smollm2):
         # The next turn: the whole first exchange is in the slot; only the new tokens run.
         second = first + m.tokenize(reply, add_special=False)[:5] + m.tokenize(" and", add_special=False)
         job = engine.submit(second, **GREEDY)
-        job.text()
+        want = job.text()
         assert job.n_cached == len(first) + 5
         # Another prompt takes the only slot; the cache keeps what it held.
         engine.submit("Something else entirely", **GREEDY).text()
         job = engine.submit(second, **GREEDY)
-        got = job.text()
+        # the same keys and values as the run before (decoded positions among them: a fresh
+        # prefill of those rounds otherwise, the decode step's products summing in another order)
+        assert job.text() == want
         assert job.n_cached == len(second) - 1  # all but the last token, which runs for its logits
         assert engine.cache_used > 0
         job = engine.submit(second, cache_prompt=False, **GREEDY)
-        assert job.text() == got and job.n_cached == 0
+        job.text()
+        assert job.n_cached == 0
 
 
 def test_a_prompt_cache_entry_beyond_the_byte_limit_is_not_kept(smollm2):
@@ -156,7 +159,7 @@ def test_the_plan_counts_every_sequences_kv_cache_and_the_prompt_cache(smollm2_p
                       cache_ram="32MiB") as four:
         assert four.plan.kv == 4 * kv and four.plan.prompt_cache == 32 << 20
         assert four.plan.fixed - one.plan.fixed == 3 * kv + (32 << 20)
-        assert "KV cache (4 seq)" in four.plan.table() and "prompt cache" in four.plan.table()
+        assert "KV cache f16 (4 seq)" in four.plan.table() and "prompt cache" in four.plan.table()
         with four.batch() as engine:
             assert engine.parallel == 4 and engine.cache_bytes == 32 << 20
     with pytest.raises(FlashLMError, match="x 64 sequences"):
