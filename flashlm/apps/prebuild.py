@@ -116,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.child is not None:
         return _child(args.child)
-    size = 0
     manifest = build(args.out, args.targets, args.model)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"prebuilt kernels for {', '.join(manifest['targets'])}: {manifest['files']} files, "

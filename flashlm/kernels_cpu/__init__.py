@@ -10,6 +10,7 @@ defines a transformer layer's steps once, for prefill and for the compiled decod
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import os
@@ -45,8 +46,10 @@ from ..target import TARGET  # noqa: E402
 from . import simd  # noqa: E402  (imports no kernels: their cache is checked first)
 
 
+@functools.lru_cache(maxsize=1)
 def sources_digest() -> str:
-    """The kernel sources' digest: what a cache of their compiled code is valid for."""
+    """The kernel sources' digest: what a cache of their compiled code is valid for (read
+    once a process: the cache check on import and the seeding both ask)."""
     here = Path(__file__).parent
     sources = b"".join(p.read_bytes() for p in sorted(here.glob("*.py")))
     # (numba keys entries on its target CPU: the portable targets' caches live side by

@@ -6,16 +6,15 @@ import json
 import numba
 import numpy as np
 import pytest
+from conftest import cosine_rows, llama_cpp_logits, llama_cpp_model
+from parity_prompts import PROMPTS
+from reference import route
 
 import flashlm
 from flashlm.errors import ModelFormatError
 from flashlm.experts.moe import route_one, route_rows
 from flashlm.kernels_cpu import acts as _acts
 from flashlm.kernels_cpu import moe as _moe
-
-from conftest import cosine_rows, llama_cpp_logits, llama_cpp_model
-from parity_prompts import PROMPTS
-from reference import route
 
 ARCHS = ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "granitemoe", "granitemoe_shared"]
 
@@ -361,10 +360,17 @@ def test_expert_bundle_records(moe_gguf, tmp_path):
     4 KiB; a changed source gets a new bundle, a truncated bundle is written again."""
     import os
 
-    from flashlm.experts.bundle import HEADER, PARTS, bundle_path, ensure_bundle, read_header, record_bytes
+    from flashlm.experts.bundle import (
+        HEADER,
+        PARTS,
+        bundle_path,
+        ensure_bundle,
+        read_header,
+        record_bytes,
+    )
+    from flashlm.formats.modelfile import GGUFModelFile
     from flashlm.runtime.config import config_from_gguf
     from flashlm.runtime.models import model_class
-    from flashlm.formats.modelfile import GGUFModelFile
 
     src = tmp_path / "m.gguf"
     src.write_bytes(moe_gguf("mixtral").read_bytes())

@@ -1,7 +1,8 @@
 """Per-pass statistics (flashlm.TokenStats): on each Chunk and from Model.take_stats()."""
 
-import flashlm
 from conftest import cosine_rows
+
+import flashlm
 from flashlm import TokenStats
 
 
