@@ -11,8 +11,10 @@ path it has, the CPUs those paths need and no more:
     avx2     512    x86-64-v4 +avx512vnni             Ice Lake, Sapphire Rapids, Zen 4/5
     avx2     avx    x86-64-v3 +avxvnni                Alder Lake, Meteor Lake, Arrow Lake
     avx2     -      x86-64-v3                         Haswell (2013) and later, Zen 1-3
-    generic  -      x86-64                            older x86, FLASHLM_SIMD=generic
-    generic  -      the host's own (numba's default)   other CPUs (ARM: no prebuilt code)
+    generic  -      the host's own (numba's default)   other CPUs, FLASHLM_SIMD=generic
+                                                      (no prebuilt code; "x86-64" lacks
+                                                      F16C, whose half-float conversion
+                                                      numba's JIT cannot link as a libcall)
 
 so that compiled kernels are portable among CPUs of one row: a wheel can carry them
 (kernels_cpu/prebuilt.py) and a first run loads them instead of compiling. The kernels
@@ -59,10 +61,8 @@ def pick(env=os.environ, feats: dict | None = None) -> Target:
     feats = _host_features() if feats is None else feats
     forced = env.get("FLASHLM_SIMD", "").strip().lower()
     users = env.get("NUMBA_CPU_NAME") and env.get("FLASHLM_NUMBA_TARGET") != env.get("NUMBA_CPU_NAME")
-    if users or not feats.get("sse2"):  # (not x86)
+    if users or forced == "generic" or not feats.get("avx2") or not feats.get("fma"):
         return Target("generic", False, None, None)
-    if forced == "generic" or not feats.get("avx2") or not feats.get("fma"):
-        return Target("generic", False, "x86-64", "")
     if forced != "avx2":
         if feats.get("avx512vnni") and feats.get("avx512vl") and feats.get("avx512bw"):
             return Target("avx2", True, "x86-64-v4", "+avx512vnni")
